@@ -1,0 +1,3 @@
+from jestcurate.cli import main
+
+main()

@@ -1,0 +1,180 @@
+"""The `jestcurate` command line. Each command turns its options into a config and calls run();
+expected errors print one line and exit 2, failed shards exit 1."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from jestcurate import __version__
+from jestcurate.errors import JCError
+
+app = typer.Typer(
+    name="jestcurate",
+    help="Offline JEST data curation for image-text corpora stored as WebDataset shards.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+log = logging.getLogger("jestcurate")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from jestcurate import ui
+
+        try:
+            return func(*args, **kwargs)
+        except JCError as exc:
+            ui.stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            ui.stderr.print("interrupted; rerun the same command to resume", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"jestcurate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    from jestcurate import ui
+
+    ui.setup_logging(verbose)
+
+
+@app.command()
+@_one_line_errors
+def score(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Shards: tar paths, directories of tars, brace patterns "
+            "('pool/{00000..00099}.tar'), globs, fsspec URLs (s3://, gs://, https://) "
+            "or @list.txt files with one of those per line.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Score-set directory to write.")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="open_clip model name (ViT-B-32, jc-tiny, ...) or a model-config .json path.",
+        ),
+    ],
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="open_clip pretrained tag or checkpoint path (state_dict or "
+            "{'state_dict': ...}). Without it the weights are random from a fixed seed.",
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per model batch.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (auto: cuda when present).")] = (
+        "auto"
+    ),
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32, bf16 or fp16 autocast. Default: fp32 on CPU, bf16 on CUDA."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Decoding worker processes (0: decode in the main process). "),
+    ] = None,
+    task_index: Annotated[
+        int | None,
+        typer.Option(help="This task's index in an array job. Default: from Slurm variables."),
+    ] = None,
+    num_tasks: Annotated[
+        int | None,
+        typer.Option(help="Number of tasks in the array job. Default: from Slurm variables."),
+    ] = None,
+    role: Annotated[
+        str,
+        typer.Option(help="reference (the frozen guide-trained model) or learner."),
+    ] = "reference",
+) -> None:
+    """Score shards with a frozen open_clip model: embeddings, clip_score and ref_loss per sample,
+    one Parquet part per shard under OUT/parts. Rerunning skips finished shards and retries
+    failed ones; array tasks split the shards between them.
+
+    Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
+    from jestcurate import score as score_mod
+    from jestcurate import ui
+
+    cfg = score_mod.ScoreConfig(
+        inputs=tuple(inputs),
+        out=out,
+        model=model,
+        pretrained=pretrained,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        workers=workers,
+        task_index=task_index,
+        num_tasks=num_tasks,
+        role=role,
+    )
+    with ui.ScoreProgress() as progress:
+        report = score_mod.run(cfg, progress)
+    ui.print_score_summary(report)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_one_line_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Directory to write NNNNN.tar shards into.")],
+    shards: Annotated[int, typer.Option(help="Number of shards.")] = 4,
+    samples: Annotated[int, typer.Option(help="Samples per shard.")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same samples.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
+    noise: Annotated[
+        str, typer.Option(help="clean, or noisy (mismatched, junk, blank, duplicate pairs).")
+    ] = "clean",
+    first_shard: Annotated[int, typer.Option(help="Number of the first shard.")] = 0,
+) -> None:
+    """Write a synthetic img2dataset-style corpus (coloured shapes with captions) for trying
+    jestcurate without downloads. Each sample's .json records its noise kind and true class."""
+    from jestcurate import synth as synth_mod
+
+    if noise not in synth_mod.PRESETS:
+        raise JCError(f"unknown noise preset {noise!r}; use {', '.join(synth_mod.PRESETS)}")
+    if shards < 1 or samples < 1 or image_size < 8:
+        raise JCError("--shards and --samples must be at least 1, --image-size at least 8")
+    spec = synth_mod.CorpusSpec(
+        shards=shards,
+        samples_per_shard=samples,
+        seed=seed,
+        image_size=image_size,
+        noise=synth_mod.PRESETS[noise],
+        first_shard=first_shard,
+    )
+    paths = synth_mod.write_corpus(out, spec)
+    typer.echo(f"wrote {len(paths)} shards of {samples} samples to {out}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,309 @@
+"""The only module that imports open_clip: resolve a model spec, load it, encode batches."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from jestcurate.errors import JCError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
+PRECISIONS = ("fp32", "bf16", "fp16")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+_registered_builtins = False
+
+
+def _open_clip() -> Any:
+    """Import open_clip once and teach it the project's own model configs (jc-tiny, ...)."""
+    global _registered_builtins
+    import open_clip
+
+    if not _registered_builtins:
+        open_clip.add_model_config(BUILTIN_CONFIG_DIR)
+        _registered_builtins = True
+    return open_clip
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json_sha256(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise JCError(f"--device {device} asked for, but torch sees no CUDA device")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise JCError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def default_precision(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for. `model` is an open_clip name or a path to a model-config JSON."""
+
+    model: str
+    pretrained: str | None = None
+    device: str = "auto"
+    precision: str | None = None
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A spec with names resolved and files hashed, known before any weights are loaded."""
+
+    name: str  # the open_clip registry name
+    config_path: str | None
+    config_sha256: str | None
+    pretrained: str | None  # tag, or absolute checkpoint path
+    pretrained_is_file: bool
+    pretrained_sha256: str | None
+    device: torch.device
+    precision: str
+    init_seed: int | None
+
+    def identity(self) -> dict[str, Any]:
+        """Fields that say which model this is, for comparing with an existing score set."""
+        return {
+            "model": None if self.config_sha256 else self.name,
+            "model_config_sha256": self.config_sha256,
+            "pretrained_sha256": self.pretrained_sha256,
+            "init_seed": self.init_seed,
+            "precision": self.precision,
+        }
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or text.startswith(".") or text.lower().endswith(_CHECKPOINT_SUFFIXES)
+
+
+def resolve_spec(spec: ModelSpec) -> ResolvedSpec:
+    open_clip = _open_clip()
+    config_path = config_sha = None
+    name = spec.model
+    if spec.model.lower().endswith(".json") or os.path.isfile(spec.model):
+        config_path = os.path.abspath(spec.model)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise JCError(f"model config not found: {spec.model}") from None
+        except (OSError, ValueError) as exc:
+            raise JCError(f"cannot read model config {spec.model}: {exc}") from None
+        if not isinstance(config, dict) or not all(
+            k in config for k in ("embed_dim", "vision_cfg", "text_cfg")
+        ):
+            raise JCError(
+                f"{spec.model} is not an open_clip model config "
+                "(it needs embed_dim, vision_cfg and text_cfg)"
+            )
+        # Hash the parsed content so the same config named by another path is the same model.
+        config_sha = canonical_json_sha256(config)
+        open_clip.add_model_config(config_path)
+        name = Path(config_path).stem
+    elif not spec.model.startswith(("hf-hub:", "local-dir:")) and spec.model not in set(
+        open_clip.list_models()
+    ):
+        close = difflib.get_close_matches(spec.model, open_clip.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise JCError(f"unknown model {spec.model!r}{hint} (or pass a model-config .json path)")
+
+    device = resolve_device(spec.device)
+    precision = spec.precision or default_precision(device)
+    if precision not in PRECISIONS:
+        raise JCError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+
+    pretrained = spec.pretrained
+    is_file = False
+    sha = None
+    if pretrained:
+        if os.path.isfile(pretrained):
+            pretrained = os.path.abspath(pretrained)
+            is_file = True
+            sha = sha256_file(pretrained)
+        elif _looks_like_path(pretrained):
+            raise JCError(f"checkpoint not found: {pretrained}")
+        else:
+            sha = _fetch_tag(open_clip, name, pretrained)
+    return ResolvedSpec(
+        name=name,
+        config_path=config_path,
+        config_sha256=config_sha,
+        pretrained=pretrained,
+        pretrained_is_file=is_file,
+        pretrained_sha256=sha,
+        device=device,
+        precision=precision,
+        init_seed=None if pretrained else spec.init_seed,
+    )
+
+
+def _fetch_tag(open_clip: Any, name: str, tag: str) -> str:
+    """Download (or find in the cache) the file behind a pretrained tag and return its sha256, so
+    meta.json pins the exact weights."""
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"; known tags: {', '.join(tags)}" if tags else "; this model has no known tags"
+        raise JCError(f"unknown pretrained tag {tag!r} for model {name}{known}")
+    try:
+        path = open_clip.download_pretrained(cfg)
+    except Exception as exc:  # network, hub and cache errors all mean the same thing here
+        raise JCError(
+            f"cannot fetch pretrained weights {tag!r} for {name}: {_first_line(exc)}"
+        ) from None
+    if not path or not os.path.isfile(path):
+        raise JCError(f"cannot fetch pretrained weights {tag!r} for {name}")
+    return sha256_file(path)
+
+
+def _unpickling_message(path: str | None, text: str) -> str:
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (
+            f"refusing to load {path}: it pickles {found.group(1)}, not only tensors; "
+            "checkpoints are loaded with weights_only=True (save a plain state_dict instead)"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    reason = detail.group(1).strip() if detail else "unreadable pickle"
+    return f"cannot load {path}: not a PyTorch checkpoint ({reason})"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+class LoadedModel:
+    """A frozen open_clip model with its eval preprocessing and tokenizer."""
+
+    def __init__(self, resolved: ResolvedSpec, model: Any, preprocess: Any, tokenizer: Any):
+        self.resolved = resolved
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = resolved.device
+        self.precision = resolved.precision
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().float().reshape(-1)[0])
+
+    @property
+    def loss_kind(self) -> str:
+        # open_clip gives SigLIP-style models a learnt logit bias; CLIP-style ones have none.
+        return "sigmoid" if self.logit_bias is not None else "softmax"
+
+    @functools.cached_property
+    def embed_dim(self) -> int:
+        # Towers differ in where they keep the projection; encoding one caption always works.
+        return int(self.encode_text(self.tokenizer(["probe"])).shape[-1])
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        with self._autocast():
+            out = self.model.encode_image(images)
+        return F.normalize(out.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=True)
+        with self._autocast():
+            out = self.model.encode_text(tokens)
+        return F.normalize(out.float(), dim=-1)
+
+    def describe(self) -> dict[str, Any]:
+        """Everything meta.json records about the model."""
+        r = self.resolved
+        preprocess = json.loads(json.dumps(getattr(self.model.visual, "preprocess_cfg", {})))
+        return {
+            "model": r.name,
+            "model_config_path": r.config_path,
+            "model_config_sha256": r.config_sha256,
+            "pretrained": r.pretrained,
+            "pretrained_sha256": r.pretrained_sha256,
+            "init_seed": r.init_seed,
+            "embed_dim": self.embed_dim,
+            "logit_scale": self.logit_scale,
+            "logit_bias": self.logit_bias,
+            "loss": self.loss_kind,
+            "precision": r.precision,
+            "preprocess": preprocess,
+            "context_length": int(getattr(self.tokenizer, "context_length", 0) or 0),
+        }
+
+
+def load_model(resolved: ResolvedSpec) -> LoadedModel:
+    """Build the model (weights from the checkpoint or tag, or from the fixed seed) in eval mode."""
+    open_clip = _open_clip()
+    if resolved.pretrained is None:
+        log.warning(
+            "no --pretrained given: %s has random weights (seed %d); scores are reproducible "
+            "but mean nothing until you pass a trained checkpoint",
+            resolved.name,
+            resolved.init_seed,
+        )
+        torch.manual_seed(resolved.init_seed or 0)
+    # open_clip logs "No pretrained weights loaded" at WARNING; we said it once already.
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            resolved.name,
+            pretrained=resolved.pretrained,
+            device="cpu",
+            weights_only=True,
+        )
+    except pickle.UnpicklingError as exc:
+        raise JCError(_unpickling_message(resolved.pretrained, str(exc))) from None
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
+        what = resolved.pretrained if resolved.pretrained else resolved.name
+        raise JCError(f"cannot load {what} into {resolved.name}: {_first_line(exc)}") from None
+    finally:
+        quiet.setLevel(level)
+    model = model.to(resolved.device).eval()
+    tokenizer = open_clip.get_tokenizer(resolved.name)
+    return LoadedModel(resolved, model, preprocess, tokenizer)

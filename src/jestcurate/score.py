@@ -1,0 +1,371 @@
+"""`jestcurate score`: stream shards through a frozen open_clip model into a Parquet score set.
+
+Data flow: DataLoader worker processes read tars, decode and preprocess images and tokenize
+captions (ShardStream); the main process encodes each chunk on the model's device and keeps a
+shard's embeddings there until the shard ends, then computes its scores and writes its part and
+completion marker. Shards are the unit of work, of resume and of failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from jestcurate import __version__
+from jestcurate.errors import JCError
+from jestcurate.model import LoadedModel, ModelSpec, load_model, resolve_spec
+from jestcurate.reader import (
+    DEFAULT_MAX_PIXELS,
+    ShardReadError,
+    error_reason,
+    iter_raw_samples,
+    parse_sample,
+)
+from jestcurate.scoring import clip_scores, example_losses
+from jestcurate.shards import (
+    Shard,
+    assign_names,
+    expand_inputs,
+    for_task,
+    open_shard,
+    resolve_task,
+    shard_size,
+)
+from jestcurate.store import (
+    DONE_DIR,
+    PARTS_DIR,
+    SCHEMA_VERSION,
+    check_meta,
+    create_meta,
+    part_table,
+    read_markers,
+    remove_stale_temps,
+    write_json_atomic,
+    write_part,
+)
+
+log = logging.getLogger(__name__)
+ROLES = ("reference", "learner")
+
+
+def default_workers() -> int:
+    # One core stays with the main process, which runs the model on CPU-only machines.
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    inputs: tuple[str, ...]
+    out: Path
+    model: str
+    pretrained: str | None = None
+    batch_size: int = 256
+    device: str = "auto"
+    precision: str | None = None
+    workers: int | None = None
+    task_index: int | None = None
+    num_tasks: int | None = None
+    role: str = "reference"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    init_seed: int = 0
+
+
+@dataclass
+class ShardResult:
+    name: str
+    shard: str
+    status: str  # "ok" | "failed"
+    error: str | None
+    samples: int
+    ok: int
+    errors: int
+    error_reasons: dict[str, int]
+    seconds: float
+    input_bytes: int | None
+
+    def marker(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "name": self.name,
+            "status": self.status,
+            "error": self.error,
+            "counts": {"samples": self.samples, "ok": self.ok, "errors": self.errors},
+            "error_reasons": self.error_reasons,
+            "seconds": round(self.seconds, 3),
+            "input_bytes": self.input_bytes,
+            "tool_version": __version__,
+        }
+
+
+@dataclass
+class ScoreReport:
+    out: Path
+    task_index: int
+    num_tasks: int
+    shards_in_task: int
+    skipped: int
+    results: list[ShardResult] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = ""
+
+    @property
+    def failed(self) -> list[ShardResult]:
+        return [r for r in self.results if r.status != "ok"]
+
+    @property
+    def samples(self) -> int:
+        return sum(r.samples for r in self.results)
+
+    def error_reasons(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for r in self.results:
+            total.update(r.error_reasons)
+        return total
+
+
+class Progress(Protocol):
+    def start(self, total: int, skipped: int) -> None: ...
+    def samples(self, n: int) -> None: ...
+    def shard_done(self, result: ShardResult) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int, skipped: int) -> None:
+        pass
+
+    def samples(self, n: int) -> None:
+        pass
+
+    def shard_done(self, result: ShardResult) -> None:
+        pass
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Yields chunks of at most `chunk_size` valid samples, shard by shard; each worker process
+    takes every num_workers-th shard. A shard's last chunk has `last` set and says whether the
+    shard broke (`failure`)."""
+
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        preprocess: Any,
+        tokenizer: Any,
+        chunk_size: int,
+        max_pixels: int,
+    ) -> None:
+        self.shards = list(shards)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.chunk_size = chunk_size
+        self.max_pixels = max_pixels
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for pos in range(worker, len(self.shards), workers):
+            yield from self._read(pos)
+
+    def _chunk(self, pos: int, rows: list, images: list, captions: list, **extra: Any) -> dict:
+        return {
+            "pos": pos,
+            "rows": rows,
+            "images": torch.stack(images) if images else None,
+            "tokens": self.tokenizer(captions) if captions else None,
+            "last": False,
+            **extra,
+        }
+
+    def _read(self, pos: int) -> Iterator[dict[str, Any]]:
+        shard = self.shards[pos]
+        started = time.time()
+        seen: set[str] = set()
+        rows: list[dict[str, Any]] = []
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        failure = None
+        try:
+            with open_shard(shard.url) as f:
+                for raw in iter_raw_samples(f):
+                    row, image = parse_sample(raw, seen, self.max_pixels)
+                    if image is not None:
+                        try:
+                            images.append(self.preprocess(image))
+                            captions.append(row["caption"])
+                        except Exception as exc:  # a transform failing on one image fails that row
+                            row.update(status="error", error=f"preprocess failed: {exc}")
+                    rows.append(row)
+                    if len(images) >= self.chunk_size:
+                        yield self._chunk(pos, rows, images, captions, started=started)
+                        rows, images, captions = [], [], []
+        except ShardReadError as exc:
+            failure = str(exc)
+        except Exception as exc:  # a shard that cannot be opened fails alone; the run goes on
+            failure = f"cannot read shard: {type(exc).__name__}: {exc}"
+        yield self._chunk(
+            pos,
+            rows,
+            images,
+            captions,
+            started=started,
+            last=True,
+            failure=failure,
+            size=shard_size(shard.url),
+        )
+
+
+@dataclass
+class _Pending:
+    """A shard whose chunks are still arriving; its embeddings stay on the model's device."""
+
+    started: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    img: list[torch.Tensor] = field(default_factory=list)
+    txt: list[torch.Tensor] = field(default_factory=list)
+
+
+class Scorer:
+    """Turns one shard's rows and embeddings into its part file and completion marker."""
+
+    def __init__(self, model: LoadedModel, out: Path) -> None:
+        self.model = model
+        self.out = out
+        self.dim = model.embed_dim
+        self.scale = model.logit_scale
+        self.bias = model.logit_bias
+        self.kind = model.loss_kind
+
+    def finish(self, shard: Shard, state: _Pending, last: dict[str, Any]) -> ShardResult:
+        dim, device = self.dim, self.model.device
+        img = torch.cat(state.img) if state.img else torch.empty(0, dim, device=device)
+        txt = torch.cat(state.txt) if state.txt else torch.empty(0, dim, device=device)
+        # Scores come from the stored float16 values, so anyone can recompute them from the part.
+        img16, txt16 = img.half(), txt.half()
+        clip = clip_scores(img16, txt16)
+        loss = example_losses(img16, txt16, self.scale, self.bias, self.kind)
+        table = part_table(
+            shard.url,
+            state.rows,
+            img16.cpu().numpy(),
+            txt16.cpu().numpy(),
+            clip.cpu().numpy(),
+            loss.cpu().numpy(),
+            dim,
+        )
+        write_part(self.out / PARTS_DIR / f"{shard.name}.parquet", table)
+        reasons = Counter(error_reason(r["error"]) for r in state.rows if r["status"] != "ok")
+        failure = last.get("failure")
+        result = ShardResult(
+            name=shard.name,
+            shard=shard.url,
+            status="failed" if failure else "ok",
+            error=failure,
+            samples=len(state.rows),
+            ok=len(state.rows) - sum(reasons.values()),
+            errors=sum(reasons.values()),
+            error_reasons=dict(sorted(reasons.items())),
+            seconds=time.time() - state.started,
+            input_bytes=last.get("size"),
+        )
+        # The marker comes last: a crash before it leaves the shard to be redone.
+        write_json_atomic(self.out / DONE_DIR / f"{shard.name}.json", result.marker())
+        return result
+
+
+def _plan(cfg: ScoreConfig) -> tuple[list[Shard], list[Shard], int, int]:
+    """(this task's shards, those still to do, task index, task count)."""
+    urls = expand_inputs(cfg.inputs)
+    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
+    markers = read_markers(cfg.out)
+    owners = {name: m.get("shard") for name, m in markers.items()}
+    mine = for_task(assign_names(urls, owners), index, count)
+    todo = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
+    return mine, todo, index, count
+
+
+def _validate(cfg: ScoreConfig) -> None:
+    if cfg.role not in ROLES:
+        raise JCError(f"unknown role {cfg.role!r}; use reference or learner")
+    if cfg.batch_size < 1:
+        raise JCError("--batch-size must be at least 1")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise JCError("--workers must be 0 or more")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise JCError(f"--out {cfg.out} exists and is not a directory")
+
+
+def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
+    """Score every shard of this task that has no ok marker yet. Safe to rerun and to run as
+    several concurrent tasks on the same output."""
+    progress = progress or _NoProgress()
+    _validate(cfg)
+    began = time.time()
+    mine, todo, index, count = _plan(cfg)
+    resolved = resolve_spec(
+        ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.init_seed)
+    )
+    identity = {"schema_version": SCHEMA_VERSION, "role": cfg.role, **resolved.identity()}
+    # Cheap refusal before any weights load: a mismatched DIR fails in seconds, not minutes.
+    check_meta(cfg.out, identity)
+    report = ScoreReport(
+        out=cfg.out,
+        task_index=index,
+        num_tasks=count,
+        shards_in_task=len(mine),
+        skipped=len(mine) - len(todo),
+        device=str(resolved.device),
+    )
+    progress.start(len(mine), report.skipped)
+    if not todo:
+        report.seconds = time.time() - began
+        return report
+
+    model = load_model(resolved)
+    meta = {
+        **identity,
+        **model.describe(),
+        "role": cfg.role,
+        "ref_loss": f"{model.loss_kind}, other valid samples of the shard as negatives, "
+        "size-normalised (docs/scores.md)",
+        "tool": "jestcurate",
+        "tool_version": __version__,
+    }
+    for sub in (PARTS_DIR, DONE_DIR):
+        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(cfg.out / sub)
+    create_meta(cfg.out, meta)
+
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = min(workers, len(todo))
+    on_cuda = model.device.type == "cuda"
+    stream = ShardStream(todo, model.preprocess, model.tokenizer, cfg.batch_size, cfg.max_pixels)
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=on_cuda,
+        prefetch_factor=4 if workers else None,
+    )
+    scorer = Scorer(model, cfg.out)
+    pending: dict[int, _Pending] = {}
+    for chunk in loader:
+        pos = chunk["pos"]
+        state = pending.setdefault(pos, _Pending(started=chunk["started"]))
+        state.rows.extend(chunk["rows"])
+        if chunk["images"] is not None:
+            state.img.append(model.encode_image(chunk["images"]))
+            state.txt.append(model.encode_text(chunk["tokens"]))
+        progress.samples(len(chunk["rows"]))
+        if chunk["last"]:
+            result = scorer.finish(todo[pos], pending.pop(pos), chunk)
+            report.results.append(result)
+            progress.shard_done(result)
+    report.seconds = time.time() - began
+    return report

@@ -1,0 +1,239 @@
+"""On-disk score sets: Parquet schema, atomic writes, meta.json and completion markers.
+
+Layout (the contract in docs/formats.md):
+    DIR/meta.json              what made the scores
+    DIR/parts/NAME.parquet     one per input shard, rows in shard order
+    DIR/done/NAME.json         completion marker, status "ok" or "failed"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jestcurate.errors import JCError
+
+SCHEMA_VERSION = 1
+META_NAME = "meta.json"
+PARTS_DIR = "parts"
+DONE_DIR = "done"
+_TMP_SUFFIX = ".tmp"
+# The fields of meta.json that must agree before a run may add parts to an existing score set.
+IDENTITY_FIELDS = (
+    "schema_version",
+    "role",
+    "model",
+    "model_config_sha256",
+    "pretrained_sha256",
+    "init_seed",
+    "precision",
+)
+
+
+def score_schema(dim: int) -> pa.Schema:
+    emb = pa.list_(pa.float16(), dim)
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("shard", pa.string(), nullable=False),
+            pa.field("index", pa.int32(), nullable=False),
+            pa.field("uid", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("caption", pa.string()),
+            pa.field("sha256", pa.string()),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("error", pa.string()),
+            pa.field("img_emb", emb),
+            pa.field("txt_emb", emb),
+            pa.field("clip_score", pa.float32()),
+            pa.field("ref_loss", pa.float32()),
+        ],
+        metadata={"jestcurate.schema_version": str(SCHEMA_VERSION)},
+    )
+
+
+def _embedding_column(values: np.ndarray, ok: np.ndarray, dim: int) -> pa.Array:
+    full = np.zeros((ok.shape[0], dim), dtype=np.float16)
+    full[ok] = values
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(full.reshape(-1), type=pa.float16()),
+        type=pa.list_(pa.float16(), dim),
+        mask=pa.array(~ok),
+    )
+
+
+def _score_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
+    full = np.zeros(ok.shape[0], dtype=np.float32)
+    full[ok] = values
+    return pa.array(full, type=pa.float32(), mask=~ok)
+
+
+def part_table(
+    shard: str,
+    rows: list[dict[str, Any]],
+    img_emb: np.ndarray,
+    txt_emb: np.ndarray,
+    clip_score: np.ndarray,
+    ref_loss: np.ndarray,
+    dim: int,
+) -> pa.Table:
+    """One shard's rows as a table. The arrays hold the rows whose status is "ok", in row order."""
+    ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)
+    if int(ok.sum()) != len(img_emb):
+        raise ValueError(f"{int(ok.sum())} ok rows but {len(img_emb)} embeddings")
+    schema = score_schema(dim)
+    columns = {
+        name: pa.array([r[name] for r in rows], type=schema.field(name).type)
+        for name in ("key", "index", "uid", "url", "caption", "sha256", "status", "error")
+    }
+    columns["shard"] = pa.array([shard] * len(rows), type=pa.string())
+    columns["img_emb"] = _embedding_column(img_emb, ok, dim)
+    columns["txt_emb"] = _embedding_column(txt_emb, ok, dim)
+    columns["clip_score"] = _score_column(clip_score, ok)
+    columns["ref_loss"] = _score_column(ref_loss, ok)
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed_size_list<float16> column as an (n, D) float32 array; null rows become NaN."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    start = column.offset * dim
+    values = column.values[start : start + len(column) * dim]
+    out = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+    out[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return out
+
+
+def _tmp_name(path: Path) -> Path:
+    # Host and pid in the name let a later run tell a dead writer's leftovers from a live one's.
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}{_TMP_SUFFIX}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through `write(tmp)` then rename over `path`: readers see the old file or the whole
+    new one, never a partial one, whatever kills the process."""
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_part(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temp files left by writers on this host that no longer run (killed mid-write)."""
+    host = socket.gethostname()
+    removed = 0
+    for tmp in directory.glob(f".*{_TMP_SUFFIX}"):
+        parts = tmp.name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit():
+            continue
+        if not _pid_alive(int(parts[2])):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
+
+
+def identity_mismatches(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Names and values of the identity fields on which two metas disagree."""
+    out = []
+    for field in IDENTITY_FIELDS:
+        if field == "model" and existing.get("model_config_sha256"):
+            continue  # a config file is identified by its content, not its name
+        if existing.get(field) != wanted.get(field):
+            out.append(f"{field}: {existing.get(field)!r} there, {wanted.get(field)!r} now")
+    return out
+
+
+def check_meta(out: Path, wanted: Mapping[str, Any]) -> None:
+    """Refuse to add to a score set made by a different model, checkpoint, precision or role."""
+    path = out / META_NAME
+    if not path.exists():
+        return
+    try:
+        existing = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
+    diff = identity_mismatches(existing, wanted)
+    if diff:
+        raise JCError(
+            f"{out} holds scores made differently ({'; '.join(diff)}); "
+            "use another --out, or the options it was made with"
+        )
+
+
+def create_meta(out: Path, meta: Mapping[str, Any]) -> None:
+    """Create meta.json if no task has yet; if one has, check that it agrees with ours.
+
+    os.link fails if the target exists, so of N tasks starting together exactly one creates it.
+    """
+    path = out / META_NAME
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
+    check_meta(out, meta)
+
+
+def read_markers(out: Path) -> dict[str, dict[str, Any]]:
+    """Completion markers by shard name. An unreadable marker counts as absent (shard redone)."""
+    markers = {}
+    done = out / DONE_DIR
+    if not done.is_dir():
+        return markers
+    for path in done.glob("*.json"):
+        try:
+            markers[path.stem] = read_json(path)
+        except (OSError, ValueError):
+            continue
+    return markers

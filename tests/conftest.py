@@ -1,0 +1,64 @@
+"""Shared fixtures: small generated corpora and helpers to run the CLI and read score sets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from jestcurate.cli import app
+from jestcurate.synth import PRESETS, CorpusSpec, hostile_samples, write_corpus, write_tar
+
+# Keep every test on the CPU and quiet about threads on the 2-core CI machine.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+SMALL = CorpusSpec(shards=3, samples_per_shard=24, seed=7, image_size=48, noise=PRESETS["noisy"])
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three noisy shards of 24 samples. Read-only: copy it before changing anything."""
+    out = tmp_path_factory.mktemp("corpus")
+    write_corpus(out, SMALL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A shard with every bad-sample case, and the expected outcome per key."""
+    out = tmp_path_factory.mktemp("hostile")
+    samples, expected = hostile_samples()
+    write_tar(out / "hostile.tar", samples)
+    return out / "hostile.tar", expected
+
+
+@pytest.fixture
+def corpus_copy(corpus: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "pool"
+    shutil.copytree(corpus, dst)
+    return dst
+
+
+def run_cli(*args: str | os.PathLike[str]) -> tuple[int, str]:
+    """Run the CLI in-process; returns (exit code, stdout+stderr)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def run_subprocess(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **kw):
+    """Run the real console entry point in a new process (for kill/concurrency tests)."""
+    cmd = [sys.executable, "-m", "jestcurate", *[str(a) for a in args]]
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, **kw)
+
+
+def read_parts(out: Path) -> pa.Table:
+    parts = sorted((out / "parts").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts])
