@@ -229,6 +229,11 @@ class LoadedModel:
         # open_clip gives SigLIP-style models a learnt logit bias; CLIP-style ones have none.
         return "sigmoid" if self.logit_bias is not None else "softmax"
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.model.visual, "image_size", 224)
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
     @functools.cached_property
     def embed_dim(self) -> int:
         # Towers differ in where they keep the projection; encoding one caption always works.

@@ -8,6 +8,7 @@ completion marker. Shards are the unit of work, of resume and of failure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -56,9 +57,33 @@ log = logging.getLogger(__name__)
 ROLES = ("reference", "learner")
 
 
-def default_workers() -> int:
-    # One core stays with the main process, which runs the model on CPU-only machines.
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what Slurm or taskset gave us, not the whole host
+    except AttributeError:
+        return os.cpu_count() or 2
+
+
+def default_workers(device_type: str = "cpu") -> int:
+    """Decoding processes. With a GPU the CPU only decodes, so use all cores but one; on a CPU
+    the model needs cores too, so decoding gets half."""
+    cores = _cores()
+    if device_type == "cuda":
+        return max(1, min(32, cores - 1))
+    return max(1, cores // 2)
+
+
+@contextlib.contextmanager
+def _model_threads(device_type: str, workers: int) -> Iterator[None]:
+    """On a CPU, give the model the cores the decoding workers leave: oversubscribed cores
+    (OpenMP threads spin while waiting) more than halve throughput on small machines."""
+    before = torch.get_num_threads()
+    if device_type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, _cores() - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -229,6 +254,61 @@ class _Pending:
     rows: list[dict[str, Any]] = field(default_factory=list)
     img: list[torch.Tensor] = field(default_factory=list)
     txt: list[torch.Tensor] = field(default_factory=list)
+    waiting: int = 0  # samples queued for encoding but not yet encoded
+    last: dict[str, Any] | None = None  # the shard's last chunk, once it has arrived
+
+    @property
+    def complete(self) -> bool:
+        return self.last is not None and self.waiting == 0
+
+
+class _Encoder:
+    """Packs the valid samples of incoming chunks, whatever their shard, into full model
+    batches, so short shards and shard ends do not leave the device with small batches."""
+
+    def __init__(self, model: LoadedModel, batch_size: int) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.queue: list[tuple[_Pending, torch.Tensor, torch.Tensor]] = []
+        self.queued = 0
+
+    def add(self, state: _Pending, images: torch.Tensor, tokens: torch.Tensor) -> None:
+        device = self.model.device
+        # Copy now: the chunk is in pinned memory, so this overlaps with the work below.
+        images = images.to(device, non_blocking=True)
+        tokens = tokens.to(device, non_blocking=True)
+        self.queue.append((state, images, tokens))
+        self.queued += len(images)
+        state.waiting += len(images)
+        while self.queued >= self.batch_size:
+            self._encode_one_batch()
+
+    def flush(self) -> None:
+        while self.queue:
+            self._encode_one_batch()
+
+    def _encode_one_batch(self) -> None:
+        parts: list[tuple[_Pending, torch.Tensor, torch.Tensor]] = []
+        taken = 0
+        while self.queue and taken < self.batch_size:
+            state, images, tokens = self.queue[0]
+            room = min(len(images), self.batch_size - taken)
+            parts.append((state, images[:room], tokens[:room]))
+            if room == len(images):
+                self.queue.pop(0)
+            else:
+                self.queue[0] = (state, images[room:], tokens[room:])
+            taken += room
+        img = self.model.encode_image(torch.cat([p[1] for p in parts]))
+        txt = self.model.encode_text(torch.cat([p[2] for p in parts]))
+        start = 0
+        for state, images, _ in parts:
+            end = start + len(images)
+            state.img.append(img[start:end])
+            state.txt.append(txt[start:end])
+            state.waiting -= len(images)
+            start = end
+        self.queued -= taken
 
 
 class Scorer:
@@ -242,7 +322,7 @@ class Scorer:
         self.bias = model.logit_bias
         self.kind = model.loss_kind
 
-    def finish(self, shard: Shard, state: _Pending, last: dict[str, Any]) -> ShardResult:
+    def finish(self, shard: Shard, state: _Pending) -> ShardResult:
         dim, device = self.dim, self.model.device
         img = torch.cat(state.img) if state.img else torch.empty(0, dim, device=device)
         txt = torch.cat(state.txt) if state.txt else torch.empty(0, dim, device=device)
@@ -261,6 +341,7 @@ class Scorer:
         )
         write_part(self.out / PARTS_DIR / f"{shard.name}.parquet", table)
         reasons = Counter(error_reason(r["error"]) for r in state.rows if r["status"] != "ok")
+        last = state.last or {}
         failure = last.get("failure")
         result = ShardResult(
             name=shard.name,
@@ -277,6 +358,14 @@ class Scorer:
         # The marker comes last: a crash before it leaves the shard to be redone.
         write_json_atomic(self.out / DONE_DIR / f"{shard.name}.json", result.marker())
         return result
+
+
+def _chunk_size(batch_size: int, image_size: tuple[int, int], budget: int = 64 << 20) -> int:
+    """Samples per worker chunk: a batch, unless that passes `budget` bytes of float32 pixels.
+    Chunks sit in shared memory (prefetched by every worker), which containers often keep
+    small; the encoder packs chunks back into full batches."""
+    per_sample = 3 * image_size[0] * image_size[1] * 4
+    return max(1, min(batch_size, budget // per_sample))
 
 
 def _plan(cfg: ScoreConfig) -> tuple[list[Shard], list[Shard], int, int]:
@@ -342,30 +431,38 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         remove_stale_temps(cfg.out / sub)
     create_meta(cfg.out, meta)
 
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
     workers = min(workers, len(todo))
-    on_cuda = model.device.type == "cuda"
-    stream = ShardStream(todo, model.preprocess, model.tokenizer, cfg.batch_size, cfg.max_pixels)
+    chunk = _chunk_size(cfg.batch_size, model.image_size)
+    stream = ShardStream(todo, model.preprocess, model.tokenizer, chunk, cfg.max_pixels)
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
         num_workers=workers,
-        pin_memory=on_cuda,
+        pin_memory=model.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
     scorer = Scorer(model, cfg.out)
+    encoder = _Encoder(model, cfg.batch_size)
     pending: dict[int, _Pending] = {}
-    for chunk in loader:
-        pos = chunk["pos"]
-        state = pending.setdefault(pos, _Pending(started=chunk["started"]))
-        state.rows.extend(chunk["rows"])
-        if chunk["images"] is not None:
-            state.img.append(model.encode_image(chunk["images"]))
-            state.txt.append(model.encode_text(chunk["tokens"]))
-        progress.samples(len(chunk["rows"]))
-        if chunk["last"]:
-            result = scorer.finish(todo[pos], pending.pop(pos), chunk)
+
+    def finish_complete() -> None:
+        for pos in [p for p, state in pending.items() if state.complete]:
+            result = scorer.finish(todo[pos], pending.pop(pos))
             report.results.append(result)
             progress.shard_done(result)
+
+    with _model_threads(model.device.type, workers):
+        for item in loader:
+            state = pending.setdefault(item["pos"], _Pending(started=item["started"]))
+            state.rows.extend(item["rows"])
+            if item["images"] is not None:
+                encoder.add(state, item["images"], item["tokens"])
+            if item["last"]:
+                state.last = item
+            progress.samples(len(item["rows"]))
+            finish_complete()
+        encoder.flush()
+        finish_complete()
     report.seconds = time.time() - began
     return report
