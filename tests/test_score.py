@@ -319,3 +319,49 @@ def test_random_init_is_reproducible(corpus: Path, tmp_path: Path) -> None:
     b = pq.read_table(tmp_path / "b" / "parts" / "00002.parquet")
     assert a.equals(b)
     assert isinstance(a.column("img_emb").type, pa.FixedSizeListType)
+
+
+def test_pretrained_tag_resolves_downloads_and_pins_sha(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real tag path: open_clip's registry entry points at a URL (file:// here, so no network),
+    the weights are fetched into the cache, loaded, and their sha256 lands in meta.json."""
+    import open_clip
+
+    state = _save_tiny(tmp_path / "published.pt", seed=5)
+    registry = {"jc-tiny": {"guide": {"url": (tmp_path / "published.pt").as_uri()}}}
+    monkeypatch.setattr(open_clip.pretrained, "_PRETRAINED", registry)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = tmp_path / "scores"
+    score([corpus / "00000.tar"], out, pretrained="guide")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["pretrained"] == "guide"
+    assert (
+        meta["pretrained_sha256"]
+        == hashlib.sha256((tmp_path / "published.pt").read_bytes()).hexdigest()
+    )
+    assert (tmp_path / "home" / ".cache" / "clip" / "published.pt").is_file()
+    assert meta["logit_scale"] == pytest.approx(float(state["logit_scale"].exp()))
+
+    registry["jc-tiny"]["gone"] = {"url": (tmp_path / "nowhere.pt").as_uri()}
+    code, output = run_cli(
+        "score", corpus, "-m", "jc-tiny", "--pretrained", "gone", "--out", tmp_path / "o2"
+    )
+    assert code == 2 and "cannot fetch pretrained weights 'gone'" in output, output
+
+
+def test_fsspec_url_inputs_are_scored(tmp_path: Path) -> None:
+    import fsspec
+
+    samples = shard_samples(CorpusSpec(samples_per_shard=10, image_size=32), 0)
+    write_tar(tmp_path / "local.tar", samples)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/pool/00000.tar", (tmp_path / "local.tar").read_bytes())
+    out = tmp_path / "scores"
+    report = score(["memory://bucket/pool/"], out, workers=2)
+    assert [r.status for r in report.results] == ["ok"]
+    table = pq.read_table(out / "parts" / "00000.parquet")
+    assert set(table.column("shard").to_pylist()) == {"memory:///bucket/pool/00000.tar"}
+    marker = json.loads((out / "done" / "00000.json").read_text())
+    assert marker["input_bytes"] == (tmp_path / "local.tar").stat().st_size
+    assert table.num_rows == 10

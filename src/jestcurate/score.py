@@ -139,6 +139,7 @@ class ScoreReport:
     skipped: int
     results: list[ShardResult] = field(default_factory=list)
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # resolving inputs, loading the model, starting workers
     device: str = ""
 
     @property
@@ -454,6 +455,8 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
 
     with _model_threads(model.device.type, workers):
         for item in loader:
+            if not report.startup_seconds:
+                report.startup_seconds = time.time() - began
             state = pending.setdefault(item["pos"], _Pending(started=item["started"]))
             state.rows.extend(item["rows"])
             if item["images"] is not None:

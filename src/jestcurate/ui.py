@@ -158,8 +158,9 @@ def print_score_summary(report: ScoreReport, console: Console = stdout) -> None:
     for reason, count in report.error_reasons().most_common():
         table.add_row(f"    {reason}", f"{count:,}")
     if report.results:
-        rate = samples / max(report.seconds, 1e-9)
+        rate = samples / max(report.seconds - report.startup_seconds, 1e-9)
         table.add_row("throughput", f"{rate:,.1f} samples/s on {report.device}")
+        table.add_row("start-up", f"{report.startup_seconds:,.1f} s")
     table.add_row("elapsed", f"{report.seconds:,.1f} s")
     console.print(table)
     console.print(f"score set: {report.out}", highlight=False, soft_wrap=True)
