@@ -145,6 +145,84 @@ def score(
 
 @app.command()
 @_one_line_errors
+def select(
+    reference: Annotated[
+        Path,
+        typer.Argument(
+            help="Reference score set (made by `score`, role reference).", show_default=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Selection directory to write.")],
+    learner: Annotated[
+        Path | None,
+        typer.Option(help="Learner score set of the same shards (`score --role learner`)."),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="jest (joint selection per super-batch), learnability or easy-ref (independent "
+            "top-k in the same super-batches), clip-score (global top fraction) or random."
+        ),
+    ] = "jest",
+    score: Annotated[
+        str | None,
+        typer.Option(
+            help="jest's batch score: learnability (learner minus reference loss), easy-ref "
+            "(minus reference loss) or hard-learner. Default: learnability with --learner, "
+            "else easy-ref."
+        ),
+    ] = None,
+    ratio: Annotated[
+        float, typer.Option(help="Kept fraction (the paper's 1 - f); super-batches hold b / ratio.")
+    ] = 0.2,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Training batch size b.")
+    ] = (4096),
+    chunks: Annotated[int, typer.Option(help="jest: chunks each batch is drawn in.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the permutation, shuffles and draws.")] = 0,
+    temperature: Annotated[
+        float, typer.Option(help="jest: draw chunks ∝ exp(score / temperature).")
+    ] = 1.0,
+    topk: Annotated[
+        bool, typer.Option("--topk", help="jest: take each chunk's top scores (deterministic).")
+    ] = False,
+    min_clip_score: Annotated[
+        float | None, typer.Option(help="Drop rows whose reference clip_score is below this first.")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many batches (default: as many as fit).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda, for the jest sampler.")] = "auto",
+) -> None:
+    """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
+    sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy
+    (DataComp's subset format) when every kept row has a uid. Same inputs and seed give
+    byte-identical files."""
+    from jestcurate import select as select_mod
+    from jestcurate import ui
+
+    cfg = select_mod.SelectConfig(
+        reference=reference,
+        out=out,
+        learner=learner,
+        method=method,
+        score=score,
+        ratio=ratio,
+        batch_size=batch_size,
+        chunks=chunks,
+        seed=seed,
+        temperature=temperature,
+        topk=topk,
+        min_clip_score=min_clip_score,
+        max_steps=max_steps,
+        device=device,
+    )
+    report = select_mod.run(cfg)
+    ui.print_select_summary(report)
+
+
+@app.command()
+@_one_line_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write NNNNN.tar shards into.")],
     shards: Annotated[int, typer.Option(help="Number of shards.")] = 4,

@@ -237,3 +237,81 @@ def read_markers(out: Path) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError):
             continue
     return markers
+
+
+class ScoreSet:
+    """A score set opened for reading: its meta.json, its parts (sorted by name) and markers."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], parts: list[Path]) -> None:
+        self.path = path
+        self.meta = meta
+        self.parts = parts
+
+    @property
+    def role(self) -> str:
+        return str(self.meta.get("role"))
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["embed_dim"])
+
+    @property
+    def scale(self) -> float:
+        return float(self.meta["logit_scale"])
+
+    @property
+    def bias(self) -> float | None:
+        bias = self.meta.get("logit_bias")
+        return None if bias is None else float(bias)
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta["loss"])
+
+    def part_names(self) -> list[str]:
+        return [p.stem for p in self.parts]
+
+    def read_part(self, name: str, columns: list[str]) -> pa.Table:
+        path = self.path / PARTS_DIR / f"{name}.parquet"
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise JCError(f"cannot read {path}: {exc}") from None
+        for column in ("img_emb", "txt_emb"):
+            if column in columns:
+                width = table.schema.field(column).type.list_size
+                if width != self.dim:
+                    raise JCError(
+                        f"{path} has {width}-wide embeddings but {self.path}/meta.json says "
+                        f"embed_dim {self.dim}"
+                    )
+        return table
+
+
+def open_score_set(path: Path, role: str | None = None) -> ScoreSet:
+    """Open and check a score set; every problem is a one-line JCError."""
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        what = "does not exist" if not path.exists() else "has no meta.json"
+        raise JCError(f"{path} is not a score set ({what}); make one with `jestcurate score`")
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError) as exc:
+        raise JCError(f"{meta_path} is unreadable: {exc}") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise JCError(
+            f"{path} has score-set schema version {version}; this jestcurate reads "
+            f"version {SCHEMA_VERSION}"
+        )
+    missing = [k for k in ("embed_dim", "logit_scale", "loss", "role") if k not in meta]
+    if missing:
+        raise JCError(f"{meta_path} lacks {', '.join(missing)}")
+    if role is not None and meta["role"] != role:
+        raise JCError(
+            f"{path} was scored with role {meta['role']!r}, but a {role} score set is needed here"
+        )
+    parts = sorted((path / PARTS_DIR).glob("*.parquet"))
+    if not parts:
+        raise JCError(f"{path} has no parts yet; run `jestcurate score` into it first")
+    return ScoreSet(path, meta, parts)

@@ -277,3 +277,107 @@ def write_truncated_tar(path: Path, samples: list[dict[str, Any]], keep: float) 
     write_tar(path, samples)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
+
+
+# --- synthetic score sets, for select's tests and benchmarks --------------------------------
+
+
+def write_score_set(
+    out: str | os.PathLike[str],
+    shards: int,
+    rows_per_shard: int,
+    dim: int = 64,
+    seed: int = 0,
+    role: str = "reference",
+    loss: str = "softmax",
+    logit_scale: float = 20.0,
+    noisy_fraction: float = 0.5,
+    error_fraction: float = 0.0,
+    noise: float = 0.3,
+) -> set[str]:
+    """Write a score set (the same files `score` writes) without any model: clean rows have a
+    caption embedding near the image's, noisy rows an unrelated one. Shard and key layout match
+    write_corpus's, so two sets made with different `role`/`seed` join. Returns the noisy keys.
+
+    The corpus side (which rows are noisy, keys, uids) depends on `shards` and
+    `rows_per_shard` only; `seed` changes the embeddings, as a different model would.
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    from jestcurate.scoring import clip_scores, example_losses
+    from jestcurate.store import SCHEMA_VERSION, part_table, write_json_atomic
+
+    out = Path(out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    (out / "done").mkdir(parents=True, exist_ok=True)
+    bias = -10.0 if loss == "sigmoid" else None
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "role": role,
+        "model": f"synthetic-{dim}",
+        "model_config_path": None,
+        "model_config_sha256": None,
+        "pretrained": None,
+        "pretrained_sha256": None,
+        "init_seed": seed,
+        "embed_dim": dim,
+        "logit_scale": logit_scale,
+        "logit_bias": bias,
+        "loss": loss,
+        "precision": "fp32",
+        "preprocess": {},
+        "context_length": 0,
+        "ref_loss": "synthetic",
+        "tool": "jestcurate",
+        "tool_version": "synthetic",
+    }
+    write_json_atomic(out / "meta.json", meta)
+    noisy_keys: set[str] = set()
+    for shard in range(shards):
+        corpus = np.random.default_rng([shard, 1])  # what the data is
+        model = np.random.default_rng([seed, shard, 2])  # how this "model" embeds it
+        n = rows_per_shard
+        noisy = corpus.random(n) < noisy_fraction
+        errors = corpus.random(n) < error_fraction
+        uids = corpus.bytes(16 * n).hex()
+        concept = model.standard_normal((n, dim), dtype=np.float32)
+        img = concept + noise * model.standard_normal((n, dim), dtype=np.float32)
+        txt = concept + noise * model.standard_normal((n, dim), dtype=np.float32)
+        txt[noisy] = model.standard_normal((int(noisy.sum()), dim), dtype=np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        name = f"{shard:05d}"
+        rows = []
+        for i in range(n):
+            key = f"{shard:05d}{i:04d}"
+            if noisy[i]:
+                noisy_keys.add(key)
+            rows.append(
+                {
+                    "key": key,
+                    "index": i,
+                    "uid": uids[32 * i : 32 * (i + 1)],
+                    "url": None,
+                    "caption": None,
+                    "sha256": None,
+                    "status": "error" if errors[i] else "ok",
+                    "error": "image decode failed: synthetic" if errors[i] else None,
+                }
+            )
+        ok = ~errors
+        img16 = torch.from_numpy(img[ok]).half()
+        txt16 = torch.from_numpy(txt[ok]).half()
+        table = part_table(
+            f"/synthetic/{name}.tar",
+            rows,
+            img16.numpy(),
+            txt16.numpy(),
+            clip_scores(img16, txt16).numpy(),
+            example_losses(img16, txt16, logit_scale, bias, loss).numpy(),
+            dim,
+        )
+        pq.write_table(table, out / "parts" / f"{name}.parquet", compression="zstd")
+        marker = {"shard": f"/synthetic/{name}.tar", "name": name, "status": "ok", "error": None}
+        write_json_atomic(out / "done" / f"{name}.json", marker)
+    return noisy_keys

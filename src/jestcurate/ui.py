@@ -3,9 +3,11 @@ logs) and end-of-run summaries."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -51,6 +53,29 @@ def setup_logging(verbose: bool = False) -> None:
     log.setLevel(level)
 
 
+def _progress_bar(label: str, *columns: Any, transient: bool = False) -> Any:
+    """A rich progress bar: label, bar, done/total, the given columns, elapsed and remaining."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=transient,
+    )
+
+
 class ScoreProgress:
     """Progress for `score`: rich bar over shards with samples/s, or a log line per shard and a
     throughput line every `every` seconds."""
@@ -79,25 +104,13 @@ class ScoreProgress:
         if skipped:
             log.info("%d of %d shards already done; skipping them", skipped, total)
         if self.interactive:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import TextColumn
 
-            self._bar = Progress(
-                TextColumn("[bold]scoring"),
-                BarColumn(),
-                MofNCompleteColumn(),
+            self._bar = _progress_bar(
+                "scoring",
                 TextColumn("shards"),
                 TextColumn("{task.fields[samples]:,} samples"),
                 TextColumn("{task.fields[rate]:,.0f}/s"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=stderr,
             )
             self._task = self._bar.add_task(
                 "score", total=total, completed=skipped, samples=0, rate=0.0
@@ -139,6 +152,42 @@ class ScoreProgress:
             )
 
 
+@contextlib.contextmanager
+def step_progress(
+    label: str, total: int, unit: str, every: float = 60.0
+) -> Iterator[Callable[[], None]]:
+    """A progress bar on a terminal, a log line every `every` seconds elsewhere; yields the
+    function to call once per unit of work."""
+    done = 0
+    began = last = time.monotonic()
+    if is_interactive():
+        from rich.progress import TextColumn
+
+        bar = _progress_bar(label, TextColumn(unit), transient=True)
+        task = bar.add_task(label, total=total)
+        with bar:
+            yield lambda: bar.advance(task)
+        _log_done(label, total, unit, time.monotonic() - began, every)
+        return
+
+    def tick() -> None:
+        nonlocal done, last
+        done += 1
+        now = time.monotonic()
+        if now - last >= every:
+            last = now
+            log.info("%s: %d/%d %s", label, done, total, unit)
+
+    yield tick
+    _log_done(label, done, unit, time.monotonic() - began, every)
+
+
+def _log_done(label: str, done: int, unit: str, seconds: float, every: float) -> None:
+    # Steps that finish before a progress line was due are not worth a line of their own.
+    level = logging.INFO if seconds >= every else logging.DEBUG
+    log.log(level, "%s: %d %s in %.1fs", label, done, unit, seconds)
+
+
 def print_score_summary(report: ScoreReport, console: Console = stdout) -> None:
     done = [r for r in report.results if r.status == "ok"]
     table = Table(title="jestcurate score", show_header=False, box=None)
@@ -168,3 +217,33 @@ def print_score_summary(report: ScoreReport, console: Console = stdout) -> None:
         console.print(
             f"[red]failed[/red] {result.shard}: {result.error}", highlight=False, soft_wrap=True
         )
+
+
+def print_select_summary(report: Any, console: Console = stdout) -> None:
+    summary = report.summary
+    counts = summary["counts"]
+    table = Table(title=f"jestcurate select: {summary['method']}", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    if summary.get("score"):
+        table.add_row("batch score", summary["score"])
+    table.add_row("rows in score set", f"{counts['rows']:,}")
+    table.add_row("  errors (never selected)", f"{counts['errors']:,}")
+    if counts["below_min_clip_score"]:
+        table.add_row("  below --min-clip-score", f"{counts['below_min_clip_score']:,}")
+    table.add_row("eligible", f"{counts['eligible']:,}")
+    if counts["tail_dropped"]:
+        table.add_row("  tail (no full super-batch)", f"{counts['tail_dropped']:,}")
+    batch = summary["parameters"]["batch_size"]
+    table.add_row("batches", f"{counts['steps']:,} x {batch:,}")
+    table.add_row("kept", f"{counts['kept']:,}")
+    for name, value in summary["means"]["kept"].items():
+        dropped = summary["means"]["dropped"].get(name)
+        if value is not None and dropped is not None:
+            table.add_row(f"  mean {name}", f"{value:.4f} kept, {dropped:.4f} dropped")
+    if report.reused:
+        table.add_row("", "already selected (reused)")
+    else:
+        table.add_row("elapsed", f"{report.seconds:,.1f} s")
+    console.print(table)
+    console.print(f"selection: {report.out}", highlight=False, soft_wrap=True)

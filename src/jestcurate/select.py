@@ -1,0 +1,654 @@
+"""`jestcurate select`: turn score sets into training batches (JEST and its baselines).
+
+Flow:
+1. Open the reference (and learner) score sets and join them on (part, key).
+2. Build a flat on-disk cache of the eligible rows (status ok in both sets, clip_score at least
+   --min-clip-score): fixed-width numpy files read back row by row through short-lived memory
+   maps, so memory does not grow with the corpus (docs/select.md explains why not Arrow).
+3. Choose: a global seeded permutation of eligible rows cut into super-batches of
+   B = round(b / ratio) for jest, easy-ref and learnability; global rankings for random and
+   clip-score. Every method yields the same number of full batches of b.
+4. Write manifest.parquet (step order), uids.npy and, last, summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from jestcurate import __version__
+from jestcurate.errors import JCError
+from jestcurate.jest import CRITERIA, Embeddings, criterion_terms, joint_select, softmax_cache_bytes
+from jestcurate.model import resolve_device
+from jestcurate.scoring import example_losses
+from jestcurate.store import ScoreSet, atomic_write, open_score_set, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+METHODS = ("random", "clip-score", "easy-ref", "learnability", "jest")
+SUPER_BATCH_METHODS = ("easy-ref", "learnability", "jest")
+MANIFEST = "manifest.parquet"
+SUMMARY = "summary.json"
+UIDS = "uids.npy"
+SELECTION_SCHEMA_VERSION = 1
+# The softmax sampler caches the chosen examples' logit rows up to this size, else recomputes.
+CPU_ROW_CACHE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    reference: Path
+    out: Path
+    learner: Path | None = None
+    method: str = "jest"
+    score: str | None = None  # jest's criterion; default learnability with a learner
+    ratio: float = 0.2
+    batch_size: int = 4096
+    chunks: int = 16
+    seed: int = 0
+    temperature: float = 1.0
+    topk: bool = False
+    min_clip_score: float | None = None
+    max_steps: int | None = None
+    device: str = "auto"
+
+    @property
+    def super_batch(self) -> int:
+        return max(self.batch_size, round(self.batch_size / self.ratio))
+
+    @property
+    def criterion(self) -> str | None:
+        if self.method != "jest":
+            return None
+        return self.score or ("learnability" if self.learner else "easy-ref")
+
+
+def _validate(cfg: SelectConfig) -> None:
+    if cfg.method not in METHODS:
+        raise JCError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    if not 0 < cfg.ratio <= 1:
+        raise JCError(f"--ratio is the kept fraction and must be in (0, 1], got {cfg.ratio}")
+    if cfg.batch_size < 1 or cfg.chunks < 1:
+        raise JCError("--batch-size and --chunks must be at least 1")
+    if cfg.temperature <= 0:
+        raise JCError("--temperature must be positive (use --topk for deterministic choice)")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise JCError("--max-steps must be at least 1")
+    if cfg.score is not None and cfg.method != "jest":
+        raise JCError("--score chooses jest's criterion; other methods have their own")
+    if cfg.criterion is not None and cfg.criterion not in CRITERIA:
+        raise JCError(f"unknown --score {cfg.criterion!r}; use one of {', '.join(CRITERIA)}")
+    needs_learner = cfg.method == "learnability" or cfg.criterion in (
+        "learnability",
+        "hard-learner",
+    )
+    if needs_learner and cfg.learner is None:
+        what = f"--score {cfg.criterion}" if cfg.method == "jest" else f"--method {cfg.method}"
+        raise JCError(f"{what} needs --learner (a score set made with `score --role learner`)")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise JCError(f"--out {cfg.out} exists and is not a directory")
+
+
+# --- the cache of eligible rows -------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    rows: int = 0
+    errors: int = 0
+    below_min_clip_score: int = 0
+    eligible: int = 0
+
+
+class RowCache:
+    """Eligible rows as fixed-width .npy columns, addressed by row id 0..N-1 in part order.
+
+    Reads open a memory map, copy the requested rows and close it again, so pages touched by
+    one super-batch never pile up in the process's resident memory.
+    """
+
+    EMBEDDINGS = ("ref_img", "ref_txt", "learner_img", "learner_txt")
+
+    def __init__(self, directory: Path, shards: list[str], size: int) -> None:
+        self.dir = directory
+        self.shards = shards  # part id -> the shard path or URL
+        self.size = size
+
+    def path(self, column: str) -> Path:
+        return self.dir / f"{column}.npy"
+
+    def has(self, column: str) -> bool:
+        return self.path(column).exists()
+
+    def read(self, column: str, ids: np.ndarray | None = None) -> np.ndarray:
+        """Rows `ids` of a column (all rows if None), in the order given."""
+        data = np.load(self.path(column), mmap_mode="r")
+        try:
+            if ids is None:
+                return np.array(data)
+            order = np.argsort(ids, kind="stable")  # sorted reads touch each page once
+            out = np.empty((len(ids), *data.shape[1:]), dtype=data.dtype)
+            out[order] = data[ids[order]]
+            return out
+        finally:
+            mm = getattr(data, "_mmap", None)
+            del data
+            if mm is not None:
+                mm.close()
+
+
+def _join_learner(name: str, ref: pa.Table, learner: pa.Table) -> None:
+    if ref.num_rows != learner.num_rows or not ref.column("key").equals(learner.column("key")):
+        raise JCError(
+            f"learner and reference differ in part {name} (other samples or order): "
+            "score both from the same shards"
+        )
+
+
+def _eligible(
+    ref: pa.Table, learner: pa.Table | None, min_clip: float | None, counts: Counts
+) -> np.ndarray:
+    ok = np.asarray(ref.column("status").to_numpy(zero_copy_only=False)) == "ok"
+    if learner is not None:
+        ok &= np.asarray(learner.column("status").to_numpy(zero_copy_only=False)) == "ok"
+    counts.rows += len(ok)
+    counts.errors += int((~ok).sum())
+    if min_clip is not None:
+        clip = ref.column("clip_score").fill_null(-np.inf).to_numpy()
+        low = ok & (clip < min_clip)
+        counts.below_min_clip_score += int(low.sum())
+        ok &= ~low
+    counts.eligible += int(ok.sum())
+    return ok
+
+
+@dataclass
+class Scan:
+    """What the first pass learns: counts, each part's shard, the widths of the text columns."""
+
+    counts: Counts
+    shards: list[str]
+    key_width: int
+    uid_width: int
+
+
+def scan(
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    min_clip: float | None,
+    on_part: Callable[[], None] | None = None,
+) -> Scan:
+    """First pass, small columns only: join check, eligibility counts, column widths."""
+    names = ref.part_names()
+    if learner is not None:
+        ours, theirs = set(names), set(learner.part_names())
+        if ours != theirs:
+            raise JCError(
+                f"learner and reference cover different shards ({len(ours - theirs)} only in "
+                f"the reference, {len(theirs - ours)} only in the learner): score both from "
+                "the same inputs"
+            )
+    result = Scan(Counts(), [], 1, 1)
+    for name in names:
+        table = ref.read_part(name, ["key", "shard", "status", "clip_score", "uid"])
+        other = learner.read_part(name, ["key", "status"]) if learner else None
+        if other is not None:
+            _join_learner(name, table, other)
+        ok = pa.array(_eligible(table, other, min_clip, result.counts))
+        shard = table.column("shard")
+        result.shards.append(shard[0].as_py() if len(shard) else name)
+        widths = [
+            pc.max(pc.binary_length(table.column(c).cast(pa.binary())).filter(ok)).as_py() or 0
+            for c in ("key", "uid")
+        ]
+        result.key_width = max(result.key_width, widths[0])
+        result.uid_width = max(result.uid_width, widths[1])
+        if on_part:
+            on_part()
+    return result
+
+
+def fill_cache(
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    found: Scan,
+    directory: Path,
+    min_clip: float | None,
+    embeddings: bool,
+    on_part: Callable[[], None] | None = None,
+) -> RowCache:
+    """Second pass: copy the eligible rows' columns into the flat cache."""
+    n = found.counts.eligible
+    columns: dict[str, tuple[str, tuple[int, ...]]] = {
+        "part": ("<i4", ()),
+        "index": ("<i4", ()),
+        "key": (f"S{found.key_width}", ()),
+        "uid": (f"S{found.uid_width}", ()),
+        "clip_score": ("<f4", ()),
+        "ref_loss": ("<f4", ()),
+    }
+    if learner is not None:
+        columns["learner_loss"] = ("<f4", ())
+    if embeddings:
+        columns["ref_img"] = columns["ref_txt"] = ("<f2", (ref.dim,))
+        if learner is not None:
+            columns["learner_img"] = columns["learner_txt"] = ("<f2", (learner.dim,))
+    directory.mkdir(parents=True, exist_ok=True)
+    maps = {
+        name: np.lib.format.open_memmap(directory / f"{name}.npy", "w+", dtype, (n, *shape))
+        for name, (dtype, shape) in columns.items()
+    }
+    start = 0
+    emb_cols = ["img_emb", "txt_emb"] if embeddings else []
+    for part_id, name in enumerate(ref.part_names()):
+        table = ref.read_part(
+            name, ["status", "clip_score", "key", "index", "uid", "ref_loss", *emb_cols]
+        )
+        other = learner.read_part(name, ["status", "ref_loss", *emb_cols]) if learner else None
+        ok = pa.array(_eligible(table, other, min_clip, Counts()))
+        rows = table.filter(ok)
+        end = start + rows.num_rows
+        maps["part"][start:end] = part_id
+        maps["index"][start:end] = rows.column("index").to_numpy()
+        maps["key"][start:end] = _fixed_bytes(rows.column("key"), found.key_width)
+        maps["uid"][start:end] = _fixed_bytes(rows.column("uid"), found.uid_width)
+        maps["clip_score"][start:end] = rows.column("clip_score").to_numpy()
+        maps["ref_loss"][start:end] = rows.column("ref_loss").to_numpy()
+        if embeddings:
+            maps["ref_img"][start:end] = _embedding_rows(rows.column("img_emb"))
+            maps["ref_txt"][start:end] = _embedding_rows(rows.column("txt_emb"))
+        if other is not None:
+            theirs = other.filter(ok)
+            maps["learner_loss"][start:end] = theirs.column("ref_loss").to_numpy()
+            if embeddings:
+                maps["learner_img"][start:end] = _embedding_rows(theirs.column("img_emb"))
+                maps["learner_txt"][start:end] = _embedding_rows(theirs.column("txt_emb"))
+        start = end
+        if on_part:
+            on_part()
+    for data in maps.values():
+        data.flush()
+    return RowCache(directory, found.shards, n)
+
+
+def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    values = [b"" if v is None else v.encode("utf-8") for v in column.to_pylist()]
+    return np.array(values, dtype=f"S{width}")
+
+
+def _embedding_rows(column: pa.ChunkedArray) -> np.ndarray:
+    array = column.combine_chunks()
+    dim = array.type.list_size
+    flat = array.values[array.offset * dim : (array.offset + len(array)) * dim]
+    return flat.to_numpy(zero_copy_only=False).reshape(len(array), dim)
+
+
+# --- choosing -------------------------------------------------------------------------------
+
+
+def _embeddings(cache: RowCache, ids: np.ndarray, prefix: str, s: ScoreSet, device: torch.device):
+    img = torch.from_numpy(cache.read(f"{prefix}_img", ids)).to(device).float()
+    txt = torch.from_numpy(cache.read(f"{prefix}_txt", ids)).to(device).float()
+    return Embeddings(img, txt, s.scale, s.bias, s.kind)
+
+
+def _independent_scores(method: str, ref: Embeddings, learner: Embeddings | None) -> torch.Tensor:
+    """Each candidate's own loss with the super-batch as negatives (the paper's independent
+    prioritisation): easy-ref ranks by minus the reference loss, learnability by learner minus
+    reference loss."""
+    ref_loss = example_losses(ref.img, ref.txt, ref.scale, ref.bias, ref.kind)
+    if method == "easy-ref":
+        return -ref_loss
+    assert learner is not None
+    return (
+        example_losses(learner.img, learner.txt, learner.scale, learner.bias, learner.kind)
+        - ref_loss
+    )
+
+
+def choose(
+    cfg: SelectConfig,
+    cache: RowCache,
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    steps: int,
+    on_batch: Callable[[], None] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (row ids, selection scores) of each training batch, in step order."""
+    tick = on_batch or (lambda: None)
+    b, n = cfg.batch_size, cache.size
+    kept = steps * b
+    if cfg.method == "random":
+        order = np.random.default_rng([cfg.seed, 1]).permutation(n)[:kept]
+        for s in range(steps):
+            yield order[s * b : (s + 1) * b], np.full(b, np.nan, dtype=np.float32)
+            tick()
+        return
+    if cfg.method == "clip-score":
+        clip = cache.read("clip_score")
+        top = np.argsort(-clip, kind="stable")[:kept]
+        del clip
+        shuffled = np.random.default_rng([cfg.seed, 1]).permutation(top)
+        scores = cache.read("clip_score", shuffled)
+        for s in range(steps):
+            yield shuffled[s * b : (s + 1) * b], scores[s * b : (s + 1) * b]
+            tick()
+        return
+
+    device = resolve_device(cfg.device)
+    big = cfg.super_batch
+    perm = np.random.default_rng([cfg.seed, 0]).permutation(n)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    models = 2 if learner is not None else 1
+    budget = CPU_ROW_CACHE_BYTES
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    cache_rows = softmax_cache_bytes(b, big, models) <= budget
+    chosen_ids: list[np.ndarray] = []
+    chosen_scores: list[np.ndarray] = []
+    for s in range(steps):
+        ids = perm[s * big : (s + 1) * big]
+        ref_e = _embeddings(cache, ids, "ref", ref, device)
+        learner_e = _embeddings(cache, ids, "learner", learner, device) if learner else None
+        if cfg.method == "jest":
+            assert cfg.criterion is not None
+            terms = criterion_terms(cfg.criterion, ref_e, learner_e, cache_rows=cache_rows)
+            picked, score = joint_select(
+                terms, b, cfg.chunks, generator, cfg.temperature, topk=cfg.topk
+            )
+            yield ids[picked.cpu().numpy()], score.cpu().numpy()
+            tick()
+            continue
+        score = _independent_scores(cfg.method, ref_e, learner_e)
+        top = torch.sort(score.double(), descending=True, stable=True).indices[:b].cpu().numpy()
+        chosen_ids.append(ids[top])
+        chosen_scores.append(score.cpu().numpy()[top])
+        tick()
+    if cfg.method != "jest":
+        # Independent methods: batches are a seeded shuffle of the kept set, never score order.
+        all_ids, all_scores = np.concatenate(chosen_ids), np.concatenate(chosen_scores)
+        order = np.random.default_rng([cfg.seed, 1]).permutation(len(all_ids))
+        for s in range(steps):
+            part = order[s * b : (s + 1) * b]
+            yield all_ids[part], all_scores[part]
+
+
+# --- outputs --------------------------------------------------------------------------------
+
+
+def manifest_schema(learner: bool) -> pa.Schema:
+    fields = [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("uid", pa.string()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("ref_loss", pa.float32()),
+    ]
+    if learner:
+        fields.append(pa.field("learner_loss", pa.float32()))
+    fields.append(pa.field("score", pa.float32()))
+    return pa.schema(fields, metadata={"jestcurate.selection_schema_version": "1"})
+
+
+class _Means:
+    """Running sums of the stored scores, to report means of kept vs dropped rows."""
+
+    COLUMNS = ("clip_score", "ref_loss", "learner_loss", "learnability")
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(self.COLUMNS, 0.0)
+        self.count = 0
+
+    def add(self, columns: dict[str, np.ndarray]) -> None:
+        if "learner_loss" in columns:
+            columns = {**columns, "learnability": columns["learner_loss"] - columns["ref_loss"]}
+        for name, values in columns.items():
+            if name in self.sums:
+                self.sums[name] += float(np.asarray(values, dtype=np.float64).sum())
+        self.count += len(columns["clip_score"])
+
+    def means(self, learner: bool, minus: _Means | None = None) -> dict[str, float | None]:
+        count = self.count - (minus.count if minus else 0)
+        out: dict[str, float | None] = {}
+        for name in self.COLUMNS:
+            if not learner and name in ("learner_loss", "learnability"):
+                continue
+            total = self.sums[name] - (minus.sums[name] if minus else 0.0)
+            out[name] = round(total / count, 6) if count else None
+        return out
+
+
+def _score_columns(cache: RowCache, ids: np.ndarray, learner: bool) -> dict[str, np.ndarray]:
+    names = ["clip_score", "ref_loss", *(["learner_loss"] if learner else [])]
+    return {name: cache.read(name, ids) for name in names}
+
+
+def _uid_halves(uids: np.ndarray) -> np.ndarray | None:
+    """128-bit hex uids (bytes) as an (n, 2) array of their high and low 64-bit halves, or None
+    if any uid is not 32 hex digits."""
+    if uids.dtype.itemsize < 32 or any(len(u) != 32 for u in uids.tolist()):
+        return None
+    try:
+        raw = bytes.fromhex(b"".join(uids.tolist()).decode("ascii"))
+    except ValueError:
+        return None
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+
+
+def write_manifest(
+    path: Path,
+    cache: RowCache,
+    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    learner: bool,
+) -> tuple[_Means, np.ndarray | None]:
+    """Write the manifest in step order, one row group per step; returns the kept rows' score
+    sums and, when every kept row has a 128-bit hex uid, their uid halves."""
+    schema = manifest_schema(learner)
+    kept = _Means()
+    halves: list[np.ndarray] | None = []
+    shard_names = pa.array(cache.shards, type=pa.string())
+
+    def write(tmp: Path) -> None:
+        nonlocal halves
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for step, (ids, scores) in enumerate(batches):
+                n = len(ids)
+                columns = _score_columns(cache, ids, learner)
+                kept.add(columns)
+                uid = cache.read("uid", ids)
+                if halves is not None:
+                    pairs = _uid_halves(uid)
+                    halves = None if pairs is None else [*halves, pairs]
+                arrays = {
+                    "step": pa.array(np.full(n, step, dtype=np.int64)),
+                    "position": pa.array(np.arange(n, dtype=np.int32)),
+                    "shard": shard_names.take(pa.array(cache.read("part", ids))),
+                    "key": pa.array(np.char.decode(cache.read("key", ids), "utf-8")),
+                    "index": pa.array(cache.read("index", ids)),
+                    "uid": pa.array(
+                        [u.decode("utf-8") if u else None for u in uid.tolist()], pa.string()
+                    ),
+                    **{k: pa.array(v, pa.float32()) for k, v in columns.items()},
+                    "score": pa.array(scores, pa.float32(), from_pandas=True),
+                }
+                writer.write_table(pa.table(arrays, schema=schema))
+
+    atomic_write(path, write)
+    return kept, (np.concatenate(halves) if halves else None)
+
+
+def datacomp_uids(halves: np.ndarray) -> np.ndarray:
+    """DataComp's subset format: a sorted structured array of the uids' two 64-bit halves."""
+    array = np.empty(len(halves), dtype=np.dtype("u8,u8"))
+    array["f0"], array["f1"] = halves[:, 0], halves[:, 1]
+    array.sort()
+    return array
+
+
+def _fingerprint(s: ScoreSet) -> dict[str, Any]:
+    """What identifies a score set's content for this selection (not its timings)."""
+    digest = hashlib.sha256()
+    rows = 0
+    for part in s.parts:
+        n = pq.ParquetFile(part).metadata.num_rows
+        rows += n
+        digest.update(f"{part.name}:{n}\n".encode())
+    keys = ("role", "model", "model_config_sha256", "pretrained_sha256", "init_seed", "precision")
+    return {
+        "path": str(s.path.resolve()),
+        **{k: s.meta.get(k) for k in keys},
+        "parts": len(s.parts),
+        "rows": rows,
+        "parts_sha256": digest.hexdigest(),
+    }
+
+
+def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dict[str, Any]:
+    return {
+        "inputs": {
+            "reference": _fingerprint(ref),
+            "learner": _fingerprint(learner) if learner else None,
+        },
+        "method": cfg.method,
+        "score": cfg.criterion,
+        "parameters": {
+            "ratio": cfg.ratio,
+            "batch_size": cfg.batch_size,
+            "super_batch_size": cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None,
+            "chunks": cfg.chunks if cfg.method == "jest" else None,
+            "seed": cfg.seed,
+            "temperature": cfg.temperature if cfg.method == "jest" and not cfg.topk else None,
+            "topk": cfg.topk if cfg.method == "jest" else None,
+            "min_clip_score": cfg.min_clip_score,
+            "max_steps": cfg.max_steps,
+        },
+    }
+
+
+@dataclass
+class SelectReport:
+    out: Path
+    summary: dict[str, Any]
+    reused: bool
+    seconds: float
+
+
+def _existing(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    path = out / SUMMARY
+    if not path.exists():
+        return None
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
+    mine = {k: summary.get(k) for k in identity}
+    if mine != identity:
+        diff = [k for k in identity if summary.get(k) != identity[k]]
+        raise JCError(
+            f"{out} holds a different selection (differs in {', '.join(diff)}); use another --out"
+        )
+    return summary if (out / MANIFEST).exists() else None
+
+
+def run(cfg: SelectConfig) -> SelectReport:
+    """Select and write the outputs; rerunning with the same inputs reuses a finished selection."""
+    from jestcurate import ui
+
+    began = time.time()
+    _validate(cfg)
+    ref = open_score_set(cfg.reference, role="reference")
+    learner = open_score_set(cfg.learner, role="learner") if cfg.learner else None
+    identity = _identity(cfg, ref, learner)
+    done = _existing(cfg.out, identity)
+    if done is not None:
+        log.info("%s already holds this selection; nothing to do", cfg.out)
+        return SelectReport(cfg.out, done, reused=True, seconds=time.time() - began)
+
+    with ui.step_progress("checking score sets", len(ref.parts), "parts") as tick:
+        found = scan(ref, learner, cfg.min_clip_score, on_part=tick)
+    counts = found.counts
+    big = cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None
+    steps = counts.eligible // cfg.super_batch
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    if steps == 0:
+        raise JCError(
+            f"{counts.eligible} eligible rows are fewer than one super-batch of "
+            f"B = round(b / ratio) = {cfg.super_batch}; lower --batch-size or raise --ratio"
+        )
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cache_dir = cfg.out / ".cache"
+    try:
+        with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
+            cache = fill_cache(
+                ref,
+                learner,
+                found,
+                cache_dir,
+                cfg.min_clip_score,
+                embeddings=big is not None,
+                on_part=tick,
+            )
+        everything = _Means()
+        for start in range(0, cache.size, 1 << 20):
+            ids = np.arange(start, min(start + (1 << 20), cache.size))
+            everything.add(_score_columns(cache, ids, learner is not None))
+        label = f"selecting ({cfg.method})"
+        with ui.step_progress(label, steps, "batches") as tick:
+            batches = choose(cfg, cache, ref, learner, steps, on_batch=tick)
+            kept, halves = write_manifest(cfg.out / MANIFEST, cache, batches, learner is not None)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    subset = None if halves is None else datacomp_uids(halves)
+    if subset is not None:
+        atomic_write(cfg.out / UIDS, lambda tmp: _save_npy(tmp, subset))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (cfg.out / UIDS).unlink()
+    candidates = steps * cfg.super_batch if big else counts.eligible
+    summary = {
+        **identity,
+        "schema_version": SELECTION_SCHEMA_VERSION,
+        "tool_version": __version__,
+        "counts": {
+            **asdict(counts),
+            "steps": steps,
+            "super_batches": steps if big else None,
+            "candidates": candidates,
+            "tail_dropped": counts.eligible - candidates,
+            "kept": kept.count,
+            "dropped": counts.eligible - kept.count,
+        },
+        "means": {
+            "kept": kept.means(learner is not None),
+            "dropped": everything.means(learner is not None, minus=kept),
+        },
+        "outputs": {
+            "manifest": MANIFEST,
+            "uids": UIDS if subset is not None else None,
+        },
+    }
+    write_json_atomic(cfg.out / SUMMARY, summary)  # last: its presence means the selection is whole
+    return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)

@@ -1,0 +1,232 @@
+"""`jestcurate select` against the selection contract, on synthetic score sets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_cli
+
+from jestcurate import select as select_mod
+from jestcurate.synth import write_score_set
+
+SHARDS, ROWS = 6, 100
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | set[str]]:
+    """A reference that tells clean pairs from noisy ones well, a learner that does it badly
+    (it has not learnt them yet), over the same 600 rows, 5% of them errors."""
+    root = tmp_path_factory.mktemp("sets")
+    common = {"shards": SHARDS, "rows_per_shard": ROWS, "dim": 32, "error_fraction": 0.05}
+    noisy = write_score_set(root / "ref", seed=1, noise=0.3, **common)
+    write_score_set(root / "learner", seed=2, role="learner", noise=1.5, **common)
+    write_score_set(root / "sig", seed=3, loss="sigmoid", logit_scale=10.0, **common)
+    return {"ref": root / "ref", "learner": root / "learner", "sig": root / "sig", "noisy": noisy}
+
+
+def select(sets, out: Path, **kw) -> select_mod.SelectReport:
+    kw.setdefault("batch_size", 20)
+    kw.setdefault("device", "cpu")
+    learner = kw.pop("learner", None)
+    cfg = select_mod.SelectConfig(
+        reference=kw.pop("reference", sets["ref"]), out=out, learner=learner, **kw
+    )
+    return select_mod.run(cfg)
+
+
+def manifest(out: Path) -> list[dict]:
+    return pq.read_table(out / "manifest.parquet").to_pylist()
+
+
+def ok_rows(score_set: Path) -> dict[tuple[str, str], dict]:
+    rows = {}
+    for part in sorted((score_set / "parts").glob("*.parquet")):
+        for r in pq.read_table(part, columns=["shard", "key", "status", "clip_score"]).to_pylist():
+            rows[(r["shard"], r["key"])] = r
+    return rows
+
+
+@pytest.mark.parametrize("method", ["random", "clip-score", "easy-ref", "learnability", "jest"])
+def test_method_contract(sets, tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    report = select(sets, out, method=method, learner=sets["learner"], ratio=0.2)
+    summary = json.loads((out / "summary.json").read_text())
+    counts = summary["counts"]
+    rows = manifest(out)
+    everything = ok_rows(sets["ref"])
+    eligible = sum(r["status"] == "ok" for r in everything.values())
+    assert counts["rows"] == SHARDS * ROWS and counts["eligible"] == eligible
+    assert counts["errors"] == SHARDS * ROWS - eligible > 0
+    assert counts["steps"] == eligible // 100  # B = round(20 / 0.2)
+    assert counts["kept"] == len(rows) == counts["steps"] * 20
+    assert counts["tail_dropped"] == (
+        eligible % 100 if method in ("easy-ref", "learnability", "jest") else 0
+    )
+    # Full batches of exactly b, positions 0..b-1, steps 0..n-1, no sample twice.
+    steps = {}
+    for r in rows:
+        steps.setdefault(r["step"], []).append(r["position"])
+    assert sorted(steps) == list(range(counts["steps"]))
+    assert all(sorted(p) == list(range(20)) for p in steps.values())
+    keys = [(r["shard"], r["key"]) for r in rows]
+    assert len(set(keys)) == len(keys)
+    # Only rows with status ok, and the manifest's scores are the score set's.
+    for r in rows:
+        source = everything[(r["shard"], r["key"])]
+        assert source["status"] == "ok"
+        assert r["clip_score"] == pytest.approx(source["clip_score"])
+        assert r["index"] == int(r["key"][5:]) and r["shard"].endswith(f"{r['key'][:5]}.tar")
+    # DataComp subset file: every kept uid, sorted, as two 64-bit halves.
+    uids = np.load(out / "uids.npy")
+    assert uids.dtype == np.dtype("u8,u8") and len(uids) == len(rows)
+    want = sorted((int(r["uid"][:16], 16), int(r["uid"][16:], 16)) for r in rows)
+    assert [tuple(int(x) for x in u) for u in uids] == want
+    kept_means = summary["means"]["kept"]
+    assert kept_means["clip_score"] == pytest.approx(
+        np.mean([r["clip_score"] for r in rows]), abs=1e-5
+    )
+    assert not report.reused
+
+
+def test_clip_score_keeps_the_global_top_fraction_in_shuffled_order(sets, tmp_path: Path) -> None:
+    select(sets, tmp_path / "c", method="clip-score", ratio=0.2)
+    rows = manifest(tmp_path / "c")
+    ok = [r["clip_score"] for r in ok_rows(sets["ref"]).values() if r["status"] == "ok"]
+    threshold = sorted(ok, reverse=True)[len(rows) - 1]
+    assert min(r["clip_score"] for r in rows) == pytest.approx(threshold)
+    scores = [r["clip_score"] for r in rows]
+    assert scores != sorted(scores) and scores != sorted(scores, reverse=True)
+
+
+def noisy_share(rows: list[dict], noisy: set[str]) -> float:
+    return sum(r["key"] in noisy for r in rows) / len(rows)
+
+
+def test_methods_that_should_prefer_clean_pairs_do(tmp_path: Path) -> None:
+    """Half the pairs are noise. The reference knows the clean ones well; the learner has barely
+    started (clean pairs are learnable, noise is not). Every method but random should keep few
+    noisy pairs. JEST's conditional scores for the softmax loss start flat (the score of one
+    example alone is 0) and sharpen with log |C|, so at this small b it trails independent top-k."""
+    common = {"shards": 12, "rows_per_shard": 150, "dim": 64, "error_fraction": 0.05}
+    noisy = write_score_set(tmp_path / "ref", seed=1, noise=0.3, **common)
+    write_score_set(tmp_path / "learner", seed=2, role="learner", noise=3.0, **common)
+    sets = {"ref": tmp_path / "ref"}
+    share = {}
+    runs = {
+        "random": {"method": "random"},
+        "clip-score": {"method": "clip-score"},
+        "easy-ref": {"method": "easy-ref"},
+        "learnability": {"method": "learnability"},
+        "jest": {"method": "jest"},
+        "jest-topk": {"method": "jest", "topk": True},
+        "jest-easy-ref": {"method": "jest", "score": "easy-ref"},
+    }
+    for name, kw in runs.items():
+        out = tmp_path / name
+        select(sets, out, learner=tmp_path / "learner", ratio=0.3, batch_size=60, **kw)
+        share[name] = noisy_share(manifest(out), noisy)
+    assert 0.4 < share["random"] < 0.6, share
+    for name in ("clip-score", "easy-ref", "learnability"):
+        assert share[name] < 0.15, share
+    for name in ("jest", "jest-topk", "jest-easy-ref"):
+        assert share[name] < 0.3, share
+
+
+def test_same_seed_same_bytes_other_seed_other_batches(sets, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        select(sets, tmp_path / name, method="jest", learner=sets["learner"], seed=3)
+    for file in ("manifest.parquet", "summary.json", "uids.npy"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    select(sets, tmp_path / "c", method="jest", learner=sets["learner"], seed=4)
+    assert manifest(tmp_path / "a") != manifest(tmp_path / "c")
+
+
+def test_super_batch_methods_share_super_batches(sets, tmp_path: Path) -> None:
+    """With ratio 1 a super-batch is a batch: every independent method keeps it whole, so
+    easy-ref's and jest's batches hold the same samples, in their own order."""
+    select(sets, tmp_path / "e", method="easy-ref", ratio=1.0)
+    select(sets, tmp_path / "j", method="jest", ratio=1.0)
+    jest_steps = {}
+    for r in manifest(tmp_path / "j"):
+        jest_steps.setdefault(r["step"], set()).add(r["key"])
+    easy = {r["key"] for r in manifest(tmp_path / "e")}
+    assert set().union(*jest_steps.values()) == easy
+
+
+def test_sigmoid_sets_and_topk_temperature(sets, tmp_path: Path) -> None:
+    select(sets, tmp_path / "t", reference=sets["sig"], method="jest", topk=True)
+    select(sets, tmp_path / "t2", reference=sets["sig"], method="jest", topk=True, seed=9)
+    # top-k is deterministic within a super-batch; only the permutation depends on the seed
+    a, b = manifest(tmp_path / "t"), manifest(tmp_path / "t2")
+    assert len(a) == len(b) and a != b
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["parameters"]["topk"] is True and summary["parameters"]["temperature"] is None
+    assert noisy_share(a, sets["noisy"]) < 0.1
+
+
+def test_min_clip_score_and_max_steps(sets, tmp_path: Path) -> None:
+    select(sets, tmp_path / "m", method="random", min_clip_score=0.5, max_steps=1)
+    rows = manifest(tmp_path / "m")
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert min(r["clip_score"] for r in rows) >= 0.5
+    assert summary["counts"]["below_min_clip_score"] > 0 and summary["counts"]["steps"] == 1
+    assert len(rows) == 20
+
+
+def test_rerun_reuses_and_refuses_a_different_selection(sets, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    select(sets, out, method="easy-ref")
+    before = (out / "manifest.parquet").stat().st_mtime_ns
+    again = select(sets, out, method="easy-ref")
+    assert again.reused and (out / "manifest.parquet").stat().st_mtime_ns == before
+    code, output = run_cli("select", sets["ref"], "--out", out, "--method", "random", "-b", 20)
+    assert code == 2 and "holds a different selection (differs in method" in output, output
+    assert not (out / ".cache").exists()
+
+
+def test_bad_inputs_are_one_line_errors(sets, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    write_score_set(other, shards=SHARDS + 1, rows_per_shard=ROWS, dim=32, role="learner")
+    fewer = tmp_path / "fewer"
+    write_score_set(fewer, shards=SHARDS, rows_per_shard=ROWS - 1, dim=32, role="learner")
+    wrong_dim = tmp_path / "wrong-dim"
+    shutil.copytree(sets["ref"], wrong_dim)
+    meta = json.loads((wrong_dim / "meta.json").read_text())
+    (wrong_dim / "meta.json").write_text(json.dumps({**meta, "embed_dim": 64}))
+    ref, learner = str(sets["ref"]), str(sets["learner"])
+    cases = [
+        ([str(tmp_path / "nothing")], "is not a score set (does not exist)"),
+        ([learner], "was scored with role 'learner', but a reference"),
+        ([ref, "--learner", ref], "role 'reference', but a learner"),
+        ([ref, "--learner", str(other)], "cover different shards"),
+        ([ref, "--learner", str(fewer)], "differ in part 00000"),
+        ([str(wrong_dim), "--method", "jest"], "32-wide embeddings but"),
+        ([ref, "--method", "learnability"], "--method learnability needs --learner"),
+        ([ref, "--score", "learnability"], "--score learnability needs --learner"),
+        ([ref, "--method", "best"], "unknown method 'best'"),
+        ([ref, "--ratio", "1.5"], "--ratio is the kept fraction"),
+        ([ref, "-b", "1000"], "fewer than one super-batch"),
+        ([ref, "--method", "random", "--score", "easy-ref"], "--score chooses jest's criterion"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        code, output = run_cli(
+            "select", *args, "--out", out, *([] if "-b" in args else ["-b", "20"])
+        )
+        assert code == 2, (args, output)
+        assert message in output and output.startswith("error: "), (args, output)
+        assert output.count("\n") == 1, output
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_cli_select_prints_a_summary(sets, tmp_path: Path) -> None:
+    code, output = run_cli(
+        "select", sets["ref"], "--learner", sets["learner"], "--out", tmp_path / "s", "-b", "20"
+    )
+    assert code == 0, output
+    assert "batch score" in output and "learnability" in output and "kept" in output
