@@ -193,6 +193,18 @@ def select(
         int | None, typer.Option(help="Stop after this many batches (default: as many as fit).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda, for the jest sampler.")] = "auto",
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export",
+            help="Also write the kept samples, original bytes, to OUT/shards/NNNNN.tar in step "
+            "order, json extended with their scores, and the list to OUT/shards.txt.",
+        ),
+    ] = False,
+    samples_per_shard: Annotated[
+        int | None,
+        typer.Option(help="With --export: samples per shard, rounded to whole batches (10000)."),
+    ] = None,
 ) -> None:
     """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy
@@ -219,6 +231,17 @@ def select(
     )
     report = select_mod.run(cfg)
     ui.print_select_summary(report)
+    if export:
+        from jestcurate import export as export_mod
+
+        with ui.step_progress("exporting: reading source shards", 0, "shards") as tick:
+            done = export_mod.export(out, samples_per_shard, tick)
+        ui.stdout.print(
+            f"exported {report.summary['counts']['kept']:,} samples to {done['shards']} shards: "
+            f"{done['pattern']}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

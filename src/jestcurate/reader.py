@@ -52,6 +52,15 @@ class RawSample:
     damaged: bool = False  # the tar broke while this sample was being read
 
 
+def split_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a tar member, or None for members a WebDataset loader
+    skips (directories, its own __meta__ files, names without an extension)."""
+    if not member.isfile() or _META.search(member.name):
+        return None
+    match = _KEY_EXT.match(member.name)
+    return None if match is None else (match.group(1), match.group(2).lower())
+
+
 class _Tail:
     """A read-only stream wrapper that counts bytes and keeps the last few blocks read, so the
     end of the archive can be checked after tarfile has finished with it."""
@@ -103,12 +112,10 @@ def iter_raw_samples(fileobj: IO[bytes]) -> Iterator[RawSample]:
         stream = _uncompressed(fileobj)
         tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
         for member in tar:
-            if not member.isfile() or _META.search(member.name):
+            split = split_member(member)
+            if split is None:
                 continue
-            match = _KEY_EXT.match(member.name)
-            if match is None:
-                continue
-            key, ext = match.group(1), match.group(2).lower()
+            key, ext = split
             handle = tar.extractfile(member)
             data = handle.read() if handle is not None else b""
             if handle is not None and len(data) != member.size:

@@ -184,7 +184,7 @@ def write_tar(path: Path, samples: list[dict[str, Any]]) -> None:
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f)
+            writer = wds.TarWriter(f, mtime=0)  # fixed mtime: same seed, same bytes
             for sample in samples:
                 writer.write(
                     {

@@ -1,0 +1,218 @@
+"""`select --export`: rewrite the selected samples, original bytes, into new WebDataset shards
+in manifest order (step by step; each shard holds whole batches).
+
+Two phases, both resumable:
+1. Gather: read each source shard that holds selected samples once, sequentially (local, remote
+   or gzipped alike), and append those samples to a spill file of the output shard they belong
+   to. Only output shards not yet written are gathered.
+2. Write: for each output shard, load its spill (one shard's worth of samples), order by
+   position, write the tar under a temporary name and rename it; then drop the spill.
+A finished output shard is never rewritten; an interrupted run leaves finished shards and
+redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from jestcurate.errors import JCError
+from jestcurate.reader import ShardReadError, iter_raw_samples
+from jestcurate.shards import open_shard
+from jestcurate.store import atomic_write, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+SHARD_LIST = "shards.txt"
+EXPORT_META = "export.json"
+DEFAULT_SAMPLES_PER_SHARD = 10_000
+_SCORE_COLUMNS = ("clip_score", "ref_loss", "learner_loss", "score")
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    batch_size: int
+    samples_per_shard: int  # a multiple of batch_size
+    samples: int
+
+    @property
+    def shards(self) -> int:
+        return -(-self.samples // self.samples_per_shard)
+
+    def shard_name(self, k: int) -> str:
+        return f"{k:05d}.tar"
+
+
+def plan(batch_size: int, samples: int, samples_per_shard: int | None) -> ExportPlan:
+    wanted = samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
+    if wanted < 1:
+        raise JCError("--samples-per-shard must be at least 1")
+    # Whole batches per shard, so a loader reading shard by shard never splits a step.
+    per_shard = max(1, round(wanted / batch_size)) * batch_size
+    if samples_per_shard and per_shard != samples_per_shard:
+        log.info("samples per shard rounded to %d, a multiple of the batch size", per_shard)
+    return ExportPlan(batch_size, per_shard, samples)
+
+
+def sample_key(global_position: int) -> str:
+    return f"{global_position:010d}"
+
+
+def _spill_record(position: int, files: dict[str, bytes]) -> bytes:
+    header = json.dumps({"p": position, "f": {k: len(v) for k, v in files.items()}}).encode()
+    return struct.pack("<I", len(header)) + header + b"".join(files.values())
+
+
+def _read_spill(path: Path) -> list[tuple[int, dict[str, bytes]]]:
+    records = []
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+        (size,) = struct.unpack_from("<I", data, at)
+        header = json.loads(data[at + 4 : at + 4 + size])
+        at += 4 + size
+        files = {}
+        for ext, length in header["f"].items():
+            files[ext] = data[at : at + length]
+            at += length
+        records.append((header["p"], files))
+    return records
+
+
+def _extended_json(raw: bytes | None, extra: dict[str, Any]) -> bytes:
+    meta = json.loads(raw) if raw else {}
+    if not isinstance(meta, dict):
+        meta = {"original": meta}
+    meta["jestcurate"] = extra
+    return json.dumps(meta, sort_keys=True).encode("utf-8")
+
+
+def export(
+    out: Path,
+    samples_per_shard: int | None,
+    tick: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Export the selection in `out` (manifest.parquet) to out/shards/. Returns export.json."""
+    import webdataset as wds
+
+    manifest = pq.read_table(out / "manifest.parquet")
+    summary = read_json(out / "summary.json")
+    batch = int(summary["parameters"]["batch_size"])
+    chosen = plan(batch, manifest.num_rows, samples_per_shard)
+    shards_dir = out / SHARDS_DIR
+    shards_dir.mkdir(exist_ok=True)
+    meta_path = shards_dir / EXPORT_META
+    wanted_meta = {"samples_per_shard": chosen.samples_per_shard, "samples": chosen.samples}
+    if meta_path.exists():
+        existing = read_json(meta_path)
+        if {k: existing.get(k) for k in wanted_meta} != wanted_meta:
+            raise JCError(
+                f"{shards_dir} was exported with {existing.get('samples_per_shard')} samples per "
+                "shard; use the same --samples-per-shard or remove that folder"
+            )
+    else:
+        write_json_atomic(meta_path, wanted_meta)
+
+    pending = [k for k in range(chosen.shards) if not (shards_dir / chosen.shard_name(k)).exists()]
+    spill_dir = shards_dir / ".spill"
+    if pending:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        spill_dir.mkdir()
+        _gather(manifest, chosen, set(pending), spill_dir, tick)
+        for k in pending:
+            records = sorted(_read_spill(spill_dir / f"{k}.spill"), key=lambda r: r[0])
+            start = k * chosen.samples_per_shard
+            rows = manifest.slice(start, chosen.samples_per_shard).to_pylist()
+            if len(records) != len(rows):
+                raise JCError(f"export shard {k}: gathered {len(records)} of {len(rows)} samples")
+
+            def write(tmp: Path, records: list = records, rows: list = rows, start: int = start):
+                with open(tmp, "wb") as f:
+                    writer = wds.TarWriter(f, mtime=0)  # fixed mtime: reproducible tars
+                    for p, files in records:
+                        row = rows[p - start]
+                        extra = {
+                            "step": row["step"],
+                            "position": row["position"],
+                            "source_shard": row["shard"],
+                            "source_key": row["key"],
+                            "source_index": row["index"],
+                            **{c: row[c] for c in _SCORE_COLUMNS if c in row},
+                        }
+                        sample = {"__key__": sample_key(p), **files}
+                        sample["json"] = _extended_json(files.get("json"), extra)
+                        writer.write(sample)
+                    writer.close()
+
+            atomic_write(shards_dir / chosen.shard_name(k), write)
+            (spill_dir / f"{k}.spill").unlink()
+        shutil.rmtree(spill_dir, ignore_errors=True)
+
+    paths = [str((shards_dir / chosen.shard_name(k)).resolve()) for k in range(chosen.shards)]
+    atomic_write(out / SHARD_LIST, lambda tmp: tmp.write_text("\n".join(paths) + "\n"))
+    last = f"{chosen.shards - 1:05d}"
+    done = {
+        **wanted_meta,
+        "shards": chosen.shards,
+        "pattern": str(shards_dir.resolve() / f"{{00000..{last}}}.tar"),
+        "list": SHARD_LIST,
+    }
+    write_json_atomic(meta_path, done)
+    return done
+
+
+def _gather(
+    manifest: Any,
+    chosen: ExportPlan,
+    pending: set[int],
+    spill_dir: Path,
+    tick: Callable[[], None] | None,
+) -> None:
+    """Stream each source shard once and spill the samples the pending output shards need."""
+    shard_col = manifest.column("shard").to_pylist()
+    index_col = np.asarray(manifest.column("index").to_numpy())
+    key_col = manifest.column("key").to_pylist()
+    wanted: dict[str, dict[int, int]] = defaultdict(dict)  # source shard -> index -> position
+    for p, shard in enumerate(shard_col):
+        if p // chosen.samples_per_shard in pending:
+            wanted[shard][int(index_col[p])] = p
+    for shard in sorted(wanted):
+        need = wanted[shard]
+        found = 0
+        try:
+            with open_shard(shard) as f:
+                for raw in iter_raw_samples(f):
+                    p = need.get(raw.index)
+                    if p is None:
+                        continue
+                    if raw.key != key_col[p]:
+                        raise JCError(
+                            f"{shard} changed since it was scored: sample {raw.index} has key "
+                            f"{raw.key!r}, the manifest says {key_col[p]!r}"
+                        )
+                    k = p // chosen.samples_per_shard
+                    with open(spill_dir / f"{k}.spill", "ab") as spill:
+                        spill.write(_spill_record(p, raw.files))
+                    found += 1
+                    if found == len(need):
+                        break
+        except ShardReadError as exc:
+            if found < len(need):
+                raise JCError(f"cannot export from {shard}: {exc}") from None
+        except OSError as exc:
+            raise JCError(f"cannot read {shard} for export: {exc}") from None
+        if found < len(need):
+            raise JCError(f"{shard} holds {found} of the {len(need)} samples selected from it")
+        if tick:
+            tick()
