@@ -1,6 +1,6 @@
 """Throughput of `jestcurate score` against the model-only ceiling, same model, batch and device.
 
-    python benchmarks/throughput.py [--model jc-tiny] [--shards 8] [--samples 512]
+    python benchmarks/throughput.py [--model jc-tiny] [--shards 16] [--samples 512]
         [--batch-size 256] [--workers N] [--device auto] [--image-size 256]
 
 Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir, then
@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="jc-tiny")
     parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None)

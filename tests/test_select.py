@@ -230,3 +230,21 @@ def test_cli_select_prints_a_summary(sets, tmp_path: Path) -> None:
     )
     assert code == 0, output
     assert "batch score" in output and "learnability" in output and "kept" in output
+
+
+def test_no_uids_file_unless_every_kept_row_has_a_hex_uid(sets, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    copy = tmp_path / "ref"
+    shutil.copytree(sets["ref"], copy)
+    part = copy / "parts" / "00002.parquet"
+    table = pq.read_table(part)
+    uids = table.column("uid").to_pylist()
+    uids[:50] = [None] * 25 + ["not-a-hex-uid"] * 25
+    table = table.set_column(table.schema.get_field_index("uid"), "uid", pa.array(uids))
+    pq.write_table(table, part)
+    select(sets, tmp_path / "s", reference=copy, method="random", ratio=1.0)
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["outputs"]["uids"] is None and not (tmp_path / "s" / "uids.npy").exists()
+    rows = manifest(tmp_path / "s")
+    assert {r["uid"] for r in rows} >= {None, "not-a-hex-uid"}

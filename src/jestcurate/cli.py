@@ -234,8 +234,7 @@ def select(
     if export:
         from jestcurate import export as export_mod
 
-        with ui.step_progress("exporting: reading source shards", 0, "shards") as tick:
-            done = export_mod.export(out, samples_per_shard, tick)
+        done = export_mod.export(out, samples_per_shard)
         ui.stdout.print(
             f"exported {report.summary['counts']['kept']:,} samples to {done['shards']} shards: "
             f"{done['pattern']}",

@@ -18,7 +18,6 @@ import logging
 import shutil
 import struct
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.reader import ShardReadError, iter_raw_samples
 from jestcurate.shards import open_shard
@@ -98,11 +98,7 @@ def _extended_json(raw: bytes | None, extra: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
-def export(
-    out: Path,
-    samples_per_shard: int | None,
-    tick: Callable[[], None] | None = None,
-) -> dict[str, Any]:
+def export(out: Path, samples_per_shard: int | None) -> dict[str, Any]:
     """Export the selection in `out` (manifest.parquet) to out/shards/. Returns export.json."""
     import webdataset as wds
 
@@ -129,7 +125,7 @@ def export(
     if pending:
         shutil.rmtree(spill_dir, ignore_errors=True)
         spill_dir.mkdir()
-        _gather(manifest, chosen, set(pending), spill_dir, tick)
+        _gather(manifest, chosen, set(pending), spill_dir)
         for k in pending:
             records = sorted(_read_spill(spill_dir / f"{k}.spill"), key=lambda r: r[0])
             start = k * chosen.samples_per_shard
@@ -172,13 +168,7 @@ def export(
     return done
 
 
-def _gather(
-    manifest: Any,
-    chosen: ExportPlan,
-    pending: set[int],
-    spill_dir: Path,
-    tick: Callable[[], None] | None,
-) -> None:
+def _gather(manifest: Any, chosen: ExportPlan, pending: set[int], spill_dir: Path) -> None:
     """Stream each source shard once and spill the samples the pending output shards need."""
     shard_col = manifest.column("shard").to_pylist()
     index_col = np.asarray(manifest.column("index").to_numpy())
@@ -187,32 +177,38 @@ def _gather(
     for p, shard in enumerate(shard_col):
         if p // chosen.samples_per_shard in pending:
             wanted[shard][int(index_col[p])] = p
-    for shard in sorted(wanted):
-        need = wanted[shard]
-        found = 0
-        try:
-            with open_shard(shard) as f:
-                for raw in iter_raw_samples(f):
-                    p = need.get(raw.index)
-                    if p is None:
-                        continue
-                    if raw.key != key_col[p]:
-                        raise JCError(
-                            f"{shard} changed since it was scored: sample {raw.index} has key "
-                            f"{raw.key!r}, the manifest says {key_col[p]!r}"
-                        )
-                    k = p // chosen.samples_per_shard
-                    with open(spill_dir / f"{k}.spill", "ab") as spill:
-                        spill.write(_spill_record(p, raw.files))
-                    found += 1
-                    if found == len(need):
-                        break
-        except ShardReadError as exc:
-            if found < len(need):
-                raise JCError(f"cannot export from {shard}: {exc}") from None
-        except OSError as exc:
-            raise JCError(f"cannot read {shard} for export: {exc}") from None
-        if found < len(need):
-            raise JCError(f"{shard} holds {found} of the {len(need)} samples selected from it")
-        if tick:
+    with ui.step_progress("export: reading source shards", len(wanted), "shards") as tick:
+        for shard in sorted(wanted):
+            _gather_shard(shard, wanted[shard], key_col, chosen, spill_dir)
             tick()
+
+
+def _gather_shard(
+    shard: str, need: dict[int, int], key_col: list[str], chosen: ExportPlan, spill_dir: Path
+) -> None:
+    """Stream one source shard and spill the samples in `need` (index -> position)."""
+    found = 0
+    try:
+        with open_shard(shard) as f:
+            for raw in iter_raw_samples(f):
+                p = need.get(raw.index)
+                if p is None:
+                    continue
+                if raw.key != key_col[p]:
+                    raise JCError(
+                        f"{shard} changed since it was scored: sample {raw.index} has key "
+                        f"{raw.key!r}, the manifest says {key_col[p]!r}"
+                    )
+                k = p // chosen.samples_per_shard
+                with open(spill_dir / f"{k}.spill", "ab") as spill:
+                    spill.write(_spill_record(p, raw.files))
+                found += 1
+                if found == len(need):
+                    break
+    except ShardReadError as exc:
+        if found < len(need):
+            raise JCError(f"cannot export from {shard}: {exc}") from None
+    except OSError as exc:
+        raise JCError(f"cannot read {shard} for export: {exc}") from None
+    if found < len(need):
+        raise JCError(f"{shard} holds {found} of the {len(need)} samples selected from it")

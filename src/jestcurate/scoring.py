@@ -19,28 +19,35 @@ def clip_scores(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     return (img.float() * txt.float()).sum(dim=-1)
 
 
-def _row_reduce(
-    a: torch.Tensor,
-    b: torch.Tensor,
+def _row_and_column_reduce(
+    img: torch.Tensor,
+    txt: torch.Tensor,
     scale: float,
     bias: float,
     reduce: str,
     block: int,
     skip_diagonal: bool = False,
-) -> torch.Tensor:
-    """For each row i of `a`, reduce over j of (scale * a_i . b_j + bias), in row blocks so the
-    full n x n matrix never exists at once. `reduce` is "logsumexp" or "softplus_sum"."""
-    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-    for start in range(0, a.shape[0], block):
-        logits = scale * (a[start : start + block].float() @ b.float().T) + bias
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce the logits L_ij = scale * img_i . txt_j + bias over each row and each column,
+    computing each block of rows once, so the n x n matrix never exists at once.
+    `reduce` is "logsumexp" or "softplus_sum"."""
+    n = img.shape[0]
+    rows = torch.empty(n, dtype=torch.float32, device=img.device)
+    lse = reduce == "logsumexp"
+    cols = torch.full((n,), -math.inf if lse else 0.0, dtype=torch.float32, device=img.device)
+    for start in range(0, n, block):
+        logits = scale * (img[start : start + block].float() @ txt.float().T) + bias
         if skip_diagonal:
-            rows = torch.arange(logits.shape[0], device=a.device)
-            logits[rows, rows + start] = -math.inf
-        if reduce == "logsumexp":
-            out[start : start + block] = torch.logsumexp(logits, dim=1)
+            at = torch.arange(logits.shape[0], device=img.device)
+            logits[at, at + start] = -math.inf
+        if lse:
+            rows[start : start + block] = torch.logsumexp(logits, dim=1)
+            cols = torch.logaddexp(cols, torch.logsumexp(logits, dim=0))
         else:
-            out[start : start + block] = F.softplus(logits).sum(dim=1)
-    return out
+            values = F.softplus(logits)
+            rows[start : start + block] = values.sum(dim=1)
+            cols += values.sum(dim=0)
+    return rows, cols
 
 
 def example_losses(
@@ -70,13 +77,13 @@ def example_losses(
     txt = txt.float()
     diag = logit_scale * clip_scores(img, txt)
     if kind == "softmax":
-        row = _row_reduce(img, txt, logit_scale, 0.0, "logsumexp", block)
-        col = _row_reduce(txt, img, logit_scale, 0.0, "logsumexp", block)
+        row, col = _row_and_column_reduce(img, txt, logit_scale, 0.0, "logsumexp", block)
         return 0.5 * ((row - diag) + (col - diag)) - math.log(n)
     bias = float(logit_bias or 0.0)
     positive = F.softplus(-(diag + bias))
     if n == 1:
         return positive
-    row = _row_reduce(img, txt, logit_scale, bias, "softplus_sum", block, skip_diagonal=True)
-    col = _row_reduce(txt, img, logit_scale, bias, "softplus_sum", block, skip_diagonal=True)
+    row, col = _row_and_column_reduce(
+        img, txt, logit_scale, bias, "softplus_sum", block, skip_diagonal=True
+    )
     return positive + 0.5 * (row + col) / (n - 1)

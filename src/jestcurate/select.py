@@ -3,8 +3,8 @@
 Flow:
 1. Open the reference (and learner) score sets and join them on (part, key).
 2. Build a flat on-disk cache of the eligible rows (status ok in both sets, clip_score at least
-   --min-clip-score): fixed-width numpy files read back row by row through short-lived memory
-   maps, so memory does not grow with the corpus (docs/select.md explains why not Arrow).
+   --min-clip-score): fixed-width .npy columns read back by positioned reads, so memory does
+   not grow with the corpus (docs/architecture.md says why not Arrow or memory maps).
 3. Choose: a global seeded permutation of eligible rows cut into super-batches of
    B = round(b / ratio) for jest, easy-ref and learnability; global rankings for random and
    clip-score. Every method yields the same number of full batches of b.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -116,38 +117,48 @@ class Counts:
 class RowCache:
     """Eligible rows as fixed-width .npy columns, addressed by row id 0..N-1 in part order.
 
-    Reads open a memory map, copy the requested rows and close it again, so pages touched by
-    one super-batch never pile up in the process's resident memory.
+    Rows are read with positioned reads, not through a memory map: a scattered read through a
+    map faults in the neighbouring pages too, and those stay resident while the map is open.
     """
-
-    EMBEDDINGS = ("ref_img", "ref_txt", "learner_img", "learner_txt")
 
     def __init__(self, directory: Path, shards: list[str], size: int) -> None:
         self.dir = directory
         self.shards = shards  # part id -> the shard path or URL
         self.size = size
+        self._layout: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
 
     def path(self, column: str) -> Path:
         return self.dir / f"{column}.npy"
 
-    def has(self, column: str) -> bool:
-        return self.path(column).exists()
-
-    def read(self, column: str, ids: np.ndarray | None = None) -> np.ndarray:
-        """Rows `ids` of a column (all rows if None), in the order given."""
-        data = np.load(self.path(column), mmap_mode="r")
-        try:
-            if ids is None:
-                return np.array(data)
-            order = np.argsort(ids, kind="stable")  # sorted reads touch each page once
-            out = np.empty((len(ids), *data.shape[1:]), dtype=data.dtype)
-            out[order] = data[ids[order]]
-            return out
-        finally:
-            mm = getattr(data, "_mmap", None)
+    def _column(self, column: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+        if column not in self._layout:
+            data = np.load(self.path(column), mmap_mode="r")
+            self._layout[column] = (data.offset, data.dtype, data.shape[1:])
             del data
-            if mm is not None:
-                mm.close()
+        return self._layout[column]
+
+    def read_range(self, column: str, start: int, stop: int) -> np.ndarray:
+        offset, dtype, tail = self._column(column)
+        row = dtype.itemsize * int(np.prod(tail, dtype=np.int64))
+        with open(self.path(column), "rb") as f:
+            f.seek(offset + start * row)
+            data = f.read((stop - start) * row)
+        return np.frombuffer(data, dtype=dtype).reshape(stop - start, *tail)
+
+    def read(self, column: str, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of a column, in the order given."""
+        offset, dtype, tail = self._column(column)
+        row = dtype.itemsize * int(np.prod(tail, dtype=np.int64))
+        order = np.argsort(ids, kind="stable")
+        buffer = bytearray(len(ids) * row)
+        view = memoryview(buffer)
+        with open(self.path(column), "rb", buffering=0) as f:
+            fd = f.fileno()
+            for j, i in enumerate(ids[order].tolist()):  # ascending: the disk reads forwards
+                os.preadv(fd, [view[j * row : (j + 1) * row]], offset + i * row)
+        out = np.empty((len(ids), *tail), dtype=dtype)
+        out[order] = np.frombuffer(buffer, dtype=dtype).reshape(len(ids), *tail)
+        return out
 
 
 def _join_learner(name: str, ref: pa.Table, learner: pa.Table) -> None:
@@ -247,41 +258,64 @@ def fill_cache(
         if learner is not None:
             columns["learner_img"] = columns["learner_txt"] = ("<f2", (learner.dim,))
     directory.mkdir(parents=True, exist_ok=True)
-    maps = {
-        name: np.lib.format.open_memmap(directory / f"{name}.npy", "w+", dtype, (n, *shape))
+    writers = {
+        name: _ColumnWriter(directory / f"{name}.npy", dtype, (n, *shape))
         for name, (dtype, shape) in columns.items()
     }
-    start = 0
     emb_cols = ["img_emb", "txt_emb"] if embeddings else []
-    for part_id, name in enumerate(ref.part_names()):
-        table = ref.read_part(
-            name, ["status", "clip_score", "key", "index", "uid", "ref_loss", *emb_cols]
-        )
-        other = learner.read_part(name, ["status", "ref_loss", *emb_cols]) if learner else None
-        ok = pa.array(_eligible(table, other, min_clip, Counts()))
-        rows = table.filter(ok)
-        end = start + rows.num_rows
-        maps["part"][start:end] = part_id
-        maps["index"][start:end] = rows.column("index").to_numpy()
-        maps["key"][start:end] = _fixed_bytes(rows.column("key"), found.key_width)
-        maps["uid"][start:end] = _fixed_bytes(rows.column("uid"), found.uid_width)
-        maps["clip_score"][start:end] = rows.column("clip_score").to_numpy()
-        maps["ref_loss"][start:end] = rows.column("ref_loss").to_numpy()
-        if embeddings:
-            maps["ref_img"][start:end] = _embedding_rows(rows.column("img_emb"))
-            maps["ref_txt"][start:end] = _embedding_rows(rows.column("txt_emb"))
-        if other is not None:
-            theirs = other.filter(ok)
-            maps["learner_loss"][start:end] = theirs.column("ref_loss").to_numpy()
+    try:
+        for part_id, name in enumerate(ref.part_names()):
+            table = ref.read_part(
+                name, ["status", "clip_score", "key", "index", "uid", "ref_loss", *emb_cols]
+            )
+            other = learner.read_part(name, ["status", "ref_loss", *emb_cols]) if learner else None
+            ok = pa.array(_eligible(table, other, min_clip, Counts()))
+            rows = table.filter(ok)
+            values = {
+                "part": np.full(rows.num_rows, part_id),
+                "index": rows.column("index").to_numpy(),
+                "key": _fixed_bytes(rows.column("key"), found.key_width),
+                "uid": _fixed_bytes(rows.column("uid"), found.uid_width),
+                "clip_score": rows.column("clip_score").to_numpy(),
+                "ref_loss": rows.column("ref_loss").to_numpy(),
+            }
             if embeddings:
-                maps["learner_img"][start:end] = _embedding_rows(theirs.column("img_emb"))
-                maps["learner_txt"][start:end] = _embedding_rows(theirs.column("txt_emb"))
-        start = end
-        if on_part:
-            on_part()
-    for data in maps.values():
-        data.flush()
+                values["ref_img"] = _embedding_rows(rows.column("img_emb"))
+                values["ref_txt"] = _embedding_rows(rows.column("txt_emb"))
+            if other is not None:
+                theirs = other.filter(ok)
+                values["learner_loss"] = theirs.column("ref_loss").to_numpy()
+                if embeddings:
+                    values["learner_img"] = _embedding_rows(theirs.column("img_emb"))
+                    values["learner_txt"] = _embedding_rows(theirs.column("txt_emb"))
+            for column, data in values.items():
+                writers[column].append(data)
+            if on_part:
+                on_part()
+    finally:
+        for writer in writers.values():
+            writer.close()
+        pa.default_memory_pool().release_unused()  # parts are read; give their buffers back
     return RowCache(directory, found.shards, n)
+
+
+class _ColumnWriter:
+    """Fills a preallocated .npy file front to back with plain writes. (Writing through a
+    memory map would keep every written page resident until the map closes: the whole cache.)"""
+
+    def __init__(self, path: Path, dtype: str, shape: tuple[int, ...]) -> None:
+        header = np.lib.format.open_memmap(path, "w+", dtype, shape)
+        self.offset = header.offset
+        self.dtype = np.dtype(dtype)
+        del header
+        self.file = open(path, "r+b")  # noqa: SIM115 (closed in close())
+        self.file.seek(self.offset)
+
+    def append(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
@@ -299,24 +333,63 @@ def _embedding_rows(column: pa.ChunkedArray) -> np.ndarray:
 # --- choosing -------------------------------------------------------------------------------
 
 
-def _embeddings(cache: RowCache, ids: np.ndarray, prefix: str, s: ScoreSet, device: torch.device):
+Batch = tuple[np.ndarray, np.ndarray]  # (row ids, selection scores) of one training batch
+
+
+def _embeddings(
+    cache: RowCache, ids: np.ndarray, prefix: str, s: ScoreSet, device: torch.device
+) -> Embeddings:
     img = torch.from_numpy(cache.read(f"{prefix}_img", ids)).to(device).float()
     txt = torch.from_numpy(cache.read(f"{prefix}_txt", ids)).to(device).float()
     return Embeddings(img, txt, s.scale, s.bias, s.kind)
 
 
-def _independent_scores(method: str, ref: Embeddings, learner: Embeddings | None) -> torch.Tensor:
-    """Each candidate's own loss with the super-batch as negatives (the paper's independent
-    prioritisation): easy-ref ranks by minus the reference loss, learnability by learner minus
-    reference loss."""
-    ref_loss = example_losses(ref.img, ref.txt, ref.scale, ref.bias, ref.kind)
-    if method == "easy-ref":
-        return -ref_loss
-    assert learner is not None
-    return (
-        example_losses(learner.img, learner.txt, learner.scale, learner.bias, learner.kind)
-        - ref_loss
-    )
+def _own_loss(e: Embeddings) -> torch.Tensor:
+    return example_losses(e.img, e.txt, e.scale, e.bias, e.kind)
+
+
+def _shuffled(
+    ids: np.ndarray, scores: np.ndarray, steps: int, b: int, seed: int
+) -> Iterator[Batch]:
+    """Non-joint methods: batches are a seeded shuffle of the kept set, never in score order."""
+    order = np.random.default_rng([seed, 1]).permutation(len(ids))
+    for s in range(steps):
+        part = order[s * b : (s + 1) * b]
+        yield ids[part], scores[part]
+
+
+def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
+    """random and clip-score: a kept set chosen over all eligible rows at once."""
+    n, kept = cache.size, steps * cfg.batch_size
+    if cfg.method == "random":
+        ids = np.random.default_rng([cfg.seed, 2]).permutation(n)[:kept]
+        scores = np.full(kept, np.nan, dtype=np.float32)
+    else:
+        ids = np.argsort(-cache.read_range("clip_score", 0, n), kind="stable")[:kept]
+        scores = cache.read("clip_score", ids)
+    yield from _shuffled(ids, scores, steps, cfg.batch_size, cfg.seed)
+
+
+def _super_batches(
+    cfg: SelectConfig, cache: RowCache, ref: ScoreSet, learner: ScoreSet | None, steps: int
+) -> Iterator[tuple[np.ndarray, Embeddings, Embeddings | None]]:
+    """Consecutive slices of B rows of a global seeded permutation, with their embeddings."""
+    device = resolve_device(cfg.device)
+    perm = np.random.default_rng([cfg.seed, 0]).permutation(cache.size)
+    big = cfg.super_batch
+    for s in range(steps):
+        ids = perm[s * big : (s + 1) * big]
+        ref_e = _embeddings(cache, ids, "ref", ref, device)
+        learner_e = _embeddings(cache, ids, "learner", learner, device) if learner else None
+        yield ids, ref_e, learner_e
+
+
+def _row_cache_fits(cfg: SelectConfig, models: int) -> bool:
+    device = resolve_device(cfg.device)
+    budget = CPU_ROW_CACHE_BYTES
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    return softmax_cache_bytes(cfg.batch_size, cfg.super_batch, models) <= budget
 
 
 def choose(
@@ -326,64 +399,39 @@ def choose(
     learner: ScoreSet | None,
     steps: int,
     on_batch: Callable[[], None] | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[Batch]:
     """Yield (row ids, selection scores) of each training batch, in step order."""
     tick = on_batch or (lambda: None)
-    b, n = cfg.batch_size, cache.size
-    kept = steps * b
-    if cfg.method == "random":
-        order = np.random.default_rng([cfg.seed, 1]).permutation(n)[:kept]
-        for s in range(steps):
-            yield order[s * b : (s + 1) * b], np.full(b, np.nan, dtype=np.float32)
+    b = cfg.batch_size
+    if cfg.method in ("random", "clip-score"):
+        for batch in _global(cfg, cache, steps):
+            yield batch
             tick()
         return
-    if cfg.method == "clip-score":
-        clip = cache.read("clip_score")
-        top = np.argsort(-clip, kind="stable")[:kept]
-        del clip
-        shuffled = np.random.default_rng([cfg.seed, 1]).permutation(top)
-        scores = cache.read("clip_score", shuffled)
-        for s in range(steps):
-            yield shuffled[s * b : (s + 1) * b], scores[s * b : (s + 1) * b]
-            tick()
-        return
-
-    device = resolve_device(cfg.device)
-    big = cfg.super_batch
-    perm = np.random.default_rng([cfg.seed, 0]).permutation(n)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    models = 2 if learner is not None else 1
-    budget = CPU_ROW_CACHE_BYTES
-    if device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] // 2
-    cache_rows = softmax_cache_bytes(b, big, models) <= budget
-    chosen_ids: list[np.ndarray] = []
-    chosen_scores: list[np.ndarray] = []
-    for s in range(steps):
-        ids = perm[s * big : (s + 1) * big]
-        ref_e = _embeddings(cache, ids, "ref", ref, device)
-        learner_e = _embeddings(cache, ids, "learner", learner, device) if learner else None
-        if cfg.method == "jest":
-            assert cfg.criterion is not None
-            terms = criterion_terms(cfg.criterion, ref_e, learner_e, cache_rows=cache_rows)
-            picked, score = joint_select(
-                terms, b, cfg.chunks, generator, cfg.temperature, topk=cfg.topk
-            )
+    rows = _super_batches(cfg, cache, ref, learner, steps)
+    if cfg.method == "jest":
+        criterion = cfg.criterion or "easy-ref"
+        generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same draws on any device
+        cache_rows = _row_cache_fits(cfg, models=2 if learner else 1)
+        for ids, ref_e, learner_e in rows:
+            terms = criterion_terms(criterion, ref_e, learner_e, cache_rows=cache_rows)
+            picked, score = joint_select(terms, b, cfg.chunks, generator, cfg.temperature, cfg.topk)
             yield ids[picked.cpu().numpy()], score.cpu().numpy()
             tick()
-            continue
-        score = _independent_scores(cfg.method, ref_e, learner_e)
+        return
+    # Independent prioritisation (the paper's baseline): each candidate's own loss with the
+    # super-batch as negatives; easy-ref keeps the lowest reference loss, learnability the
+    # highest learner minus reference loss.
+    kept_ids, kept_scores = [], []
+    for ids, ref_e, learner_e in rows:
+        score = -_own_loss(ref_e)
+        if cfg.method == "learnability" and learner_e is not None:
+            score = score + _own_loss(learner_e)
         top = torch.sort(score.double(), descending=True, stable=True).indices[:b].cpu().numpy()
-        chosen_ids.append(ids[top])
-        chosen_scores.append(score.cpu().numpy()[top])
+        kept_ids.append(ids[top])
+        kept_scores.append(score.cpu().numpy()[top])
         tick()
-    if cfg.method != "jest":
-        # Independent methods: batches are a seeded shuffle of the kept set, never score order.
-        all_ids, all_scores = np.concatenate(chosen_ids), np.concatenate(chosen_scores)
-        order = np.random.default_rng([cfg.seed, 1]).permutation(len(all_ids))
-        for s in range(steps):
-            part = order[s * b : (s + 1) * b]
-            yield all_ids[part], all_scores[part]
+    yield from _shuffled(np.concatenate(kept_ids), np.concatenate(kept_scores), steps, b, cfg.seed)
 
 
 # --- outputs --------------------------------------------------------------------------------
@@ -606,9 +654,10 @@ def run(cfg: SelectConfig) -> SelectReport:
                 on_part=tick,
             )
         everything = _Means()
+        score_names = ["clip_score", "ref_loss", *(["learner_loss"] if learner else [])]
         for start in range(0, cache.size, 1 << 20):
-            ids = np.arange(start, min(start + (1 << 20), cache.size))
-            everything.add(_score_columns(cache, ids, learner is not None))
+            stop = min(start + (1 << 20), cache.size)
+            everything.add({c: cache.read_range(c, start, stop) for c in score_names})
         label = f"selecting ({cfg.method})"
         with ui.step_progress(label, steps, "batches") as tick:
             batches = choose(cfg, cache, ref, learner, steps, on_batch=tick)

@@ -294,6 +294,7 @@ def write_score_set(
     noisy_fraction: float = 0.5,
     error_fraction: float = 0.0,
     noise: float = 0.3,
+    exact_losses: bool = True,
 ) -> set[str]:
     """Write a score set (the same files `score` writes) without any model: clean rows have a
     caption embedding near the image's, noisy rows an unrelated one. Shard and key layout match
@@ -301,6 +302,8 @@ def write_score_set(
 
     The corpus side (which rows are noisy, keys, uids) depends on `shards` and
     `rows_per_shard` only; `seed` changes the embeddings, as a different model would.
+    `exact_losses=False` stores -logit_scale * clip_score as ref_loss instead of the shard-level
+    loss (whose n x n cost dominates at benchmark sizes); meta.json says so.
     """
     import pyarrow.parquet as pq
     import torch
@@ -328,7 +331,7 @@ def write_score_set(
         "precision": "fp32",
         "preprocess": {},
         "context_length": 0,
-        "ref_loss": "synthetic",
+        "ref_loss": "synthetic" if exact_losses else "synthetic stand-in: -logit_scale * clip",
         "tool": "jestcurate",
         "tool_version": "synthetic",
     }
@@ -368,13 +371,18 @@ def write_score_set(
         ok = ~errors
         img16 = torch.from_numpy(img[ok]).half()
         txt16 = torch.from_numpy(txt[ok]).half()
+        clip = clip_scores(img16, txt16)
+        if exact_losses:
+            losses = example_losses(img16, txt16, logit_scale, bias, loss)
+        else:
+            losses = -logit_scale * clip
         table = part_table(
             f"/synthetic/{name}.tar",
             rows,
             img16.numpy(),
             txt16.numpy(),
-            clip_scores(img16, txt16).numpy(),
-            example_losses(img16, txt16, logit_scale, bias, loss).numpy(),
+            clip.numpy(),
+            losses.numpy(),
             dim,
         )
         pq.write_table(table, out / "parts" / f"{name}.parquet", compression="zstd")
