@@ -212,6 +212,7 @@ def test_bad_inputs_are_one_line_errors(sets, tmp_path: Path) -> None:
         ([ref, "--ratio", "1.5"], "--ratio is the kept fraction"),
         ([ref, "-b", "1000"], "fewer than one super-batch"),
         ([ref, "--method", "random", "--score", "easy-ref"], "--score chooses jest's criterion"),
+        ([ref, "--device", "cuda"], "no CUDA device"),
     ]
     for args, message in cases:
         out = tmp_path / "out"

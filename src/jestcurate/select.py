@@ -101,6 +101,8 @@ def _validate(cfg: SelectConfig) -> None:
         raise JCError(f"{what} needs --learner (a score set made with `score --role learner`)")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise JCError(f"--out {cfg.out} exists and is not a directory")
+    if cfg.method in SUPER_BATCH_METHODS:
+        resolve_device(cfg.device)  # an unusable --device fails now, not after the cache pass
 
 
 # --- the cache of eligible rows -------------------------------------------------------------
