@@ -245,6 +245,74 @@ def select(
 
 @app.command()
 @_one_line_errors
+def train(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Training shards, as for score: a clean guide set for a reference, a slice "
+            "of the raw pool for a proxy learner.",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="open_clip model name or model-config .json.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint to write (CKPT; CKPT.json beside it).")
+    ],
+    pretrained: Annotated[
+        str | None,
+        typer.Option(help="Start from this open_clip tag or checkpoint (default: from scratch)."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps to train.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the inputs (or --steps).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps (at most a fifth of the run).")] = 20,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str | None, typer.Option(help="fp32, bf16 or fp16 autocast (default fp32 CPU, bf16 CUDA).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Save resume state every N steps.")] = 100,
+) -> None:
+    """Train an open_clip model contrastively (its own loss: CLIP softmax, or SigLIP sigmoid for
+    models with a logit bias) and write a checkpoint that `score --pretrained` and open_clip
+    load. Rerunning continues from the last saved step; a finished run is not redone."""
+    from jestcurate import train as train_mod
+    from jestcurate import ui
+
+    cfg = train_mod.TrainConfig(
+        inputs=tuple(inputs),
+        out=out,
+        model=model,
+        pretrained=pretrained,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        device=device,
+        precision=precision,
+        workers=workers,
+        seed=seed,
+        save_every=save_every,
+    )
+    report = ui.run_training(cfg)
+    if report.already_done:
+        ui.stdout.print(f"{out} is already trained ({report.steps} steps); nothing to do")
+        return
+    ui.stdout.print(
+        f"trained {report.steps} steps ({report.samples:,} samples) in {report.seconds:.0f} s, "
+        f"final loss {report.final_loss:.4f}: {out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@_one_line_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write NNNNN.tar shards into.")],
     shards: Annotated[int, typer.Option(help="Number of shards.")] = 4,

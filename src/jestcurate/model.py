@@ -239,23 +239,29 @@ class LoadedModel:
         # Towers differ in where they keep the projection; encoding one caption always works.
         return int(self.encode_text(self.tokenizer(["probe"])).shape[-1])
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def train_transform(self) -> Any:
+        """open_clip's training transform (its default augmentation) for this model."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        return image_transform_v2(PreprocessCfg(**self.model.visual.preprocess_cfg), is_train=True)
+
     @torch.inference_mode()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             out = self.model.encode_image(images)
         return F.normalize(out.float(), dim=-1)
 
     @torch.inference_mode()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             out = self.model.encode_text(tokens)
         return F.normalize(out.float(), dim=-1)
 
@@ -280,16 +286,18 @@ class LoadedModel:
         }
 
 
-def load_model(resolved: ResolvedSpec) -> LoadedModel:
-    """Build the model (weights from the checkpoint or tag, or from the fixed seed) in eval mode."""
+def load_model(resolved: ResolvedSpec, warn_random: bool = True) -> LoadedModel:
+    """Build the model (weights from the checkpoint or tag, or from the fixed seed) in eval mode.
+    `warn_random`: say that random weights make meaningless scores (not when training)."""
     open_clip = _open_clip()
-    if resolved.pretrained is None:
+    if resolved.pretrained is None and warn_random:
         log.warning(
             "no --pretrained given: %s has random weights (seed %d); scores are reproducible "
             "but mean nothing until you pass a trained checkpoint",
             resolved.name,
             resolved.init_seed,
         )
+    if resolved.pretrained is None:
         torch.manual_seed(resolved.init_seed or 0)
     # open_clip logs "No pretrained weights loaded" at WARNING; we said it once already.
     quiet = logging.getLogger()

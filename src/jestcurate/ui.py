@@ -247,3 +247,28 @@ def print_select_summary(report: Any, console: Console = stdout) -> None:
         table.add_row("elapsed", f"{report.seconds:,.1f} s")
     console.print(table)
     console.print(f"selection: {report.out}", highlight=False, soft_wrap=True)
+
+
+def run_training(cfg: Any) -> Any:
+    """Run `train` with a progress bar (loss shown) or a log line every minute."""
+    from jestcurate import train as train_mod
+
+    if is_interactive():
+        from rich.progress import TextColumn
+
+        bar = _progress_bar("training", TextColumn("steps"), TextColumn("loss {task.fields[loss]}"))
+        task = bar.add_task("train", total=cfg.steps, loss="-")
+
+        def update(step: int, total: int, loss: float) -> None:
+            bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+        with bar:
+            return train_mod.run(cfg, update)
+    last = [time.monotonic()]
+
+    def line(step: int, total: int, loss: float) -> None:
+        if time.monotonic() - last[0] >= 60 or step == total:
+            last[0] = time.monotonic()
+            log.info("training: step %d/%d, loss %.4f", step, total, loss)
+
+    return train_mod.run(cfg, line)
