@@ -299,7 +299,8 @@ def train(
         seed=seed,
         save_every=save_every,
     )
-    report = ui.run_training(cfg)
+    with ui.training_progress() as on_step:
+        report = train_mod.run(cfg, on_step)
     if report.already_done:
         ui.stdout.print(f"{out} is already trained ({report.steps} steps); nothing to do")
         return
@@ -309,6 +310,28 @@ def train(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command()
+@_one_line_errors
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for everything the demo makes.")
+    ] = (Path("demo")),
+    size: Annotated[
+        str, typer.Option(help="small (about 2 minutes on 2 CPU cores) or medium (about 10).")
+    ] = "small",
+) -> None:
+    """Run the whole JEST loop offline on a synthetic corpus: generate a guide split and a noisy
+    pool, train a tiny reference and a proxy learner, score the pool with both, select with jest
+    (learnability) and random, export both, and show which noise each kept."""
+    from jestcurate import demo as demo_mod
+    from jestcurate import ui
+
+    if size not in demo_mod.SIZES:
+        raise JCError(f"unknown size {size!r}; use {', '.join(demo_mod.SIZES)}")
+    report = demo_mod.run(out, demo_mod.SIZES[size], ui.training_progress, ui.ScoreProgress)
+    ui.print_demo_summary(report)
 
 
 @app.command()

@@ -249,26 +249,55 @@ def print_select_summary(report: Any, console: Console = stdout) -> None:
     console.print(f"selection: {report.out}", highlight=False, soft_wrap=True)
 
 
-def run_training(cfg: Any) -> Any:
-    """Run `train` with a progress bar (loss shown) or a log line every minute."""
-    from jestcurate import train as train_mod
-
+@contextlib.contextmanager
+def training_progress(label: str = "training") -> Iterator[Callable[[int, int, float], None]]:
+    """A callback for train.run: a progress bar with the loss on a terminal, else a log line
+    every minute and at the end."""
     if is_interactive():
         from rich.progress import TextColumn
 
-        bar = _progress_bar("training", TextColumn("steps"), TextColumn("loss {task.fields[loss]}"))
-        task = bar.add_task("train", total=cfg.steps, loss="-")
+        bar = _progress_bar(label, TextColumn("steps"), TextColumn("loss {task.fields[loss]}"))
+        task = bar.add_task(label, total=None, loss="-")
 
         def update(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
 
         with bar:
-            return train_mod.run(cfg, update)
+            yield update
+        return
     last = [time.monotonic()]
 
     def line(step: int, total: int, loss: float) -> None:
         if time.monotonic() - last[0] >= 60 or step == total:
             last[0] = time.monotonic()
-            log.info("training: step %d/%d, loss %.4f", step, total, loss)
+            log.info("%s: step %d/%d, loss %.4f", label, step, total, loss)
 
-    return train_mod.run(cfg, line)
+    yield line
+
+
+def print_demo_summary(report: Any, console: Console = stdout) -> None:
+    from jestcurate.demo import table_rows
+
+    table = Table(title="pool samples kept, by kind", title_justify="left")
+    for name, justify in (
+        ("kind", "left"),
+        ("in pool", "right"),
+        ("jest", "right"),
+        ("random", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    jest, rand = report.noise_share("jest"), report.noise_share("random")
+    console.print(
+        f"mismatched, junk and blank pairs: {jest:.0%} of jest's batches, {rand:.0%} of random's",
+        highlight=False,
+    )
+    out = report.out
+    console.print(
+        f"outputs in {out}: reference.pt, learner.pt, scores/{{reference,learner}}, "
+        "curated/{jest,random} (manifest.parquet, summary.json, uids.npy, shards/)",
+        highlight=False,
+        soft_wrap=True,
+    )
