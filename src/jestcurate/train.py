@@ -146,6 +146,42 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+class Trainer:
+    """One optimizer step at a time on an open_clip model, as open_clip_train does it: AdamW
+    without decay on gains and biases, cosine schedule with warm-up, the model's own loss,
+    autocast, and the logit scale clamped to 100."""
+
+    def __init__(
+        self, model: LoadedModel, lr: float, weight_decay: float, warmup: int, total_steps: int
+    ) -> None:
+        from open_clip_train.scheduler import cosine_lr
+
+        self.model = model
+        self.net = model.model.train()
+        self.loss_fn = _loss_fn(model)
+        self.optimizer = _optimizer(self.net, lr, weight_decay)
+        fp16_on_cuda = model.precision == "fp16" and model.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(enabled=fp16_on_cuda)
+        # Warm-up never takes more than a fifth of a short run.
+        warmup = min(warmup, max(1, total_steps // 5))
+        self.schedule = cosine_lr(self.optimizer, lr, warmup, total_steps)
+
+    def step(self, step: int, images: torch.Tensor, tokens: torch.Tensor) -> float:
+        """Train on one batch as step number `step` (0-based); returns the loss."""
+        self.schedule(step)
+        images = images.to(self.model.device, non_blocking=True)
+        tokens = tokens.to(self.model.device, non_blocking=True)
+        with self.model.autocast():
+            loss = self.loss_fn(*self.net(images, tokens))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            self.net.logit_scale.clamp_(0, math.log(100))
+        return float(loss.detach())
+
+
 def _loss_fn(model: LoadedModel) -> torch.nn.Module:
     from open_clip.loss import ClipLoss, SigLipLoss
 
@@ -193,8 +229,6 @@ def count_samples(urls: list[str], stop_at: int | None = None) -> int:
 def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = None) -> TrainReport:
     """Train, saving resume state every cfg.save_every steps; rerunning a finished run is a
     no-op and rerunning an interrupted one continues from its last save."""
-    from open_clip_train.scheduler import cosine_lr
-
     _validate(cfg)
     info_path = _info_path(cfg.out)
     if cfg.out.exists():
@@ -225,14 +259,9 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
     model = load_model(resolved, warn_random=False)
     if cfg.pretrained is None:
         log.info("training %s from scratch (initial weights from seed %d)", resolved.name, cfg.seed)
-    net = model.model.train()
+    trainer = Trainer(model, cfg.lr, cfg.weight_decay, cfg.warmup, steps_total)
+    net, optimizer = trainer.net, trainer.optimizer
     preprocess = model.train_transform()
-    loss_fn = _loss_fn(model)
-    optimizer = _optimizer(net, cfg.lr, cfg.weight_decay)
-    cuda_fp16 = model.precision == "fp16" and model.device.type == "cuda"
-    scaler = torch.amp.GradScaler(enabled=cuda_fp16)
-    # Warm-up never takes more than a fifth of a short run.
-    schedule = cosine_lr(optimizer, cfg.lr, min(cfg.warmup, max(1, steps_total // 5)), steps_total)
 
     step = epoch = samples = 0
     resume = _resume_path(cfg.out)
@@ -276,21 +305,10 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
         )
         produced = 0
         for images, tokens in loader:
-            schedule(step)
-            images = images.to(model.device, non_blocking=True)
-            tokens = tokens.to(model.device, non_blocking=True)
-            with model.autocast():
-                loss = loss_fn(*net(images, tokens))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():  # as open_clip_train: keep the temperature in a sane range
-                net.logit_scale.clamp_(0, math.log(100))
+            last_loss = trainer.step(step, images, tokens)
             step += 1
             produced += 1
             samples += len(images)
-            last_loss = float(loss.detach())
             if on_step:
                 on_step(step, steps_total, last_loss)
             if step % cfg.save_every == 0:
