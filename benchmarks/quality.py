@@ -1,0 +1,480 @@
+"""A miniature JEST replication: does training on a selection reach the baseline's quality in
+fewer steps?
+
+    python benchmarks/quality.py [--out docs/quality] [--quick] [--workdir DIR]
+
+On the project's synthetic corpus (a clean guide split, a noisy pool, a clean eval split):
+1. train a tiny reference on the guide split and a proxy learner on a pool slice (`train`),
+   score the pool with both (`score`);
+2. select with every method at the same kept ratio and batch size (select's own code: the
+   on-disk row cache and `choose`); a selection yields floor(pool / B) batches, so the training
+   stream is built from selections with successive seeds (fresh permutations), as the paper's
+   learner keeps filtering new super-batches;
+3. train a fresh tiny learner from scratch on each stream in manifest batch order, for the same
+   steps and batch size, and on the uniform pool as the baseline, over several seeds;
+4. measure zero-shot accuracy on the eval split (the 32 class prompts) every --eval-every steps.
+Writes results.json, results.md (the tables) and accuracy.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jestcurate import score as score_mod
+from jestcurate import select as select_mod
+from jestcurate import train as train_mod
+from jestcurate.jest import Embeddings, criterion_terms, joint_select
+from jestcurate.model import ModelSpec, load_model, resolve_spec
+from jestcurate.reader import iter_raw_samples, parse_sample
+from jestcurate.scoring import example_losses
+from jestcurate.store import open_score_set
+from jestcurate.synth import CLASSES, PRESETS, CorpusSpec, write_corpus
+
+PROMPT = "a photo of a {color} {shape}"
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str = "jc-tiny"  # jc-tiny (CLIP softmax loss) or jc-tiny-sigmoid (SigLIP, as the paper)
+    guide: tuple[int, int] = (4, 1000)  # shards, samples per shard
+    pool: tuple[int, int] = (40, 500)
+    eval: tuple[int, int] = (1, 640)
+    learner_shards: int = 4
+    reference_steps: int = 300
+    learner_steps: int = 60
+    reference_batch: int = 64
+    batch: int = 32
+    ratio: float = 0.2
+    chunks: int = 16
+    steps: int = 400
+    eval_every: int = 25
+    lr: float = 1e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ablation_ratios: tuple[float, ...] = (0.5, 0.1)
+    ablation_chunks: tuple[int, ...] = (1, 4)
+    diagnostic_super_batches: int = 30
+
+
+QUICK = Setup(
+    guide=(1, 256),
+    pool=(2, 256),
+    eval=(1, 64),
+    learner_shards=1,
+    reference_steps=20,
+    learner_steps=5,
+    batch=16,
+    steps=20,
+    eval_every=10,
+    seeds=(0,),
+    ablation_ratios=(0.5,),
+    ablation_chunks=(1,),
+    diagnostic_super_batches=2,
+)
+
+# method name -> select settings; "uniform" is the unfiltered pool
+METHODS: dict[str, dict[str, Any]] = {
+    "uniform": {},
+    "random": {"method": "random"},
+    "clip-score": {"method": "clip-score"},
+    "easy-ref": {"method": "easy-ref"},
+    "learnability": {"method": "learnability"},
+    "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
+    "jest (learnability)": {"method": "jest", "score": "learnability"},
+}
+
+
+@dataclass
+class Pool:
+    images: torch.Tensor  # (N, 3, H, W) float16, eval-preprocessed
+    tokens: torch.Tensor  # (N, context) int32
+    index: dict[tuple[str, str], int] = field(default_factory=dict)  # (shard, key) -> row
+
+
+def decode(folder: Path, model: Any) -> tuple[Pool, list[dict[str, Any]]]:
+    """Every valid sample of a folder of shards, preprocessed once (no augmentation)."""
+    images, captions, metas, index = [], [], [], {}
+    for tar in sorted(folder.glob("*.tar")):
+        with open(tar, "rb") as f:
+            for raw in iter_raw_samples(f):
+                row, image = parse_sample(raw, set())
+                if image is None:
+                    continue
+                index[(str(tar.resolve()), row["key"])] = len(images)
+                images.append(model.preprocess(image).half())
+                captions.append(row["caption"])
+                metas.append(json.loads(raw.files["json"]))
+    tokens = model.tokenizer(captions).int()
+    return Pool(torch.stack(images), tokens, index), metas
+
+
+def zero_shot(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, prompts: Any):
+    with torch.no_grad():
+        net.eval()
+        img = torch.nn.functional.normalize(net.encode_image(images.float()), dim=-1)
+        txt = torch.nn.functional.normalize(net.encode_text(prompts), dim=-1)
+        net.train()
+    return float(((img @ txt.T).argmax(1) == labels).float().mean())
+
+
+def train_on(
+    stream: list[np.ndarray], pool: Pool, seed: int, setup: Setup, eval_set: tuple
+) -> list[float]:
+    """A fresh learner trained on `stream` (one array of pool rows per step), in order."""
+    torch.manual_seed(seed)
+    spec = resolve_spec(ModelSpec(setup.model, device="cpu", init_seed=seed))
+    model = load_model(spec, warn_random=False)
+    trainer = train_mod.Trainer(model, setup.lr, 0.1, 20, setup.steps)
+    curve = [zero_shot(trainer.net, *eval_set)]
+    for step, rows in enumerate(stream[: setup.steps]):
+        idx = torch.from_numpy(rows)
+        trainer.step(step, pool.images[idx].float(), pool.tokens[idx].long())
+        if (step + 1) % setup.eval_every == 0:
+            curve.append(zero_shot(trainer.net, *eval_set))
+    return curve
+
+
+def uniform_stream(n: int, setup: Setup, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([seed, 7])
+    stream: list[np.ndarray] = []
+    while len(stream) < setup.steps:
+        order = rng.permutation(n)
+        stream += [order[i : i + setup.batch] for i in range(0, n - setup.batch + 1, setup.batch)]
+    return stream
+
+
+def selection_stream(
+    kw: dict[str, Any], setup: Setup, seed: int, env: dict[str, Any], pool: Pool
+) -> list[np.ndarray]:
+    """Batches of successive selections (seeds seed*1000, +1, ...) until there are enough."""
+    cache, ref, learner = env["cache"], env["ref"], env["learner"]
+    rows_of = env["rows_of"]
+    stream: list[np.ndarray] = []
+    epoch = 0
+    while len(stream) < setup.steps:
+        cfg = select_mod.SelectConfig(
+            reference=ref.path,
+            learner=learner.path,
+            out=env["work"] / "unused",
+            batch_size=setup.batch,
+            ratio=kw.get("ratio", setup.ratio),
+            chunks=kw.get("chunks", setup.chunks),
+            seed=seed * 1000 + epoch,
+            device="cpu",
+            **{k: v for k, v in kw.items() if k in ("method", "score")},
+        )
+        steps = cache.size // cfg.super_batch
+        for ids, _ in select_mod.choose(cfg, cache, ref, learner, steps):
+            stream.append(rows_of[ids])
+        epoch += 1
+    return stream
+
+
+def steps_to_reach(curve: list[float], target: float, every: int) -> int | None:
+    """The first evaluated step (after training starts) at or above `target`."""
+    for i, acc in enumerate(curve[1:], start=1):
+        if acc >= target:
+            return i * every
+    return None
+
+
+def diagnostic(env: dict[str, Any], setup: Setup) -> dict[str, Any]:
+    """The paper's check: learnability (learner minus reference loss of the batch, mean per
+    example) of jointly selected batches, independent top-k and random batches, drawn from the
+    same super-batches."""
+    cache, ref, learner = env["cache"], env["ref"], env["learner"]
+    big = round(setup.batch / setup.ratio)
+    perm = np.random.default_rng([0, 0]).permutation(cache.size)
+    out: dict[str, list[float]] = {"jest": [], "independent top-k": [], "random": []}
+    generator = torch.Generator().manual_seed(0)
+    for s in range(min(setup.diagnostic_super_batches, cache.size // big)):
+        ids = perm[s * big : (s + 1) * big]
+        r = select_mod._embeddings(cache, ids, "ref", ref, torch.device("cpu"))
+        m = select_mod._embeddings(cache, ids, "learner", learner, torch.device("cpu"))
+
+        def learnability(rows: torch.Tensor, r: Embeddings = r, m: Embeddings = m) -> float:
+            def mean_loss(e: Embeddings) -> float:
+                return float(
+                    example_losses(e.img[rows], e.txt[rows], e.scale, e.bias, e.kind).mean()
+                )
+
+            return mean_loss(m) - mean_loss(r)
+
+        picked, _ = joint_select(
+            criterion_terms("learnability", r, m), setup.batch, setup.chunks, generator
+        )
+        own = example_losses(m.img, m.txt, m.scale, m.bias, m.kind) - example_losses(
+            r.img, r.txt, r.scale, r.bias, r.kind
+        )
+        top = torch.topk(own, setup.batch).indices
+        rand = torch.randperm(big, generator=generator)[: setup.batch]
+        out["jest"].append(learnability(picked))
+        out["independent top-k"].append(learnability(top))
+        out["random"].append(learnability(rand))
+    return {
+        k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in out.items()
+    }
+
+
+def forward_flops(model: Any, image_size: int, context: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.encode_image(torch.zeros(1, 3, image_size, image_size))
+        model.model.encode_text(torch.zeros(1, context, dtype=torch.long))
+    return int(counter.get_total_flops())
+
+
+def prepare(work: Path, setup: Setup) -> dict[str, Any]:
+    """Corpus, reference, learner, score sets, decoded pool and eval split, selection cache."""
+    splits = {
+        "guide": (setup.guide, PRESETS["clean"], 0, 11),
+        "pool": (setup.pool, PRESETS["noisy"], 100, 12),
+        "eval": (setup.eval, PRESETS["clean"], 900, 13),
+    }
+    for name, ((shards, samples), noise, first, seed) in splits.items():
+        write_corpus(work / name, CorpusSpec(shards, samples, seed, 64, noise, first_shard=first))
+    common = {
+        "model": setup.model,
+        "batch_size": setup.reference_batch,
+        "workers": 1,
+        "lr": setup.lr,
+    }
+    train_mod.run(
+        train_mod.TrainConfig(
+            inputs=(str(work / "guide"),), out=work / "reference.pt",
+            steps=setup.reference_steps, **common,
+        )
+    )  # fmt: skip
+    slice_ = tuple(str(p) for p in sorted((work / "pool").glob("*.tar"))[: setup.learner_shards])
+    train_mod.run(
+        train_mod.TrainConfig(
+            inputs=slice_, out=work / "learner.pt", steps=setup.learner_steps, **common
+        )
+    )
+    for role in ("reference", "learner"):
+        score_mod.run(
+            score_mod.ScoreConfig(
+                inputs=(str(work / "pool"),), out=work / "scores" / role, model=setup.model,
+                pretrained=str(work / f"{role}.pt"), role=role,
+            )
+        )  # fmt: skip
+    model = load_model(resolve_spec(ModelSpec(setup.model, device="cpu")), warn_random=False)
+    pool, _ = decode(work / "pool", model)
+    eval_pool, eval_meta = decode(work / "eval", model)
+    labels = torch.tensor([m["jc_label"] for m in eval_meta])
+    prompts = model.tokenizer([PROMPT.format(color=c, shape=s) for c, s in CLASSES])
+    ref = open_score_set(work / "scores" / "reference", role="reference")
+    learner = open_score_set(work / "scores" / "learner", role="learner")
+    found = select_mod.scan(ref, learner, None)
+    cache = select_mod.fill_cache(ref, learner, found, work / "cache", None, embeddings=True)
+    parts = cache.read_range("part", 0, cache.size)
+    keys = np.char.decode(cache.read_range("key", 0, cache.size), "utf-8")
+    rows_of = np.array([pool.index[(cache.shards[p], k)] for p, k in zip(parts, keys, strict=True)])
+    return {
+        "pool": pool,
+        "eval": (eval_pool.images, labels, prompts),
+        "cache": cache,
+        "ref": ref,
+        "learner": learner,
+        "rows_of": rows_of,
+        "work": work,
+        "flops": forward_flops(model, 64, prompts.shape[1]),
+    }
+
+
+def summarise(curves: dict[str, list[list[float]]], setup: Setup) -> dict[str, Any]:
+    baseline = float(np.mean([c[-1] for c in curves["uniform"]]))
+    table = {}
+    for name, runs in curves.items():
+        reach = [steps_to_reach(c, baseline, setup.eval_every) for c in runs]
+        finals = [c[-1] for c in runs]
+        reached = [r for r in reach if r is not None]
+        mean_reach = float(np.mean(reached)) if len(reached) == len(reach) else None
+        table[name] = {
+            "final_accuracy_mean": float(np.mean(finals)),
+            "final_accuracy_std": float(np.std(finals)),
+            "steps_to_baseline": reach,
+            "steps_to_baseline_mean": mean_reach,
+            "speedup": setup.steps / mean_reach if mean_reach is not None else None,
+        }
+    return {"baseline_final_accuracy": baseline, "methods": table}
+
+
+def plot(curves: dict[str, list[list[float]]], setup: Setup, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, runs in curves.items():
+        data = np.array(runs)
+        x = np.arange(data.shape[1]) * setup.eval_every
+        mean, std = data.mean(0), data.std(0)
+        ax.plot(x, mean, label=name, linewidth=2.2 if "jest" in name else 1.4)
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("zero-shot accuracy (32 classes)")
+    ax.set_title(
+        f"tiny learner, batch {setup.batch}, kept ratio {setup.ratio}, {len(setup.seeds)} seeds"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(results: dict[str, Any], setup: Setup) -> str:
+    lines = [
+        f"Baseline (uniform pool) final accuracy after {setup.steps} steps: "
+        f"{results['summary']['baseline_final_accuracy']:.3f}",
+        "",
+        "| method | final accuracy (mean ± std) | steps to baseline final (per seed) | speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in results["summary"]["methods"].items():
+        reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_baseline"])
+        speed = "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x"
+        lines.append(
+            f"| {name} | {row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f} "
+            f"| {reach} | {speed} |"
+        )
+    lines += [
+        "",
+        "| ablation (jest, learnability) | final accuracy | steps to baseline final |",
+        "| --- | --- | --- |",
+    ]
+    for name, row in results["ablation"].items():
+        reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_baseline"])
+        accuracy = f"{row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f}"
+        lines.append(f"| {name} | {accuracy} | {reach} |")
+    d = results["diagnostic"]
+    lines += [
+        "",
+        "| batches from the same super-batches | mean learnability (± std) |",
+        "| --- | --- |",
+    ]
+    for name, row in d.items():
+        lines.append(f"| {name} | {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}) |")
+    c = results["compute"]
+    lines += [
+        "",
+        f"Compute: {c['forward_flops_per_sample'] / 1e6:.1f} MFLOP per sample forward (image + "
+        f"text), a training step ≈ 3 forward passes. Baseline: {c['baseline_tflops']:.2f} TFLOP "
+        f"for {setup.steps} steps. Scoring the pool with reference and learner: "
+        f"{c['scoring_tflops']:.2f} TFLOP; training them: "
+        f"{c['reference_learner_training_tflops']:.2f} TFLOP.",
+        "",
+        "| method | iterations to baseline | learner TFLOP | + scoring passes TFLOP |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in c["methods"].items():
+        if row["iterations"] is None:
+            lines.append(f"| {name} | not reached | — | — |")
+        else:
+            lines.append(
+                f"| {name} | {row['iterations']:.0f} | {row['learner_tflops']:.2f} | "
+                f"{row['with_scoring_tflops']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
+    began = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    env = prepare(work, setup)
+    pool = env["pool"]
+    n = len(pool.tokens)
+    curves: dict[str, list[list[float]]] = {}
+    for name, kw in METHODS.items():
+        for seed in setup.seeds:
+            if name == "uniform":
+                stream = uniform_stream(n, setup, seed)
+            else:
+                stream = selection_stream(kw, setup, seed, env, pool)
+            curves.setdefault(name, []).append(train_on(stream, pool, seed, setup, env["eval"]))
+        final = np.mean([c[-1] for c in curves[name]])
+        print(f"{name}: final {final:.3f} ({time.time() - began:.0f}s)", flush=True)
+    summary = summarise(curves, setup)
+    ablation_curves: dict[str, list[list[float]]] = {"uniform": curves["uniform"]}
+    variants = [(f"ratio {r}", {"ratio": r}) for r in setup.ablation_ratios]
+    variants += [(f"chunks {k}", {"chunks": k}) for k in setup.ablation_chunks]
+    for label, extra in variants:
+        kw = {**METHODS["jest (learnability)"], **extra}
+        for seed in setup.seeds:
+            stream = selection_stream(kw, setup, seed, env, pool)
+            ablation_curves.setdefault(label, []).append(
+                train_on(stream, pool, seed, setup, env["eval"])
+            )
+        print(f"{label}: final {np.mean([c[-1] for c in ablation_curves[label]]):.3f}")
+    ablation = summarise(ablation_curves, setup)["methods"]
+    ablation.pop("uniform")
+    ablation[f"ratio {setup.ratio}, chunks {setup.chunks} (main run)"] = summary["methods"][
+        "jest (learnability)"
+    ]
+
+    flops = env["flops"]
+    step_flops = 3 * flops * setup.batch
+    scoring = 2 * n * flops
+    aux = 3 * flops * setup.reference_batch * (setup.reference_steps + setup.learner_steps)
+    compute = {
+        "forward_flops_per_sample": flops,
+        "baseline_tflops": setup.steps * step_flops / 1e12,
+        "scoring_tflops": scoring / 1e12,
+        "reference_learner_training_tflops": aux / 1e12,
+        "methods": {},
+    }
+    for name, row in summary["methods"].items():
+        it = row["steps_to_baseline_mean"]
+        extra = 0 if name in ("uniform", "random") else scoring
+        compute["methods"][name] = {
+            "iterations": it,
+            "learner_tflops": None if it is None else it * step_flops / 1e12,
+            "with_scoring_tflops": None if it is None else (it * step_flops + extra) / 1e12,
+        }
+    results = {
+        "setup": asdict(setup),
+        "summary": summary,
+        "ablation": ablation,
+        "diagnostic": diagnostic(env, setup),
+        "compute": compute,
+        "curves": curves,
+        "seconds": time.time() - began,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results, setup))
+    plot(curves, setup, out / "accuracy.png")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/quality"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-quality"))
+    parser.add_argument("--quick", action="store_true", help="a tiny run of the code path")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--model", default="jc-tiny", help="jc-tiny or jc-tiny-sigmoid")
+    args = parser.parse_args()
+    setup = replace(QUICK if args.quick else Setup(), model=args.model)
+    if args.steps:
+        setup = replace(setup, steps=args.steps)
+    if args.seeds:
+        setup = replace(setup, seeds=tuple(range(args.seeds)))
+    results = run(setup, args.out, args.workdir)
+    print(markdown(results, setup))
+    print(f"{results['seconds']:.0f} s; wrote {args.out}/results.json, results.md, accuracy.png")
+
+
+if __name__ == "__main__":
+    main()
