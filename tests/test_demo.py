@@ -32,6 +32,7 @@ def test_demo_jest_keeps_less_noise_than_random(tmp_path: Path) -> None:
         assert report.kept["jest"][kind] < report.kept["random"][kind], report.kept
     for method in ("jest", "random"):
         assert (tmp_path / "demo" / "curated" / method / "shards" / "00000.tar").exists()
+    assert "kept by jest" in (tmp_path / "demo" / "report.html").read_text()
 
     # Rerunning reuses every finished stage and gives the same selection.
     again = demo.run(tmp_path / "demo", REDUCED)

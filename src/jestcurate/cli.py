@@ -245,6 +245,53 @@ def select(
 
 @app.command()
 @_one_line_errors
+def report(
+    scores: Annotated[Path, typer.Argument(help="Score set to report on.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
+        "report.html"
+    ),
+    selection: Annotated[
+        Path | None,
+        typer.Option(help="A selection made from this score set: show kept vs dropped."),
+    ] = None,
+    thumbnails: Annotated[
+        int, typer.Option(help="Thumbnails per grid (highest, lowest, random).")
+    ] = 12,
+    seed: Annotated[int, typer.Option(help="Seed of the random grids.")] = 0,
+) -> None:
+    """Write one self-contained HTML page (opens from disk, no network): counts per shard and
+    status, errors by reason, score histograms (kept vs dropped with --selection) and thumbnail
+    grids with captions and scores, read back from the source shards."""
+    from jestcurate import report as report_mod
+    from jestcurate import ui
+
+    done = report_mod.write_report(scores, out, selection, thumbnails, seed)
+    missing = (
+        f", {done['missing_thumbnails']} images unavailable" if done["missing_thumbnails"] else ""
+    )
+    ui.stdout.print(
+        f"wrote {out} ({done['bytes'] / 1024:,.0f} KiB, {done['thumbnails']} thumbnails{missing}, "
+        f"{done['seconds']:.1f} s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@_one_line_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="A score set or a selection.", show_default=False)],
+) -> None:
+    """Summarise a score set (model, counts, errors, score quantiles, shard states) or a
+    selection (method, parameters, counts, mean scores kept vs dropped, export)."""
+    from jestcurate import report as report_mod
+    from jestcurate import ui
+
+    ui.print_info(path, report_mod.describe(path))
+
+
+@app.command()
+@_one_line_errors
 def train(
     inputs: Annotated[
         list[str],

@@ -27,6 +27,7 @@ from jestcurate import export as export_mod
 from jestcurate import score as score_mod
 from jestcurate import select as select_mod
 from jestcurate import train as train_mod
+from jestcurate.report import write_report
 from jestcurate.synth import NOISE_KINDS, PRESETS, CorpusSpec, write_corpus
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ def run(
         export_mod.export(target, None)
         rows = pq.read_table(target / "manifest.parquet", columns=["shard", "key"]).to_pylist()
         kept[method] = Counter(kinds[(r["shard"], r["key"])] for r in rows)
+    stage("writing report.html")
+    write_report(out / "scores" / "reference", out / "report.html", out / "curated" / "jest")
     return DemoReport(out, Counter(kinds.values()), kept)
 
 

@@ -296,8 +296,67 @@ def print_demo_summary(report: Any, console: Console = stdout) -> None:
     )
     out = report.out
     console.print(
-        f"outputs in {out}: reference.pt, learner.pt, scores/{{reference,learner}}, "
-        "curated/{jest,random} (manifest.parquet, summary.json, uids.npy, shards/)",
+        f"outputs in {out}: report.html (open it in a browser), reference.pt, learner.pt, "
+        "scores/{reference,learner}, curated/{jest,random} (manifest.parquet, summary.json, "
+        "uids.npy, shards/)",
         highlight=False,
         soft_wrap=True,
     )
+
+
+def print_info(path: Any, info: dict[str, Any], console: Console = stdout) -> None:
+    table = Table(
+        title=f"{path} ({info['kind']})", show_header=False, box=None, title_justify="left"
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    if info["kind"] == "selection":
+        s = info["summary"]
+        table.add_row("method", s["method"] + (f" ({s['score']})" if s.get("score") else ""))
+        for key, value in s["parameters"].items():
+            if value is not None:
+                table.add_row(f"  {key}", str(value))
+        ref = s["inputs"]["reference"]
+        table.add_row("reference", f"{ref['path']} ({ref['model']}, {ref['rows']:,} rows)")
+        if s["inputs"].get("learner"):
+            learner = s["inputs"]["learner"]
+            table.add_row("learner", f"{learner['path']} ({learner['model']})")
+        for key, value in s["counts"].items():
+            if value is not None:
+                table.add_row(key.replace("_", " "), f"{value:,}")
+        for name, kept in s["means"]["kept"].items():
+            dropped = s["means"]["dropped"].get(name)
+            if kept is not None and dropped is not None:
+                table.add_row(f"mean {name}", f"{kept:.4f} kept, {dropped:.4f} dropped")
+        export = info.get("export")
+        table.add_row(
+            "export",
+            f"{export['shards']} shards: {export['pattern']}"
+            if export and "shards" in export
+            else "none",
+        )
+        console.print(table)
+        return
+    meta = info["meta"]
+    table.add_row(
+        "model", f"{meta.get('model')} ({meta.get('loss')} loss, {meta.get('precision')})"
+    )
+    table.add_row(
+        "pretrained", str(meta.get("pretrained") or f"random, seed {meta.get('init_seed')}")
+    )
+    table.add_row("role", str(meta.get("role")))
+    table.add_row(
+        "embedding", f"{meta.get('embed_dim')} dims, logit scale {meta.get('logit_scale'):.3f}"
+    )
+    states = ", ".join(f"{n} {state}" for state, n in sorted(info["shard_states"].items()))
+    table.add_row("shards", f"{info['shards']:,} ({states})")
+    table.add_row("samples", f"{info['samples']:,} ({info['ok']:,} ok, {info['errors']:,} errors)")
+    for reason, count in info["reasons"].items():
+        table.add_row(f"  {reason}", f"{count:,}")
+    for column in ("clip_score", "ref_loss"):
+        q = info[column]
+        if q:
+            table.add_row(column, "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
+    if info["failed"]:
+        table.add_row("failed shards", ", ".join(info["failed"][:10]))
+    console.print(table)
