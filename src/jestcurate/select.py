@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from jestcurate import __version__
 from jestcurate.errors import JCError
 from jestcurate.jest import CRITERIA, Embeddings, criterion_terms, joint_select, softmax_cache_bytes
 from jestcurate.model import resolve_device
+from jestcurate.rowcache import ColumnWriter, RowCache, embedding_rows, fixed_bytes
 from jestcurate.scoring import example_losses
 from jestcurate.store import ScoreSet, atomic_write, open_score_set, read_json, write_json_atomic
 
@@ -114,53 +114,6 @@ class Counts:
     errors: int = 0
     below_min_clip_score: int = 0
     eligible: int = 0
-
-
-class RowCache:
-    """Eligible rows as fixed-width .npy columns, addressed by row id 0..N-1 in part order.
-
-    Rows are read with positioned reads, not through a memory map: a scattered read through a
-    map faults in the neighbouring pages too, and those stay resident while the map is open.
-    """
-
-    def __init__(self, directory: Path, shards: list[str], size: int) -> None:
-        self.dir = directory
-        self.shards = shards  # part id -> the shard path or URL
-        self.size = size
-        self._layout: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
-
-    def path(self, column: str) -> Path:
-        return self.dir / f"{column}.npy"
-
-    def _column(self, column: str) -> tuple[int, np.dtype, tuple[int, ...]]:
-        if column not in self._layout:
-            data = np.load(self.path(column), mmap_mode="r")
-            self._layout[column] = (data.offset, data.dtype, data.shape[1:])
-            del data
-        return self._layout[column]
-
-    def read_range(self, column: str, start: int, stop: int) -> np.ndarray:
-        offset, dtype, tail = self._column(column)
-        row = dtype.itemsize * int(np.prod(tail, dtype=np.int64))
-        with open(self.path(column), "rb") as f:
-            f.seek(offset + start * row)
-            data = f.read((stop - start) * row)
-        return np.frombuffer(data, dtype=dtype).reshape(stop - start, *tail)
-
-    def read(self, column: str, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` of a column, in the order given."""
-        offset, dtype, tail = self._column(column)
-        row = dtype.itemsize * int(np.prod(tail, dtype=np.int64))
-        order = np.argsort(ids, kind="stable")
-        buffer = bytearray(len(ids) * row)
-        view = memoryview(buffer)
-        with open(self.path(column), "rb", buffering=0) as f:
-            fd = f.fileno()
-            for j, i in enumerate(ids[order].tolist()):  # ascending: the disk reads forwards
-                os.preadv(fd, [view[j * row : (j + 1) * row]], offset + i * row)
-        out = np.empty((len(ids), *tail), dtype=dtype)
-        out[order] = np.frombuffer(buffer, dtype=dtype).reshape(len(ids), *tail)
-        return out
 
 
 def _join_learner(name: str, ref: pa.Table, learner: pa.Table) -> None:
@@ -261,7 +214,7 @@ def fill_cache(
             columns["learner_img"] = columns["learner_txt"] = ("<f2", (learner.dim,))
     directory.mkdir(parents=True, exist_ok=True)
     writers = {
-        name: _ColumnWriter(directory / f"{name}.npy", dtype, (n, *shape))
+        name: ColumnWriter(directory / f"{name}.npy", dtype, (n, *shape))
         for name, (dtype, shape) in columns.items()
     }
     emb_cols = ["img_emb", "txt_emb"] if embeddings else []
@@ -276,20 +229,20 @@ def fill_cache(
             values = {
                 "part": np.full(rows.num_rows, part_id),
                 "index": rows.column("index").to_numpy(),
-                "key": _fixed_bytes(rows.column("key"), found.key_width),
-                "uid": _fixed_bytes(rows.column("uid"), found.uid_width),
+                "key": fixed_bytes(rows.column("key"), found.key_width),
+                "uid": fixed_bytes(rows.column("uid"), found.uid_width),
                 "clip_score": rows.column("clip_score").to_numpy(),
                 "ref_loss": rows.column("ref_loss").to_numpy(),
             }
             if embeddings:
-                values["ref_img"] = _embedding_rows(rows.column("img_emb"))
-                values["ref_txt"] = _embedding_rows(rows.column("txt_emb"))
+                values["ref_img"] = embedding_rows(rows.column("img_emb"))
+                values["ref_txt"] = embedding_rows(rows.column("txt_emb"))
             if other is not None:
                 theirs = other.filter(ok)
                 values["learner_loss"] = theirs.column("ref_loss").to_numpy()
                 if embeddings:
-                    values["learner_img"] = _embedding_rows(theirs.column("img_emb"))
-                    values["learner_txt"] = _embedding_rows(theirs.column("txt_emb"))
+                    values["learner_img"] = embedding_rows(theirs.column("img_emb"))
+                    values["learner_txt"] = embedding_rows(theirs.column("txt_emb"))
             for column, data in values.items():
                 writers[column].append(data)
             if on_part:
@@ -299,37 +252,6 @@ def fill_cache(
             writer.close()
         pa.default_memory_pool().release_unused()  # parts are read; give their buffers back
     return RowCache(directory, found.shards, n)
-
-
-class _ColumnWriter:
-    """Fills a preallocated .npy file front to back with plain writes. (Writing through a
-    memory map would keep every written page resident until the map closes: the whole cache.)"""
-
-    def __init__(self, path: Path, dtype: str, shape: tuple[int, ...]) -> None:
-        header = np.lib.format.open_memmap(path, "w+", dtype, shape)
-        self.offset = header.offset
-        self.dtype = np.dtype(dtype)
-        del header
-        self.file = open(path, "r+b")  # noqa: SIM115 (closed in close())
-        self.file.seek(self.offset)
-
-    def append(self, values: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    values = [b"" if v is None else v.encode("utf-8") for v in column.to_pylist()]
-    return np.array(values, dtype=f"S{width}")
-
-
-def _embedding_rows(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    dim = array.type.list_size
-    flat = array.values[array.offset * dim : (array.offset + len(array)) * dim]
-    return flat.to_numpy(zero_copy_only=False).reshape(len(array), dim)
 
 
 # --- choosing -------------------------------------------------------------------------------
