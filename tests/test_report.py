@@ -125,4 +125,4 @@ def test_info_on_score_sets_and_selections(scored: Path, tmp_path: Path) -> None
     code, output = run_cli("info", scored / "sel")
     assert code == 0 and "clip-score" in output and "kept" in output, output
     code, output = run_cli("info", tmp_path)
-    assert code == 2 and "neither a score set" in output
+    assert code == 2 and "is not a score set (meta.json), a selection or a dedup" in output

@@ -205,6 +205,18 @@ def select(
         int | None,
         typer.Option(help="With --export: samples per shard, rounded to whole batches (10000)."),
     ] = None,
+    dedup: Annotated[
+        Path | None,
+        typer.Option(help="A `jestcurate dedup` output: the duplicates it dropped are excluded."),
+    ] = None,
+    balance_clusters: Annotated[
+        bool,
+        typer.Option(
+            "--balance-clusters",
+            help="With --dedup: no cluster takes more than twice its even share of any batch "
+            "(of the kept set for random and clip-score).",
+        ),
+    ] = False,
 ) -> None:
     """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy
@@ -228,6 +240,8 @@ def select(
         min_clip_score=min_clip_score,
         max_steps=max_steps,
         device=device,
+        dedup=dedup,
+        balance_clusters=balance_clusters,
     )
     report = select_mod.run(cfg)
     ui.print_select_summary(report)
@@ -241,6 +255,46 @@ def select(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command()
+@_one_line_errors
+def dedup(
+    scores: Annotated[Path, typer.Argument(help="Score set to deduplicate.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for dedup.parquet.")],
+    eps: Annotated[
+        float, typer.Option(help="Drop rows with cosine similarity above 1 - eps to a better row.")
+    ] = 0.05,
+    clusters: Annotated[
+        int | None, typer.Option(help="k-means clusters (default: the square root of the rows).")
+    ] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            help="image, text or both embeddings. image by default: templated captions make "
+            "text duplicates far commoner than duplicate pairs."
+        ),
+    ] = "image",
+    seed: Annotated[int, typer.Option(help="Seed of the k-means sample and initialisation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda, for faiss k-means.")] = "auto",
+) -> None:
+    """Find exact duplicates (same image bytes) and near-duplicates (SemDeDup: spherical k-means
+    with faiss, then cosine > 1 - eps within each cluster); keep the best of each group by
+    clip_score. Writes OUT/dedup.parquet (shard, key, index, cluster, kept, duplicate_of_shard,
+    duplicate_of_key, reason) for `select --dedup OUT`."""
+    from jestcurate import dedup as dedup_mod
+    from jestcurate import ui
+
+    cfg = dedup_mod.DedupConfig(scores, out, eps, clusters, by, seed, device=device)
+    done = dedup_mod.run(cfg)
+    how = "already done, reused" if done["reused"] else f"{done['seconds']:.1f} s"
+    ui.stdout.print(
+        f"{done['ok_rows']:,} rows in {done['clusters_used']:,} clusters: kept {done['kept']:,}, "
+        f"dropped {done['dropped_exact']:,} exact and {done['dropped_semantic']:,} near "
+        f"duplicates ({how}): {out / dedup_mod.OUTPUT}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -280,10 +334,13 @@ def report(
 @app.command()
 @_one_line_errors
 def info(
-    path: Annotated[Path, typer.Argument(help="A score set or a selection.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="A score set, a selection or a dedup output.", show_default=False)
+    ],
 ) -> None:
-    """Summarise a score set (model, counts, errors, score quantiles, shard states) or a
-    selection (method, parameters, counts, mean scores kept vs dropped, export)."""
+    """Summarise a score set (model, counts, errors, score quantiles, shard states), a
+    selection (method, parameters, counts, mean scores kept vs dropped, export) or a dedup
+    output (parameters, kept and dropped counts, cluster sizes)."""
     from jestcurate import report as report_mod
     from jestcurate import ui
 

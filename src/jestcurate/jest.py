@@ -188,9 +188,39 @@ def gumbel(n: int, generator: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(uniform.clamp(min=tiny, max=1 - 1e-16)))
 
 
-def _top(logits: torch.Tensor, k: int) -> torch.Tensor:
+def _top(logits: torch.Tensor, k: int, quota: Quota | None = None) -> torch.Tensor:
     # A stable sort breaks ties by position, identically on every device.
-    return torch.sort(logits, descending=True, stable=True).indices[:k]
+    order = torch.sort(logits, descending=True, stable=True).indices
+    if quota is None:
+        return order[:k]
+    return torch.as_tensor(quota.take(order[torch.isfinite(logits[order])].tolist(), k)).to(order)
+
+
+class Quota:
+    """At most `cap` picks per group (cluster); if that cannot fill a batch, the best of the
+    rest fill it, so every batch still has exactly b examples."""
+
+    def __init__(self, groups: list[int], cap: int) -> None:
+        self.groups = groups
+        self.cap = cap
+        self.used: dict[int, int] = {}
+
+    def take(self, order: list[int], k: int) -> list[int]:
+        chosen: list[int] = []
+        over: list[int] = []
+        for i in order:
+            g = self.groups[i]
+            if self.used.get(g, 0) < self.cap:
+                chosen.append(i)
+                self.used[g] = self.used.get(g, 0) + 1
+                if len(chosen) == k:
+                    return chosen
+            else:
+                over.append(i)
+        for i in over[: k - len(chosen)]:
+            self.used[self.groups[i]] = self.used.get(self.groups[i], 0) + 1
+            chosen.append(i)
+        return chosen
 
 
 def joint_select(
@@ -200,12 +230,14 @@ def joint_select(
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
     topk: bool = False,
+    quota: Quota | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose `batch_size` of the B candidates jointly. Returns (indices in pick order, the
     conditional score each had when picked).
 
     Each chunk is a draw without replacement ∝ exp(score / temperature) (Gumbel-top-k), or with
-    `topk` the chunk's highest conditional scores (deterministic).
+    `topk` the chunk's highest conditional scores (deterministic). With a `quota`, each group
+    contributes at most its cap to the batch.
     """
     if not terms:
         raise ValueError("no score terms")
@@ -227,7 +259,7 @@ def joint_select(
         if not topk:
             logits = logits + gumbel(n, generator).to(device)
         logits = logits.masked_fill(taken, -math.inf)
-        pick = _top(logits, size)
+        pick = _top(logits, size, quota)
         taken[pick] = True
         picks.append(pick)
         picked_scores.append(score[pick])

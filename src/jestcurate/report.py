@@ -398,9 +398,13 @@ def write_report(
 
 
 def describe(path: Path) -> dict[str, Any]:
-    """What `jestcurate info` shows, for a score set or a selection."""
+    """What `jestcurate info` shows, for a score set, a selection or a dedup output."""
     if not (path / "summary.json").is_file() and not (path / "meta.json").is_file():
-        raise JCError(f"{path} is neither a score set (meta.json) nor a selection (summary.json)")
+        raise JCError(
+            f"{path} is not a score set (meta.json), a selection or a dedup output (summary.json)"
+        )
+    if (path / "dedup.parquet").is_file():
+        return {"kind": "dedup", "summary": read_json(path / "summary.json")}
     if (path / "summary.json").is_file():
         summary = read_json(path / "summary.json")
         export = path / "shards" / "export.json"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -31,11 +32,26 @@ import torch
 
 from jestcurate import __version__
 from jestcurate.errors import JCError
-from jestcurate.jest import CRITERIA, Embeddings, criterion_terms, joint_select, softmax_cache_bytes
+from jestcurate.jest import (
+    CRITERIA,
+    Embeddings,
+    Quota,
+    criterion_terms,
+    joint_select,
+    softmax_cache_bytes,
+)
 from jestcurate.model import resolve_device
 from jestcurate.rowcache import ColumnWriter, RowCache, embedding_rows, fixed_bytes
 from jestcurate.scoring import example_losses
-from jestcurate.store import ScoreSet, atomic_write, open_score_set, read_json, write_json_atomic
+from jestcurate.store import (
+    ScoreSet,
+    atomic_write,
+    fingerprint,
+    finished_output,
+    open_score_set,
+    read_json,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +81,8 @@ class SelectConfig:
     min_clip_score: float | None = None
     max_steps: int | None = None
     device: str = "auto"
+    dedup: Path | None = None  # a `jestcurate dedup` output: its dropped rows are not eligible
+    balance_clusters: bool = False  # cap each dedup cluster's share of every batch / kept set
 
     @property
     def super_batch(self) -> int:
@@ -103,6 +121,8 @@ def _validate(cfg: SelectConfig) -> None:
         raise JCError(f"--out {cfg.out} exists and is not a directory")
     if cfg.method in SUPER_BATCH_METHODS:
         resolve_device(cfg.device)  # an unusable --device fails now, not after the cache pass
+    if cfg.balance_clusters and cfg.dedup is None:
+        raise JCError("--balance-clusters needs --dedup (the clusters come from jestcurate dedup)")
 
 
 # --- the cache of eligible rows -------------------------------------------------------------
@@ -113,7 +133,17 @@ class Counts:
     rows: int = 0
     errors: int = 0
     below_min_clip_score: int = 0
+    duplicates: int = 0
     eligible: int = 0
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What makes an ok row ineligible: a low clip_score, or being a duplicate (dedup)."""
+
+    min_clip: float | None = None
+    dropped: dict[str, np.ndarray] | None = None  # shard -> indexes dedup dropped
+    clusters: dict[str, np.ndarray] | None = None  # shard -> dedup cluster by index
 
 
 def _join_learner(name: str, ref: pa.Table, learner: pa.Table) -> None:
@@ -125,18 +155,29 @@ def _join_learner(name: str, ref: pa.Table, learner: pa.Table) -> None:
 
 
 def _eligible(
-    ref: pa.Table, learner: pa.Table | None, min_clip: float | None, counts: Counts
+    ref: pa.Table,
+    learner: pa.Table | None,
+    filters: Filters | None,
+    counts: Counts,
+    shard: str,
 ) -> np.ndarray:
     ok = np.asarray(ref.column("status").to_numpy(zero_copy_only=False)) == "ok"
     if learner is not None:
         ok &= np.asarray(learner.column("status").to_numpy(zero_copy_only=False)) == "ok"
     counts.rows += len(ok)
     counts.errors += int((~ok).sum())
-    if min_clip is not None:
+    filters = filters or Filters()
+    if filters.min_clip is not None:
         clip = ref.column("clip_score").fill_null(-np.inf).to_numpy()
-        low = ok & (clip < min_clip)
+        low = ok & (clip < filters.min_clip)
         counts.below_min_clip_score += int(low.sum())
         ok &= ~low
+    if filters.dropped is not None and shard in filters.dropped:
+        duplicate = np.zeros(len(ok), dtype=bool)
+        idx = filters.dropped[shard]
+        duplicate[idx[idx < len(ok)]] = True
+        counts.duplicates += int((ok & duplicate).sum())
+        ok &= ~duplicate
     counts.eligible += int(ok.sum())
     return ok
 
@@ -154,7 +195,7 @@ class Scan:
 def scan(
     ref: ScoreSet,
     learner: ScoreSet | None,
-    min_clip: float | None,
+    filters: Filters | None,
     on_part: Callable[[], None] | None = None,
 ) -> Scan:
     """First pass, small columns only: join check, eligibility counts, column widths."""
@@ -173,9 +214,9 @@ def scan(
         other = learner.read_part(name, ["key", "status"]) if learner else None
         if other is not None:
             _join_learner(name, table, other)
-        ok = pa.array(_eligible(table, other, min_clip, result.counts))
         shard = table.column("shard")
         result.shards.append(shard[0].as_py() if len(shard) else name)
+        ok = pa.array(_eligible(table, other, filters, result.counts, result.shards[-1]))
         widths = [
             pc.max(pc.binary_length(table.column(c).cast(pa.binary())).filter(ok)).as_py() or 0
             for c in ("key", "uid")
@@ -192,7 +233,7 @@ def fill_cache(
     learner: ScoreSet | None,
     found: Scan,
     directory: Path,
-    min_clip: float | None,
+    filters: Filters | None,
     embeddings: bool,
     on_part: Callable[[], None] | None = None,
 ) -> RowCache:
@@ -208,6 +249,8 @@ def fill_cache(
     }
     if learner is not None:
         columns["learner_loss"] = ("<f4", ())
+    if filters is not None and filters.clusters is not None:
+        columns["cluster"] = ("<i4", ())
     if embeddings:
         columns["ref_img"] = columns["ref_txt"] = ("<f2", (ref.dim,))
         if learner is not None:
@@ -224,7 +267,7 @@ def fill_cache(
                 name, ["status", "clip_score", "key", "index", "uid", "ref_loss", *emb_cols]
             )
             other = learner.read_part(name, ["status", "ref_loss", *emb_cols]) if learner else None
-            ok = pa.array(_eligible(table, other, min_clip, Counts()))
+            ok = pa.array(_eligible(table, other, filters, Counts(), found.shards[part_id]))
             rows = table.filter(ok)
             values = {
                 "part": np.full(rows.num_rows, part_id),
@@ -234,6 +277,14 @@ def fill_cache(
                 "clip_score": rows.column("clip_score").to_numpy(),
                 "ref_loss": rows.column("ref_loss").to_numpy(),
             }
+            if "cluster" in writers:
+                known = filters.clusters.get(found.shards[part_id]) if filters else None
+                index = values["index"]
+                cluster = np.full(len(index), -1, dtype=np.int32)
+                if known is not None:
+                    inside = index < len(known)
+                    cluster[inside] = known[index[inside]]
+                values["cluster"] = cluster
             if embeddings:
                 values["ref_img"] = embedding_rows(rows.column("img_emb"))
                 values["ref_txt"] = embedding_rows(rows.column("txt_emb"))
@@ -282,14 +333,36 @@ def _shuffled(
         yield ids[part], scores[part]
 
 
+def _clusters(cfg: SelectConfig, cache: RowCache) -> tuple[np.ndarray, int] | None:
+    """With --balance-clusters: each eligible row's cluster, and how many clusters there are."""
+    if not cfg.balance_clusters:
+        return None
+    cluster = cache.read_range("cluster", 0, cache.size)
+    return cluster, max(1, len(np.unique(cluster[cluster >= 0])))
+
+
+def _cap(items: int, clusters: int) -> int:
+    """A cluster's most: twice its even share."""
+    return max(1, math.ceil(2 * items / clusters))
+
+
 def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
     """random and clip-score: a kept set chosen over all eligible rows at once."""
     n, kept = cache.size, steps * cfg.batch_size
     if cfg.method == "random":
-        ids = np.random.default_rng([cfg.seed, 2]).permutation(n)[:kept]
+        order = np.random.default_rng([cfg.seed, 2]).permutation(n)
+    else:
+        order = np.argsort(-cache.read_range("clip_score", 0, n), kind="stable")
+    balance = _clusters(cfg, cache)
+    if balance is None:
+        ids = order[:kept]
+    else:
+        cluster, count = balance
+        quota = Quota(cluster.tolist(), _cap(kept, count))
+        ids = np.array(quota.take(order.tolist(), kept), dtype=np.int64)
+    if cfg.method == "random":
         scores = np.full(kept, np.nan, dtype=np.float32)
     else:
-        ids = np.argsort(-cache.read_range("clip_score", 0, n), kind="stable")[:kept]
         scores = cache.read("clip_score", ids)
     yield from _shuffled(ids, scores, steps, cfg.batch_size, cfg.seed)
 
@@ -333,13 +406,23 @@ def choose(
             tick()
         return
     rows = _super_batches(cfg, cache, ref, learner, steps)
+    balance = _clusters(cfg, cache)
+
+    def quota(ids: np.ndarray) -> Quota | None:
+        if balance is None:
+            return None
+        cluster, count = balance
+        return Quota(cluster[ids].tolist(), _cap(b, count))
+
     if cfg.method == "jest":
         criterion = cfg.criterion or "easy-ref"
         generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same draws on any device
         cache_rows = _row_cache_fits(cfg, models=2 if learner else 1)
         for ids, ref_e, learner_e in rows:
             terms = criterion_terms(criterion, ref_e, learner_e, cache_rows=cache_rows)
-            picked, score = joint_select(terms, b, cfg.chunks, generator, cfg.temperature, cfg.topk)
+            picked, score = joint_select(
+                terms, b, cfg.chunks, generator, cfg.temperature, cfg.topk, quota(ids)
+            )
             yield ids[picked.cpu().numpy()], score.cpu().numpy()
             tick()
         return
@@ -351,7 +434,9 @@ def choose(
         score = -_own_loss(ref_e)
         if cfg.method == "learnability" and learner_e is not None:
             score = score + _own_loss(learner_e)
-        top = torch.sort(score.double(), descending=True, stable=True).indices[:b].cpu().numpy()
+        order = torch.sort(score.double(), descending=True, stable=True).indices.cpu().numpy()
+        limit = quota(ids)
+        top = order[:b] if limit is None else np.array(limit.take(order.tolist(), b))
         kept_ids.append(ids[top])
         kept_scores.append(score.cpu().numpy()[top])
         tick()
@@ -473,29 +558,21 @@ def datacomp_uids(halves: np.ndarray) -> np.ndarray:
     return array
 
 
-def _fingerprint(s: ScoreSet) -> dict[str, Any]:
-    """What identifies a score set's content for this selection (not its timings)."""
-    digest = hashlib.sha256()
-    rows = 0
-    for part in s.parts:
-        n = pq.ParquetFile(part).metadata.num_rows
-        rows += n
-        digest.update(f"{part.name}:{n}\n".encode())
-    keys = ("role", "model", "model_config_sha256", "pretrained_sha256", "init_seed", "precision")
-    return {
-        "path": str(s.path.resolve()),
-        **{k: s.meta.get(k) for k in keys},
-        "parts": len(s.parts),
-        "rows": rows,
-        "parts_sha256": digest.hexdigest(),
-    }
+def _dedup_fingerprint(dedup: Path | None) -> dict[str, Any] | None:
+    if dedup is None:
+        return None
+    summary = dedup / "summary.json"
+    if not summary.is_file():
+        raise JCError(f"{dedup} is not a finished dedup output (no summary.json)")
+    content = summary.read_bytes()
+    return {"path": str(dedup.resolve()), "summary_sha256": hashlib.sha256(content).hexdigest()}
 
 
 def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dict[str, Any]:
     return {
         "inputs": {
-            "reference": _fingerprint(ref),
-            "learner": _fingerprint(learner) if learner else None,
+            "reference": fingerprint(ref),
+            "learner": fingerprint(learner) if learner else None,
         },
         "method": cfg.method,
         "score": cfg.criterion,
@@ -509,6 +586,8 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
             "topk": cfg.topk if cfg.method == "jest" else None,
             "min_clip_score": cfg.min_clip_score,
             "max_steps": cfg.max_steps,
+            "dedup": _dedup_fingerprint(cfg.dedup),
+            "balance_clusters": cfg.balance_clusters,
         },
     }
 
@@ -521,21 +600,23 @@ class SelectReport:
     seconds: float
 
 
-def _existing(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    path = out / SUMMARY
-    if not path.exists():
-        return None
+def _filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
+    if cfg.dedup is None:
+        return Filters(cfg.min_clip_score)
+    from jestcurate.dedup import SUMMARY, load_clusters, load_dropped
+
     try:
-        summary = read_json(path)
+        summary = read_json(cfg.dedup / SUMMARY)
     except (OSError, ValueError) as exc:
-        raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
-    mine = {k: summary.get(k) for k in identity}
-    if mine != identity:
-        diff = [k for k in identity if summary.get(k) != identity[k]]
+        raise JCError(f"{cfg.dedup / SUMMARY} is unreadable ({exc})") from None
+    made_from = summary.get("scores", {}).get("parts_sha256")
+    if made_from != fingerprint(ref)["parts_sha256"]:
         raise JCError(
-            f"{out} holds a different selection (differs in {', '.join(diff)}); use another --out"
+            f"{cfg.dedup} was made from another score set ({summary.get('scores', {}).get('path')}"
+            f"), not {cfg.reference}; rerun jestcurate dedup on the reference"
         )
-    return summary if (out / MANIFEST).exists() else None
+    clusters = load_clusters(cfg.dedup) if cfg.balance_clusters else None
+    return Filters(cfg.min_clip_score, load_dropped(cfg.dedup), clusters)
 
 
 def run(cfg: SelectConfig) -> SelectReport:
@@ -547,13 +628,14 @@ def run(cfg: SelectConfig) -> SelectReport:
     ref = open_score_set(cfg.reference, role="reference")
     learner = open_score_set(cfg.learner, role="learner") if cfg.learner else None
     identity = _identity(cfg, ref, learner)
-    done = _existing(cfg.out, identity)
+    done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection")
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         return SelectReport(cfg.out, done, reused=True, seconds=time.time() - began)
+    filters = _filters(cfg, ref)
 
     with ui.step_progress("checking score sets", len(ref.parts), "parts") as tick:
-        found = scan(ref, learner, cfg.min_clip_score, on_part=tick)
+        found = scan(ref, learner, filters, on_part=tick)
     counts = found.counts
     big = cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None
     steps = counts.eligible // cfg.super_batch
@@ -573,7 +655,7 @@ def run(cfg: SelectConfig) -> SelectReport:
                 learner,
                 found,
                 cache_dir,
-                cfg.min_clip_score,
+                filters,
                 embeddings=big is not None,
                 on_part=tick,
             )

@@ -9,6 +9,7 @@ Layout (the contract in docs/formats.md):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -61,7 +62,7 @@ def score_schema(dim: int) -> pa.Schema:
     )
 
 
-def _embedding_column(values: np.ndarray, ok: np.ndarray, dim: int) -> pa.Array:
+def embedding_column(values: np.ndarray, ok: np.ndarray, dim: int) -> pa.Array:
     full = np.zeros((ok.shape[0], dim), dtype=np.float16)
     full[ok] = values
     return pa.FixedSizeListArray.from_arrays(
@@ -71,7 +72,7 @@ def _embedding_column(values: np.ndarray, ok: np.ndarray, dim: int) -> pa.Array:
     )
 
 
-def _score_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
+def score_column(values: np.ndarray, ok: np.ndarray) -> pa.Array:
     full = np.zeros(ok.shape[0], dtype=np.float32)
     full[ok] = values
     return pa.array(full, type=pa.float32(), mask=~ok)
@@ -96,10 +97,10 @@ def part_table(
         for name in ("key", "index", "uid", "url", "caption", "sha256", "status", "error")
     }
     columns["shard"] = pa.array([shard] * len(rows), type=pa.string())
-    columns["img_emb"] = _embedding_column(img_emb, ok, dim)
-    columns["txt_emb"] = _embedding_column(txt_emb, ok, dim)
-    columns["clip_score"] = _score_column(clip_score, ok)
-    columns["ref_loss"] = _score_column(ref_loss, ok)
+    columns["img_emb"] = embedding_column(img_emb, ok, dim)
+    columns["txt_emb"] = embedding_column(txt_emb, ok, dim)
+    columns["clip_score"] = score_column(clip_score, ok)
+    columns["ref_loss"] = score_column(ref_loss, ok)
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
@@ -315,3 +316,42 @@ def open_score_set(path: Path, role: str | None = None) -> ScoreSet:
     if not parts:
         raise JCError(f"{path} has no parts yet; run `jestcurate score` into it first")
     return ScoreSet(path, meta, parts)
+
+
+def fingerprint(s: ScoreSet) -> dict[str, Any]:
+    """What identifies a score set's content for a derived output (not its timings)."""
+    digest = hashlib.sha256()
+    rows = 0
+    for part in s.parts:
+        n = pq.ParquetFile(part).metadata.num_rows
+        rows += n
+        digest.update(f"{part.name}:{n}\n".encode())
+    keys = ("role", "model", "model_config_sha256", "pretrained_sha256", "init_seed", "precision")
+    return {
+        "path": str(s.path.resolve()),
+        **{k: s.meta.get(k) for k in keys},
+        "parts": len(s.parts),
+        "rows": rows,
+        "parts_sha256": digest.hexdigest(),
+    }
+
+
+def finished_output(
+    out: Path, summary_name: str, product: str, identity: Mapping[str, Any], what: str
+) -> dict[str, Any] | None:
+    """Rerun identity for a derived output (a selection, a dedup): the summary of a finished
+    output made from the same inputs and parameters, None if there is none yet, and an error if
+    OUT holds a different one. `product` is the file whose presence means finished."""
+    path = out / summary_name
+    if not path.exists():
+        return None
+    try:
+        summary = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
+    differs = [k for k in identity if summary.get(k) != identity[k]]
+    if differs:
+        raise JCError(
+            f"{out} holds a different {what} (differs in {', '.join(differs)}); use another --out"
+        )
+    return summary if (out / product).exists() else None

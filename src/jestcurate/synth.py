@@ -10,8 +10,10 @@ curation method can be scored against the truth.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import os
 import struct
 import zlib
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from jestcurate.store import atomic_write
@@ -389,3 +392,88 @@ def write_score_set(
         marker = {"shard": f"/synthetic/{name}.tar", "name": name, "status": "ok", "error": None}
         write_json_atomic(out / "done" / f"{name}.json", marker)
     return noisy_keys
+
+
+def plant_duplicates(
+    score_set: str | os.PathLike[str],
+    exact: float,
+    near: float,
+    similarity: float = 0.98,
+    seed: int = 0,
+) -> list[set[tuple[str, str]]]:
+    """Rewrite a synthetic score set so that a fraction `exact` of its ok rows are exact copies
+    of other rows (same image hash, embeddings and scores) and a fraction `near` are near copies
+    (an image embedding at cosine `similarity` to the source's, their own caption), sources and
+    copies spread over all shards. Every ok row gets an image hash. For dedup tests and
+    benchmarks; ref_loss of near copies is left as it was.
+
+    Returns the planted groups, each the (shard, key) of a source and all its copies.
+    """
+    import pyarrow.parquet as pq
+
+    from jestcurate.store import embedding_column, embedding_matrix, score_column, write_part
+
+    parts = sorted(Path(score_set, "parts").glob("*.parquet"))
+    tables = [pq.read_table(p) for p in parts]
+    img = [embedding_matrix(t.column("img_emb")) for t in tables]
+    txt = [embedding_matrix(t.column("txt_emb")) for t in tables]
+    clip = [t.column("clip_score").to_numpy(zero_copy_only=False).copy() for t in tables]
+    loss = [t.column("ref_loss").to_numpy(zero_copy_only=False).copy() for t in tables]
+    sha = [
+        [
+            hashlib.sha256(f"{s}/{k}".encode()).hexdigest() if status == "ok" else None
+            for s, k, status in zip(
+                t.column("shard").to_pylist(),
+                t.column("key").to_pylist(),
+                t.column("status").to_pylist(),
+                strict=True,
+            )
+        ]
+        for t in tables
+    ]
+    where = [
+        (p, i)
+        for p, t in enumerate(tables)
+        for i, status in enumerate(t.column("status").to_pylist())
+        if status == "ok"
+    ]
+    rng = np.random.default_rng([seed, 7])
+    order = rng.permutation(len(where))
+    n_exact, n_near = int(exact * len(where)), int(near * len(where))
+    pool = order[n_exact + n_near :]  # rows left as they were: the only sources
+    sources = pool[rng.integers(0, len(pool), size=n_exact + n_near)]
+    groups: dict[int, set[tuple[str, str]]] = {}
+
+    def ident(row: int) -> tuple[str, str]:
+        p, i = where[row]
+        return tables[p].column("shard")[i].as_py(), tables[p].column("key")[i].as_py()
+
+    for j, (copy, source) in enumerate(zip(order[: n_exact + n_near], sources, strict=True)):
+        (cp, ci), (sp, si) = where[copy], where[source]
+        if j < n_exact:
+            img[cp][ci], txt[cp][ci] = img[sp][si], txt[sp][si]
+            clip[cp][ci], loss[cp][ci], sha[cp][ci] = clip[sp][si], loss[sp][si], sha[sp][si]
+        else:
+            src = img[sp][si] / np.linalg.norm(img[sp][si])
+            side = rng.standard_normal(len(src)).astype(np.float32)
+            side -= (side @ src) * src  # orthogonal to the source
+            side /= np.linalg.norm(side)
+            new = similarity * src + math.sqrt(1 - similarity**2) * side
+            img[cp][ci] = new
+            clip[cp][ci] = float(new @ txt[cp][ci] / np.linalg.norm(txt[cp][ci]))
+        groups.setdefault(int(source), {ident(source)}).add(ident(copy))
+
+    for p, (path, table) in enumerate(zip(parts, tables, strict=True)):
+        ok = np.array([s == "ok" for s in table.column("status").to_pylist()])
+        dim = img[p].shape[1]
+        replace = {
+            "sha256": pa.array(sha[p], pa.string()),
+            "img_emb": embedding_column(img[p][ok], ok, dim),
+            "txt_emb": embedding_column(txt[p][ok], ok, dim),
+            "clip_score": score_column(clip[p][ok], ok),
+            "ref_loss": score_column(loss[p][ok], ok),
+        }
+        for name, column in replace.items():
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+        write_part(path, table)
+    return list(groups.values())

@@ -182,6 +182,20 @@ def step_progress(
     _log_done(label, done, unit, time.monotonic() - began, every)
 
 
+@contextlib.contextmanager
+def stage(label: str) -> Iterator[None]:
+    """One long step with no natural unit of progress (k-means): a spinner on a terminal, a
+    start and an end log line elsewhere."""
+    began = time.monotonic()
+    if is_interactive():
+        with stderr.status(label):
+            yield
+    else:
+        log.info("%s ...", label)
+        yield
+    log.info("%s: done in %.1f s", label, time.monotonic() - began)
+
+
 def _log_done(label: str, done: int, unit: str, seconds: float, every: float) -> None:
     # Steps that finish before a progress line was due are not worth a line of their own.
     level = logging.INFO if seconds >= every else logging.DEBUG
@@ -310,6 +324,22 @@ def print_info(path: Any, info: dict[str, Any], console: Console = stdout) -> No
     )
     table.add_column(style="bold")
     table.add_column()
+    if info["kind"] == "dedup":
+        s = info["summary"]
+        table.add_row("scores", f"{s['scores']['path']} ({s['scores']['rows']:,} rows)")
+        for key, value in s["params"].items():
+            table.add_row(f"  {key}", str(value))
+        table.add_row("ok rows", f"{s['ok_rows']:,}")
+        table.add_row("kept", f"{s['kept']:,}")
+        table.add_row("dropped", f"{s['dropped_exact']:,} exact, {s['dropped_semantic']:,} near")
+        table.add_row(
+            "clusters",
+            f"{s['clusters_used']:,} (largest {s['largest_cluster']:,}, "
+            f"median {s['median_cluster']:,.0f} rows)",
+        )
+        table.add_row("took", f"{s['seconds']:.1f} s on {s['device']}")
+        console.print(table)
+        return
     if info["kind"] == "selection":
         s = info["summary"]
         table.add_row("method", s["method"] + (f" ({s['score']})" if s.get("score") else ""))

@@ -1,0 +1,454 @@
+"""`jestcurate dedup`: exact and semantic deduplication (SemDeDup) of a score set, with faiss.
+
+1. Exact duplicates: the same image bytes (sha256). Of each group the best row is kept.
+2. Semantic duplicates: spherical k-means (faiss; on the GPU when there is one) over the stored
+   embeddings, then inside each cluster every row whose cosine similarity to a better row
+   exceeds 1 - eps is dropped. Rows are ranked by clip_score (higher is better), ties, such as
+   exact duplicates, going to the first in (shard, index) order.
+Embeddings are copied once to an on-disk row cache and clusters are read back one at a time, so
+memory holds one cluster, not the corpus. Deterministic for a seed.
+
+Output: DEDUP_DIR/dedup.parquet, one row per status-ok row of the score set: shard, key, index,
+cluster, kept, duplicate_of (the key of the kept row it duplicates) and duplicate_of_shard,
+similarity (cosine to the better row that made it a duplicate; 1 for exact duplicates), reason
+("exact" | "semantic" | null); and DEDUP_DIR/summary.json. Rerunning with the same inputs and
+options reuses a finished output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jestcurate import __version__
+from jestcurate.errors import JCError
+from jestcurate.rowcache import ColumnWriter, RowCache, embedding_rows
+from jestcurate.store import (
+    ScoreSet,
+    atomic_write,
+    fingerprint,
+    finished_output,
+    open_score_set,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+BY = ("image", "text", "both")
+OUTPUT = "dedup.parquet"
+SUMMARY = "summary.json"
+EXACT, SEMANTIC = 1, 2
+REASONS = {EXACT: "exact", SEMANTIC: "semantic"}
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    scores: Path
+    out: Path
+    eps: float = 0.05
+    clusters: int | None = None  # default: round(sqrt(rows))
+    by: str = "image"
+    seed: int = 0
+    iterations: int = 20
+    device: str = "auto"
+
+
+def _validate(cfg: DedupConfig) -> None:
+    if not 0 <= cfg.eps < 2:
+        raise JCError(f"--eps must be in [0, 2), got {cfg.eps}")
+    if cfg.by not in BY:
+        raise JCError(f"--by must be one of {', '.join(BY)}, not {cfg.by!r}")
+    if cfg.clusters is not None and cfg.clusters < 1:
+        raise JCError("--clusters must be at least 1")
+
+
+def _columns(by: str) -> list[str]:
+    return {"image": ["img_emb"], "text": ["txt_emb"], "both": ["img_emb", "txt_emb"]}[by]
+
+
+def build_cache(
+    scores: ScoreSet, by: str, directory: Path, on_part: Callable[[], None] | None = None
+) -> tuple[RowCache, np.ndarray]:
+    """Copy the status-ok rows' embeddings, clip scores, positions and image-hash prefixes.
+    Returns the cache and the number of rows of each part (to map results back)."""
+    names = scores.part_names()
+    emb_cols = _columns(by)
+    sizes = []
+    counts = []
+    for name in names:
+        table = scores.read_part(name, ["status"])
+        counts.append(table.num_rows)
+        ok = np.asarray(table.column("status").to_numpy(zero_copy_only=False)) == "ok"
+        sizes.append(int(ok.sum()))
+    n = sum(sizes)
+    directory.mkdir(parents=True, exist_ok=True)
+    writers = {
+        "part": ColumnWriter(directory / "part.npy", "<i4", (n,)),
+        "index": ColumnWriter(directory / "index.npy", "<i4", (n,)),
+        "clip": ColumnWriter(directory / "clip.npy", "<f4", (n,)),
+        "sha": ColumnWriter(directory / "sha.npy", "<u8", (n,)),
+        **{c: ColumnWriter(directory / f"{c}.npy", "<f2", (n, scores.dim)) for c in emb_cols},
+    }
+    try:
+        for part_id, name in enumerate(names):
+            table = scores.read_part(name, ["status", "index", "clip_score", "sha256", *emb_cols])
+            rows = table.filter(pc.equal(table.column("status"), "ok"))
+            writers["part"].append(np.full(rows.num_rows, part_id))
+            writers["index"].append(rows.column("index").to_numpy())
+            writers["clip"].append(rows.column("clip_score").fill_null(-np.inf).to_numpy())
+            writers["sha"].append(_sha_prefixes(rows.column("sha256").to_pylist()))
+            for c in emb_cols:
+                writers[c].append(embedding_rows(rows.column(c)))
+            if on_part is not None:
+                on_part()
+    finally:
+        for w in writers.values():
+            w.close()
+    return RowCache(directory, [], n), np.array(counts)
+
+
+def _sha_prefixes(hashes: list[str | None]) -> np.ndarray:
+    """The first 64 bits of each sha256 (0 when missing). Two different images share a prefix
+    with odds of about n² / 2⁶⁵: one in a million at 10 M rows."""
+    return np.array([int(h[:16], 16) if h else 0 for h in hashes], dtype=np.uint64)
+
+
+def _use_gpu(device: str) -> bool:
+    """faiss decides, not torch: dedup never needs torch (whose import alone costs ~0.7 GB)."""
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "auto":
+        return gpus > 0
+    if device in ("cuda", "gpu"):
+        if gpus == 0:
+            raise JCError(f"--device {device} asked for, but faiss sees no CUDA device")
+        return True
+    if device == "cpu":
+        return False
+    raise JCError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, iterations: int, gpu: bool) -> np.ndarray:
+    import faiss
+
+    # min_points_per_centroid=1: small sets are fine to cluster, and faiss would print a warning.
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=iterations,
+        spherical=True,
+        seed=seed,
+        gpu=gpu,
+        verbose=False,
+        min_points_per_centroid=1,
+    )
+    kmeans.train(x)
+    return kmeans.centroids
+
+
+def _assign(cache: RowCache, columns: list[str], centroids: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    out = np.empty(cache.size, dtype=np.int32)
+    step = 1 << 16
+    for start in range(0, cache.size, step):
+        stop = min(start + step, cache.size)
+        x = _vectors(cache, columns, None, start, stop)
+        out[start:stop] = index.search(x, 1)[1][:, 0]
+    return out
+
+
+def _vectors(
+    cache: RowCache, columns: list[str], ids: np.ndarray | None, start: int = 0, stop: int = 0
+) -> np.ndarray:
+    """Rows as float32, L2-normalised; with two columns (--by both) concatenated and scaled so
+    a cosine of the pair is the mean of the two cosines."""
+    parts = []
+    for c in columns:
+        v = cache.read(c, ids) if ids is not None else cache.read_range(c, start, stop)
+        v = v.astype(np.float32)
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        parts.append(v)
+    x = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return np.ascontiguousarray(x / math.sqrt(len(parts)), dtype=np.float32)
+
+
+def _exact(
+    cache: RowCache,
+    priority: np.ndarray,
+    dup_of: np.ndarray,
+    reason: np.ndarray,
+    similarity: np.ndarray,
+) -> None:
+    """Mark all but the best row of each group of equal image hashes."""
+    sha = cache.read_range("sha", 0, cache.size)
+    known = np.flatnonzero(sha != 0)
+    order = known[np.lexsort((priority[known], sha[known]))]  # by hash, then by priority
+    if not len(order):
+        return
+    first = np.r_[True, sha[order][1:] != sha[order][:-1]]  # the best row of each group
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    dups = order[~first]
+    dup_of[dups] = order[group_start[~first]]
+    reason[dups] = EXACT
+    similarity[dups] = 1.0
+
+
+def _semantic(
+    x: np.ndarray,
+    threshold: float,
+    rows: np.ndarray,
+    dup_of: np.ndarray,
+    reason: np.ndarray,
+    similarity: np.ndarray,
+) -> None:
+    """`x` holds one cluster's rows in priority order (best first). A row whose similarity to
+    any better row exceeds `threshold` is a duplicate of the most similar such row."""
+    n = len(rows)
+    block = 1024
+    for start in range(1, n, block):
+        stop = min(start + block, n)
+        sims = x[:stop] @ x[start:stop].T  # (better rows, this block)
+        # Only rows earlier in priority order count: mask the diagonal and below.
+        sims[np.arange(stop)[:, None] >= np.arange(start, stop)[None, :]] = -np.inf
+        best = sims.argmax(0)
+        top = sims[best, np.arange(stop - start)]
+        hit = np.flatnonzero(top > threshold)
+        mine = rows[start + hit]
+        fresh = reason[mine] == 0  # exact duplicates keep their reason
+        dup_of[mine[fresh]] = rows[best[hit[fresh]]]
+        reason[mine[fresh]] = SEMANTIC
+        similarity[mine[fresh]] = top[hit[fresh]]
+
+
+def _roots(dup_of: np.ndarray) -> np.ndarray:
+    """For each dropped row the kept row its duplicate chain ends at (-1 for kept rows)."""
+    up = np.where(dup_of >= 0, dup_of, np.arange(len(dup_of)))
+    while True:  # pointer jumping: chains halve each round
+        nxt = up[up]
+        if np.array_equal(nxt, up):
+            return np.where(dup_of >= 0, up, -1)
+        up = nxt
+
+
+def _identity(cfg: DedupConfig, scores: ScoreSet) -> dict[str, Any]:
+    return {
+        "scores": fingerprint(scores),
+        "params": {
+            "by": cfg.by,
+            "eps": cfg.eps,
+            "clusters": cfg.clusters,
+            "seed": cfg.seed,
+            "iterations": cfg.iterations,
+        },
+    }
+
+
+def run(cfg: DedupConfig) -> dict[str, Any]:
+    """Deduplicate and write the outputs; returns the summary (with "seconds" and "reused")."""
+    from jestcurate import ui
+
+    _validate(cfg)
+    began = time.time()
+    scores = open_score_set(cfg.scores)
+    gpu = _use_gpu(cfg.device)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise JCError(f"--out {cfg.out} exists and is not a directory")
+    identity = _identity(cfg, scores)
+    done = finished_output(cfg.out, SUMMARY, OUTPUT, identity, "dedup")
+    if done is not None:
+        return {**done, "seconds": time.time() - began, "reused": True}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cache_dir = cfg.out / ".cache"
+    columns = _columns(cfg.by)
+    phases: dict[str, float] = {}
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        phases[name] = round(time.time() - mark, 3)
+        mark = time.time()
+
+    try:
+        with ui.step_progress("copying embeddings", len(scores.parts), "parts") as tick:
+            cache, part_rows = build_cache(scores, cfg.by, cache_dir, on_part=tick)
+        n = cache.size
+        if n == 0:
+            raise JCError(f"{cfg.scores} has no rows with status ok")
+        k = min(n, cfg.clusters or max(1, round(math.sqrt(n))))
+        part = cache.read_range("part", 0, n)
+        index = cache.read_range("index", 0, n)
+        clip = cache.read_range("clip", 0, n)
+        # Priority: higher clip_score first, then (shard, index) order; rank 0 is the best.
+        order = np.lexsort((index, part, -clip))
+        priority = np.empty(n, dtype=np.int64)
+        priority[order] = np.arange(n)
+        dup_of = np.full(n, -1, dtype=np.int64)
+        reason = np.zeros(n, dtype=np.int8)
+        similarity = np.full(n, np.nan, dtype=np.float32)
+        _exact(cache, priority, dup_of, reason, similarity)
+        lap("copy_and_exact")
+
+        # faiss trains on at most 256 points per centroid anyway; sampling first keeps the
+        # training set, not the corpus, in memory.
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.sort(rng.choice(n, size=min(n, k * 256), replace=False))
+        with ui.stage(f"k-means, {k:,} clusters"):
+            centroids = _kmeans(_vectors(cache, columns, sample), k, cfg.seed, cfg.iterations, gpu)
+            lap("kmeans")
+            cluster = _assign(cache, columns, centroids)
+            lap("assign")
+        by_cluster = np.lexsort((priority, cluster))
+        bounds = np.flatnonzero(np.diff(cluster[by_cluster])) + 1
+        groups = np.split(by_cluster, bounds)
+        threshold = 1 - cfg.eps
+        with ui.step_progress("deduplicating clusters", len(groups), "clusters") as tick:
+            for rows in groups:
+                if len(rows) > 1:
+                    x = _vectors(cache, columns, rows)
+                    _semantic(x, threshold, rows, dup_of, reason, similarity)
+                tick()
+        lap("semantic")
+        with ui.stage("writing dedup.parquet"):
+            _write(cfg, scores, part, index, cluster, _roots(dup_of), reason, similarity)
+        lap("write")
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    sizes = np.bincount(cluster, minlength=k)
+    summary = {
+        **identity,
+        "rows": int(part_rows.sum()),
+        "ok_rows": int(n),
+        "clusters_used": int(k),
+        "kept": int((reason == 0).sum()),
+        "dropped_exact": int((reason == EXACT).sum()),
+        "dropped_semantic": int((reason == SEMANTIC).sum()),
+        "largest_cluster": int(sizes.max()),
+        "median_cluster": float(np.median(sizes)),
+        "device": "cuda" if gpu else "cpu",
+        "tool_version": __version__,
+        "seconds": round(time.time() - began, 3),
+        "seconds_by_phase": phases,
+    }
+    write_json_atomic(cfg.out / SUMMARY, summary)
+    return {**summary, "reused": False}
+
+
+def _write(
+    cfg: DedupConfig,
+    scores: ScoreSet,
+    part: np.ndarray,
+    index: np.ndarray,
+    cluster: np.ndarray,
+    roots: np.ndarray,
+    reason: np.ndarray,
+    similarity: np.ndarray,
+) -> None:
+    """Two passes over the parts' key columns: first the keys of the kept rows that others
+    duplicate, then one row group per part (rows are in part order in the cache)."""
+    names = scores.part_names()
+    targets = np.unique(roots[roots >= 0])
+    target_keys: dict[int, str] = {}
+    shards: list[str] = []
+    for part_id, name in enumerate(names):
+        table = scores.read_part(name, ["shard", "key"])
+        shards.append(table.column("shard")[0].as_py() if table.num_rows else name)
+        mine = targets[part[targets] == part_id]
+        if len(mine):
+            found = table.column("key").take(pa.array(index[mine])).to_pylist()
+            target_keys.update(zip(mine.tolist(), found, strict=True))
+    starts = np.searchsorted(part, np.arange(len(names) + 1))
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+            for part_id, name in enumerate(names):
+                lo, hi = starts[part_id], starts[part_id + 1]
+                if lo == hi:
+                    continue
+                keys = scores.read_part(name, ["key"]).column("key")
+                root = roots[lo:hi].tolist()
+                columns = {
+                    "shard": pa.array([shards[part_id]] * (hi - lo), pa.string()),
+                    "key": keys.take(pa.array(index[lo:hi])),
+                    "index": pa.array(index[lo:hi], pa.int32()),
+                    "cluster": pa.array(cluster[lo:hi], pa.int32()),
+                    "kept": pa.array(reason[lo:hi] == 0),
+                    "duplicate_of": pa.array(
+                        [target_keys[r] if r >= 0 else None for r in root], pa.string()
+                    ),
+                    "duplicate_of_shard": pa.array(
+                        [shards[part[r]] if r >= 0 else None for r in root], pa.string()
+                    ),
+                    "similarity": pa.array(similarity[lo:hi], pa.float32(), from_pandas=True),
+                    "reason": pa.array([REASONS.get(r) for r in reason[lo:hi].tolist()]),
+                }
+                writer.write_table(pa.table(columns, schema=SCHEMA))
+
+    atomic_write(cfg.out / OUTPUT, write)
+
+
+SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("index", pa.int32()),
+        ("cluster", pa.int32()),
+        ("kept", pa.bool_()),
+        ("duplicate_of", pa.string()),
+        ("duplicate_of_shard", pa.string()),
+        ("similarity", pa.float32()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+def _by_shard(dedup_dir: Path, column: str, where: str | None = None) -> dict[str, np.ndarray]:
+    """shard -> (indexes, values of `column`) of the rows, optionally only those where the
+    boolean column `where` is false."""
+    path = dedup_dir / OUTPUT
+    if not path.is_file():
+        raise JCError(f"{dedup_dir} is not a dedup output (no {OUTPUT}); run jestcurate dedup")
+    table = pq.read_table(path, columns=["shard", "index", column])
+    if where is not None:
+        table = table.filter(pc.invert(table.column(where)))
+    encoded = table.column("shard").combine_chunks().dictionary_encode()
+    codes = encoded.indices.to_numpy()
+    index = table.column("index").to_numpy()
+    values = table.column(column).to_numpy()
+    order = np.lexsort((index, codes))
+    bounds = np.searchsorted(codes[order], np.arange(len(encoded.dictionary) + 1))
+    out = {}
+    for code, shard in enumerate(encoded.dictionary.to_pylist()):
+        rows = order[bounds[code] : bounds[code + 1]]
+        out[shard] = (index[rows], values[rows])
+    return out
+
+
+def load_dropped(dedup_dir: Path) -> dict[str, np.ndarray]:
+    """For select --dedup: shard -> sorted indexes of the rows dedup dropped."""
+    dropped = _by_shard(dedup_dir, "kept", where="kept")
+    return {shard: idx.astype(np.int64) for shard, (idx, _) in dropped.items()}
+
+
+def load_clusters(dedup_dir: Path) -> dict[str, np.ndarray]:
+    """For select --balance-clusters: shard -> cluster id by index (-1 where unknown)."""
+    out = {}
+    for shard, (idx, cluster) in _by_shard(dedup_dir, "cluster").items():
+        arr = np.full(int(idx.max()) + 1 if len(idx) else 0, -1, dtype=np.int32)
+        arr[idx] = cluster
+        out[shard] = arr
+    return out
