@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -245,6 +246,19 @@ def _roots(dup_of: np.ndarray) -> np.ndarray:
         up = nxt
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, where there is /proc, because ru_maxrss
+    also counts what a forking parent held before the exec."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _identity(cfg: DedupConfig, scores: ScoreSet) -> dict[str, Any]:
     return {
         "scores": fingerprint(scores),
@@ -282,6 +296,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         nonlocal mark
         phases[name] = round(time.time() - mark, 3)
         mark = time.time()
+        log.debug("%s: %.1f s, peak RSS so far %.0f MiB", name, phases[name], _peak_rss_mib())
 
     try:
         with ui.step_progress("copying embeddings", len(scores.parts), "parts") as tick:
@@ -343,6 +358,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         "tool_version": __version__,
         "seconds": round(time.time() - began, 3),
         "seconds_by_phase": phases,
+        "peak_rss_mib": round(_peak_rss_mib()),
     }
     write_json_atomic(cfg.out / SUMMARY, summary)
     return {**summary, "reused": False}
