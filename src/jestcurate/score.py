@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from jestcurate import __version__
+from jestcurate.claims import DEFAULT_LEASE, Claims, Owner
 from jestcurate.errors import JCError
 from jestcurate.model import LoadedModel, ModelSpec, load_model, resolve_spec
 from jestcurate.reader import (
@@ -45,6 +46,7 @@ from jestcurate.store import (
     SCHEMA_VERSION,
     check_meta,
     create_meta,
+    marker_settles,
     part_table,
     read_markers,
     remove_stale_temps,
@@ -129,6 +131,8 @@ class ScoreConfig:
     role: str = "reference"
     max_pixels: int = DEFAULT_MAX_PIXELS
     init_seed: int = 0
+    lease: float = DEFAULT_LEASE  # seconds a claim lasts unrenewed (matters across hosts)
+    poll: float = 10.0  # seconds between looks at shards that other runs are scoring
 
 
 @dataclass
@@ -169,6 +173,7 @@ class ScoreReport:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # resolving inputs, loading the model, starting workers
     device: str = ""
+    by_others: int = 0  # shards another run scored while this one ran
 
     @property
     def failed(self) -> list[ShardResult]:
@@ -214,12 +219,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         tokenizer: Any,
         chunk_size: int,
         max_pixels: int,
+        claims: Claims | None = None,
+        began: float = 0.0,
     ) -> None:
         self.shards = list(shards)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.max_pixels = max_pixels
+        self.claims = claims
+        self.began = began
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -237,8 +246,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             **extra,
         }
 
+    def _claim(self, shard: Shard) -> bool:
+        """Claim the shard just before reading it; False if another run has it or finished it
+        in the meantime."""
+        claims = self.claims
+        if claims is None:
+            return True
+        if not claims.try_claim(shard.name):
+            return False
+        if marker_settles(claims.dir.parent, shard.name, self.began):
+            claims.release(shard.name)
+            return False
+        return True
+
     def _read(self, pos: int) -> Iterator[dict[str, Any]]:
         shard = self.shards[pos]
+        if not self._claim(shard):
+            yield {"pos": pos, "skipped": True}
+            return
         started = time.time()
         seen: set[str] = set()
         rows: list[dict[str, Any]] = []
@@ -343,9 +368,10 @@ class _Encoder:
 class Scorer:
     """Turns one shard's rows and embeddings into its part file and completion marker."""
 
-    def __init__(self, model: LoadedModel, out: Path) -> None:
+    def __init__(self, model: LoadedModel, out: Path, claims: Claims | None = None) -> None:
         self.model = model
         self.out = out
+        self.claims = claims
         self.dim = model.embed_dim
         self.scale = model.logit_scale
         self.bias = model.logit_bias
@@ -386,6 +412,8 @@ class Scorer:
         )
         # The marker comes last: a crash before it leaves the shard to be redone.
         write_json_atomic(self.out / DONE_DIR / f"{shard.name}.json", result.marker())
+        if self.claims is not None:
+            self.claims.release(shard.name)
         return result
 
 
@@ -460,10 +488,72 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         remove_stale_temps(cfg.out / sub)
     create_meta(cfg.out, meta)
 
+    claims = Claims(cfg.out, Owner.this_process(), cfg.lease)
+    with claims.heartbeat():
+        _score_until_settled(cfg, model, mine, claims, report, progress, began)
+    report.seconds = time.time() - began
+    return report
+
+
+def _score_until_settled(
+    cfg: ScoreConfig,
+    model: LoadedModel,
+    mine: list[Shard],
+    claims: Claims,
+    report: ScoreReport,
+    progress: Progress,
+    began: float,
+) -> None:
+    """Score this task's unsettled shards in passes. Shards that other live runs hold are
+    skipped, then waited for: the run ends when every shard is settled, by it or by others, and
+    a claim whose owner died is taken over in the next pass."""
+    attempted: set[str] = set()
+    first: set[str] | None = None
+    last_note = 0.0
+    while True:
+        todo = [
+            s
+            for s in mine
+            if s.name not in attempted and not marker_settles(cfg.out, s.name, began)
+        ]
+        if first is None:
+            first = {s.name for s in todo}
+        if not todo:
+            break
+        held = {s.name: c for s in todo if (c := claims.held_by_other(s.name)) is not None}
+        free = [s for s in todo if s.name not in held]
+        if free:
+            _score_pass(cfg, model, free, claims, report, progress, began, attempted)
+            continue
+        if time.time() - last_note > 60:
+            owners = sorted({f"{c.get('host')}:{c.get('pid')}" for c in held.values()})
+            log.info(
+                "waiting for %d shard(s) that other runs are scoring (%s)",
+                len(held),
+                ", ".join(owners[:3]) + (" ..." if len(owners) > 3 else ""),
+            )
+            last_note = time.time()
+        time.sleep(cfg.poll)
+    report.by_others = len((first or set()) - attempted)
+
+
+def _score_pass(
+    cfg: ScoreConfig,
+    model: LoadedModel,
+    todo: list[Shard],
+    claims: Claims,
+    report: ScoreReport,
+    progress: Progress,
+    began: float,
+    attempted: set[str],
+) -> None:
+    """One DataLoader pass over `todo`; each shard is claimed by the worker that reads it."""
     workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
     workers = min(workers, len(todo))
     chunk = _chunk_size(cfg.batch_size, model.image_size)
-    stream = ShardStream(todo, model.preprocess, model.tokenizer, chunk, cfg.max_pixels)
+    stream = ShardStream(
+        todo, model.preprocess, model.tokenizer, chunk, cfg.max_pixels, claims, began
+    )
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -471,7 +561,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         pin_memory=model.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    scorer = Scorer(model, cfg.out)
+    scorer = Scorer(model, cfg.out, claims)
     encoder = _Encoder(model, cfg.batch_size)
     pending: dict[int, _Pending] = {}
 
@@ -479,12 +569,15 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         for pos in [p for p, state in pending.items() if state.complete]:
             result = scorer.finish(todo[pos], pending.pop(pos))
             report.results.append(result)
+            attempted.add(result.name)
             progress.shard_done(result)
 
     threads = _CpuThreads(model.device.type, workers)
     try:
         last = time.perf_counter()
         for item in loader:
+            if item.get("skipped"):  # claimed or finished by another run meanwhile
+                continue
             if not report.startup_seconds:
                 report.startup_seconds = time.time() - began
             state = pending.setdefault(item["pos"], _Pending(started=item["started"]))
@@ -502,5 +595,3 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         finish_complete()
     finally:
         threads.restore()
-    report.seconds = time.time() - began
-    return report

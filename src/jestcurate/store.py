@@ -240,6 +240,19 @@ def read_markers(out: Path) -> dict[str, dict[str, Any]]:
     return markers
 
 
+def marker_settles(out: Path, name: str, since: float) -> bool:
+    """Whether shard `name` needs no more work in a run that began at `since`: it is done, or
+    it failed in an attempt that started during this run (a broken shard is retried by the
+    next run, not again and again by this one)."""
+    path = out / DONE_DIR / f"{name}.json"
+    try:
+        marker = read_json(path)
+        mtime = path.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    return marker.get("status") == "ok" or mtime >= since
+
+
 class ScoreSet:
     """A score set opened for reading: its meta.json, its parts (sorted by name) and markers."""
 

@@ -212,6 +212,8 @@ def print_score_summary(report: ScoreReport, console: Console = stdout) -> None:
     table.add_row("shards in this task", f"{report.shards_in_task:,}")
     table.add_row("  already done (skipped)", f"{report.skipped:,}")
     table.add_row("  scored now", f"{len(done):,}")
+    if report.by_others:
+        table.add_row("  scored meanwhile by another run", f"{report.by_others:,}")
     table.add_row("  failed", f"{len(report.failed):,}")
     samples = report.samples
     errors = sum(r.errors for r in report.results)
