@@ -83,7 +83,10 @@ def test_export_resumes_and_refuses_other_shard_sizes(selection: Path, tmp_path:
     kept = copy / "shards" / "00001.tar"
     mtime = kept.stat().st_mtime_ns
     (copy / "shards" / "00003.tar").unlink()  # as if killed before this shard was renamed
+    code, output = run_cli("status", copy, "--json", "--check")
+    assert code == 1 and json.loads(output)["missing"] == ["00003.tar"], output
     export(copy, 24)
+    assert run_cli("status", copy, "--check")[0] == 0
     assert kept.stat().st_mtime_ns == mtime  # finished shards are not rewritten
     assert (copy / "shards" / "00003.tar").read_bytes() == (
         selection / "shards" / "00003.tar"

@@ -6,7 +6,8 @@ time, a token unique to the run, and a lease expiry that a heartbeat thread rene
 stale, and is taken over, when
 * its owner ran on this host and that process is gone (so a rerun right after `kill -9` goes on
   at once), or
-* it ran on another host and its lease has run out (a host cannot see another's processes).
+* it ran on another host and its lease has run out (a host cannot see another's processes), or
+* it was made by an earlier incarnation of this same Slurm job (requeued after a node failure).
 Every change to a claim happens under an exclusive flock on DIR/claims/claims.lock (NFS clients
 map it to a POSIX lock), so checking a claim and replacing it cannot interleave with another
 run.
@@ -54,17 +55,26 @@ def _alive(pid: int, started: str | None) -> bool:
     return started is None or _process_start(pid) in (None, started)
 
 
+def _slurm_job() -> str | None:
+    """This Slurm job (array task) across requeues: Slurm never runs two incarnations at once."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 @dataclass(frozen=True)
 class Owner:
     host: str
     pid: int
     pid_start: str | None
     token: str
+    job: str | None = None
 
     @classmethod
     def this_process(cls) -> Owner:
         pid = os.getpid()
-        return cls(socket.gethostname(), pid, _process_start(pid), uuid.uuid4().hex)
+        return cls(socket.gethostname(), pid, _process_start(pid), uuid.uuid4().hex, _slurm_job())
 
     def describe(self) -> str:
         return f"{self.host}:{self.pid}"
@@ -112,6 +122,8 @@ class Claims:
     def is_stale(self, claim: dict[str, Any]) -> bool:
         if not claim:
             return True
+        if claim.get("job") and claim.get("job") == self.owner.job:
+            return True  # an earlier incarnation of this requeued Slurm job
         if claim.get("host") == self.owner.host:
             return not _alive(int(claim.get("pid", -1)), claim.get("pid_start"))
         return float(claim.get("expires", 0)) < time.time()

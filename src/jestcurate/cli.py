@@ -62,46 +62,56 @@ def _main(
     ui.setup_logging(verbose)
 
 
+# Options shared by `score` and `slurm score`.
+Inputs = Annotated[
+    list[str],
+    typer.Argument(
+        help="Shards: tar paths, directories of tars, brace patterns "
+        "('pool/{00000..00099}.tar'), globs, fsspec URLs (s3://, gs://, https://) "
+        "or @list.txt files with one of those per line.",
+        show_default=False,
+    ),
+]
+ScoreOut = Annotated[Path, typer.Option("--out", "-o", help="Score-set directory to write.")]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="open_clip model name (ViT-B-32, jc-tiny, ...) or a model-config .json path.",
+    ),
+]
+Pretrained = Annotated[
+    str | None,
+    typer.Option(
+        help="open_clip pretrained tag or checkpoint path (state_dict or "
+        "{'state_dict': ...}). Without it the weights are random from a fixed seed.",
+    ),
+]
+BatchSize = Annotated[int, typer.Option(help="Samples per model batch.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda (auto: cuda when present).")]
+Precision = Annotated[
+    str | None,
+    typer.Option(help="fp32, bf16 or fp16 autocast. Default: fp32 on CPU, bf16 on CUDA."),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(help="Decoding worker processes (0: decode in the main process). "),
+]
+Role = Annotated[str, typer.Option(help="reference (the frozen guide-trained model) or learner.")]
+
+
 @app.command()
 @_one_line_errors
 def score(
-    inputs: Annotated[
-        list[str],
-        typer.Argument(
-            help="Shards: tar paths, directories of tars, brace patterns "
-            "('pool/{00000..00099}.tar'), globs, fsspec URLs (s3://, gs://, https://) "
-            "or @list.txt files with one of those per line.",
-            show_default=False,
-        ),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Score-set directory to write.")],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="open_clip model name (ViT-B-32, jc-tiny, ...) or a model-config .json path.",
-        ),
-    ],
-    pretrained: Annotated[
-        str | None,
-        typer.Option(
-            help="open_clip pretrained tag or checkpoint path (state_dict or "
-            "{'state_dict': ...}). Without it the weights are random from a fixed seed.",
-        ),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per model batch.")] = 256,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (auto: cuda when present).")] = (
-        "auto"
-    ),
-    precision: Annotated[
-        str | None,
-        typer.Option(help="fp32, bf16 or fp16 autocast. Default: fp32 on CPU, bf16 on CUDA."),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(help="Decoding worker processes (0: decode in the main process). "),
-    ] = None,
+    inputs: Inputs,
+    out: ScoreOut,
+    model: Model,
+    pretrained: Pretrained = None,
+    batch_size: BatchSize = 256,
+    device: Device = "auto",
+    precision: Precision = None,
+    workers: Workers = None,
     task_index: Annotated[
         int | None,
         typer.Option(help="This task's index in an array job. Default: from Slurm variables."),
@@ -110,14 +120,12 @@ def score(
         int | None,
         typer.Option(help="Number of tasks in the array job. Default: from Slurm variables."),
     ] = None,
-    role: Annotated[
-        str,
-        typer.Option(help="reference (the frozen guide-trained model) or learner."),
-    ] = "reference",
+    role: Role = "reference",
 ) -> None:
     """Score shards with a frozen open_clip model: embeddings, clip_score and ref_loss per sample,
     one Parquet part per shard under OUT/parts. Rerunning skips finished shards and retries
-    failed ones; array tasks split the shards between them.
+    failed ones; array tasks split the shards between them. Runs sharing OUT (overlapping cron
+    runs) claim shards, never score one twice, and each exits once every shard is settled.
 
     Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
     from jestcurate import score as score_mod
@@ -140,6 +148,170 @@ def score(
         report = score_mod.run(cfg, progress)
     ui.print_score_summary(report)
     if report.failed:
+        raise typer.Exit(1)
+
+
+slurm_app = typer.Typer(
+    help="Run under Slurm: write (and submit) sbatch array scripts.", no_args_is_help=True
+)
+app.add_typer(slurm_app, name="slurm")
+
+
+@slurm_app.command("score")
+@_one_line_errors
+def slurm_score(
+    inputs: Inputs,
+    out: ScoreOut,
+    model: Model,
+    pretrained: Pretrained = None,
+    batch_size: BatchSize = 256,
+    device: Device = "auto",
+    precision: Precision = None,
+    workers: Workers = None,
+    role: Role = "reference",
+    num_tasks: Annotated[
+        int | None, typer.Option(help="Array tasks (default: shards / --shards-per-task).")
+    ] = None,
+    shards_per_task: Annotated[
+        int, typer.Option(help="Shards per task when --num-tasks is not given.")
+    ] = 16,
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    gpus_per_task: Annotated[int, typer.Option(help="GPUs per task (0: none).")] = 1,
+    cpus_per_task: Annotated[int, typer.Option(help="CPU cores per task (decoding).")] = 8,
+    mem: Annotated[str | None, typer.Option(help="Memory per node, as sbatch --mem.")] = None,
+    time: Annotated[str, typer.Option(help="Time limit per task, as sbatch --time.")] = (
+        "24:00:00"
+    ),
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Most tasks running at once (the %N of --array).")
+    ] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
+    qos: Annotated[str | None, typer.Option(help="Slurm QOS.")] = None,
+    max_array_size: Annotated[
+        int | None,
+        typer.Option(help="The cluster's MaxArraySize (default: from scontrol, else 1001)."),
+    ] = None,
+    sbatch: Annotated[
+        list[str] | None,
+        typer.Option(help="Another sbatch option for the script, e.g. --sbatch constraint=a100."),
+    ] = None,
+    submit: Annotated[bool, typer.Option("--submit", help="Submit with sbatch.")] = False,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help="Resubmit only the tasks whose shards are not all done (same plan as before).",
+        ),
+    ] = False,
+) -> None:
+    """Write OUT/slurm/score.sbatch, an array job running `jestcurate score` per task, and print
+    its path; with --submit, submit it (as several array jobs if the tasks pass the cluster's
+    MaxArraySize). Tasks requeue safely after node failures; --retry resubmits only the tasks
+    that still have shards to do."""
+    from jestcurate import slurm, ui
+    from jestcurate.shards import expand_inputs
+    from jestcurate.status import unfinished_tasks
+
+    opts = slurm.SlurmOptions(
+        partition=partition,
+        gpus_per_task=gpus_per_task,
+        cpus_per_task=cpus_per_task,
+        mem=mem,
+        time=time,
+        max_concurrent=max_concurrent,
+        account=account,
+        qos=qos,
+        max_array_size=max_array_size,
+        extra=tuple(sbatch or ()),
+    )
+    args = [*inputs, "--out", str(out.resolve()), "--model", model]
+    for flag, value in (
+        ("--pretrained", pretrained),
+        ("--batch-size", batch_size),
+        ("--device", device),
+        ("--precision", precision),
+        ("--workers", workers),
+        ("--role", role),
+    ):
+        if value is not None:
+            args += [flag, str(value)]
+    shards = len(expand_inputs(inputs))  # bad inputs fail here, not in a thousand tasks
+    if retry:
+        plan = slurm.read_plan(out)
+        if plan["score_args"] != args:
+            raise JCError(
+                f"these options differ from the plan in {out / slurm.SLURM_DIR / slurm.PLAN}; "
+                "--retry needs the same inputs and score options"
+            )
+        count = int(plan["num_tasks"])
+        tasks, busy = unfinished_tasks(out, inputs, count)
+        note = f" ({busy} more are running now)" if busy else ""
+        if not tasks:
+            ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")
+            return
+        script = slurm.write_script(out, args, count, opts)
+        jobs = slurm.submit(script, tasks, opts)
+        ui.stdout.print(
+            f"resubmitted {len(tasks)} of {count} tasks{note} as job(s) "
+            f"{', '.join(jobs)}: {script}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    if shards_per_task < 1:
+        raise JCError("--shards-per-task must be at least 1")
+    count = num_tasks or -(-shards // shards_per_task)
+    if count < 1:
+        raise JCError("--num-tasks must be at least 1")
+    count = min(count, shards)
+    script = slurm.write_script(out, args, count, opts)
+    ui.stdout.print(str(script), highlight=False, soft_wrap=True)
+    if submit:
+        jobs = slurm.submit(script, range(count), opts)
+        ui.stdout.print(
+            f"submitted {count} tasks over {shards} shards as job(s) {', '.join(jobs)}",
+            highlight=False,
+        )
+    else:
+        ui.stderr.print(
+            f"{count} tasks over {shards} shards; submit with --submit, or sbatch "
+            f"--array=0-{count - 1} {script} 0",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+@_one_line_errors
+def status(
+    path: Annotated[Path, typer.Argument(help="A score set or a selection with an export.")],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="The score run's INPUTS, to list the shards still pending."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 unless everything is done.")
+    ] = False,
+) -> None:
+    """Done, failed (with reasons), running and, given the INPUTS, pending shards of a score
+    set; or written and missing shards of an export."""
+    import json as json_mod
+
+    from jestcurate import status as status_mod
+    from jestcurate import ui
+
+    if (path / "shards" / "export.json").is_file():
+        found = status_mod.export_status(path)
+        complete = found["finished"]
+    else:
+        state = status_mod.score_status(path, inputs or ())
+        found, complete = state.as_dict(), state.complete
+    if json_out:
+        ui.stdout.print_json(json_mod.dumps(found))
+    else:
+        ui.print_status(found)
+    if check and not complete:
         raise typer.Exit(1)
 
 

@@ -392,3 +392,36 @@ def print_info(path: Any, info: dict[str, Any], console: Console = stdout) -> No
     if info["failed"]:
         table.add_row("failed shards", ", ".join(info["failed"][:10]))
     console.print(table)
+
+
+def print_status(found: dict[str, Any], console: Console = stdout, listed: int = 20) -> None:
+    """`jestcurate status`, for a person: counts, then up to `listed` shards of each kind, one
+    per line and unwrapped so paths can be copied (--json gives the whole lists)."""
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    lines: list[str] = []
+
+    def some(items: list[str], label: str) -> None:
+        lines.extend(f"{label} {item}" for item in items[:listed])
+        if len(items) > listed:
+            lines.append(f"{label} ... and {len(items) - listed:,} more")
+
+    if found["kind"] == "export":
+        table.add_row("shards written", f"{found['written']:,} of {found['shards']:,}")
+        some(found["missing"], "[yellow]missing[/yellow]")
+    else:
+        pending = found["pending"]
+        table.add_row("done", f"{found['done']:,}")
+        table.add_row("failed", f"{len(found['failed']):,}")
+        table.add_row("running", f"{len(found['running']):,}")
+        table.add_row("pending", "(give INPUTS)" if pending is None else f"{len(pending):,}")
+        if found["outside_inputs"]:
+            table.add_row("not among INPUTS", f"{found['outside_inputs']:,}")
+        some([f"{f['shard']}: {f['error']}" for f in found["failed"]], "[red]failed[/red]")
+        some([f"{r['shard']} ({r['owner']})" for r in found["running"]], "[cyan]running[/cyan]")
+        some(pending or [], "[yellow]pending[/yellow]")
+    console.print(f"{found['out']} ({found['kind']})", highlight=False, soft_wrap=True)
+    console.print(table)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)

@@ -1,0 +1,121 @@
+"""`jestcurate status`: where a score set or an export stands, from its files alone.
+
+Score sets: done and failed shards come from the completion markers, shards being scored now
+from live claims, and, given the INPUTS, pending shards are those with no marker yet. The same
+view drives `slurm score --retry`, which resubmits only the array tasks that still have work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jestcurate.claims import CLAIMS_DIR, Claims, Owner
+from jestcurate.errors import JCError
+from jestcurate.shards import Shard, assign_names, expand_inputs, for_task
+from jestcurate.store import DONE_DIR, read_json, read_markers
+
+
+@dataclass
+class ScoreStatus:
+    out: Path
+    done: list[str] = field(default_factory=list)  # shard urls
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (shard, error)
+    running: list[tuple[str, str]] = field(default_factory=list)  # (shard, "host:pid")
+    pending: list[str] | None = None  # shards of INPUTS with no marker; None without INPUTS
+    outside: int = 0  # markers of shards that are not among the INPUTS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "score set",
+            "out": str(self.out),
+            "done": len(self.done),
+            "failed": [{"shard": s, "error": e} for s, e in self.failed],
+            "running": [{"shard": s, "owner": o} for s, o in self.running],
+            "pending": self.pending,
+            "outside_inputs": self.outside,
+        }
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.running and not self.pending
+
+
+def _shards(out: Path, inputs: Sequence[str]) -> list[Shard]:
+    markers = read_markers(out)
+    owners = {name: m.get("shard") for name, m in markers.items()}
+    return assign_names(expand_inputs(inputs), owners)
+
+
+def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
+    if not (out / "meta.json").is_file() and not (out / DONE_DIR).is_dir():
+        raise JCError(f"{out} is not a score set or an export (no meta.json, no shards/)")
+    markers = read_markers(out)
+    status = ScoreStatus(out)
+    claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
+    wanted = _shards(out, inputs) if inputs else None
+    names = {s.name for s in wanted} if wanted is not None else set(markers)
+    for name in sorted(markers):
+        marker = markers[name]
+        if name not in names:
+            status.outside += 1
+            continue
+        shard = str(marker.get("shard", name))
+        if marker.get("status") == "ok":
+            status.done.append(shard)
+        else:
+            status.failed.append((shard, str(marker.get("error"))))
+    by_name = {s.name: s.url for s in wanted or []}
+    if claims is not None:
+        for path in sorted(claims.dir.glob("*.json")):
+            claim = claims.held_by_other(path.stem)
+            if claim is not None and (wanted is None or path.stem in by_name):
+                owner = f"{claim.get('host')}:{claim.get('pid')}"
+                status.running.append((by_name.get(path.stem, path.stem), owner))
+    if wanted is not None:
+        busy = {s for s, _ in status.running}
+        status.pending = [s.url for s in wanted if s.name not in markers and s.url not in busy]
+    return status
+
+
+def unfinished_tasks(out: Path, inputs: Sequence[str], num_tasks: int) -> tuple[list[int], int]:
+    """Array task indexes (of `num_tasks`) that still have a shard without an ok marker and not
+    being scored by a live run; and how many tasks are skipped because all their remaining
+    shards are being scored now."""
+    markers = read_markers(out)
+    shards = _shards(out, inputs)
+    claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
+    todo, busy = [], 0
+    for task in range(num_tasks):
+        mine = for_task(shards, task, num_tasks)
+        left = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
+        if not left:
+            continue
+        if claims is not None and all(claims.held_by_other(s.name) for s in left):
+            busy += 1
+            continue
+        todo.append(task)
+    return todo, busy
+
+
+def export_status(selection: Path) -> dict[str, Any]:
+    """Written and missing output shards of `select --export`."""
+    meta_path = selection / "shards" / "export.json"
+    if not meta_path.is_file():
+        raise JCError(f"{selection} has no export (no shards/export.json); run select --export")
+    meta = read_json(meta_path)
+    total = math.ceil(meta["samples"] / meta["samples_per_shard"])
+    missing = [
+        f"{k:05d}.tar" for k in range(total) if not (selection / "shards" / f"{k:05d}.tar").exists()
+    ]
+    return {
+        "kind": "export",
+        "out": str(selection),
+        "shards": total,
+        "written": total - len(missing),
+        "missing": missing,
+        "finished": "pattern" in meta and not missing,
+    }

@@ -1,0 +1,151 @@
+"""`jestcurate slurm score` and `jestcurate status`: generated scripts, submission through a
+stand-in sbatch, and the scripts' per-task commands run locally with Slurm's variables set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from jestcurate.claims import Claims, Owner
+from jestcurate.slurm import array_spec, split_tasks
+
+
+def test_array_spec_and_split() -> None:
+    assert array_spec([0, 1, 2, 3]) == "0-3"
+    assert array_spec([5, 1, 2, 9, 10, 3], max_concurrent=4) == "1-3,5,9-10%4"
+    assert split_tasks(range(5), 2) == [(0, [0, 1]), (2, [0, 1]), (4, [0])]
+    assert split_tasks([1, 2, 7], 3) == [(0, [1, 2]), (6, [1])]
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An `sbatch` on PATH that records its arguments and answers with a job id."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.log"
+    script = bin_dir / "sbatch"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho "4242;cluster"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def slurm_args(corpus: Path, out: Path, *more: str) -> list:
+    return ["slurm", "score", corpus, "--out", out, "-m", "jc-tiny", "--workers", "0", *more]
+
+
+def run_task(script: Path, offset: int, array_id: int) -> subprocess.CompletedProcess:
+    # SLURM_ARRAY_TASK_COUNT is per array job (here 2): the script's explicit flags must win.
+    env = {
+        **os.environ,
+        "SLURM_ARRAY_TASK_ID": str(array_id),
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_ARRAY_JOB_ID": "4242",
+    }
+    return subprocess.run(
+        ["bash", str(script), str(offset)], env=env, capture_output=True, text=True
+    )
+
+
+def test_generate_submit_run_and_retry(corpus: Path, tmp_path: Path, fake_sbatch: Path) -> None:
+    out = tmp_path / "scores"
+    options = ["--num-tasks", "3", "--max-array-size", "2", "--partition", "gpu"]
+    options += ["--max-concurrent", "2", "--sbatch", "constraint=a100", "--gpus-per-task", "1"]
+    code, output = run_cli(*slurm_args(corpus, out, *options, "--submit"))
+    assert code == 0, output
+    script = out / "slurm" / "score.sbatch"
+    assert str(script) in output and "submitted 3 tasks over 3 shards" in output
+    text = script.read_text()
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --requeue",
+        "#SBATCH --constraint=a100",
+        '--task-index "$task" --num-tasks 3',
+    ):
+        assert line in text, line
+    # Three tasks, arrays capped at 2 indexes: two array jobs of the same script.
+    calls = fake_sbatch.read_text().splitlines()
+    assert calls == [
+        f"--parsable --array=0-1%2 {script} 0",
+        f"--parsable --array=0%2 {script} 2",
+    ]
+
+    # Run the tasks as Slurm would: array job 2 (offset 2), then task 0 of array job 1.
+    for offset, array_id in ((2, 0), (0, 0)):
+        done = run_task(script, offset, array_id)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "scored now" in done.stdout
+    markers = sorted(p.stem for p in (out / "done").glob("*.json"))
+    assert markers == ["00000", "00002"]  # task t of 3 scores shard t
+
+    code, output = run_cli("status", out, corpus, "--json", "--check")
+    assert code == 1
+    found = json.loads(output)
+    assert found["done"] == 2 and [Path(p).name for p in found["pending"]] == ["00001.tar"]
+
+    # --retry resubmits task 1 alone.
+    fake_sbatch.write_text("")
+    code, output = run_cli(*slurm_args(corpus, out, *options, "--retry"))
+    assert code == 0 and "resubmitted 1 of 3 tasks" in output, output
+    assert fake_sbatch.read_text().splitlines() == [f"--parsable --array=1%2 {script} 0"]
+    assert run_task(script, 0, 1).returncode == 0
+    code, output = run_cli(*slurm_args(corpus, out, *options, "--retry"))
+    assert code == 0 and "nothing to retry" in output, output
+    code, output = run_cli("status", out, corpus, "--check")
+    assert code == 0 and "done" in output, output
+
+    # A retry must use the plan it retries.
+    code, output = run_cli(*slurm_args(corpus, out, "--batch-size", "7", "--retry"))
+    assert code == 2 and "differ from the plan" in output, output
+
+
+def test_script_without_submit_and_errors(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores"
+    code, output = run_cli(
+        *slurm_args(corpus, out, "--shards-per-task", "2", "--gpus-per-task", "0")
+    )
+    assert code == 0, output
+    text = (out / "slurm" / "score.sbatch").read_text()
+    assert "--num-tasks 2" in text and "gpus-per-task" not in text
+    assert "sbatch --array=0-1" in output
+    code, output = run_cli(*slurm_args(tmp_path / "nope.tar", out))
+    assert code == 2 and "input not found" in output, output
+    code, output = run_cli(*slurm_args(corpus, tmp_path / "fresh", "--retry"))
+    assert code == 2 and "nothing to retry" in output, output
+
+
+def test_status_lists_failed_shards_with_reasons(hostile, tmp_path: Path) -> None:
+    shard, _ = hostile
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(shard.read_bytes()[:1000])  # cut mid-member
+    out = tmp_path / "scores"
+    code, _ = run_cli("score", broken, shard, "--out", out, "-m", "jc-tiny", "--workers", "0")
+    assert code == 1
+    code, output = run_cli("status", out, "--json")
+    found = json.loads(output)
+    assert found["done"] == 1 and len(found["failed"]) == 1
+    assert found["failed"][0]["shard"].endswith("broken.tar") and found["failed"][0]["error"]
+    code, output = run_cli("status", out)
+    assert code == 0 and "broken.tar" in output
+
+
+def test_a_requeued_slurm_task_takes_over_its_own_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    before = Owner("node-a", 1234, None, "first-incarnation", "77_3")
+    Claims(tmp_path, before, lease=3600).try_claim("00007")
+    now = Claims(tmp_path, Owner.this_process(), lease=3600)
+    assert now.owner.job == "77_3"
+    assert now.try_claim("00007")  # same job id: the earlier incarnation is gone
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    other_task = Claims(tmp_path, Owner.this_process(), lease=3600)
+    assert not other_task.try_claim("00007")
