@@ -251,11 +251,9 @@ def slurm_score(
             return
         script = slurm.write_script(out, args, count, opts)
         jobs = slurm.submit(script, tasks, opts)
-        ui.stdout.print(
+        ui.say(
             f"resubmitted {len(tasks)} of {count} tasks{note} as job(s) "
             f"{', '.join(jobs)}: {script}",
-            highlight=False,
-            soft_wrap=True,
         )
         return
     if shards_per_task < 1:
@@ -265,19 +263,14 @@ def slurm_score(
         raise JCError("--num-tasks must be at least 1")
     count = min(count, shards)
     script = slurm.write_script(out, args, count, opts)
-    ui.stdout.print(str(script), highlight=False, soft_wrap=True)
+    ui.say(str(script))
     if submit:
         jobs = slurm.submit(script, range(count), opts)
-        ui.stdout.print(
-            f"submitted {count} tasks over {shards} shards as job(s) {', '.join(jobs)}",
-            highlight=False,
-        )
+        ui.say(f"submitted {count} tasks over {shards} shards as job(s) {', '.join(jobs)}")
     else:
-        ui.stderr.print(
+        ui.note(
             f"{count} tasks over {shards} shards; submit with --submit, or sbatch "
             f"--array=0-{count - 1} {script} 0",
-            highlight=False,
-            soft_wrap=True,
         )
 
 
@@ -421,11 +414,9 @@ def select(
         from jestcurate import export as export_mod
 
         done = export_mod.export(out, samples_per_shard)
-        ui.stdout.print(
+        ui.say(
             f"exported {report.summary['counts']['kept']:,} samples to {done['shards']} shards: "
             f"{done['pattern']}",
-            highlight=False,
-            soft_wrap=True,
         )
 
 
@@ -460,12 +451,10 @@ def dedup(
     cfg = dedup_mod.DedupConfig(scores, out, eps, clusters, by, seed, device=device)
     done = dedup_mod.run(cfg)
     how = "already done, reused" if done["reused"] else f"{done['seconds']:.1f} s"
-    ui.stdout.print(
+    ui.say(
         f"{done['ok_rows']:,} rows in {done['clusters_used']:,} clusters: kept {done['kept']:,}, "
         f"dropped {done['dropped_exact']:,} exact and {done['dropped_semantic']:,} near "
         f"duplicates ({how}): {out / dedup_mod.OUTPUT}",
-        highlight=False,
-        soft_wrap=True,
     )
 
 
@@ -495,11 +484,9 @@ def report(
     missing = (
         f", {done['missing_thumbnails']} images unavailable" if done["missing_thumbnails"] else ""
     )
-    ui.stdout.print(
+    ui.say(
         f"wrote {out} ({done['bytes'] / 1024:,.0f} KiB, {done['thumbnails']} thumbnails{missing}, "
         f"{done['seconds']:.1f} s)",
-        highlight=False,
-        soft_wrap=True,
     )
 
 
@@ -580,11 +567,9 @@ def train(
     if report.already_done:
         ui.stdout.print(f"{out} is already trained ({report.steps} steps); nothing to do")
         return
-    ui.stdout.print(
+    ui.say(
         f"trained {report.steps} steps ({report.samples:,} samples) in {report.seconds:.0f} s, "
         f"final loss {report.final_loss:.4f}: {out}",
-        highlight=False,
-        soft_wrap=True,
     )
 
 

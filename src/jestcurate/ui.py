@@ -22,6 +22,16 @@ stderr = Console(stderr=True)
 stdout = Console()
 
 
+def say(text: str) -> None:
+    """A result line on stdout, unwrapped (paths stay copyable) and not colour-guessed."""
+    stdout.print(text, highlight=False, soft_wrap=True)
+
+
+def note(text: str) -> None:
+    """An advice line on stderr, like say()."""
+    stderr.print(text, highlight=False, soft_wrap=True)
+
+
 def is_interactive() -> bool:
     """A progress bar only when a person watches; cron and Slurm get plain lines."""
     return sys.stdout.isatty() and sys.stderr.isatty()
