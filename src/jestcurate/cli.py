@@ -72,7 +72,34 @@ Inputs = Annotated[
         show_default=False,
     ),
 ]
-ScoreOut = Annotated[Path, typer.Option("--out", "-o", help="Score-set directory to write.")]
+ScoreOut = Annotated[
+    str,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Score-set directory to write: a path, or an fsspec URL (s3://, gs://, ...) that "
+        "is written through a local mirror.",
+    ),
+]
+
+
+def _score_out(out: str) -> tuple[Path, str | None]:
+    """(local folder, the URL it mirrors or None) for score's --out."""
+    from jestcurate.remote import Mirror
+    from jestcurate.shards import is_url
+
+    if is_url(out):
+        return Mirror(out).local, out
+    return Path(out.removeprefix("file://")), None
+
+
+def _score_set(location: str) -> Path:
+    """A score set given as a path or a URL, as a local folder (a URL is mirrored first)."""
+    from jestcurate.remote import local_dir
+
+    return local_dir(location, ("meta.json", "done/*.json", "parts/*.parquet"))
+
+
 Model = Annotated[
     str,
     typer.Option(
@@ -131,9 +158,11 @@ def score(
     from jestcurate import score as score_mod
     from jestcurate import ui
 
+    local, upload_to = _score_out(out)
     cfg = score_mod.ScoreConfig(
         inputs=tuple(inputs),
-        out=out,
+        out=local,
+        upload_to=upload_to,
         model=model,
         pretrained=pretrained,
         batch_size=batch_size,
@@ -224,7 +253,8 @@ def slurm_score(
         max_array_size=max_array_size,
         extra=tuple(sbatch or ()),
     )
-    args = [*inputs, "--out", str(out.resolve()), "--model", model]
+    local, upload_to = _score_out(out)
+    args = [*inputs, "--out", upload_to or str(local.resolve()), "--model", model]
     for flag, value in (
         ("--pretrained", pretrained),
         ("--batch-size", batch_size),
@@ -237,19 +267,23 @@ def slurm_score(
             args += [flag, str(value)]
     shards = len(expand_inputs(inputs))  # bad inputs fail here, not in a thousand tasks
     if retry:
-        plan = slurm.read_plan(out)
+        plan = slurm.read_plan(local)
         if plan["score_args"] != args:
             raise JCError(
-                f"these options differ from the plan in {out / slurm.SLURM_DIR / slurm.PLAN}; "
+                f"these options differ from the plan in {local / slurm.SLURM_DIR / slurm.PLAN}; "
                 "--retry needs the same inputs and score options"
             )
         count = int(plan["num_tasks"])
-        tasks, busy = unfinished_tasks(out, inputs, count)
+        if upload_to:
+            from jestcurate.remote import Mirror
+
+            Mirror(upload_to, local=local).sync_markers()
+        tasks, busy = unfinished_tasks(local, inputs, count)
         note = f" ({busy} more are running now)" if busy else ""
         if not tasks:
             ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")
             return
-        script = slurm.write_script(out, args, count, opts)
+        script = slurm.write_script(local, args, count, opts)
         jobs = slurm.submit(script, tasks, opts)
         ui.say(
             f"resubmitted {len(tasks)} of {count} tasks{note} as job(s) "
@@ -262,7 +296,7 @@ def slurm_score(
     if count < 1:
         raise JCError("--num-tasks must be at least 1")
     count = min(count, shards)
-    script = slurm.write_script(out, args, count, opts)
+    script = slurm.write_script(local, args, count, opts)
     ui.say(str(script))
     if submit:
         jobs = slurm.submit(script, range(count), opts)
@@ -277,7 +311,9 @@ def slurm_score(
 @app.command()
 @_one_line_errors
 def status(
-    path: Annotated[Path, typer.Argument(help="A score set or a selection with an export.")],
+    path: Annotated[
+        str, typer.Argument(help="A score set (path or URL) or a selection with an export.")
+    ],
     inputs: Annotated[
         list[str] | None,
         typer.Argument(help="The score run's INPUTS, to list the shards still pending."),
@@ -293,12 +329,14 @@ def status(
 
     from jestcurate import status as status_mod
     from jestcurate import ui
+    from jestcurate.remote import local_dir
 
-    if (path / "shards" / "export.json").is_file():
-        found = status_mod.export_status(path)
+    folder = local_dir(path, ("meta.json", "done/*.json"))
+    if (folder / "shards" / "export.json").is_file():
+        found = status_mod.export_status(folder)
         complete = found["finished"]
     else:
-        state = status_mod.score_status(path, inputs or ())
+        state = status_mod.score_status(folder, inputs or ())
         found, complete = state.as_dict(), state.complete
     if json_out:
         ui.stdout.print_json(json_mod.dumps(found))
@@ -312,14 +350,15 @@ def status(
 @_one_line_errors
 def select(
     reference: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="Reference score set (made by `score`, role reference).", show_default=False
+            help="Reference score set (made by `score`, role reference): a path or a URL.",
+            show_default=False,
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Selection directory to write.")],
     learner: Annotated[
-        Path | None,
+        str | None,
         typer.Option(help="Learner score set of the same shards (`score --role learner`)."),
     ] = None,
     method: Annotated[
@@ -391,9 +430,9 @@ def select(
     from jestcurate import ui
 
     cfg = select_mod.SelectConfig(
-        reference=reference,
+        reference=_score_set(reference),
         out=out,
-        learner=learner,
+        learner=_score_set(learner) if learner else None,
         method=method,
         score=score,
         ratio=ratio,
@@ -423,7 +462,9 @@ def select(
 @app.command()
 @_one_line_errors
 def dedup(
-    scores: Annotated[Path, typer.Argument(help="Score set to deduplicate.", show_default=False)],
+    scores: Annotated[
+        str, typer.Argument(help="Score set to deduplicate (path or URL).", show_default=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for dedup.parquet.")],
     eps: Annotated[
         float, typer.Option(help="Drop rows with cosine similarity above 1 - eps to a better row.")
@@ -448,7 +489,7 @@ def dedup(
     from jestcurate import dedup as dedup_mod
     from jestcurate import ui
 
-    cfg = dedup_mod.DedupConfig(scores, out, eps, clusters, by, seed, device=device)
+    cfg = dedup_mod.DedupConfig(_score_set(scores), out, eps, clusters, by, seed, device=device)
     done = dedup_mod.run(cfg)
     how = "already done, reused" if done["reused"] else f"{done['seconds']:.1f} s"
     ui.say(
@@ -461,7 +502,9 @@ def dedup(
 @app.command()
 @_one_line_errors
 def report(
-    scores: Annotated[Path, typer.Argument(help="Score set to report on.", show_default=False)],
+    scores: Annotated[
+        str, typer.Argument(help="Score set to report on (path or URL).", show_default=False)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
         "report.html"
     ),
@@ -480,7 +523,7 @@ def report(
     from jestcurate import report as report_mod
     from jestcurate import ui
 
-    done = report_mod.write_report(scores, out, selection, thumbnails, seed)
+    done = report_mod.write_report(_score_set(scores), out, selection, thumbnails, seed)
     missing = (
         f", {done['missing_thumbnails']} images unavailable" if done["missing_thumbnails"] else ""
     )
@@ -494,7 +537,10 @@ def report(
 @_one_line_errors
 def info(
     path: Annotated[
-        Path, typer.Argument(help="A score set, a selection or a dedup output.", show_default=False)
+        str,
+        typer.Argument(
+            help="A score set (path or URL), a selection or a dedup output.", show_default=False
+        ),
     ],
 ) -> None:
     """Summarise a score set (model, counts, errors, score quantiles, shard states), a
@@ -503,7 +549,8 @@ def info(
     from jestcurate import report as report_mod
     from jestcurate import ui
 
-    ui.print_info(path, report_mod.describe(path))
+    folder = _score_set(path)
+    ui.print_info(path, report_mod.describe(folder))
 
 
 @app.command()

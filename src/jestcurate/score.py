@@ -30,6 +30,7 @@ from jestcurate.reader import (
     iter_raw_samples,
     parse_sample,
 )
+from jestcurate.remote import Mirror
 from jestcurate.scoring import clip_scores, example_losses
 from jestcurate.shards import (
     Shard,
@@ -42,6 +43,7 @@ from jestcurate.shards import (
 )
 from jestcurate.store import (
     DONE_DIR,
+    META_NAME,
     PARTS_DIR,
     SCHEMA_VERSION,
     check_meta,
@@ -132,6 +134,7 @@ class ScoreConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     init_seed: int = 0
     lease: float = DEFAULT_LEASE  # seconds a claim lasts unrenewed (matters across hosts)
+    upload_to: str | None = None  # an fsspec URL: `out` is then its local mirror
     poll: float = 10.0  # seconds between looks at shards that other runs are scoring
 
 
@@ -368,10 +371,17 @@ class _Encoder:
 class Scorer:
     """Turns one shard's rows and embeddings into its part file and completion marker."""
 
-    def __init__(self, model: LoadedModel, out: Path, claims: Claims | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        out: Path,
+        claims: Claims | None = None,
+        mirror: Mirror | None = None,
+    ) -> None:
         self.model = model
         self.out = out
         self.claims = claims
+        self.mirror = mirror
         self.dim = model.embed_dim
         self.scale = model.logit_scale
         self.bias = model.logit_bias
@@ -412,6 +422,9 @@ class Scorer:
         )
         # The marker comes last: a crash before it leaves the shard to be redone.
         write_json_atomic(self.out / DONE_DIR / f"{shard.name}.json", result.marker())
+        if self.mirror is not None:  # the same order remotely: the part, then its marker
+            self.mirror.push(f"{PARTS_DIR}/{shard.name}.parquet")
+            self.mirror.push(f"{DONE_DIR}/{shard.name}.json")
         if self.claims is not None:
             self.claims.release(shard.name)
         return result
@@ -453,6 +466,11 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     progress = progress or _NoProgress()
     _validate(cfg)
     began = time.time()
+    mirror = None
+    if cfg.upload_to is not None:
+        mirror = Mirror(cfg.upload_to, local=cfg.out)
+        mirror.pull((META_NAME,))
+        mirror.sync_markers(DONE_DIR)
     mine, todo, index, count = _plan(cfg)
     resolved = resolve_spec(
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.init_seed)
@@ -487,10 +505,12 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.out / sub)
     create_meta(cfg.out, meta)
+    if mirror is not None:
+        mirror.push(META_NAME)
 
     claims = Claims(cfg.out, Owner.this_process(), cfg.lease)
     with claims.heartbeat():
-        _score_until_settled(cfg, model, mine, claims, report, progress, began)
+        _score_until_settled(cfg, model, mine, claims, report, progress, began, mirror)
     report.seconds = time.time() - began
     return report
 
@@ -503,6 +523,7 @@ def _score_until_settled(
     report: ScoreReport,
     progress: Progress,
     began: float,
+    mirror: Mirror | None = None,
 ) -> None:
     """Score this task's unsettled shards in passes. Shards that other live runs hold are
     skipped, then waited for: the run ends when every shard is settled, by it or by others, and
@@ -523,7 +544,7 @@ def _score_until_settled(
         held = {s.name: c for s in todo if (c := claims.held_by_other(s.name)) is not None}
         free = [s for s in todo if s.name not in held]
         if free:
-            _score_pass(cfg, model, free, claims, report, progress, began, attempted)
+            _score_pass(cfg, model, free, claims, report, progress, began, attempted, mirror)
             continue
         if time.time() - last_note > 60:
             owners = sorted({f"{c.get('host')}:{c.get('pid')}" for c in held.values()})
@@ -546,6 +567,7 @@ def _score_pass(
     progress: Progress,
     began: float,
     attempted: set[str],
+    mirror: Mirror | None = None,
 ) -> None:
     """One DataLoader pass over `todo`; each shard is claimed by the worker that reads it."""
     workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
@@ -561,7 +583,7 @@ def _score_pass(
         pin_memory=model.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    scorer = Scorer(model, cfg.out, claims)
+    scorer = Scorer(model, cfg.out, claims, mirror)
     encoder = _Encoder(model, cfg.batch_size)
     pending: dict[int, _Pending] = {}
 

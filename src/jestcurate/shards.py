@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import re
 from collections import Counter
@@ -56,9 +57,11 @@ def _is_shard_file(name: str) -> bool:
 def _expand_url(url: str) -> Iterator[str]:
     import fsspec
 
+    from jestcurate.remote import retry
+
     _check_protocol(url)
     if _GLOB_CHARS.search(url.split("://", 1)[1]):
-        fs, _, paths = fsspec.get_fs_token_paths(url)
+        fs, _, paths = retry(f"listing {url}", lambda: fsspec.get_fs_token_paths(url))
         found = sorted(p for p in paths if _is_shard_file(p))
         if not found:
             raise JCError(f"no shards match {url}")
@@ -67,7 +70,7 @@ def _expand_url(url: str) -> Iterator[str]:
         # A remote folder: list its tars the way a local directory is listed.
         fs, path = fsspec.core.url_to_fs(url)
         try:
-            entries = fs.ls(path.rstrip("/"), detail=False)
+            entries = retry(f"listing {url}", lambda: fs.ls(path.rstrip("/"), detail=False))
         except FileNotFoundError:
             raise JCError(f"input not found: {url}") from None
         found = sorted(p for p in entries if _is_shard_file(p))
@@ -234,8 +237,10 @@ def shard_size(url: str) -> int | None:
         if is_url(url):
             import fsspec
 
+            from jestcurate.remote import retry
+
             fs, path = fsspec.core.url_to_fs(url)
-            return int(fs.size(path))
+            return int(retry(f"sizing {url}", lambda: fs.size(path)))
         return os.path.getsize(_local(url))
     except (OSError, ValueError, TypeError):
         return None
@@ -244,9 +249,9 @@ def shard_size(url: str) -> int | None:
 @contextmanager
 def open_shard(url: str) -> Iterator[IO[bytes]]:
     if is_url(url):
-        import fsspec
+        from jestcurate.remote import RetryingReader
 
-        with fsspec.open(url, "rb") as f:
+        with io.BufferedReader(RetryingReader(url), buffer_size=1 << 20) as f:
             yield f
     else:
         with open(_local(url), "rb", buffering=1 << 20) as f:

@@ -1,0 +1,187 @@
+"""fsspec locations (s3://, gs://, https://, ...): reads that survive transient errors.
+
+A remote read that fails mid-shard is resumed where it stopped: the file is reopened and read
+from the same offset after a backoff, so a dropped connection costs a retry, not the shard.
+Errors that will not go away (no such object, no permission) are not retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RETRIES = 5
+BACKOFF = 0.5  # seconds, doubled on each retry
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Client libraries under fsspec raise their own types for network trouble.
+_CLIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: network and server trouble, not a missing or forbidden object."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    return type(exc).__module__.split(".", 1)[0] in _CLIENT_MODULES
+
+
+def retry(what: str, call: Any, retries: int = RETRIES, backoff: float = BACKOFF) -> Any:
+    """call() with up to `retries` retries on transient errors, backing off exponentially."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == retries or not is_transient(exc):
+                raise
+            wait = backoff * 2**attempt
+            log.warning("%s: %s: %s; retrying in %.1f s", what, type(exc).__name__, exc, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only stream over an fsspec URL that reopens and seeks on transient errors."""
+
+    def __init__(self, url: str, retries: int = RETRIES, backoff: float = BACKOFF) -> None:
+        import fsspec
+
+        self.url = url
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.retries = retries
+        self.backoff = backoff
+        self.pos = 0
+        self._file: Any = None
+        self._reopen()
+
+    def _reopen(self) -> None:
+        if self._file is not None:
+            # The connection is already broken; a read-only file has nothing to flush.
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+
+        def open_at() -> Any:
+            f = self.fs.open(self.path, "rb")
+            if self.pos:
+                f.seek(self.pos)
+            return f
+
+        self._file = retry(f"opening {self.url}", open_at, self.retries, self.backoff)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        for attempt in range(self.retries + 1):
+            try:
+                data = self._file.read(len(view))
+                break
+            except Exception as exc:
+                if attempt == self.retries or not is_transient(exc):
+                    raise
+                wait = self.backoff * 2**attempt
+                log.warning(
+                    "reading %s at byte %d: %s; reopening in %.1f s", self.url, self.pos, exc, wait
+                )
+                time.sleep(wait)
+                self._reopen()
+        n = len(data)
+        view[:n] = data
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
+def cache_root() -> Path:
+    """Where remote score sets are mirrored: $JESTCURATE_CACHE, else ~/.cache/jestcurate."""
+    return Path(os.environ.get("JESTCURATE_CACHE") or Path.home() / ".cache" / "jestcurate")
+
+
+class Mirror:
+    """A local copy of a remote score-set folder. `pull` brings down what is missing or has
+    changed size; `push` uploads a local file (objects appear whole, so a reader never sees
+    a partial one; the marker goes after its part, as locally). Every remote call retries."""
+
+    def __init__(self, url: str, local: Path | None = None) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        digest = hashlib.sha1(self.url.encode()).hexdigest()[:16]
+        self.local = local or cache_root() / "mirrors" / digest
+        self.local.mkdir(parents=True, exist_ok=True)
+
+    def _remote(self, relative: str) -> str:
+        return f"{self.root}/{relative}"
+
+    def pull(self, patterns: tuple[str, ...]) -> int:
+        """Download remote files matching `patterns` (relative globs); returns how many."""
+        fetched = 0
+        for pattern in patterns:
+            found = retry(
+                f"listing {self.url}/{pattern}",
+                lambda p=pattern: self.fs.glob(self._remote(p), detail=True),
+            )
+            for path, info in sorted(found.items()):
+                if info.get("type") == "directory":
+                    continue
+                relative = path[len(self.root.rstrip("/")) + 1 :]
+                target = self.local / relative
+                size = info.get("size")
+                if target.is_file() and size is not None and target.stat().st_size == size:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.download")
+                retry(f"downloading {path}", lambda p=path, t=tmp: self.fs.get_file(p, str(t)))
+                os.replace(tmp, target)
+                fetched += 1
+        return fetched
+
+    def sync_markers(self, directory: str = "done") -> None:
+        """Make the local completion markers exactly the remote ones: a marker whose upload
+        failed must not make a rerun skip its shard."""
+        self.pull((f"{directory}/*.json",))
+        remote = {
+            p.rsplit("/", 1)[-1]
+            for p in retry(
+                f"listing {self.url}/{directory}",
+                lambda: self.fs.glob(self._remote(f"{directory}/*.json")),
+            )
+        }
+        for path in (self.local / directory).glob("*.json"):
+            if path.name not in remote:
+                path.unlink()
+
+    def push(self, relative: str) -> None:
+        source = self.local / relative
+        target = self._remote(relative)
+        parent = target.rsplit("/", 1)[0]
+        retry(f"creating {parent}", lambda: self.fs.makedirs(parent, exist_ok=True))
+        retry(f"uploading {target}", lambda: self.fs.put_file(str(source), target))
+
+
+def local_dir(location: str, patterns: tuple[str, ...] = ("**",)) -> Path:
+    """A score set or output folder given as a path or a URL, as a local folder: a URL is
+    mirrored (the files matching `patterns`) and the mirror returned."""
+    from jestcurate.shards import is_url
+
+    if not is_url(location):
+        return Path(location[len("file://") :] if location.startswith("file://") else location)
+    mirror = Mirror(location)
+    mirror.pull(patterns)
+    return mirror.local
