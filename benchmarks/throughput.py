@@ -1,7 +1,7 @@
 """Throughput of `jestcurate score` against the model-only ceiling, same model, batch and device.
 
     python benchmarks/throughput.py [--model jc-tiny] [--shards 16] [--samples 512]
-        [--batch-size 256] [--workers N] [--device auto] [--image-size 256]
+        [--batch-size 256] [--workers N] [--device auto] [--image-size 256] [--decode pil|torch]
 
 Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir, then
 1. model only: encode_image + encode_text on already-preprocessed batches held in memory;
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default=None)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--decode", default="pil", choices=["pil", "torch"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,6 +128,7 @@ def main() -> None:
             device=args.device,
             precision=args.precision,
             workers=args.workers,
+            decode=args.decode,
         )
         began = time.perf_counter()
         report = score_mod.run(cfg, clock)
@@ -143,6 +145,7 @@ def main() -> None:
         "workers": workers,
         "torch_threads": torch.get_num_threads(),
         "image_size": args.image_size,
+        "decode": args.decode,
         "samples": total,
         "model_only_samples_per_s": round(ceiling, 1),
         "model_only_with_threads_score_leaves_samples_per_s": shared and round(shared, 1),

@@ -139,8 +139,9 @@ def iter_raw_samples(fileobj: IO[bytes]) -> Iterator[RawSample]:
         yield current
 
 
-def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to RGB, checking the pixel count from the header before decoding."""
+def image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open image bytes lazily (PIL reads the header only) and check the pixel count, so a
+    decompression bomb is refused before any pixel is decoded."""
     with warnings.catch_warnings():
         # The limit is enforced here; PIL's own warnings would flood the log.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -151,9 +152,17 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             raise SampleError("image too large", str(exc)) from None
         except Exception as exc:  # any decoder failure on untrusted bytes becomes an error row
             raise SampleError("image decode failed", _describe(exc)) from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise SampleError("image too large", f"{width}x{height} pixels")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SampleError("image too large", f"{width}x{height} pixels")
+    return image
+
+
+def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to RGB, checking the pixel count from the header before decoding."""
+    image = image_header(data, max_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         try:
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
@@ -175,9 +184,13 @@ def _text_field(meta: dict[str, Any], name: str) -> str | None:
 
 
 def parse_sample(
-    raw: RawSample, seen_keys: set[str], max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[dict[str, Any], Image.Image | None]:
-    """Turn a raw sample into its metadata row and, if valid, its decoded RGB image."""
+    raw: RawSample,
+    seen_keys: set[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    defer_jpeg: bool = False,
+) -> tuple[dict[str, Any], Image.Image | bytes | None]:
+    """Turn a raw sample into its metadata row and, if valid, its decoded RGB image; with
+    `defer_jpeg`, an RGB or greyscale JPEG comes back undecoded, as its bytes (header checked)."""
     row: dict[str, Any] = {
         "key": raw.key,
         "index": raw.index,
@@ -220,6 +233,11 @@ def parse_sample(
             raise SampleError("missing image", f"no {'/'.join(IMAGE_EXTS[:3])} file")
         if row["caption"] is None:
             raise SampleError("missing caption", "no .txt file and no caption in .json")
+        if defer_jpeg and image_bytes[:3] == b"\xff\xd8\xff":
+            from jestcurate.devicedecode import keep_jpeg
+
+            if keep_jpeg(image_bytes, image_header(image_bytes, max_pixels).mode):
+                return row, image_bytes
         return row, load_image(image_bytes, max_pixels)
     except SampleError as exc:
         row["status"] = "error"

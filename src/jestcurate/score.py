@@ -21,6 +21,7 @@ import torch
 
 from jestcurate import __version__
 from jestcurate.claims import DEFAULT_LEASE, Claims, Owner
+from jestcurate.devicedecode import DECODERS
 from jestcurate.errors import JCError
 from jestcurate.model import LoadedModel, ModelSpec, load_model, resolve_spec
 from jestcurate.reader import (
@@ -135,6 +136,7 @@ class ScoreConfig:
     init_seed: int = 0
     lease: float = DEFAULT_LEASE  # seconds a claim lasts unrenewed (matters across hosts)
     upload_to: str | None = None  # an fsspec URL: `out` is then its local mirror
+    decode: str = "pil"  # or "torch": JPEGs decoded on the model's device (devicedecode.py)
     poll: float = 10.0  # seconds between looks at shards that other runs are scoring
 
 
@@ -224,6 +226,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         max_pixels: int,
         claims: Claims | None = None,
         began: float = 0.0,
+        defer_jpeg: bool = False,
     ) -> None:
         self.shards = list(shards)
         self.preprocess = preprocess
@@ -232,6 +235,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_pixels = max_pixels
         self.claims = claims
         self.began = began
+        self.defer_jpeg = defer_jpeg
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -239,11 +243,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         for pos in range(worker, len(self.shards), workers):
             yield from self._read(pos)
 
-    def _chunk(self, pos: int, rows: list, images: list, captions: list, **extra: Any) -> dict:
+    def _chunk(
+        self, pos: int, rows: list, images: list, captions: list, valid: list, **extra: Any
+    ) -> dict:
+        deferred = self.defer_jpeg and bool(images)
         return {
             "pos": pos,
             "rows": rows,
-            "images": torch.stack(images) if images else None,
+            "images": torch.stack(images) if images and not deferred else None,
+            "items": images if deferred else None,  # JPEG bytes or tensors, for the device
+            "valid": valid,  # the row of each image
             "tokens": self.tokenizer(captions) if captions else None,
             "last": False,
             **extra,
@@ -270,23 +279,27 @@ class ShardStream(torch.utils.data.IterableDataset):
         started = time.time()
         seen: set[str] = set()
         rows: list[dict[str, Any]] = []
-        images: list[torch.Tensor] = []
+        images: list[torch.Tensor | bytes] = []
         captions: list[str] = []
+        valid: list[int] = []
         failure = None
         try:
             with open_shard(shard.url) as f:
                 for raw in iter_raw_samples(f):
-                    row, image = parse_sample(raw, seen, self.max_pixels)
+                    row, image = parse_sample(raw, seen, self.max_pixels, self.defer_jpeg)
                     if image is not None:
                         try:
-                            images.append(self.preprocess(image))
+                            images.append(
+                                image if isinstance(image, bytes) else self.preprocess(image)
+                            )
                             captions.append(row["caption"])
+                            valid.append(len(rows))
                         except Exception as exc:  # a transform failing on one image fails that row
                             row.update(status="error", error=f"preprocess failed: {exc}")
                     rows.append(row)
                     if len(images) >= self.chunk_size:
-                        yield self._chunk(pos, rows, images, captions, started=started)
-                        rows, images, captions = [], [], []
+                        yield self._chunk(pos, rows, images, captions, valid, started=started)
+                        rows, images, captions, valid = [], [], [], []
         except ShardReadError as exc:
             failure = str(exc)
         except Exception as exc:  # a shard that cannot be opened fails alone; the run goes on
@@ -296,6 +309,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             rows,
             images,
             captions,
+            valid,
             started=started,
             last=True,
             failure=failure,
@@ -454,6 +468,8 @@ def _validate(cfg: ScoreConfig) -> None:
         raise JCError(f"unknown role {cfg.role!r}; use reference or learner")
     if cfg.batch_size < 1:
         raise JCError("--batch-size must be at least 1")
+    if cfg.decode not in DECODERS:
+        raise JCError(f"--decode must be pil or torch, not {cfg.decode!r}")
     if cfg.workers is not None and cfg.workers < 0:
         raise JCError("--workers must be 0 or more")
     if cfg.out.exists() and not cfg.out.is_dir():
@@ -476,6 +492,8 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.init_seed)
     )
     identity = {"schema_version": SCHEMA_VERSION, "role": cfg.role, **resolved.identity()}
+    if cfg.decode != "pil":  # absent means PIL, as in every score set made before the option
+        identity["decode"] = cfg.decode
     # Cheap refusal before any weights load: a mismatched DIR fails in seconds, not minutes.
     check_meta(cfg.out, identity)
     report = ScoreReport(
@@ -573,8 +591,20 @@ def _score_pass(
     workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
     workers = min(workers, len(todo))
     chunk = _chunk_size(cfg.batch_size, model.image_size)
+    on_device = None
+    if cfg.decode == "torch":
+        from jestcurate.devicedecode import DevicePreprocess
+
+        on_device = DevicePreprocess.from_transform(model.preprocess)
     stream = ShardStream(
-        todo, model.preprocess, model.tokenizer, chunk, cfg.max_pixels, claims, began
+        todo,
+        model.preprocess,
+        model.tokenizer,
+        chunk,
+        cfg.max_pixels,
+        claims,
+        began,
+        defer_jpeg=on_device is not None,
     )
     loader = torch.utils.data.DataLoader(
         stream,
@@ -603,9 +633,12 @@ def _score_pass(
             if not report.startup_seconds:
                 report.startup_seconds = time.time() - began
             state = pending.setdefault(item["pos"], _Pending(started=item["started"]))
+            images, tokens = item["images"], item["tokens"]
+            if item["items"] is not None and on_device is not None:
+                images, tokens = _decode_on_device(on_device, item, model.device)
             state.rows.extend(item["rows"])
-            if item["images"] is not None:
-                encoder.add(state, item["images"], item["tokens"])
+            if images is not None:
+                encoder.add(state, images, tokens)
             if item["last"]:
                 state.last = item
             progress.samples(len(item["rows"]))
@@ -617,3 +650,19 @@ def _score_pass(
         finish_complete()
     finally:
         threads.restore()
+
+
+def _decode_on_device(
+    on_device: Any, item: dict[str, Any], device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A chunk's images decoded and preprocessed on the device; a JPEG that fails to decode
+    turns its row into an error row and drops its caption tokens."""
+    images, bad = on_device.batch(item["items"], device)
+    tokens = item["tokens"]
+    if bad:
+        for i, error in bad:
+            item["rows"][item["valid"][i]].update(status="error", error=error)
+        failed = {i for i, _ in bad}
+        keep = [i for i in range(len(item["items"])) if i not in failed]
+        tokens = tokens[keep] if keep else None
+    return images, tokens

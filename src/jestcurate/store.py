@@ -37,6 +37,7 @@ IDENTITY_FIELDS = (
     "pretrained_sha256",
     "init_seed",
     "precision",
+    "decode",
 )
 
 

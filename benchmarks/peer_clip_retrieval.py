@@ -1,0 +1,129 @@
+"""jestcurate `score` beside clip-retrieval's `inference` on the same shards and the same model.
+
+    python benchmarks/peer_clip_retrieval.py [--model ViT-B-32] [--shards 4] [--samples 128]
+        [--batch-size 64] [--workers 1] [--peer-venv DIR] [--workdir DIR]
+
+Both tools get the same synthetic WebDataset shards (256 px JPEGs with captions), the same
+open_clip architecture with the same weights (a random-initialised checkpoint saved locally:
+nothing is downloaded), the same batch size and decoding worker count, on the CPU in fp32, and
+both compute image and text embeddings. clip-retrieval is installed from PyPI into its own
+virtual environment (--peer-venv, created if missing) so its pins cannot touch this one.
+Reported: wall-clock samples/s for each whole command (start-up included, as a user sees it)
+and each tool's start-up-free rate where it can be told (jestcurate's steady rate from its
+summary; clip-retrieval prints none, so only its wall clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jestcurate.synth import PRESETS, CorpusSpec, write_corpus
+
+
+def ensure_peer(venv: Path) -> Path:
+    exe = venv / "bin" / "clip-retrieval"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # clip-anytorch, a dependency, still imports pkg_resources, gone from setuptools 81.
+        pip = [str(venv / "bin" / "pip"), "install", "-q", "clip-retrieval", "setuptools<81"]
+        subprocess.run(pip, check=True)
+    return exe
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    began = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        sys.exit(f"{cmd[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout + done.stderr
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--peer-venv", type=Path, default=Path("/tmp/jestcurate-peer-venv"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-peer"))
+    args = parser.parse_args()
+
+    import open_clip
+
+    peer = ensure_peer(args.peer_venv)
+    work = args.workdir
+    pool = work / "pool"
+    if not pool.exists():
+        spec = CorpusSpec(
+            shards=args.shards,
+            samples_per_shard=args.samples,
+            image_size=256,
+            noise=PRESETS["noisy"],
+        )
+        write_corpus(pool, spec)
+    checkpoint = work / f"{args.model}-random.pt"
+    if not checkpoint.exists():
+        torch.manual_seed(0)
+        model = open_clip.create_model(args.model, pretrained=None)
+        torch.save(model.state_dict(), checkpoint)
+    total = args.shards * args.samples
+    last = f"{args.shards - 1:05d}"
+    pattern = str(pool / f"{{00000..{last}}}.tar")
+
+    out = work / f"jc-{time.time_ns()}"
+    jc_cmd = [
+        sys.executable, "-m", "jestcurate", "score", pattern, "--out", str(out),
+        "-m", args.model, "--pretrained", str(checkpoint), "--batch-size", str(args.batch_size),
+        "--workers", str(args.workers), "--device", "cpu",
+    ]  # fmt: skip
+    jc_seconds, jc_log = timed(jc_cmd)
+    steady = re.search(r"throughput\s+([\d,.]+) samples/s", jc_log)
+    peer_out = work / f"cr-{time.time_ns()}"
+    cr_cmd = [
+        str(peer), "inference", "--input_dataset", pattern, "--output_folder", str(peer_out),
+        "--input_format", "webdataset", "--clip_model", f"open_clip:{args.model}/{checkpoint}",
+        "--batch_size", str(args.batch_size), "--num_prepro_workers", str(args.workers),
+        "--enable_text", "True", "--enable_image", "True", "--enable_metadata", "False",
+        "--use_jit", "False", "--enable_wandb", "False",
+    ]  # fmt: skip
+    cr_seconds, cr_log = timed(cr_cmd, env={"CUDA_VISIBLE_DEVICES": ""})
+    embeddings = sorted((peer_out / "img_emb").glob("*.npy"))
+    if not embeddings:
+        sys.exit(f"clip-retrieval wrote no image embeddings:\n{cr_log[-3000:]}")
+    peer_version = subprocess.run(
+        [str(args.peer_venv / "bin" / "pip"), "show", "clip-retrieval"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    version = re.search(r"Version: (\S+)", peer_version)
+    result = {
+        "model": args.model,
+        "samples": total,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "jestcurate_wall_s": round(jc_seconds, 1),
+        "jestcurate_wall_samples_per_s": round(total / jc_seconds, 2),
+        "jestcurate_steady_samples_per_s": steady and float(steady.group(1).replace(",", "")),
+        "clip_retrieval_version": version and version.group(1),
+        "clip_retrieval_wall_s": round(cr_seconds, 1),
+        "clip_retrieval_wall_samples_per_s": round(total / cr_seconds, 2),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
