@@ -11,7 +11,9 @@ On the project's synthetic corpus (a clean guide split, a noisy pool, a clean ev
    stream is built from selections with successive seeds (fresh permutations), as the paper's
    learner keeps filtering new super-batches;
 3. train a fresh tiny learner from scratch on each stream in manifest batch order, for the same
-   steps and batch size, and on the uniform pool as the baseline, over several seeds;
+   steps and batch size, and on the uniform pool as the baseline, over several seeds; and once
+   more with online JEST (jestcurate.online), where the learner being trained embeds each
+   super-batch and the selector picks from it, against the cached reference embeddings;
 4. measure zero-shot accuracy on the eval split (the 32 class prompts) every --eval-every steps.
 Writes results.json, results.md (the tables) and accuracy.png to --out.
 """
@@ -88,6 +90,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "learnability": {"method": "learnability"},
     "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
     "jest (learnability)": {"method": "jest", "score": "learnability"},
+    "jest (online)": {"online": True},  # jestcurate.online: the learner in training scores
 }
 
 
@@ -138,6 +141,50 @@ def train_on(
         trainer.step(step, pool.images[idx].float(), pool.tokens[idx].long())
         if (step + 1) % setup.eval_every == 0:
             curve.append(zero_shot(trainer.net, *eval_set))
+    return curve
+
+
+def train_online(seed: int, setup: Setup, env: dict[str, Any]) -> list[float]:
+    """A fresh learner trained with online JEST: at every step it embeds a super-batch of B
+    candidates (no gradient) and jestcurate.online.OnlineSelector picks b jointly by
+    learnability against the cached reference embeddings. Candidates come in select's order
+    (successive permutations, seeds seed*1000, +1, ...), as for the offline streams."""
+    from jestcurate.online import OnlineSelector
+
+    pool, cache, ref, rows_of = env["pool"], env["cache"], env["ref"], env["rows_of"]
+    torch.manual_seed(seed)
+    model = load_model(resolve_spec(ModelSpec(setup.model, device="cpu", init_seed=seed)), False)
+    trainer = train_mod.Trainer(model, setup.lr, 0.1, 20, setup.steps)
+    net = trainer.net
+    selector = OnlineSelector(ref, setup.batch, "learnability", setup.chunks, seed=seed)
+    big = max(setup.batch, round(setup.batch / setup.ratio))
+    curve = [zero_shot(net, *env["eval"])]
+    step, epoch = 0, 0
+    while step < setup.steps:
+        perm = np.random.default_rng([seed * 1000 + epoch, 0]).permutation(cache.size)
+        for s in range(cache.size // big):
+            if step == setup.steps:
+                break
+            ids = perm[s * big : (s + 1) * big]
+            rows = torch.from_numpy(rows_of[ids])
+            images, tokens = pool.images[rows].float(), pool.tokens[rows].long()
+            with torch.no_grad():
+                net.eval()
+                img, txt, scale, *bias = net(images, tokens)
+                net.train()
+            picked = selector.select(
+                torch.from_numpy(cache.read("ref_img", ids)),
+                torch.from_numpy(cache.read("ref_txt", ids)),
+                img,
+                txt,
+                float(scale),
+                float(bias[0]) if bias else None,
+            )
+            trainer.step(step, images[picked], tokens[picked])
+            step += 1
+            if step % setup.eval_every == 0:
+                curve.append(zero_shot(net, *env["eval"]))
+        epoch += 1
     return curve
 
 
@@ -397,6 +444,9 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
     curves: dict[str, list[list[float]]] = {}
     for name, kw in METHODS.items():
         for seed in setup.seeds:
+            if kw.get("online"):
+                curves.setdefault(name, []).append(train_online(seed, setup, env))
+                continue
             if name == "uniform":
                 stream = uniform_stream(n, setup, seed)
             else:
@@ -433,9 +483,13 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
         "reference_learner_training_tflops": aux / 1e12,
         "methods": {},
     }
+    big = max(setup.batch, round(setup.batch / setup.ratio))
     for name, row in summary["methods"].items():
         it = row["steps_to_baseline_mean"]
         extra = 0 if name in ("uniform", "random") else scoring
+        if METHODS.get(name, {}).get("online") and it is not None:
+            # The reference scores the pool once; the learner embeds B candidates every step.
+            extra = n * flops + it * big * flops
         compute["methods"][name] = {
             "iterations": it,
             "learner_tflops": None if it is None else it * step_flops / 1e12,

@@ -94,3 +94,16 @@ def test_score_with_torch_decoding(corpus, hostile, tmp_path) -> None:
         got = "ok" if row["status"] == "ok" else error_reason(row["error"])
         assert got == expected[row["key"]], row
         assert (row["img_emb"] is None) == (row["status"] != "ok")
+
+
+def test_auto_uses_the_device_decoder_only_where_it_works(monkeypatch) -> None:
+    from jestcurate import devicedecode
+
+    cuda = torch.device("cuda")
+    assert devicedecode._probe(torch.device("cpu")) is None  # the probe itself works
+    assert devicedecode.resolve_decode("auto", torch.device("cpu")) == "pil"
+    assert devicedecode.resolve_decode("torch", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(devicedecode, "_probe", lambda device: None)
+    assert devicedecode.resolve_decode("auto", cuda) == "torch"
+    monkeypatch.setattr(devicedecode, "_probe", lambda device: "RuntimeError: no nvjpeg")
+    assert devicedecode.resolve_decode("auto", cuda) == "pil"

@@ -128,9 +128,10 @@ Workers = Annotated[
 Decode = Annotated[
     str,
     typer.Option(
-        help="pil (open_clip's own preprocessing, exact) or torch: JPEGs decoded and "
-        "preprocessed in batches on the model's device (nvJPEG on CUDA), for when CPU decoding "
-        "caps throughput; embeddings agree closely, not bit for bit.",
+        help="auto (torch on CUDA, pil on CPU), pil (open_clip's own preprocessing, exact) or "
+        "torch: JPEGs decoded and preprocessed in batches on the model's device (nvJPEG on "
+        "CUDA), so CPU decoding does not cap throughput; embeddings agree closely, not bit for "
+        "bit.",
     ),
 ]
 Role = Annotated[str, typer.Option(help="reference (the frozen guide-trained model) or learner.")]
@@ -156,7 +157,7 @@ def score(
         typer.Option(help="Number of tasks in the array job. Default: from Slurm variables."),
     ] = None,
     role: Role = "reference",
-    decode: Decode = "pil",
+    decode: Decode = "auto",
 ) -> None:
     """Score shards with a frozen open_clip model: embeddings, clip_score and ref_loss per sample,
     one Parquet part per shard under OUT/parts. Rerunning skips finished shards and retries
@@ -208,7 +209,7 @@ def slurm_score(
     precision: Precision = None,
     workers: Workers = None,
     role: Role = "reference",
-    decode: Decode = "pil",
+    decode: Decode = "auto",
     num_tasks: Annotated[
         int | None, typer.Option(help="Array tasks (default: shards / --shards-per-task).")
     ] = None,
@@ -273,7 +274,7 @@ def slurm_score(
         ("--precision", precision),
         ("--workers", workers),
         ("--role", role),
-        ("--decode", decode if decode != "pil" else None),
+        ("--decode", decode if decode != "auto" else None),
     ):
         if value is not None:
             args += [flag, str(value)]

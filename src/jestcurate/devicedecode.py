@@ -7,12 +7,15 @@ JPEGs) are decoded and preprocessed by PIL in the workers as usual and join the 
 
 The device pipeline reproduces open_clip's standard eval transform (shorter-side Resize with
 antialiasing, CenterCrop, scale to [0, 1], Normalize) on uint8 tensors. It is not bit-identical
-to PIL: the embeddings agree closely but not exactly (docs/benchmarks.md), so `--decode pil`
-stays the default and a score set records which one made it.
+to PIL: the embeddings agree closely but not exactly (docs/benchmarks.md). `--decode auto`, the
+default, uses it on CUDA (after a probe decode on the device succeeds) and PIL on the CPU, the
+way the default precision differs by device; a score set records which decoder made it and
+refuses to mix them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,9 @@ import torch
 
 from jestcurate.errors import JCError
 
-DECODERS = ("pil", "torch")
+log = logging.getLogger(__name__)
+
+DECODERS = ("auto", "pil", "torch")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -111,3 +116,33 @@ def keep_jpeg(data: bytes, mode: str) -> bool:
     """Whether a worker should pass these bytes on undecoded: a baseline or progressive JPEG
     in a mode torchvision decodes to RGB as PIL does (not CMYK, whose conversions differ)."""
     return data[:3] == JPEG_MAGIC and mode in ("RGB", "L")
+
+
+def _probe(device: torch.device) -> str | None:
+    """Decode a tiny JPEG on `device`; None if that works, else why not."""
+    import io
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, "JPEG")
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        decode_jpeg([data], mode=ImageReadMode.RGB, device=device)
+    except Exception as exc:  # a missing nvJPEG, an old driver: fall back, do not fail the run
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """`auto` becomes torch on a CUDA device whose JPEG decoder works, else pil."""
+    if decode != "auto":
+        return decode
+    if device.type != "cuda":
+        return "pil"
+    failure = _probe(device)
+    if failure is not None:
+        log.warning("decoding JPEGs on %s does not work (%s); decoding with PIL", device, failure)
+        return "pil"
+    return "torch"

@@ -8,6 +8,7 @@ completion marker. Shards are the unit of work, of resume and of failure.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ import torch
 
 from jestcurate import __version__
 from jestcurate.claims import DEFAULT_LEASE, Claims, Owner
-from jestcurate.devicedecode import DECODERS
+from jestcurate.devicedecode import DECODERS, resolve_decode
 from jestcurate.errors import JCError
 from jestcurate.model import LoadedModel, ModelSpec, load_model, resolve_spec
 from jestcurate.reader import (
@@ -136,7 +137,7 @@ class ScoreConfig:
     init_seed: int = 0
     lease: float = DEFAULT_LEASE  # seconds a claim lasts unrenewed (matters across hosts)
     upload_to: str | None = None  # an fsspec URL: `out` is then its local mirror
-    decode: str = "pil"  # or "torch": JPEGs decoded on the model's device (devicedecode.py)
+    decode: str = "auto"  # "torch": JPEGs decoded on the model's device; "auto": torch on CUDA
     poll: float = 10.0  # seconds between looks at shards that other runs are scoring
 
 
@@ -469,7 +470,7 @@ def _validate(cfg: ScoreConfig) -> None:
     if cfg.batch_size < 1:
         raise JCError("--batch-size must be at least 1")
     if cfg.decode not in DECODERS:
-        raise JCError(f"--decode must be pil or torch, not {cfg.decode!r}")
+        raise JCError(f"--decode must be auto, pil or torch, not {cfg.decode!r}")
     if cfg.workers is not None and cfg.workers < 0:
         raise JCError("--workers must be 0 or more")
     if cfg.out.exists() and not cfg.out.is_dir():
@@ -492,6 +493,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.init_seed)
     )
     identity = {"schema_version": SCHEMA_VERSION, "role": cfg.role, **resolved.identity()}
+    cfg = dataclasses.replace(cfg, decode=resolve_decode(cfg.decode, resolved.device))
     if cfg.decode != "pil":  # absent means PIL, as in every score set made before the option
         identity["decode"] = cfg.decode
     # Cheap refusal before any weights load: a mismatched DIR fails in seconds, not minutes.
