@@ -21,6 +21,7 @@ Writes results.json, results.md (the tables) and accuracy.png to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -63,6 +64,7 @@ class Setup:
     ablation_ratios: tuple[float, ...] = (0.5, 0.1)
     ablation_chunks: tuple[int, ...] = (1, 4)
     diagnostic_super_batches: int = 30
+    methods: tuple[str, ...] = ()  # a subset of METHODS to run (uniform always); empty: all
 
 
 QUICK = Setup(
@@ -91,6 +93,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
     "jest (learnability)": {"method": "jest", "score": "learnability"},
     "jest (online)": {"online": True},  # jestcurate.online: the learner in training scores
+    # Flexi-JEST-like: the learner scores super-batches at half resolution (position embeddings
+    # resampled), at about a third of the forward cost.
+    "jest (online, 32 px scoring)": {"online": True, "score_size": 32},
 }
 
 
@@ -144,12 +149,14 @@ def train_on(
     return curve
 
 
-def train_online(seed: int, setup: Setup, env: dict[str, Any]) -> list[float]:
+def train_online(
+    seed: int, setup: Setup, env: dict[str, Any], score_size: int | None = None
+) -> list[float]:
     """A fresh learner trained with online JEST: at every step it embeds a super-batch of B
     candidates (no gradient) and jestcurate.online.OnlineSelector picks b jointly by
     learnability against the cached reference embeddings. Candidates come in select's order
     (successive permutations, seeds seed*1000, +1, ...), as for the offline streams."""
-    from jestcurate.online import OnlineSelector
+    from jestcurate.online import OnlineSelector, downsample, lower_resolution
 
     pool, cache, ref, rows_of = env["pool"], env["cache"], env["ref"], env["rows_of"]
     torch.manual_seed(seed)
@@ -170,7 +177,11 @@ def train_online(seed: int, setup: Setup, env: dict[str, Any]) -> list[float]:
             images, tokens = pool.images[rows].float(), pool.tokens[rows].long()
             with torch.no_grad():
                 net.eval()
-                img, txt, scale, *bias = net(images, tokens)
+                if score_size:
+                    with lower_resolution(net, score_size):
+                        img, txt, scale, *bias = net(downsample(images, score_size), tokens)
+                else:
+                    img, txt, scale, *bias = net(images, tokens)
                 net.train()
             picked = selector.select(
                 torch.from_numpy(cache.read("ref_img", ids)),
@@ -270,11 +281,16 @@ def diagnostic(env: dict[str, Any], setup: Setup) -> dict[str, Any]:
     }
 
 
-def forward_flops(model: Any, image_size: int, context: int) -> int:
+def forward_flops(model: Any, image_size: int, context: int, at: int | None = None) -> int:
+    """Forward FLOPs of one sample (image and text); with `at`, the image at `at` pixels."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.model.encode_image(torch.zeros(1, 3, image_size, image_size))
+    from jestcurate.online import lower_resolution
+
+    size = at or image_size
+    scope = lower_resolution(model.model, size) if at else contextlib.nullcontext()
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), scope:
+        model.model.encode_image(torch.zeros(1, 3, size, size))
         model.model.encode_text(torch.zeros(1, context, dtype=torch.long))
     return int(counter.get_total_flops())
 
@@ -334,6 +350,7 @@ def prepare(work: Path, setup: Setup) -> dict[str, Any]:
         "rows_of": rows_of,
         "work": work,
         "flops": forward_flops(model, 64, prompts.shape[1]),
+        "flops_32": forward_flops(model, 64, prompts.shape[1], at=32),
     }
 
 
@@ -443,9 +460,12 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
     n = len(pool.tokens)
     curves: dict[str, list[list[float]]] = {}
     for name, kw in METHODS.items():
+        if setup.methods and name not in setup.methods and name != "uniform":
+            continue
         for seed in setup.seeds:
             if kw.get("online"):
-                curves.setdefault(name, []).append(train_online(seed, setup, env))
+                curve = train_online(seed, setup, env, kw.get("score_size"))
+                curves.setdefault(name, []).append(curve)
                 continue
             if name == "uniform":
                 stream = uniform_stream(n, setup, seed)
@@ -458,6 +478,8 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
     ablation_curves: dict[str, list[list[float]]] = {"uniform": curves["uniform"]}
     variants = [(f"ratio {r}", {"ratio": r}) for r in setup.ablation_ratios]
     variants += [(f"chunks {k}", {"chunks": k}) for k in setup.ablation_chunks]
+    if "jest (learnability)" not in curves:
+        variants = []  # a --methods subset without offline jest: no ablation
     for label, extra in variants:
         kw = {**METHODS["jest (learnability)"], **extra}
         for seed in setup.seeds:
@@ -468,9 +490,10 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
         print(f"{label}: final {np.mean([c[-1] for c in ablation_curves[label]]):.3f}")
     ablation = summarise(ablation_curves, setup)["methods"]
     ablation.pop("uniform")
-    ablation[f"ratio {setup.ratio}, chunks {setup.chunks} (main run)"] = summary["methods"][
-        "jest (learnability)"
-    ]
+    if variants:
+        ablation[f"ratio {setup.ratio}, chunks {setup.chunks} (main run)"] = summary["methods"][
+            "jest (learnability)"
+        ]
 
     flops = env["flops"]
     step_flops = 3 * flops * setup.batch
@@ -489,7 +512,8 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
         extra = 0 if name in ("uniform", "random") else scoring
         if METHODS.get(name, {}).get("online") and it is not None:
             # The reference scores the pool once; the learner embeds B candidates every step.
-            extra = n * flops + it * big * flops
+            per = env["flops_32"] if METHODS[name].get("score_size") else flops
+            extra = n * flops + it * big * per
         compute["methods"][name] = {
             "iterations": it,
             "learner_tflops": None if it is None else it * step_flops / 1e12,
@@ -519,8 +543,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--model", default="jc-tiny", help="jc-tiny or jc-tiny-sigmoid")
+    parser.add_argument(
+        "--methods", nargs="+", default=(), choices=list(METHODS), help="run only these"
+    )
     args = parser.parse_args()
-    setup = replace(QUICK if args.quick else Setup(), model=args.model)
+    setup = replace(QUICK if args.quick else Setup(), model=args.model, methods=tuple(args.methods))
     if args.steps:
         setup = replace(setup, steps=args.steps)
     if args.seeds:

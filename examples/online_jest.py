@@ -32,7 +32,13 @@ from PIL import Image
 
 from jestcurate.loader import SelectionBatches
 from jestcurate.model import BUILTIN_CONFIG_DIR
-from jestcurate.online import ComputeLedger, OnlineSelector, SuperBatches
+from jestcurate.online import (
+    ComputeLedger,
+    OnlineSelector,
+    SuperBatches,
+    downsample,
+    lower_resolution,
+)
 
 
 def build(model_name: str) -> tuple:
@@ -45,6 +51,23 @@ def build(model_name: str) -> tuple:
 def collate(samples: list[dict], preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     images = [preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
     return torch.stack(images), tokenizer([s["txt"].decode("utf-8") for s in samples])
+
+
+def relative_cost(model, preprocess, tokenizer, size: int) -> float:
+    """FLOPs of one sample's forward pass at `size` px over those at full size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    full = preprocess(Image.new("RGB", (64, 64)))[None]
+    tokens = tokenizer(["a caption"])
+
+    def flops(images: torch.Tensor) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(images, tokens)
+        return counter.get_total_flops()
+
+    with lower_resolution(model, size):
+        low = flops(downsample(full, size))
+    return low / flops(full)
 
 
 def offline_batches(scores: Path, workdir: Path, b: int, ratio: float, seed: int):
@@ -70,6 +93,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("online-work"))
     parser.add_argument("--report", type=Path, default=None)
+    parser.add_argument(
+        "--score-size",
+        type=int,
+        default=None,
+        help="online: score super-batches at this image size (a cheaper learner pass)",
+    )
     args = parser.parse_args()
     b = args.batch_size
 
@@ -87,6 +116,11 @@ def main() -> None:
     else:
         stream = iter(candidates)
 
+    scoring_cost = 1.0
+    if args.score_size:  # measured, not assumed: FLOPs of one sample at both sizes
+        scoring_cost = relative_cost(model, preprocess, tokenizer, args.score_size)
+        print(f"scoring at {args.score_size} px costs {scoring_cost:.2f} of a full forward pass")
+
     losses = []
     began = time.perf_counter()
     for _ in range(steps):
@@ -98,9 +132,13 @@ def main() -> None:
             if args.mode == "online":
                 images, tokens = collate(sb.samples, preprocess, tokenizer)
                 with torch.no_grad():
-                    img, txt, scale = model(images, tokens)
+                    if args.score_size:
+                        with lower_resolution(model, args.score_size):
+                            img, txt, scale = model(downsample(images, args.score_size), tokens)
+                    else:
+                        img, txt, scale = model(images, tokens)
                 picked = selector.select(sb.ref_img, sb.ref_txt, img, txt, float(scale))
-                ledger.step(super_batch=len(sb.ids), batch=b)
+                ledger.step(super_batch=len(sb.ids), batch=b, scoring_cost=scoring_cost)
             else:
                 picked = torch.arange(b)
                 ledger.step(super_batch=0, batch=b)
@@ -117,6 +155,7 @@ def main() -> None:
     compute = ledger.summary(steps_total=len(candidates))
     result = {
         "mode": args.mode,
+        "score_size": args.score_size,
         "steps": steps,
         "batch_size": b,
         "super_batch": candidates.super_batch,

@@ -127,6 +127,40 @@ def test_example_trains_online_uniform_and_offline(scored, corpus: Path, tmp_pat
         results[mode] = json.loads(report.read_text())
         assert "forward" in done.stdout  # the compute accounting is printed
     assert results["online"]["compute"]["scoring_forwards"] == 3 * 16
+    report = tmp_path / "cheap.json"
+    cmd = [
+        sys.executable, str(script), "--scores", str(scored["reference"]), "--mode", "online",
+        "--batch-size", "4", "--ratio", "0.25", "--steps", "2", "--score-size", "32",
+        "--workdir", str(tmp_path / "work"), "--report", str(report),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cheap = json.loads(report.read_text())["compute"]["scoring_forwards"]
+    assert 0 < cheap < 0.5 * 2 * 16, cheap  # measured FLOPs: well under half a full pass
     assert results["uniform"]["compute"]["scoring_forwards"] == 0
     for r in results.values():
         assert r["steps"] == 3 and np.isfinite(r["final_loss"])
+
+
+def test_lower_resolution_scoring_is_cheaper_and_leaves_the_model_alone() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from jestcurate.errors import JCError
+    from jestcurate.model import ModelSpec, load_model, resolve_spec
+    from jestcurate.online import downsample, lower_resolution
+
+    net = load_model(resolve_spec(ModelSpec("jc-tiny", device="cpu")), False).model.eval()
+    images = torch.randn(4, 3, 64, 64)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        full = net.encode_image(images)
+        with FlopCounterMode(display=False) as low_count, lower_resolution(net, 32):
+            low = net.encode_image(downsample(images, 32))
+        with FlopCounterMode(display=False) as full_count:
+            net.encode_image(images)
+    assert low.shape == full.shape and torch.isfinite(low).all()
+    assert low_count.get_total_flops() < 0.4 * full_count.get_total_flops()
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # restored
+    with pytest.raises(JCError, match="multiple of the patch size"), lower_resolution(net, 30):
+        pass

@@ -34,7 +34,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     methods = results["summary"]["methods"]
     assert set(methods) == {
         "uniform", "random", "clip-score", "easy-ref", "learnability",
-        "jest (easy-ref)", "jest (learnability)", "jest (online)",
+        "jest (easy-ref)", "jest (learnability)", "jest (online)", "jest (online, 32 px scoring)",
     }  # fmt: skip
     for curves in results["curves"].values():
         assert all(len(c) == 3 and all(0 <= a <= 1 for a in c) for c in curves)

@@ -27,8 +27,10 @@ shared, so all ranks pick the same examples without communicating.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -305,3 +307,43 @@ class ComputeLedger:
             "total_with_scoring": training + self.scoring_forwards,
             "scoring_overhead": self.scoring_forwards / max(training, 1.0),
         }
+
+
+@contextlib.contextmanager
+def lower_resolution(model: torch.nn.Module, image_size: int) -> Iterator[None]:
+    """Let an open_clip ViT embed images of `image_size` pixels (a multiple of its patch size)
+    by resampling its position embeddings to the smaller grid for the duration of the block:
+    a cheaper learner pass for scoring super-batches, in the spirit of the paper's Flexi-JEST.
+    Use it under torch.no_grad(); the model's own weights are restored afterwards."""
+    visual = getattr(model, "visual", model)
+    original = getattr(visual, "positional_embedding", None)
+    patch = getattr(visual, "patch_size", None)
+    if original is None or patch is None:
+        raise JCError("lower_resolution needs an open_clip VisionTransformer")
+    patch = patch[0] if isinstance(patch, tuple | list) else patch
+    if image_size % patch:
+        raise JCError(f"image size {image_size} is not a multiple of the patch size {patch}")
+    grid = image_size // patch
+    tokens = original[1:]
+    side = math.isqrt(len(tokens))
+    resized = torch.nn.functional.interpolate(
+        tokens.reshape(1, side, side, -1).permute(0, 3, 1, 2),
+        size=(grid, grid),
+        mode="bicubic",
+        align_corners=False,
+    )
+    resized = resized.permute(0, 2, 3, 1).reshape(grid * grid, -1)
+    visual._parameters["positional_embedding"] = torch.nn.Parameter(
+        torch.cat([original[:1], resized]), requires_grad=False
+    )
+    try:
+        yield
+    finally:
+        visual._parameters["positional_embedding"] = original
+
+
+def downsample(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Preprocessed (N, 3, H, W) images resized to image_size (antialiased bilinear)."""
+    return torch.nn.functional.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+    )
