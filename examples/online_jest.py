@@ -150,7 +150,7 @@ def main() -> None:
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)  # ln 100, as open_clip_train
-        losses.append(float(loss))
+        losses.append(loss.item())
 
     compute = ledger.summary(steps_total=len(candidates))
     result = {

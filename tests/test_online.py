@@ -164,3 +164,35 @@ def test_lower_resolution_scoring_is_cheaper_and_leaves_the_model_alone() -> Non
     assert all(torch.equal(before[k], after[k]) for k in before)  # restored
     with pytest.raises(JCError, match="multiple of the patch size"), lower_resolution(net, 30):
         pass
+
+
+def test_a_sample_whose_key_changed_is_refused(scored, tmp_path: Path) -> None:
+    from jestcurate.errors import JCError
+
+    batches = SuperBatches(scored["reference"], 4, 0.25, cache_dir=tmp_path / "c", world_size=2)
+    sb = batches.super_batch_at(0)
+    outside = sb.own.stop  # a position this rank reads on demand
+    sb.keys[outside] = "not-the-key"
+    with pytest.raises(JCError, match="changed since it was scored"):
+        sb.fetch([outside])
+
+
+def test_super_batches_from_an_export(scored, tmp_path: Path) -> None:
+    from jestcurate.export import export
+
+    sel = tmp_path / "sel"
+    select_mod.run(
+        select_mod.SelectConfig(
+            reference=scored["reference"], out=sel, method="clip-score", batch_size=4,
+            ratio=0.5, device="cpu",
+        )
+    )  # fmt: skip
+    export(sel, 8)
+    kept = {(r["shard"], r["index"]) for r in pq.read_table(sel / "manifest.parquet").to_pylist()}
+    batches = SuperBatches(scored["reference"], 4, 0.5, cache_dir=tmp_path / "c", export=sel)
+    assert len(batches) == len(kept) // 8
+    for sb in batches:
+        assert len(sb.ids) == 8
+        for sample in sb.fetch(range(8)):
+            meta = json.loads(sample["json"])["jestcurate"]
+            assert (meta["source_shard"], meta["source_index"]) in kept

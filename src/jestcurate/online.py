@@ -61,6 +61,7 @@ class SuperBatch:
     samples: list[Sample]
     shards: list[str] = field(repr=False, default_factory=list)
     index: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
+    keys: list[str] = field(repr=False, default_factory=list)
 
     def fetch(self, positions: torch.Tensor | np.ndarray | list[int]) -> list[Sample]:
         """Raw samples at super-batch positions (e.g. the ones selected for this rank), read
@@ -70,7 +71,7 @@ class SuperBatch:
             if self.own.start <= p < self.own.stop:
                 out.append(self.samples[p - self.own.start])
             else:
-                out.append(_index(self.shards[p]).read(int(self.index[p])))
+                out.append(_read(self.shards[p], int(self.index[p]), self.keys[p]))
         return out
 
 
@@ -84,6 +85,8 @@ class SuperBatches(torch.utils.data.IterableDataset):
         unchanged); default a folder under the system temp dir named by the set's fingerprint.
     rank, world_size: default from torch.distributed when initialised, else RANK/WORLD_SIZE.
     transform: applied to this rank's share of raw samples, in the worker.
+    export: a selection folder with an export (`select --export`): candidates are then the rows
+        it kept, read from its shards (for sources that cannot be read by position).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         transform: Callable[[list[Sample]], Any] | None = None,
         min_clip_score: float | None = None,
         steps: range | None = None,
+        export: str | Path | None = None,
     ) -> None:
         from jestcurate import select as select_mod
 
@@ -133,16 +137,54 @@ class SuperBatches(torch.utils.data.IterableDataset):
                 self.reference, None, found, directory, filters, embeddings=True
             )
             ready.write_text(json.dumps(identity))
-        self.total_steps = self.cache.size // self.super_batch
+        self.part = self.cache.read_range("part", 0, self.cache.size)
+        self.index = self.cache.read_range("index", 0, self.cache.size)
+        rows = np.arange(self.cache.size)
+        self.export: dict[str, Any] | None = None
+        if export is not None:
+            rows = self._from_export(Path(export))
+        self.perm = rows[np.random.default_rng([seed, 0]).permutation(len(rows))]
+        self.total_steps = len(rows) // self.super_batch
         if self.total_steps == 0:
             raise JCError(
-                f"{self.cache.size} eligible rows: fewer than one super-batch of "
+                f"{len(rows)} eligible rows: fewer than one super-batch of "
                 f"{self.super_batch}; lower the ratio or the batch size"
             )
         self.steps = steps if steps is not None else range(self.total_steps)
-        self.part = self.cache.read_range("part", 0, self.cache.size)
-        self.index = self.cache.read_range("index", 0, self.cache.size)
-        self.perm = np.random.default_rng([seed, 0]).permutation(self.cache.size)
+
+    def _from_export(self, selection: Path) -> np.ndarray:
+        """The cache rows a selection kept, read from its export by manifest position."""
+        import pyarrow.parquet as pq
+
+        from jestcurate.store import read_json
+
+        meta = selection / "shards" / "export.json"
+        if not meta.is_file() or "shards" not in read_json(meta):
+            raise JCError(f"{selection} has no finished export; run select with --export")
+        manifest = pq.read_table(selection / "manifest.parquet", columns=["shard", "index"])
+        position = {
+            (shard, index): p
+            for p, (shard, index) in enumerate(
+                zip(
+                    manifest.column("shard").to_pylist(),
+                    manifest.column("index").to_pylist(),
+                    strict=True,
+                )
+            )
+        }
+        where = np.full(self.cache.size, -1, dtype=np.int64)
+        for row, (part, index) in enumerate(
+            zip(self.part.tolist(), self.index.tolist(), strict=True)
+        ):
+            where[row] = position.get((self.cache.shards[part], index), -1)
+        if (where < 0).all():
+            raise JCError(f"{selection} was not made from {self.reference.path}")
+        self.export = {
+            "dir": selection / "shards",
+            "per_shard": int(read_json(meta)["samples_per_shard"]),
+            "position": where,
+        }
+        return np.flatnonzero(where >= 0)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -154,7 +196,16 @@ class SuperBatches(torch.utils.data.IterableDataset):
         own = slice(self.rank * share, (self.rank + 1) * share)
         shards = [self.cache.shards[p] for p in self.part[ids].tolist()]
         index = self.index[ids].astype(np.int64)
-        samples = [_index(shards[p]).read(int(index[p])) for p in range(own.start, own.stop)]
+        keys = np.char.decode(self.cache.read("key", ids), "utf-8").tolist()
+        if self.export is not None:  # the export's copy, at its manifest position and key
+            from jestcurate.export import sample_key
+
+            per = self.export["per_shard"]
+            where = self.export["position"][ids]
+            shards = [str(self.export["dir"] / f"{p // per:05d}.tar") for p in where.tolist()]
+            index = where % per
+            keys = [sample_key(p) for p in where.tolist()]
+        samples = [_read(shards[p], int(index[p]), keys[p]) for p in range(own.start, own.stop)]
         return SuperBatch(
             step=step,
             ids=ids,
@@ -164,6 +215,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
             samples=self.transform(samples) if self.transform else samples,
             shards=shards,
             index=index,
+            keys=keys,
         )
 
     def __iter__(self) -> Iterator[SuperBatch]:
@@ -260,6 +312,18 @@ class OnlineSelector:
         world = default_world if world_size is None else world_size
         share = len(picked) // world
         return picked[rank * share : (rank + 1) * share]
+
+
+def _read(shard: str, index: int, key: str) -> Sample:
+    """Sample `index` of a source shard, checked against the key the score set recorded: the
+    reference embeddings are joined to samples by position, so a changed shard must fail."""
+    sample = _index(shard).read(index)
+    if sample["__key__"] != key:
+        raise JCError(
+            f"{shard} changed since it was scored: sample {index} has key "
+            f"{sample['__key__']!r}, the score set says {key!r}"
+        )
+    return sample
 
 
 def _unit(x: torch.Tensor, device: torch.device) -> torch.Tensor:
