@@ -137,7 +137,7 @@ Decode = Annotated[
 Role = Annotated[str, typer.Option(help="reference (the frozen guide-trained model) or learner.")]
 
 
-@app.command()
+@app.command(short_help="Score shards with a frozen open_clip model into a Parquet score set.")
 @_one_line_errors
 def score(
     inputs: Inputs,
@@ -197,7 +197,7 @@ slurm_app = typer.Typer(
 app.add_typer(slurm_app, name="slurm")
 
 
-@slurm_app.command("score")
+@slurm_app.command("score", short_help="Write (and submit) an sbatch array script for score.")
 @_one_line_errors
 def slurm_score(
     inputs: Inputs,
@@ -321,7 +321,7 @@ def slurm_score(
         )
 
 
-@app.command()
+@app.command(short_help="Done, failed, running and pending shards of a score set or an export.")
 @_one_line_errors
 def status(
     path: Annotated[
@@ -359,7 +359,7 @@ def status(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(short_help="Choose JEST (or baseline) training batches from score sets.")
 @_one_line_errors
 def select(
     reference: Annotated[
@@ -472,7 +472,7 @@ def select(
         )
 
 
-@app.command()
+@app.command(short_help="Find exact and near-duplicate samples (SemDeDup with faiss).")
 @_one_line_errors
 def dedup(
     scores: Annotated[
@@ -497,8 +497,8 @@ def dedup(
 ) -> None:
     """Find exact duplicates (same image bytes) and near-duplicates (SemDeDup: spherical k-means
     with faiss, then cosine > 1 - eps within each cluster); keep the best of each group by
-    clip_score. Writes OUT/dedup.parquet (shard, key, index, cluster, kept, duplicate_of_shard,
-    duplicate_of_key, reason) for `select --dedup OUT`."""
+    clip_score. Writes OUT/dedup.parquet (shard, key, index, cluster, kept, duplicate_of,
+    duplicate_of_shard, similarity, reason) for `select --dedup OUT`."""
     from jestcurate import dedup as dedup_mod
     from jestcurate import ui
 
@@ -512,7 +512,7 @@ def dedup(
     )
 
 
-@app.command()
+@app.command(short_help="Write a self-contained HTML report of a score set (and a selection).")
 @_one_line_errors
 def report(
     scores: Annotated[
@@ -546,7 +546,7 @@ def report(
     )
 
 
-@app.command()
+@app.command(short_help="Summarise a score set, a selection or a dedup output.")
 @_one_line_errors
 def info(
     path: Annotated[
@@ -566,7 +566,7 @@ def info(
     ui.print_info(path, report_mod.describe(folder))
 
 
-@app.command()
+@app.command(short_help="Train an open_clip reference or proxy learner into a checkpoint.")
 @_one_line_errors
 def train(
     inputs: Annotated[
@@ -633,7 +633,7 @@ def train(
     )
 
 
-@app.command()
+@app.command(short_help="Run the whole JEST loop offline on a built-in synthetic corpus.")
 @_one_line_errors
 def demo(
     out: Annotated[
@@ -655,7 +655,7 @@ def demo(
     ui.print_demo_summary(report)
 
 
-@app.command()
+@app.command(short_help="Write a synthetic img2dataset-style corpus.")
 @_one_line_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write NNNNN.tar shards into.")],
