@@ -1,7 +1,7 @@
 """Time and peak memory of `jestcurate dedup` on a synthetic score set with planted duplicates.
 
     python benchmarks/dedup_speed.py --rows 1000000 [--dim 512] [--exact 0.02] [--near 0.02]
-        [--clusters K] [--device cpu|cuda] [--workdir DIR]
+        [--clusters K] [--device cpu|cuda] [--neighbors N] [--workdir DIR]
 
 Writes a synthetic score set of --rows rows (10,000 per part) and plants exact and near
 (cosine 0.98) copies of other rows in it (kept in --workdir for reruns), then runs
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--near", type=float, default=0.02)
     parser.add_argument("--clusters", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--neighbors", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-bench"))
     args = parser.parse_args()
     if args.rows % ROWS_PER_PART:
@@ -92,7 +93,7 @@ def main() -> None:
     out = base / f"dedup-{time.time_ns()}"
     cmd = [
         sys.executable, "-m", "jestcurate", "-v", "dedup", str(base / "ref"), "--out", str(out),
-        "--device", args.device,
+        "--device", args.device, "--neighbors", str(args.neighbors),
     ]  # fmt: skip
     if args.clusters:
         cmd += ["--clusters", str(args.clusters)]
@@ -106,6 +107,7 @@ def main() -> None:
         "rows": args.rows,
         "dim": args.dim,
         "device": args.device,
+        "neighbors": args.neighbors,
         "clusters": summary["clusters_used"],
         "largest_cluster": summary["largest_cluster"],
         "score_set_written_s": round(made, 1),

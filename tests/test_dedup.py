@@ -265,3 +265,22 @@ def test_balance_clusters_caps_each_clusters_share(planted, tmp_path, method: st
             groups.setdefault(step, Counter())[cluster[(r["shard"], r["key"])]] += 1
         largest[balance] = max(max(c.values()) / sum(c.values()) for c in groups.values())
     assert largest[True] <= 0.25 < largest[False], largest
+
+
+def test_neighbors_find_pairs_that_kmeans_split(tmp_path) -> None:
+    """In 256 dimensions with ~10 rows per cluster some planted pairs straddle a k-means
+    boundary and the single-cluster pass misses them; comparing each row with its two nearest
+    clusters finds them, and nothing it adds is a false duplicate."""
+    write_score_set(tmp_path / "ref", shards=4, rows_per_shard=250, dim=256, seed=1)
+    groups = plant_duplicates(tmp_path / "ref", exact=0.0, near=0.1, similarity=0.97, seed=3)
+    rows = rows_of(tmp_path / "ref")
+    want = {m for g in groups for m in g if m != best(g, rows)}
+    found = {}
+    for neighbors in (1, 2):
+        out = tmp_path / f"n{neighbors}"
+        run(tmp_path / "ref", out, clusters=100, neighbors=neighbors)
+        found[neighbors] = {k for k, r in result(out).items() if not r["kept"]}
+    assert found[1] <= found[2] and found[2] <= want
+    assert len(found[1]) < len(found[2]), (len(found[1]), len(found[2]), len(want))
+    code, output = run_cli("dedup", tmp_path / "ref", "--out", tmp_path / "x", "--neighbors", "9")
+    assert code == 2 and "--neighbors must be between 1 and 8" in output

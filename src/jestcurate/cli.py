@@ -494,6 +494,13 @@ def dedup(
     ] = "image",
     seed: Annotated[int, typer.Option(help="Seed of the k-means sample and initialisation.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda, for faiss k-means.")] = "auto",
+    neighbors: Annotated[
+        int,
+        typer.Option(
+            help="Compare each row with the rows of its N nearest clusters, not only its own: "
+            "finds pairs that k-means split, at about N times the work."
+        ),
+    ] = 1,
 ) -> None:
     """Find exact duplicates (same image bytes) and near-duplicates (SemDeDup: spherical k-means
     with faiss, then cosine > 1 - eps within each cluster); keep the best of each group by
@@ -502,7 +509,9 @@ def dedup(
     from jestcurate import dedup as dedup_mod
     from jestcurate import ui
 
-    cfg = dedup_mod.DedupConfig(_score_set(scores), out, eps, clusters, by, seed, device=device)
+    cfg = dedup_mod.DedupConfig(
+        _score_set(scores), out, eps, clusters, by, seed, device=device, neighbors=neighbors
+    )
     done = dedup_mod.run(cfg)
     how = "already done, reused" if done["reused"] else f"{done['seconds']:.1f} s"
     ui.say(

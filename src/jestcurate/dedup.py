@@ -63,6 +63,7 @@ class DedupConfig:
     seed: int = 0
     iterations: int = 20
     device: str = "auto"
+    neighbors: int = 1  # compare each row within its nearest this-many clusters' rows
 
 
 def _validate(cfg: DedupConfig) -> None:
@@ -72,6 +73,8 @@ def _validate(cfg: DedupConfig) -> None:
         raise JCError(f"--by must be one of {', '.join(BY)}, not {cfg.by!r}")
     if cfg.clusters is not None and cfg.clusters < 1:
         raise JCError("--clusters must be at least 1")
+    if not 1 <= cfg.neighbors <= 8:
+        raise JCError("--neighbors must be between 1 and 8")
 
 
 def _columns(by: str) -> list[str]:
@@ -159,18 +162,34 @@ def _kmeans(x: np.ndarray, k: int, seed: int, iterations: int, gpu: bool) -> np.
     return kmeans.centroids
 
 
-def _assign(cache: RowCache, columns: list[str], centroids: np.ndarray) -> np.ndarray:
+def _assign(
+    cache: RowCache, columns: list[str], centroids: np.ndarray, nearest: int = 1
+) -> np.ndarray:
+    """Each row's `nearest` closest centroids, closest first: (rows, nearest)."""
     import faiss
 
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
-    out = np.empty(cache.size, dtype=np.int32)
+    nearest = min(nearest, len(centroids))
+    out = np.empty((cache.size, nearest), dtype=np.int32)
     step = 1 << 16
     for start in range(0, cache.size, step):
         stop = min(start + step, cache.size)
         x = _vectors(cache, columns, None, start, stop)
-        out[start:stop] = index.search(x, 1)[1][:, 0]
+        out[start:stop] = index.search(x, nearest)[1]
     return out
+
+
+def _groups(assigned: np.ndarray, priority: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per cluster: its candidate rows in priority order (its members, and with more than one
+    column the rows for which it is a runner-up cluster) and which of them are members."""
+    n, nearest = assigned.shape
+    rows = np.tile(np.arange(n), nearest)
+    group = assigned.T.reshape(-1)
+    member = np.repeat(np.arange(nearest) == 0, n)
+    order = np.lexsort((priority[rows], group))
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    return [(rows[o], member[o]) for o in np.split(order, bounds)]
 
 
 def _vectors(
@@ -216,20 +235,24 @@ def _semantic(
     dup_of: np.ndarray,
     reason: np.ndarray,
     similarity: np.ndarray,
+    members: np.ndarray | None = None,
 ) -> None:
-    """`x` holds one cluster's rows in priority order (best first). A row whose similarity to
-    any better row exceeds `threshold` is a duplicate of the most similar such row."""
-    n = len(rows)
+    """`x` holds one cluster's candidate rows in priority order (best first). A member row
+    (default: every row) whose similarity to any better candidate exceeds `threshold` is a
+    duplicate of the most similar such row."""
+    where = np.arange(len(rows)) if members is None else np.flatnonzero(members)
+    where = where[where > 0]  # the best candidate has nothing better to duplicate
     block = 1024
-    for start in range(1, n, block):
-        stop = min(start + block, n)
-        sims = x[:stop] @ x[start:stop].T  # (better rows, this block)
-        # Only rows earlier in priority order count: mask the diagonal and below.
-        sims[np.arange(stop)[:, None] >= np.arange(start, stop)[None, :]] = -np.inf
+    for first in range(0, len(where), block):
+        positions = where[first : first + block]
+        stop = int(positions[-1])
+        sims = x[:stop] @ x[positions].T  # (better candidates, these members)
+        # Only candidates earlier in priority order count.
+        sims[np.arange(stop)[:, None] >= positions[None, :]] = -np.inf
         best = sims.argmax(0)
-        top = sims[best, np.arange(stop - start)]
+        top = sims[best, np.arange(len(positions))]
         hit = np.flatnonzero(top > threshold)
-        mine = rows[start + hit]
+        mine = rows[positions[hit]]
         fresh = reason[mine] == 0  # exact duplicates keep their reason
         dup_of[mine[fresh]] = rows[best[hit[fresh]]]
         reason[mine[fresh]] = SEMANTIC
@@ -268,6 +291,7 @@ def _identity(cfg: DedupConfig, scores: ScoreSet) -> dict[str, Any]:
             "clusters": cfg.clusters,
             "seed": cfg.seed,
             "iterations": cfg.iterations,
+            "neighbors": cfg.neighbors,
         },
     }
 
@@ -325,17 +349,16 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         with ui.stage(f"k-means, {k:,} clusters"):
             centroids = _kmeans(_vectors(cache, columns, sample), k, cfg.seed, cfg.iterations, gpu)
             lap("kmeans")
-            cluster = _assign(cache, columns, centroids)
+            assigned = _assign(cache, columns, centroids, cfg.neighbors)
+            cluster = assigned[:, 0]
             lap("assign")
-        by_cluster = np.lexsort((priority, cluster))
-        bounds = np.flatnonzero(np.diff(cluster[by_cluster])) + 1
-        groups = np.split(by_cluster, bounds)
+        groups = _groups(assigned, priority)
         threshold = 1 - cfg.eps
         with ui.step_progress("deduplicating clusters", len(groups), "clusters") as tick:
-            for rows in groups:
-                if len(rows) > 1:
+            for rows, members in groups:
+                if len(rows) > 1 and members.any():
                     x = _vectors(cache, columns, rows)
-                    _semantic(x, threshold, rows, dup_of, reason, similarity)
+                    _semantic(x, threshold, rows, dup_of, reason, similarity, members)
                 tick()
         lap("semantic")
         with ui.stage("writing dedup.parquet"):
