@@ -278,7 +278,8 @@ def slurm_score(
     ):
         if value is not None:
             args += [flag, str(value)]
-    shards = len(expand_inputs(inputs))  # bad inputs fail here, not in a thousand tasks
+    urls = expand_inputs(inputs)  # bad inputs fail here, not in a thousand tasks
+    shards = len(urls)
     if retry:
         plan = slurm.read_plan(local)
         if plan["score_args"] != args:
@@ -291,7 +292,7 @@ def slurm_score(
             from jestcurate.remote import Mirror
 
             Mirror(upload_to, local=local).sync_markers()
-        tasks, busy = unfinished_tasks(local, inputs, count)
+        tasks, busy = unfinished_tasks(local, urls, count)
         note = f" ({busy} more are running now)" if busy else ""
         if not tasks:
             ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")

@@ -174,6 +174,20 @@ def softmax_cache_bytes(batch_size: int, candidates: int, models: int) -> int:
     return 2 * models * batch_size * candidates * 4
 
 
+# The softmax sampler caches the chosen examples' logit rows up to this size on the CPU (half the
+# free memory on CUDA), else recomputes them.
+CPU_ROW_CACHE_BYTES = 2 << 30
+
+
+def row_cache_fits(batch_size: int, candidates: int, models: int, device: torch.device) -> bool:
+    """Whether to cache logit rows (criterion_terms' cache_rows) for this batch on `device`.
+    select and the online selector decide alike, so they compute the same numbers."""
+    budget = CPU_ROW_CACHE_BYTES
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    return softmax_cache_bytes(batch_size, candidates, models) <= budget
+
+
 def chunk_sizes(batch_size: int, n_chunks: int) -> list[int]:
     """Split b into n_chunks near-equal chunk sizes (the first ones one larger)."""
     n_chunks = max(1, min(n_chunks, batch_size))

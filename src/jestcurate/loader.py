@@ -75,6 +75,12 @@ def _index(path: str) -> TarIndex:
     return TarIndex(path)
 
 
+def this_worker() -> tuple[int, int]:
+    """(this DataLoader worker's id, the number of workers); (0, 1) outside any worker."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
 def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -146,8 +152,7 @@ class SelectionBatches(torch.utils.data.IterableDataset):
         return [self._sample(p) for p in range(first, first + self.per_rank)]
 
     def __iter__(self) -> Iterator[Any]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = this_worker()
         for step in self.steps[worker::workers]:
             samples = self.batch(step)
             yield self.transform(samples) if self.transform else samples

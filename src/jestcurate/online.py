@@ -41,9 +41,8 @@ import numpy as np
 import torch
 
 from jestcurate.errors import JCError
-from jestcurate.jest import CRITERIA, Embeddings, criterion_terms, joint_select
-from jestcurate.jest import softmax_cache_bytes as _cache_bytes
-from jestcurate.loader import Sample, _distributed, _index
+from jestcurate.jest import CRITERIA, Embeddings, criterion_terms, joint_select, row_cache_fits
+from jestcurate.loader import Sample, _distributed, _index, this_worker
 from jestcurate.rowcache import RowCache
 from jestcurate.store import ScoreSet, fingerprint, open_score_set
 
@@ -219,8 +218,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         )
 
     def __iter__(self) -> Iterator[SuperBatch]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = this_worker()
         for step in self.steps[worker::workers]:
             yield self.super_batch_at(step)
 
@@ -290,12 +288,7 @@ class OnlineSelector:
                 kind,
             )
         models = 2 if learner is not None else 1
-        from jestcurate.select import CPU_ROW_CACHE_BYTES
-
-        budget = CPU_ROW_CACHE_BYTES  # the same caching choice as select, so the same numbers
-        if self.device.type == "cuda":
-            budget = torch.cuda.mem_get_info(self.device)[0] // 2
-        fits = _cache_bytes(self.batch_size, len(ref.img), models) <= budget
+        fits = row_cache_fits(self.batch_size, len(ref.img), models, self.device)
         terms = criterion_terms(self.criterion, ref, learner, cache_rows=fits)
         picked, _ = joint_select(
             terms, self.batch_size, self.chunks, self.generator, self.temperature, self.topk

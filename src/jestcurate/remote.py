@@ -34,8 +34,15 @@ def is_transient(exc: BaseException) -> bool:
     return type(exc).__module__.split(".", 1)[0] in _CLIENT_MODULES
 
 
-def retry(what: str, call: Any, retries: int = RETRIES, backoff: float = BACKOFF) -> Any:
-    """call() with up to `retries` retries on transient errors, backing off exponentially."""
+def retry(
+    what: str,
+    call: Any,
+    retries: int = RETRIES,
+    backoff: float = BACKOFF,
+    before_retry: Any = None,
+) -> Any:
+    """call() with up to `retries` retries on transient errors, backing off exponentially;
+    `before_retry()`, if given, runs after each wait (to reopen a broken connection)."""
     for attempt in range(retries + 1):
         try:
             return call()
@@ -45,6 +52,8 @@ def retry(what: str, call: Any, retries: int = RETRIES, backoff: float = BACKOFF
             wait = backoff * 2**attempt
             log.warning("%s: %s: %s; retrying in %.1f s", what, type(exc).__name__, exc, wait)
             time.sleep(wait)
+            if before_retry is not None:
+                before_retry()
     raise AssertionError("unreachable")
 
 
@@ -82,19 +91,13 @@ class RetryingReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        for attempt in range(self.retries + 1):
-            try:
-                data = self._file.read(len(view))
-                break
-            except Exception as exc:
-                if attempt == self.retries or not is_transient(exc):
-                    raise
-                wait = self.backoff * 2**attempt
-                log.warning(
-                    "reading %s at byte %d: %s; reopening in %.1f s", self.url, self.pos, exc, wait
-                )
-                time.sleep(wait)
-                self._reopen()
+        data = retry(
+            f"reading {self.url} at byte {self.pos}",
+            lambda: self._file.read(len(view)),
+            self.retries,
+            self.backoff,
+            before_retry=self._reopen,  # resume at self.pos on a fresh connection
+        )
         n = len(data)
         view[:n] = data
         self.pos += n

@@ -24,6 +24,7 @@ from jestcurate import __version__
 from jestcurate.claims import DEFAULT_LEASE, Claims, Owner
 from jestcurate.devicedecode import DECODERS, resolve_decode
 from jestcurate.errors import JCError
+from jestcurate.loader import this_worker
 from jestcurate.model import LoadedModel, ModelSpec, load_model, resolve_spec
 from jestcurate.reader import (
     DEFAULT_MAX_PIXELS,
@@ -239,8 +240,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.defer_jpeg = defer_jpeg
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = this_worker()
         for pos in range(worker, len(self.shards), workers):
             yield from self._read(pos)
 

@@ -38,7 +38,7 @@ from jestcurate.jest import (
     Quota,
     criterion_terms,
     joint_select,
-    softmax_cache_bytes,
+    row_cache_fits,
 )
 from jestcurate.model import resolve_device
 from jestcurate.rowcache import ColumnWriter, RowCache, embedding_rows, fixed_bytes
@@ -61,8 +61,6 @@ MANIFEST = "manifest.parquet"
 SUMMARY = "summary.json"
 UIDS = "uids.npy"
 SELECTION_SCHEMA_VERSION = 1
-# The softmax sampler caches the chosen examples' logit rows up to this size, else recomputes.
-CPU_ROW_CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -381,14 +379,6 @@ def _super_batches(
         yield ids, ref_e, learner_e
 
 
-def _row_cache_fits(cfg: SelectConfig, models: int) -> bool:
-    device = resolve_device(cfg.device)
-    budget = CPU_ROW_CACHE_BYTES
-    if device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] // 2
-    return softmax_cache_bytes(cfg.batch_size, cfg.super_batch, models) <= budget
-
-
 def choose(
     cfg: SelectConfig,
     cache: RowCache,
@@ -417,7 +407,10 @@ def choose(
     if cfg.method == "jest":
         criterion = cfg.criterion or "easy-ref"
         generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same draws on any device
-        cache_rows = _row_cache_fits(cfg, models=2 if learner else 1)
+        models = 2 if learner else 1
+        cache_rows = row_cache_fits(
+            cfg.batch_size, cfg.super_batch, models, resolve_device(cfg.device)
+        )
         for ids, ref_e, learner_e in rows:
             terms = criterion_terms(criterion, ref_e, learner_e, cache_rows=cache_rows)
             picked, score = joint_select(

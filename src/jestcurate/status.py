@@ -44,10 +44,10 @@ class ScoreStatus:
         return not self.failed and not self.running and not self.pending
 
 
-def _shards(out: Path, inputs: Sequence[str]) -> list[Shard]:
-    markers = read_markers(out)
+def _shards(urls: Sequence[str], markers: dict[str, dict[str, Any]]) -> list[Shard]:
+    """The shards under the names score gives them, given the names its markers hold."""
     owners = {name: m.get("shard") for name, m in markers.items()}
-    return assign_names(expand_inputs(inputs), owners)
+    return assign_names(urls, owners)
 
 
 def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
@@ -56,7 +56,7 @@ def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
     markers = read_markers(out)
     status = ScoreStatus(out)
     claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
-    wanted = _shards(out, inputs) if inputs else None
+    wanted = _shards(expand_inputs(inputs), markers) if inputs else None
     names = {s.name for s in wanted} if wanted is not None else set(markers)
     for name in sorted(markers):
         marker = markers[name]
@@ -81,12 +81,12 @@ def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
     return status
 
 
-def unfinished_tasks(out: Path, inputs: Sequence[str], num_tasks: int) -> tuple[list[int], int]:
-    """Array task indexes (of `num_tasks`) that still have a shard without an ok marker and not
-    being scored by a live run; and how many tasks are skipped because all their remaining
-    shards are being scored now."""
+def unfinished_tasks(out: Path, urls: Sequence[str], num_tasks: int) -> tuple[list[int], int]:
+    """Array task indexes (of `num_tasks`) over the expanded input `urls` that still have a
+    shard without an ok marker and not being scored by a live run; and how many tasks are
+    skipped because all their remaining shards are being scored now."""
     markers = read_markers(out)
-    shards = _shards(out, inputs)
+    shards = _shards(urls, markers)
     claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
     todo, busy = [], 0
     for task in range(num_tasks):
