@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from jestcurate.synth import plant_duplicates, write_score_set
+from jestcurate.pipelines.synth import plant_duplicates, write_score_set
 
 ROWS_PER_PART = 10_000
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from jestcurate.synth import PRESETS, CorpusSpec, write_corpus
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
 
 
 def ensure_peer(venv: Path) -> Path:

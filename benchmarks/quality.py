@@ -12,7 +12,7 @@ On the project's synthetic corpus (a clean guide split, a noisy pool, a clean ev
    learner keeps filtering new super-batches;
 3. train a fresh tiny learner from scratch on each stream in manifest batch order, for the same
    steps and batch size, and on the uniform pool as the baseline, over several seeds; and once
-   more with online JEST (jestcurate.online), where the learner being trained embeds each
+   more with online JEST (jestcurate.trainer.online), where the learner being trained embeds each
    super-batch and the selector picks from it, against the cached reference embeddings;
 4. measure zero-shot accuracy on the eval split (the 32 class prompts) every --eval-every steps.
 Writes results.json, results.md (the tables) and accuracy.png to --out.
@@ -31,15 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from jestcurate import score as score_mod
-from jestcurate import select as select_mod
-from jestcurate import train as train_mod
-from jestcurate.jest import Embeddings, criterion_terms, joint_select
-from jestcurate.model import ModelSpec, load_model, resolve_spec
-from jestcurate.reader import iter_raw_samples, parse_sample
-from jestcurate.scoring import example_losses
-from jestcurate.store import open_score_set
-from jestcurate.synth import CLASSES, PRESETS, CorpusSpec, write_corpus
+from jestcurate.io.reader import iter_raw_samples, parse_sample
+from jestcurate.io.store import open_score_set
+from jestcurate.math.jest import Embeddings, criterion_terms, joint_select
+from jestcurate.math.scoring import example_losses
+from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines import select as select_mod
+from jestcurate.pipelines import train as train_mod
+from jestcurate.pipelines.synth import CLASSES, PRESETS, CorpusSpec, write_corpus
 
 PROMPT = "a photo of a {color} {shape}"
 
@@ -92,7 +92,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "learnability": {"method": "learnability"},
     "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
     "jest (learnability)": {"method": "jest", "score": "learnability"},
-    "jest (online)": {"online": True},  # jestcurate.online: the learner in training scores
+    "jest (online)": {"online": True},  # jestcurate.trainer.online: the learner in training scores
     # Flexi-JEST-like: the learner scores super-batches at half resolution (position embeddings
     # resampled), at about a third of the forward cost.
     "jest (online, 32 px scoring)": {"online": True, "score_size": 32},
@@ -153,10 +153,10 @@ def train_online(
     seed: int, setup: Setup, env: dict[str, Any], score_size: int | None = None
 ) -> list[float]:
     """A fresh learner trained with online JEST: at every step it embeds a super-batch of B
-    candidates (no gradient) and jestcurate.online.OnlineSelector picks b jointly by
+    candidates (no gradient) and jestcurate.trainer.online.OnlineSelector picks b jointly by
     learnability against the cached reference embeddings. Candidates come in select's order
     (successive permutations, seeds seed*1000, +1, ...), as for the offline streams."""
-    from jestcurate.online import OnlineSelector, downsample, lower_resolution
+    from jestcurate.trainer.online import OnlineSelector, downsample, lower_resolution
 
     pool, cache, ref, rows_of = env["pool"], env["cache"], env["ref"], env["rows_of"]
     torch.manual_seed(seed)
@@ -285,7 +285,7 @@ def forward_flops(model: Any, image_size: int, context: int, at: int | None = No
     """Forward FLOPs of one sample (image and text); with `at`, the image at `at` pixels."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from jestcurate.online import lower_resolution
+    from jestcurate.trainer.online import lower_resolution
 
     size = at or image_size
     scope = lower_resolution(model.model, size) if at else contextlib.nullcontext()

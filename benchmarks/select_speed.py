@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from jestcurate.synth import write_score_set
+from jestcurate.pipelines.synth import write_score_set
 
 ROWS_PER_PART = 10_000
 

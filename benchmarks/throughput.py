@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jestcurate import score as score_mod
-from jestcurate.model import ModelSpec, load_model, resolve_spec
-from jestcurate.synth import CLASSES, PRESETS, CorpusSpec, draw_image, write_corpus
+from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines.synth import CLASSES, PRESETS, CorpusSpec, draw_image, write_corpus
 
 
 class Clock:

@@ -8,7 +8,7 @@ tars. The three modes see the same candidates in the same order (select's seeded
 the eligible rows, cut into super-batches of B = b / ratio) and differ only in how b of each
 super-batch are chosen:
 
-* online: the learner embeds the super-batch (no gradient) and jestcurate.online picks b
+* online: the learner embeds the super-batch (no gradient) and jestcurate.trainer.online picks b
   jointly by learnability against the cached reference embeddings: the JEST paper's loop;
 * uniform: the first b of each super-batch, i.e. a uniform random batch, no scoring cost;
 * offline: the batches of `jestcurate select --method jest` (reference only), made once.
@@ -30,9 +30,9 @@ import open_clip
 import torch
 from PIL import Image
 
-from jestcurate.loader import SelectionBatches
-from jestcurate.model import BUILTIN_CONFIG_DIR
-from jestcurate.online import (
+from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
+from jestcurate.trainer.loader import SelectionBatches
+from jestcurate.trainer.online import (
     ComputeLedger,
     OnlineSelector,
     SuperBatches,
@@ -71,7 +71,7 @@ def relative_cost(model, preprocess, tokenizer, size: int) -> float:
 
 
 def offline_batches(scores: Path, workdir: Path, b: int, ratio: float, seed: int):
-    from jestcurate import select as select_mod
+    from jestcurate.pipelines import select as select_mod
 
     out = workdir / f"offline-b{b}-r{ratio}-s{seed}"
     cfg = select_mod.SelectConfig(

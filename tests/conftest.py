@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jestcurate.cli import app
-from jestcurate.synth import PRESETS, CorpusSpec, hostile_samples, write_corpus, write_tar
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, hostile_samples, write_corpus, write_tar
 
 # Keep every test on the CPU and quiet about threads on the 2-core CI machine.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

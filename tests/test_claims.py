@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import run_subprocess
 
-from jestcurate import score as score_mod
-from jestcurate.claims import Claims, Owner, _process_start
-from jestcurate.synth import PRESETS, CorpusSpec, write_corpus
+from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
+from jestcurate.scale.claims import Claims, Owner, _process_start
 
 
 def dead_pid() -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from jestcurate.synth import PRESETS, shard_samples
+from jestcurate.pipelines.synth import PRESETS, shard_samples
 
 
 def test_help_explains_the_options() -> None:
@@ -77,7 +77,7 @@ def test_synth_writes_a_reproducible_corpus(tmp_path: Path) -> None:
 
 
 def test_synth_noise_kinds_follow_the_preset() -> None:
-    from jestcurate.synth import CorpusSpec
+    from jestcurate.pipelines.synth import CorpusSpec
 
     spec = CorpusSpec(samples_per_shard=2000, image_size=8, noise=PRESETS["noisy"])
     kinds = [s["json"]["jc_kind"] for s in shard_samples(spec, 0)]

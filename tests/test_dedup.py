@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from jestcurate import dedup
-from jestcurate import select as select_mod
-from jestcurate.synth import plant_duplicates, write_score_set
+from jestcurate.pipelines import dedup
+from jestcurate.pipelines import select as select_mod
+from jestcurate.pipelines.synth import plant_duplicates, write_score_set
 
 SHARDS, ROWS = 6, 200
 

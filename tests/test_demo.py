@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import run_cli
 
-from jestcurate import demo
+from jestcurate.pipelines import demo
 
 REDUCED = demo.DemoSize(
     guide=(2, 200),

@@ -14,10 +14,10 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from jestcurate.devicedecode import DevicePreprocess
 from jestcurate.errors import JCError
-from jestcurate.reader import error_reason
-from jestcurate.store import embedding_matrix
+from jestcurate.io.reader import error_reason
+from jestcurate.io.store import embedding_matrix
+from jestcurate.model.devicedecode import DevicePreprocess
 
 
 def jpeg(rng: np.random.Generator, width: int, height: int, mode: str = "RGB") -> bytes:
@@ -97,7 +97,7 @@ def test_score_with_torch_decoding(corpus, hostile, tmp_path) -> None:
 
 
 def test_auto_uses_the_device_decoder_only_where_it_works(monkeypatch) -> None:
-    from jestcurate import devicedecode
+    from jestcurate.model import devicedecode
 
     cuda = torch.device("cuda")
     assert devicedecode._probe(torch.device("cpu")) is None  # the probe itself works

@@ -15,10 +15,10 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from jestcurate.export import export
-from jestcurate.loader import SelectionBatches
-from jestcurate.model import BUILTIN_CONFIG_DIR
-from jestcurate.synth import PRESETS, CorpusSpec, write_corpus
+from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
+from jestcurate.pipelines.export import export
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
+from jestcurate.trainer.loader import SelectionBatches
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jestcurate.jest import (
+from jestcurate.math.jest import (
     Embeddings,
     MatrixLoss,
     SigmoidLoss,

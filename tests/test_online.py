@@ -1,4 +1,4 @@
-"""jestcurate.online: the in-loop selector agrees with `select --method jest`, super-batches
+"""jestcurate.trainer.online: the in-loop selector agrees with `select --method jest`, super-batches
 split over ranks and workers without gaps or overlaps, and a short online training run works."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jestcurate import score as score_mod
-from jestcurate import select as select_mod
-from jestcurate.online import OnlineSelector, SuperBatches
-from jestcurate.store import embedding_matrix, open_score_set
+from jestcurate.io.store import embedding_matrix, open_score_set
+from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines import select as select_mod
+from jestcurate.trainer.online import OnlineSelector, SuperBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,8 +146,8 @@ def test_lower_resolution_scoring_is_cheaper_and_leaves_the_model_alone() -> Non
     from torch.utils.flop_counter import FlopCounterMode
 
     from jestcurate.errors import JCError
-    from jestcurate.model import ModelSpec, load_model, resolve_spec
-    from jestcurate.online import downsample, lower_resolution
+    from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+    from jestcurate.trainer.online import downsample, lower_resolution
 
     net = load_model(resolve_spec(ModelSpec("jc-tiny", device="cpu")), False).model.eval()
     images = torch.randn(4, 3, 64, 64)
@@ -178,7 +178,7 @@ def test_a_sample_whose_key_changed_is_refused(scored, tmp_path: Path) -> None:
 
 
 def test_super_batches_from_an_export(scored, tmp_path: Path) -> None:
-    from jestcurate.export import export
+    from jestcurate.pipelines.export import export
 
     sel = tmp_path / "sel"
     select_mod.run(

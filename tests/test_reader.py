@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from jestcurate.reader import (
+from jestcurate.io.reader import (
     ShardReadError,
     error_reason,
     iter_raw_samples,
     load_image,
     parse_sample,
 )
-from jestcurate.synth import CorpusSpec, shard_samples, write_tar, write_truncated_tar
+from jestcurate.pipelines.synth import CorpusSpec, shard_samples, write_tar, write_truncated_tar
 
 
 def read_all(path: Path) -> tuple[list[dict], str | None]:
@@ -114,8 +114,8 @@ def test_gzipped_tar_is_read(tmp_path: Path) -> None:
 
 
 def test_load_image_checks_header_before_decoding() -> None:
-    from jestcurate.reader import SampleError
-    from jestcurate.synth import png_with_header
+    from jestcurate.io.reader import SampleError
+    from jestcurate.pipelines.synth import png_with_header
 
     with pytest.raises(SampleError, match="image too large: 5000x5000"):
         load_image(png_with_header(5000, 5000), max_pixels=1_000_000)

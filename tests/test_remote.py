@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from fsspec.implementations.memory import MemoryFileSystem
 
-from jestcurate.remote import RetryingReader, is_transient
+from jestcurate.io.remote import RetryingReader, is_transient
 
 
 class FlakyFS(MemoryFileSystem):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_subprocess
 
-from jestcurate.synth import PRESETS, CorpusSpec, write_corpus
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
 
 pytestmark = pytest.mark.slow
 

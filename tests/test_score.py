@@ -17,12 +17,12 @@ import torch
 from conftest import read_parts, run_cli
 from PIL import Image
 
-from jestcurate import score as score_mod
-from jestcurate.model import BUILTIN_CONFIG_DIR
-from jestcurate.reader import error_reason
-from jestcurate.scoring import example_losses
-from jestcurate.store import embedding_matrix, score_schema
-from jestcurate.synth import CorpusSpec, shard_samples, write_tar
+from jestcurate.io.reader import error_reason
+from jestcurate.io.store import embedding_matrix, score_schema
+from jestcurate.math.scoring import example_losses
+from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
+from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines.synth import CorpusSpec, shard_samples, write_tar
 
 
 def score(inputs, out: Path, **kw) -> score_mod.ScoreReport:

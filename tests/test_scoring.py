@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jestcurate.scoring import clip_scores, example_losses
+from jestcurate.math.scoring import clip_scores, example_losses
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from jestcurate import select as select_mod
-from jestcurate.synth import write_score_set
+from jestcurate.pipelines import select as select_mod
+from jestcurate.pipelines.synth import write_score_set
 
 SHARDS, ROWS = 6, 100
 

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jestcurate.errors import JCError
-from jestcurate.shards import (
+from jestcurate.io.shards import (
     Shard,
     assign_names,
     expand_inputs,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from jestcurate.claims import Claims, Owner
-from jestcurate.slurm import array_spec, split_tasks
+from jestcurate.scale.claims import Claims, Owner
+from jestcurate.scale.slurm import array_spec, split_tasks
 
 
 def test_array_spec_and_split() -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from jestcurate import train as train_mod
 from jestcurate.errors import JCError
-from jestcurate.model import BUILTIN_CONFIG_DIR
-from jestcurate.synth import CorpusSpec, write_corpus
+from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
+from jestcurate.pipelines import train as train_mod
+from jestcurate.pipelines.synth import CorpusSpec, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(
 
 
 def test_a_trained_reference_scores_matching_captions_higher(guide: Path, tmp_path: Path) -> None:
-    from jestcurate.model import ModelSpec, load_model, resolve_spec
-    from jestcurate.synth import CLASSES, draw_image
+    from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+    from jestcurate.pipelines.synth import CLASSES, draw_image
 
     train_mod.run(config(guide, tmp_path / "ref.pt", steps=80, lr=2e-3))
     model = load_model(resolve_spec(ModelSpec("jc-tiny", str(tmp_path / "ref.pt"))))

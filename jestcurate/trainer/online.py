@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from jestcurate.errors import JCError
-from jestcurate.jest import CRITERIA, Embeddings, criterion_terms, joint_select, row_cache_fits
-from jestcurate.loader import Sample, _distributed, _index, this_worker
-from jestcurate.rowcache import RowCache
-from jestcurate.store import ScoreSet, fingerprint, open_score_set
+from jestcurate.io.rowcache import RowCache
+from jestcurate.io.store import ScoreSet, fingerprint, open_score_set
+from jestcurate.math.jest import CRITERIA, Embeddings, criterion_terms, joint_select, row_cache_fits
+from jestcurate.trainer.loader import Sample, _distributed, _index, this_worker
 
 
 @dataclass
@@ -102,7 +102,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         steps: range | None = None,
         export: str | Path | None = None,
     ) -> None:
-        from jestcurate import select as select_mod
+        from jestcurate.pipelines import select as select_mod
 
         if not 0 < ratio <= 1:
             raise JCError(f"ratio is the kept fraction, in (0, 1]; got {ratio}")
@@ -155,7 +155,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         """The cache rows a selection kept, read from its export by manifest position."""
         import pyarrow.parquet as pq
 
-        from jestcurate.store import read_json
+        from jestcurate.io.store import read_json
 
         meta = selection / "shards" / "export.json"
         if not meta.is_file() or "shards" not in read_json(meta):
@@ -197,7 +197,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         index = self.index[ids].astype(np.int64)
         keys = np.char.decode(self.cache.read("key", ids), "utf-8").tolist()
         if self.export is not None:  # the export's copy, at its manifest position and key
-            from jestcurate.export import sample_key
+            from jestcurate.pipelines.export import sample_key
 
             per = self.export["per_shard"]
             where = self.export["position"][ids]

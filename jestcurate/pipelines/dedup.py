@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 
 from jestcurate import __version__
 from jestcurate.errors import JCError
-from jestcurate.rowcache import ColumnWriter, RowCache, embedding_rows
-from jestcurate.store import (
+from jestcurate.io.rowcache import ColumnWriter, RowCache, embedding_rows
+from jestcurate.io.store import (
     ScoreSet,
     atomic_write,
     fingerprint,

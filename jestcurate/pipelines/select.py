@@ -32,18 +32,8 @@ import torch
 
 from jestcurate import __version__
 from jestcurate.errors import JCError
-from jestcurate.jest import (
-    CRITERIA,
-    Embeddings,
-    Quota,
-    criterion_terms,
-    joint_select,
-    row_cache_fits,
-)
-from jestcurate.model import resolve_device
-from jestcurate.rowcache import ColumnWriter, RowCache, embedding_rows, fixed_bytes
-from jestcurate.scoring import example_losses
-from jestcurate.store import (
+from jestcurate.io.rowcache import ColumnWriter, RowCache, embedding_rows, fixed_bytes
+from jestcurate.io.store import (
     ScoreSet,
     atomic_write,
     fingerprint,
@@ -52,6 +42,16 @@ from jestcurate.store import (
     read_json,
     write_json_atomic,
 )
+from jestcurate.math.jest import (
+    CRITERIA,
+    Embeddings,
+    Quota,
+    criterion_terms,
+    joint_select,
+    row_cache_fits,
+)
+from jestcurate.math.scoring import example_losses
+from jestcurate.model.openclip import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +596,7 @@ class SelectReport:
 def _filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
     if cfg.dedup is None:
         return Filters(cfg.min_clip_score)
-    from jestcurate.dedup import SUMMARY, load_clusters, load_dropped
+    from jestcurate.pipelines.dedup import SUMMARY, load_clusters, load_dropped
 
     try:
         summary = read_json(cfg.dedup / SUMMARY)

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import torch
 
 from jestcurate.errors import JCError
-from jestcurate.reader import split_member
-from jestcurate.shards import is_url
-from jestcurate.store import read_json
+from jestcurate.io.reader import split_member
+from jestcurate.io.shards import is_url
+from jestcurate.io.store import read_json
 
 Sample = dict[str, Any]
 

@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from jestcurate.score import ScoreReport, ShardResult
+    from jestcurate.pipelines.score import ScoreReport, ShardResult
 
 log = logging.getLogger("jestcurate")
 stderr = Console(stderr=True)
@@ -302,7 +302,7 @@ def training_progress(label: str = "training") -> Iterator[Callable[[int, int, f
 
 
 def print_demo_summary(report: Any, console: Console = stdout) -> None:
-    from jestcurate.demo import table_rows
+    from jestcurate.pipelines.demo import table_rows
 
     table = Table(title="pool samples kept, by kind", title_justify="left")
     for name, justify in (

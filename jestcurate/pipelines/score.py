@@ -21,21 +21,16 @@ from typing import Any, Protocol
 import torch
 
 from jestcurate import __version__
-from jestcurate.claims import DEFAULT_LEASE, Claims, Owner
-from jestcurate.devicedecode import DECODERS, resolve_decode
 from jestcurate.errors import JCError
-from jestcurate.loader import this_worker
-from jestcurate.model import LoadedModel, ModelSpec, load_model, resolve_spec
-from jestcurate.reader import (
+from jestcurate.io.reader import (
     DEFAULT_MAX_PIXELS,
     ShardReadError,
     error_reason,
     iter_raw_samples,
     parse_sample,
 )
-from jestcurate.remote import Mirror
-from jestcurate.scoring import clip_scores, example_losses
-from jestcurate.shards import (
+from jestcurate.io.remote import Mirror
+from jestcurate.io.shards import (
     Shard,
     assign_names,
     expand_inputs,
@@ -44,7 +39,7 @@ from jestcurate.shards import (
     resolve_task,
     shard_size,
 )
-from jestcurate.store import (
+from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
     PARTS_DIR,
@@ -58,6 +53,11 @@ from jestcurate.store import (
     write_json_atomic,
     write_part,
 )
+from jestcurate.math.scoring import clip_scores, example_losses
+from jestcurate.model.devicedecode import DECODERS, resolve_decode
+from jestcurate.model.openclip import LoadedModel, ModelSpec, load_model, resolve_spec
+from jestcurate.scale.claims import DEFAULT_LEASE, Claims, Owner
+from jestcurate.trainer.loader import this_worker
 
 log = logging.getLogger(__name__)
 ROLES = ("reference", "learner")
@@ -595,7 +595,7 @@ def _score_pass(
     chunk = _chunk_size(cfg.batch_size, model.image_size)
     on_device = None
     if cfg.decode == "torch":
-        from jestcurate.devicedecode import DevicePreprocess
+        from jestcurate.model.devicedecode import DevicePreprocess
 
         on_device = DevicePreprocess.from_transform(model.preprocess)
     stream = ShardStream(

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from jestcurate.store import atomic_write
+from jestcurate.io.store import atomic_write
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -311,8 +311,8 @@ def write_score_set(
     import pyarrow.parquet as pq
     import torch
 
-    from jestcurate.scoring import clip_scores, example_losses
-    from jestcurate.store import SCHEMA_VERSION, part_table, write_json_atomic
+    from jestcurate.io.store import SCHEMA_VERSION, part_table, write_json_atomic
+    from jestcurate.math.scoring import clip_scores, example_losses
 
     out = Path(out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -411,7 +411,7 @@ def plant_duplicates(
     """
     import pyarrow.parquet as pq
 
-    from jestcurate.store import embedding_column, embedding_matrix, score_column, write_part
+    from jestcurate.io.store import embedding_column, embedding_matrix, score_column, write_part
 
     parts = sorted(Path(score_set, "parts").glob("*.parquet"))
     tables = [pq.read_table(p) for p in parts]

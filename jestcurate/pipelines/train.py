@@ -28,16 +28,16 @@ import torch
 
 from jestcurate import __version__
 from jestcurate.errors import JCError
-from jestcurate.model import LoadedModel, ModelSpec, load_model, resolve_spec
-from jestcurate.reader import (
+from jestcurate.io.reader import (
     IMAGE_EXTS,
     ShardReadError,
     error_reason,
     iter_raw_samples,
     parse_sample,
 )
-from jestcurate.shards import expand_inputs, open_shard
-from jestcurate.store import atomic_write, read_json, write_json_atomic
+from jestcurate.io.shards import expand_inputs, open_shard
+from jestcurate.io.store import atomic_write, read_json, write_json_atomic
+from jestcurate.model.openclip import LoadedModel, ModelSpec, load_model, resolve_spec
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from jestcurate.errors import JCError
 
 log = logging.getLogger(__name__)
 
-BUILTIN_CONFIG_DIR = Path(__file__).parent / "model_configs"
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("fp32", "bf16", "fp16")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 _registered_builtins = False

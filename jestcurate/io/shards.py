@@ -57,7 +57,7 @@ def _is_shard_file(name: str) -> bool:
 def _expand_url(url: str) -> Iterator[str]:
     import fsspec
 
-    from jestcurate.remote import retry
+    from jestcurate.io.remote import retry
 
     _check_protocol(url)
     if _GLOB_CHARS.search(url.split("://", 1)[1]):
@@ -237,7 +237,7 @@ def shard_size(url: str) -> int | None:
         if is_url(url):
             import fsspec
 
-            from jestcurate.remote import retry
+            from jestcurate.io.remote import retry
 
             fs, path = fsspec.core.url_to_fs(url)
             return int(retry(f"sizing {url}", lambda: fs.size(path)))
@@ -249,7 +249,7 @@ def shard_size(url: str) -> int | None:
 @contextmanager
 def open_shard(url: str) -> Iterator[IO[bytes]]:
     if is_url(url):
-        from jestcurate.remote import RetryingReader
+        from jestcurate.io.remote import RetryingReader
 
         with io.BufferedReader(RetryingReader(url), buffer_size=1 << 20) as f:
             yield f

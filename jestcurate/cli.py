@@ -85,8 +85,8 @@ ScoreOut = Annotated[
 
 def _score_out(out: str) -> tuple[Path, str | None]:
     """(local folder, the URL it mirrors or None) for score's --out."""
-    from jestcurate.remote import Mirror
-    from jestcurate.shards import is_url
+    from jestcurate.io.remote import Mirror
+    from jestcurate.io.shards import is_url
 
     if is_url(out):
         return Mirror(out).local, out
@@ -95,7 +95,7 @@ def _score_out(out: str) -> tuple[Path, str | None]:
 
 def _score_set(location: str) -> Path:
     """A score set given as a path or a URL, as a local folder (a URL is mirrored first)."""
-    from jestcurate.remote import local_dir
+    from jestcurate.io.remote import local_dir
 
     return local_dir(location, ("meta.json", "done/*.json", "parts/*.parquet"))
 
@@ -165,8 +165,8 @@ def score(
     runs) claim shards, never score one twice, and each exits once every shard is settled.
 
     Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
-    from jestcurate import score as score_mod
     from jestcurate import ui
+    from jestcurate.pipelines import score as score_mod
 
     local, upload_to = _score_out(out)
     cfg = score_mod.ScoreConfig(
@@ -249,9 +249,10 @@ def slurm_score(
     its path; with --submit, submit it (as several array jobs if the tasks pass the cluster's
     MaxArraySize). Tasks requeue safely after node failures; --retry resubmits only the tasks
     that still have shards to do."""
-    from jestcurate import slurm, ui
-    from jestcurate.shards import expand_inputs
-    from jestcurate.status import unfinished_tasks
+    from jestcurate import ui
+    from jestcurate.io.shards import expand_inputs
+    from jestcurate.scale import slurm
+    from jestcurate.scale.status import unfinished_tasks
 
     opts = slurm.SlurmOptions(
         partition=partition,
@@ -289,7 +290,7 @@ def slurm_score(
             )
         count = int(plan["num_tasks"])
         if upload_to:
-            from jestcurate.remote import Mirror
+            from jestcurate.io.remote import Mirror
 
             Mirror(upload_to, local=local).sync_markers()
         tasks, busy = unfinished_tasks(local, urls, count)
@@ -341,9 +342,9 @@ def status(
     set; or written and missing shards of an export."""
     import json as json_mod
 
-    from jestcurate import status as status_mod
     from jestcurate import ui
-    from jestcurate.remote import local_dir
+    from jestcurate.io.remote import local_dir
+    from jestcurate.scale import status as status_mod
 
     folder = local_dir(path, ("meta.json", "done/*.json"))
     if (folder / "shards" / "export.json").is_file():
@@ -440,8 +441,8 @@ def select(
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy
     (DataComp's subset format) when every kept row has a uid. Same inputs and seed give
     byte-identical files."""
-    from jestcurate import select as select_mod
     from jestcurate import ui
+    from jestcurate.pipelines import select as select_mod
 
     cfg = select_mod.SelectConfig(
         reference=_score_set(reference),
@@ -464,7 +465,7 @@ def select(
     report = select_mod.run(cfg)
     ui.print_select_summary(report)
     if export:
-        from jestcurate import export as export_mod
+        from jestcurate.pipelines import export as export_mod
 
         done = export_mod.export(out, samples_per_shard)
         ui.say(
@@ -507,8 +508,8 @@ def dedup(
     with faiss, then cosine > 1 - eps within each cluster); keep the best of each group by
     clip_score. Writes OUT/dedup.parquet (shard, key, index, cluster, kept, duplicate_of,
     duplicate_of_shard, similarity, reason) for `select --dedup OUT`."""
-    from jestcurate import dedup as dedup_mod
     from jestcurate import ui
+    from jestcurate.pipelines import dedup as dedup_mod
 
     cfg = dedup_mod.DedupConfig(
         _score_set(scores), out, eps, clusters, by, seed, device=device, neighbors=neighbors
@@ -543,8 +544,8 @@ def report(
     """Write one self-contained HTML page (opens from disk, no network): counts per shard and
     status, errors by reason, score histograms (kept vs dropped with --selection) and thumbnail
     grids with captions and scores, read back from the source shards."""
-    from jestcurate import report as report_mod
     from jestcurate import ui
+    from jestcurate.pipelines import report as report_mod
 
     done = report_mod.write_report(_score_set(scores), out, selection, thumbnails, seed)
     missing = (
@@ -569,8 +570,8 @@ def info(
     """Summarise a score set (model, counts, errors, score quantiles, shard states), a
     selection (method, parameters, counts, mean scores kept vs dropped, export) or a dedup
     output (parameters, kept and dropped counts, cluster sizes)."""
-    from jestcurate import report as report_mod
     from jestcurate import ui
+    from jestcurate.pipelines import report as report_mod
 
     folder = _score_set(path)
     ui.print_info(path, report_mod.describe(folder))
@@ -613,8 +614,8 @@ def train(
     """Train an open_clip model contrastively (its own loss: CLIP softmax, or SigLIP sigmoid for
     models with a logit bias) and write a checkpoint that `score --pretrained` and open_clip
     load. Rerunning continues from the last saved step; a finished run is not redone."""
-    from jestcurate import train as train_mod
     from jestcurate import ui
+    from jestcurate.pipelines import train as train_mod
 
     cfg = train_mod.TrainConfig(
         inputs=tuple(inputs),
@@ -656,8 +657,8 @@ def demo(
     """Run the whole JEST loop offline on a synthetic corpus: generate a guide split and a noisy
     pool, train a tiny reference and a proxy learner, score the pool with both, select with jest
     (learnability) and random, export both, and show which noise each kept."""
-    from jestcurate import demo as demo_mod
     from jestcurate import ui
+    from jestcurate.pipelines import demo as demo_mod
 
     if size not in demo_mod.SIZES:
         raise JCError(f"unknown size {size!r}; use {', '.join(demo_mod.SIZES)}")
@@ -680,7 +681,7 @@ def synth(
 ) -> None:
     """Write a synthetic img2dataset-style corpus (coloured shapes with captions) for trying
     jestcurate without downloads. Each sample's .json records its noise kind and true class."""
-    from jestcurate import synth as synth_mod
+    from jestcurate.pipelines import synth as synth_mod
 
     if noise not in synth_mod.PRESETS:
         raise JCError(f"unknown noise preset {noise!r}; use {', '.join(synth_mod.PRESETS)}")

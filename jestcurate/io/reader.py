@@ -234,7 +234,7 @@ def parse_sample(
         if row["caption"] is None:
             raise SampleError("missing caption", "no .txt file and no caption in .json")
         if defer_jpeg and image_bytes[:3] == b"\xff\xd8\xff":
-            from jestcurate.devicedecode import keep_jpeg
+            from jestcurate.model.devicedecode import keep_jpeg
 
             if keep_jpeg(image_bytes, image_header(image_bytes, max_pixels).mode):
                 return row, image_bytes

@@ -181,7 +181,7 @@ class Mirror:
 def local_dir(location: str, patterns: tuple[str, ...] = ("**",)) -> Path:
     """A score set or output folder given as a path or a URL, as a local folder: a URL is
     mirrored (the files matching `patterns`) and the mirror returned."""
-    from jestcurate.shards import is_url
+    from jestcurate.io.shards import is_url
 
     if not is_url(location):
         return Path(location[len("file://") :] if location.startswith("file://") else location)

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jestcurate.claims import CLAIMS_DIR, Claims, Owner
 from jestcurate.errors import JCError
-from jestcurate.shards import Shard, assign_names, expand_inputs, for_task
-from jestcurate.store import DONE_DIR, read_json, read_markers
+from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task
+from jestcurate.io.store import DONE_DIR, read_json, read_markers
+from jestcurate.scale.claims import CLAIMS_DIR, Claims, Owner
 
 
 @dataclass

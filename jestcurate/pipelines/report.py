@@ -24,16 +24,16 @@ import pyarrow.parquet as pq
 
 from jestcurate import __version__
 from jestcurate.errors import JCError
-from jestcurate.loader import TarIndex
-from jestcurate.reader import (
+from jestcurate.io.reader import (
     IMAGE_EXTS,
     ShardReadError,
     error_reason,
     iter_raw_samples,
     load_image,
 )
-from jestcurate.shards import is_url, open_shard
-from jestcurate.store import ScoreSet, open_score_set, read_json, read_markers
+from jestcurate.io.shards import is_url, open_shard
+from jestcurate.io.store import ScoreSet, open_score_set, read_json, read_markers
+from jestcurate.trainer.loader import TarIndex
 
 
 @dataclass

@@ -23,12 +23,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from jestcurate import export as export_mod
-from jestcurate import score as score_mod
-from jestcurate import select as select_mod
-from jestcurate import train as train_mod
-from jestcurate.report import write_report
-from jestcurate.synth import NOISE_KINDS, PRESETS, CorpusSpec, write_corpus
+from jestcurate.pipelines import export as export_mod
+from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines import select as select_mod
+from jestcurate.pipelines import train as train_mod
+from jestcurate.pipelines.report import write_report
+from jestcurate.pipelines.synth import NOISE_KINDS, PRESETS, CorpusSpec, write_corpus
 
 log = logging.getLogger(__name__)
 MODEL = "jc-tiny"

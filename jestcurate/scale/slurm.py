@@ -22,7 +22,7 @@ from typing import Any
 
 from jestcurate import __version__
 from jestcurate.errors import JCError
-from jestcurate.store import read_json, write_json_atomic
+from jestcurate.io.store import read_json, write_json_atomic
 
 SLURM_DIR = "slurm"
 SCRIPT = "score.sbatch"

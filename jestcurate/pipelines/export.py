@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 
 from jestcurate import ui
 from jestcurate.errors import JCError
-from jestcurate.reader import ShardReadError, iter_raw_samples
-from jestcurate.shards import open_shard
-from jestcurate.store import atomic_write, read_json, write_json_atomic
+from jestcurate.io.reader import ShardReadError, iter_raw_samples
+from jestcurate.io.shards import open_shard
+from jestcurate.io.store import atomic_write, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

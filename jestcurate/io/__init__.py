@@ -1,0 +1,2 @@
+"""On-disk formats and input reading: shard listing, the tar reader, the score-set store, the
+row cache, remote storage."""

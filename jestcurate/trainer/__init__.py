@@ -1,0 +1,1 @@
+"""The trainer side: what a user's training loop imports (the manifest loader, online JEST)."""
