@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jestcurate.io import eligible
 from jestcurate.io.reader import iter_raw_samples, parse_sample
 from jestcurate.io.store import open_score_set
 from jestcurate.math.jest import Embeddings, criterion_terms, joint_select
@@ -336,8 +337,8 @@ def prepare(work: Path, setup: Setup) -> dict[str, Any]:
     prompts = model.tokenizer([PROMPT.format(color=c, shape=s) for c, s in CLASSES])
     ref = open_score_set(work / "scores" / "reference", role="reference")
     learner = open_score_set(work / "scores" / "learner", role="learner")
-    found = select_mod.scan(ref, learner, None)
-    cache = select_mod.fill_cache(ref, learner, found, work / "cache", None, embeddings=True)
+    found = eligible.scan(ref, learner, None)
+    cache = eligible.fill_cache(ref, learner, found, work / "cache", None, embeddings=True)
     parts = cache.read_range("part", 0, cache.size)
     keys = np.char.decode(cache.read_range("key", 0, cache.size), "utf-8")
     rows_of = np.array([pool.index[(cache.shards[p], k)] for p, k in zip(parts, keys, strict=True)])

@@ -85,8 +85,7 @@ ScoreOut = Annotated[
 
 def _score_out(out: str) -> tuple[Path, str | None]:
     """(local folder, the URL it mirrors or None) for score's --out."""
-    from jestcurate.io.remote import Mirror
-    from jestcurate.io.shards import is_url
+    from jestcurate.io.remote import Mirror, is_url
 
     if is_url(out):
         return Mirror(out).local, out
@@ -165,7 +164,6 @@ def score(
     runs) claim shards, never score one twice, and each exits once every shard is settled.
 
     Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
-    from jestcurate import ui
     from jestcurate.pipelines import score as score_mod
 
     local, upload_to = _score_out(out)
@@ -184,9 +182,9 @@ def score(
         role=role,
         decode=decode,
     )
-    with ui.ScoreProgress() as progress:
+    with score_mod.ScoreProgress() as progress:
         report = score_mod.run(cfg, progress)
-    ui.print_score_summary(report)
+    score_mod.print_summary(report)
     if report.failed:
         raise typer.Exit(1)
 
@@ -356,7 +354,7 @@ def status(
     if json_out:
         ui.stdout.print_json(json_mod.dumps(found))
     else:
-        ui.print_status(found)
+        status_mod.print_status(found)
     if check and not complete:
         raise typer.Exit(1)
 
@@ -463,7 +461,7 @@ def select(
         balance_clusters=balance_clusters,
     )
     report = select_mod.run(cfg)
-    ui.print_select_summary(report)
+    select_mod.print_summary(report)
     if export:
         from jestcurate.pipelines import export as export_mod
 
@@ -570,11 +568,10 @@ def info(
     """Summarise a score set (model, counts, errors, score quantiles, shard states), a
     selection (method, parameters, counts, mean scores kept vs dropped, export) or a dedup
     output (parameters, kept and dropped counts, cluster sizes)."""
-    from jestcurate import ui
     from jestcurate.pipelines import report as report_mod
 
     folder = _score_set(path)
-    ui.print_info(path, report_mod.describe(folder))
+    report_mod.print_info(path, report_mod.describe(folder))
 
 
 @app.command(short_help="Train an open_clip reference or proxy learner into a checkpoint.")
@@ -659,11 +656,12 @@ def demo(
     (learnability) and random, export both, and show which noise each kept."""
     from jestcurate import ui
     from jestcurate.pipelines import demo as demo_mod
+    from jestcurate.pipelines.score import ScoreProgress
 
     if size not in demo_mod.SIZES:
         raise JCError(f"unknown size {size!r}; use {', '.join(demo_mod.SIZES)}")
-    report = demo_mod.run(out, demo_mod.SIZES[size], ui.training_progress, ui.ScoreProgress)
-    ui.print_demo_summary(report)
+    report = demo_mod.run(out, demo_mod.SIZES[size], ui.training_progress, ScoreProgress)
+    demo_mod.print_summary(report)
 
 
 @app.command(short_help="Write a synthetic img2dataset-style corpus.")

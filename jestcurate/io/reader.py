@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from PIL import Image
 
+JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -233,16 +234,23 @@ def parse_sample(
             raise SampleError("missing image", f"no {'/'.join(IMAGE_EXTS[:3])} file")
         if row["caption"] is None:
             raise SampleError("missing caption", "no .txt file and no caption in .json")
-        if defer_jpeg and image_bytes[:3] == b"\xff\xd8\xff":
-            from jestcurate.model.devicedecode import keep_jpeg
-
-            if keep_jpeg(image_bytes, image_header(image_bytes, max_pixels).mode):
-                return row, image_bytes
+        if (
+            defer_jpeg
+            and image_bytes[:3] == JPEG_MAGIC
+            and keep_jpeg(image_bytes, image_header(image_bytes, max_pixels).mode)
+        ):
+            return row, image_bytes
         return row, load_image(image_bytes, max_pixels)
     except SampleError as exc:
         row["status"] = "error"
         row["error"] = str(exc)
         return row, None
+
+
+def keep_jpeg(data: bytes, mode: str) -> bool:
+    """Whether a worker should pass these bytes on undecoded: a baseline or progressive JPEG
+    in a mode torchvision decodes to RGB as PIL does (not CMYK, whose conversions differ)."""
+    return data[:3] == JPEG_MAGIC and mode in ("RGB", "L")
 
 
 def error_reason(error: str | None) -> str:

@@ -25,6 +25,11 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _CLIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google")
 
 
+def is_url(path: str) -> bool:
+    """A location fsspec opens (s3://, gs://, http://, ...), as against a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: network and server trouble, not a missing or forbidden object."""
     if isinstance(exc, _PERMANENT):
@@ -181,8 +186,6 @@ class Mirror:
 def local_dir(location: str, patterns: tuple[str, ...] = ("**",)) -> Path:
     """A score set or output folder given as a path or a URL, as a local folder: a URL is
     mirrored (the files matching `patterns`) and the mirror returned."""
-    from jestcurate.io.shards import is_url
-
     if not is_url(location):
         return Path(location[len("file://") :] if location.startswith("file://") else location)
     mirror = Mirror(location)

@@ -16,6 +16,7 @@ from typing import IO
 from braceexpand import braceexpand
 
 from jestcurate.errors import JCError
+from jestcurate.io.remote import RetryingReader, is_url, retry
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -29,10 +30,6 @@ class Shard:
 
     url: str
     name: str
-
-
-def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def _local(path: str) -> str:
@@ -56,8 +53,6 @@ def _is_shard_file(name: str) -> bool:
 
 def _expand_url(url: str) -> Iterator[str]:
     import fsspec
-
-    from jestcurate.io.remote import retry
 
     _check_protocol(url)
     if _GLOB_CHARS.search(url.split("://", 1)[1]):
@@ -237,8 +232,6 @@ def shard_size(url: str) -> int | None:
         if is_url(url):
             import fsspec
 
-            from jestcurate.io.remote import retry
-
             fs, path = fsspec.core.url_to_fs(url)
             return int(retry(f"sizing {url}", lambda: fs.size(path)))
         return os.path.getsize(_local(url))
@@ -249,8 +242,6 @@ def shard_size(url: str) -> int | None:
 @contextmanager
 def open_shard(url: str) -> Iterator[IO[bytes]]:
     if is_url(url):
-        from jestcurate.io.remote import RetryingReader
-
         with io.BufferedReader(RetryingReader(url), buffer_size=1 << 20) as f:
             yield f
     else:

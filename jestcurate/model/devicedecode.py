@@ -27,7 +27,6 @@ from jestcurate.errors import JCError
 log = logging.getLogger(__name__)
 
 DECODERS = ("auto", "pil", "torch")
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass(frozen=True)
@@ -110,12 +109,6 @@ class DevicePreprocess:
                 pixels = self._one(decoded[i]).float().div_(255)
                 out.append(pixels.sub_(mean).div_(std))
         return (torch.stack(out) if out else None), bad
-
-
-def keep_jpeg(data: bytes, mode: str) -> bool:
-    """Whether a worker should pass these bytes on undecoded: a baseline or progressive JPEG
-    in a mode torchvision decodes to RGB as PIL does (not CMYK, whose conversions differ)."""
-    return data[:3] == JPEG_MAGIC and mode in ("RGB", "L")
 
 
 def _probe(device: torch.device) -> str | None:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jestcurate import __version__
+from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io.rowcache import ColumnWriter, RowCache, embedding_rows
 from jestcurate.io.store import (
@@ -298,8 +298,6 @@ def _identity(cfg: DedupConfig, scores: ScoreSet) -> dict[str, Any]:
 
 def run(cfg: DedupConfig) -> dict[str, Any]:
     """Deduplicate and write the outputs; returns the summary (with "seconds" and "reused")."""
-    from jestcurate import ui
-
     _validate(cfg)
     began = time.time()
     scores = open_score_set(cfg.scores)

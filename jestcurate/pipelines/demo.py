@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
 
+from jestcurate import ui
 from jestcurate.pipelines import export as export_mod
 from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
@@ -86,7 +89,7 @@ def run(
     score_progress: Callable[[], Any] | None = None,
 ) -> DemoReport:
     """Run every stage into `out`. The progress factories are ui.training_progress and
-    ui.ScoreProgress (context managers), or None for silence."""
+    score.ScoreProgress (context managers), or None for silence."""
 
     def stage(name: str) -> None:
         log.info("demo: %s", name)
@@ -184,3 +187,30 @@ def table_rows(report: DemoReport) -> list[tuple[str, ...]]:
             cells.append(f"{n:,} ({n / total:.0%})" if total else "0")
         rows.append(tuple(cells))
     return rows
+
+
+def print_summary(report: Any, console: Console = ui.stdout) -> None:
+    table = Table(title="pool samples kept, by kind", title_justify="left")
+    for name, justify in (
+        ("kind", "left"),
+        ("in pool", "right"),
+        ("jest", "right"),
+        ("random", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    jest, rand = report.noise_share("jest"), report.noise_share("random")
+    console.print(
+        f"mismatched, junk and blank pairs: {jest:.0%} of jest's batches, {rand:.0%} of random's",
+        highlight=False,
+    )
+    out = report.out
+    console.print(
+        f"outputs in {out}: report.html (open it in a browser), reference.pt, learner.pt, "
+        "scores/{reference,learner}, curated/{jest,random} (manifest.parquet, summary.json, "
+        "uids.npy, shards/)",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -30,6 +30,7 @@ from jestcurate.errors import JCError
 from jestcurate.io.reader import ShardReadError, iter_raw_samples
 from jestcurate.io.shards import open_shard
 from jestcurate.io.store import atomic_write, read_json, write_json_atomic
+from jestcurate.trainer.loader import sample_key
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ def plan(batch_size: int, samples: int, samples_per_shard: int | None) -> Export
     if samples_per_shard and per_shard != samples_per_shard:
         log.info("samples per shard rounded to %d, a multiple of the batch size", per_shard)
     return ExportPlan(batch_size, per_shard, samples)
-
-
-def sample_key(global_position: int) -> str:
-    return f"{global_position:010d}"
 
 
 def _spill_record(position: int, files: dict[str, bytes]) -> bytes:

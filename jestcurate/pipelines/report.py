@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
 
-from jestcurate import __version__
+from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io.reader import (
     IMAGE_EXTS,
@@ -31,7 +33,8 @@ from jestcurate.io.reader import (
     iter_raw_samples,
     load_image,
 )
-from jestcurate.io.shards import is_url, open_shard
+from jestcurate.io.remote import is_url
+from jestcurate.io.shards import open_shard
 from jestcurate.io.store import ScoreSet, open_score_set, read_json, read_markers
 from jestcurate.trainer.loader import TarIndex
 
@@ -429,3 +432,77 @@ def describe(path: Path) -> dict[str, Any]:
         "ref_loss": quantiles(stats.loss[stats.ok]),
         "failed": [s["name"] for s in stats.per_shard if s["status"] == "failed"],
     }
+
+
+def print_info(path: Any, info: dict[str, Any], console: Console = ui.stdout) -> None:
+    table = Table(
+        title=f"{path} ({info['kind']})", show_header=False, box=None, title_justify="left"
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    if info["kind"] == "dedup":
+        s = info["summary"]
+        table.add_row("scores", f"{s['scores']['path']} ({s['scores']['rows']:,} rows)")
+        for key, value in s["params"].items():
+            table.add_row(f"  {key}", str(value))
+        table.add_row("ok rows", f"{s['ok_rows']:,}")
+        table.add_row("kept", f"{s['kept']:,}")
+        table.add_row("dropped", f"{s['dropped_exact']:,} exact, {s['dropped_semantic']:,} near")
+        table.add_row(
+            "clusters",
+            f"{s['clusters_used']:,} (largest {s['largest_cluster']:,}, "
+            f"median {s['median_cluster']:,.0f} rows)",
+        )
+        table.add_row("took", f"{s['seconds']:.1f} s on {s['device']}")
+        console.print(table)
+        return
+    if info["kind"] == "selection":
+        s = info["summary"]
+        table.add_row("method", s["method"] + (f" ({s['score']})" if s.get("score") else ""))
+        for key, value in s["parameters"].items():
+            if value is not None:
+                table.add_row(f"  {key}", str(value))
+        ref = s["inputs"]["reference"]
+        table.add_row("reference", f"{ref['path']} ({ref['model']}, {ref['rows']:,} rows)")
+        if s["inputs"].get("learner"):
+            learner = s["inputs"]["learner"]
+            table.add_row("learner", f"{learner['path']} ({learner['model']})")
+        for key, value in s["counts"].items():
+            if value is not None:
+                table.add_row(key.replace("_", " "), f"{value:,}")
+        for name, kept in s["means"]["kept"].items():
+            dropped = s["means"]["dropped"].get(name)
+            if kept is not None and dropped is not None:
+                table.add_row(f"mean {name}", f"{kept:.4f} kept, {dropped:.4f} dropped")
+        export = info.get("export")
+        table.add_row(
+            "export",
+            f"{export['shards']} shards: {export['pattern']}"
+            if export and "shards" in export
+            else "none",
+        )
+        console.print(table)
+        return
+    meta = info["meta"]
+    table.add_row(
+        "model", f"{meta.get('model')} ({meta.get('loss')} loss, {meta.get('precision')})"
+    )
+    table.add_row(
+        "pretrained", str(meta.get("pretrained") or f"random, seed {meta.get('init_seed')}")
+    )
+    table.add_row("role", str(meta.get("role")))
+    table.add_row(
+        "embedding", f"{meta.get('embed_dim')} dims, logit scale {meta.get('logit_scale'):.3f}"
+    )
+    states = ", ".join(f"{n} {state}" for state, n in sorted(info["shard_states"].items()))
+    table.add_row("shards", f"{info['shards']:,} ({states})")
+    table.add_row("samples", f"{info['samples']:,} ({info['ok']:,} ok, {info['errors']:,} errors)")
+    for reason, count in info["reasons"].items():
+        table.add_row(f"  {reason}", f"{count:,}")
+    for column in ("clip_score", "ref_loss"):
+        q = info[column]
+        if q:
+            table.add_row(column, "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
+    if info["failed"]:
+        table.add_row("failed shards", ", ".join(info["failed"][:10]))
+    console.print(table)

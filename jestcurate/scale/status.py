@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task
 from jestcurate.io.store import DONE_DIR, read_json, read_markers
@@ -119,3 +122,34 @@ def export_status(selection: Path) -> dict[str, Any]:
         "missing": missing,
         "finished": "pattern" in meta and not missing,
     }
+
+
+def print_status(found: dict[str, Any], console: Console = ui.stdout, listed: int = 20) -> None:
+    """`jestcurate status`, for a person: counts, then up to `listed` shards of each kind, one
+    per line and unwrapped so paths can be copied (--json gives the whole lists)."""
+    table = ui.facts()
+    lines: list[str] = []
+
+    def some(items: list[str], label: str) -> None:
+        lines.extend(f"{label} {item}" for item in items[:listed])
+        if len(items) > listed:
+            lines.append(f"{label} ... and {len(items) - listed:,} more")
+
+    if found["kind"] == "export":
+        table.add_row("shards written", f"{found['written']:,} of {found['shards']:,}")
+        some(found["missing"], "[yellow]missing[/yellow]")
+    else:
+        pending = found["pending"]
+        table.add_row("done", f"{found['done']:,}")
+        table.add_row("failed", f"{len(found['failed']):,}")
+        table.add_row("running", f"{len(found['running']):,}")
+        table.add_row("pending", "(give INPUTS)" if pending is None else f"{len(pending):,}")
+        if found["outside_inputs"]:
+            table.add_row("not among INPUTS", f"{found['outside_inputs']:,}")
+        some([f"{f['shard']}: {f['error']}" for f in found["failed"]], "[red]failed[/red]")
+        some([f"{r['shard']} ({r['owner']})" for r in found["running"]], "[cyan]running[/cyan]")
+        some(pending or [], "[yellow]pending[/yellow]")
+    console.print(f"{found['out']} ({found['kind']})", highlight=False, soft_wrap=True)
+    console.print(table)
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)

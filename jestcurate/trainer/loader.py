@@ -26,7 +26,7 @@ import torch
 
 from jestcurate.errors import JCError
 from jestcurate.io.reader import split_member
-from jestcurate.io.shards import is_url
+from jestcurate.io.remote import is_url
 from jestcurate.io.store import read_json
 
 Sample = dict[str, Any]
@@ -73,6 +73,10 @@ class TarIndex:
 @functools.lru_cache(maxsize=64)
 def _index(path: str) -> TarIndex:
     return TarIndex(path)
+
+
+def sample_key(global_position: int) -> str:
+    return f"{global_position:010d}"
 
 
 def this_worker() -> tuple[int, int]:

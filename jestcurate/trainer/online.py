@@ -41,10 +41,11 @@ import numpy as np
 import torch
 
 from jestcurate.errors import JCError
+from jestcurate.io.eligible import Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set
 from jestcurate.math.jest import CRITERIA, Embeddings, criterion_terms, joint_select, row_cache_fits
-from jestcurate.trainer.loader import Sample, _distributed, _index, this_worker
+from jestcurate.trainer.loader import Sample, _distributed, _index, sample_key, this_worker
 
 
 @dataclass
@@ -102,8 +103,6 @@ class SuperBatches(torch.utils.data.IterableDataset):
         steps: range | None = None,
         export: str | Path | None = None,
     ) -> None:
-        from jestcurate.pipelines import select as select_mod
-
         if not 0 < ratio <= 1:
             raise JCError(f"ratio is the kept fraction, in (0, 1]; got {ratio}")
         self.reference: ScoreSet = open_score_set(Path(reference), role="reference")
@@ -126,13 +125,13 @@ class SuperBatches(torch.utils.data.IterableDataset):
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "jestcurate-online"
         directory = root / digest
-        filters = select_mod.Filters(min_clip_score)
-        found = select_mod.scan(self.reference, None, filters)
+        filters = Filters(min_clip_score)
+        found = scan(self.reference, None, filters)
         ready = directory / "ready.json"
         if ready.is_file() and json.loads(ready.read_text()) == identity:
             self.cache = RowCache(directory, found.shards, found.counts.eligible)
         else:
-            self.cache = select_mod.fill_cache(
+            self.cache = fill_cache(
                 self.reference, None, found, directory, filters, embeddings=True
             )
             ready.write_text(json.dumps(identity))
@@ -197,8 +196,6 @@ class SuperBatches(torch.utils.data.IterableDataset):
         index = self.index[ids].astype(np.int64)
         keys = np.char.decode(self.cache.read("key", ids), "utf-8").tolist()
         if self.export is not None:  # the export's copy, at its manifest position and key
-            from jestcurate.pipelines.export import sample_key
-
             per = self.export["per_shard"]
             where = self.export["position"][ids]
             shards = [str(self.export["dir"] / f"{p // per:05d}.tar") for p in where.tolist()]
