@@ -34,8 +34,13 @@ import torch
 from jestcurate.io import eligible
 from jestcurate.io.reader import iter_raw_samples, parse_sample
 from jestcurate.io.store import open_score_set
-from jestcurate.math.jest import Embeddings, criterion_terms, joint_select
-from jestcurate.math.scoring import example_losses
+from jestcurate.math.jest import (
+    Embeddings,
+    batch_score,
+    criterion_terms,
+    independent_scores,
+    select_batch,
+)
 from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
 from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
@@ -62,8 +67,7 @@ class Setup:
     eval_every: int = 25
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0, 1, 2)
-    ablation_ratios: tuple[float, ...] = (0.5, 0.1)
-    ablation_chunks: tuple[int, ...] = (1, 4)
+    ablation_ratios: tuple[float, ...] = (0.1,)
     diagnostic_super_batches: int = 30
     methods: tuple[str, ...] = ()  # a subset of METHODS to run (uniform always); empty: all
 
@@ -80,7 +84,6 @@ QUICK = Setup(
     eval_every=10,
     seeds=(0,),
     ablation_ratios=(0.5,),
-    ablation_chunks=(1,),
     diagnostic_super_batches=2,
 )
 
@@ -93,6 +96,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "learnability": {"method": "learnability"},
     "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
     "jest (learnability)": {"method": "jest", "score": "learnability"},
+    # The paper's Algorithm 1 as written (select --sampler paper), for comparison.
+    "jest (learnability, Algorithm 1)": {
+        "method": "jest",
+        "score": "learnability",
+        "sampler": "paper",
+    },
     "jest (online)": {"online": True},  # jestcurate.trainer.online: the learner in training scores
     # Flexi-JEST-like: the learner scores super-batches at half resolution (position embeddings
     # resampled), at about a third of the forward cost.
@@ -227,7 +236,7 @@ def selection_stream(
             chunks=kw.get("chunks", setup.chunks),
             seed=seed * 1000 + epoch,
             device="cpu",
-            **{k: v for k, v in kw.items() if k in ("method", "score")},
+            **{k: v for k, v in kw.items() if k in ("method", "score", "sampler", "sweeps")},
         )
         steps = cache.size // cfg.super_batch
         for ids, _ in select_mod.choose(cfg, cache, ref, learner, steps):
@@ -244,42 +253,101 @@ def steps_to_reach(curve: list[float], target: float, every: int) -> int | None:
     return None
 
 
-def diagnostic(env: dict[str, Any], setup: Setup) -> dict[str, Any]:
-    """The paper's check: learnability (learner minus reference loss of the batch, mean per
-    example) of jointly selected batches, independent top-k and random batches, drawn from the
-    same super-batches."""
+NOISY = ("mismatched", "junk", "blank")
+# The samplers compared on the paper's diagnostic: name -> select_batch settings (None: a
+# baseline computed here).
+SAMPLERS: dict[str, dict[str, Any] | None] = {
+    "random": None,
+    "independent top-k": None,
+    "jest: paper Algorithm 1, T = 1": {"sampler": "paper", "temperature": 1.0},
+    "jest: paper Algorithm 1, top-k": {"sampler": "paper", "topk": True},
+    "jest: refine, top-k, 1 sweep": {"sampler": "refine", "topk": True, "sweeps": 1},
+    "jest: refine, top-k, 2 sweeps": {"sampler": "refine", "topk": True, "sweeps": 2},
+    "jest: refine, T = 0.05": {"sampler": "refine", "temperature": 0.05},
+    "jest: refine, T = 0.1": {"sampler": "refine", "temperature": 0.1},
+    "jest: refine, T = 0.3": {"sampler": "refine", "temperature": 0.3},
+    "jest: refine, T = 1": {"sampler": "refine", "temperature": 1.0},
+}
+
+
+def diagnostic(
+    env: dict[str, Any], setup: Setup, batch: int | None = None, ratio: float | None = None
+) -> dict[str, Any]:
+    """The paper's check, on the same super-batches: the batch learnability (the learner's
+    minus the reference's training loss on the chosen batch, as the trainer computes it: CLIP's
+    mean loss, or SigLIP's sum of all pair terms over b) of each sampler's batches, independent
+    top-k and random batches; and the share of noisy pairs (mismatched, junk, blank) kept."""
     cache, ref, learner = env["cache"], env["ref"], env["learner"]
-    big = round(setup.batch / setup.ratio)
+    b = batch or setup.batch
+    big = round(b / (ratio or setup.ratio))
+    kinds = env["kinds"]
     perm = np.random.default_rng([0, 0]).permutation(cache.size)
-    out: dict[str, list[float]] = {"jest": [], "independent top-k": [], "random": []}
-    generator = torch.Generator().manual_seed(0)
+    out: dict[str, dict[str, list[float]]] = {
+        name: {"learnability": [], "noisy": [], "seconds": []} for name in SAMPLERS
+    }
     for s in range(min(setup.diagnostic_super_batches, cache.size // big)):
         ids = perm[s * big : (s + 1) * big]
         r = select_mod._embeddings(cache, ids, "ref", ref, torch.device("cpu"))
         m = select_mod._embeddings(cache, ids, "learner", learner, torch.device("cpu"))
 
-        def learnability(rows: torch.Tensor, r: Embeddings = r, m: Embeddings = m) -> float:
-            def mean_loss(e: Embeddings) -> float:
-                return float(
-                    example_losses(e.img[rows], e.txt[rows], e.scale, e.bias, e.kind).mean()
+        def batch_learnability(rows: torch.Tensor, r: Embeddings = r, m: Embeddings = m) -> float:
+            terms = criterion_terms("learnability", r, m)
+            for _, term in terms:
+                term.add(rows)
+            return batch_score(terms) / len(rows)
+
+        for name, kw in SAMPLERS.items():
+            began = time.perf_counter()
+            if name == "random":
+                rows = torch.randperm(big, generator=torch.Generator().manual_seed(s))[:b]
+            elif name == "independent top-k":
+                own = independent_scores("learnability", r, m)
+                rows = torch.sort(own.double(), descending=True, stable=True).indices[:b]
+            else:
+                assert kw is not None
+                generator = torch.Generator().manual_seed(s)
+                rows, _ = select_batch(
+                    "learnability", r, m, b, n_chunks=setup.chunks, generator=generator, **kw
                 )
-
-            return mean_loss(m) - mean_loss(r)
-
-        picked, _ = joint_select(
-            criterion_terms("learnability", r, m), setup.batch, setup.chunks, generator
-        )
-        own = example_losses(m.img, m.txt, m.scale, m.bias, m.kind) - example_losses(
-            r.img, r.txt, r.scale, r.bias, r.kind
-        )
-        top = torch.topk(own, setup.batch).indices
-        rand = torch.randperm(big, generator=generator)[: setup.batch]
-        out["jest"].append(learnability(picked))
-        out["independent top-k"].append(learnability(top))
-        out["random"].append(learnability(rand))
+            out[name]["seconds"].append(time.perf_counter() - began)
+            out[name]["learnability"].append(batch_learnability(rows))
+            kept = kinds[env["rows_of"][ids[rows.numpy()]]]
+            out[name]["noisy"].append(float(np.isin(kept, NOISY).mean()))
     return {
-        k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in out.items()
+        name: {
+            "batch": b,
+            "super_batch": big,
+            "mean": float(np.mean(v["learnability"])),
+            "std": float(np.std(v["learnability"])),
+            "n": len(v["learnability"]),
+            "noisy_kept": float(np.mean(v["noisy"])),
+            "ms_per_super_batch": 1000 * float(np.mean(v["seconds"])),
+        }
+        for name, v in out.items()
     }
+
+
+def diagnostics(env: dict[str, Any], setup: Setup) -> dict[str, Any]:
+    """The diagnostic at the main run's b and ratio, and where the paper says joint selection
+    matters most: kept ratio 0.1 and a larger batch."""
+    settings = {"main": (setup.batch, setup.ratio), "ratio 0.1": (setup.batch, 0.1)}
+    settings["larger batch"] = (4 * setup.batch, setup.ratio)
+    return {label: diagnostic(env, setup, b, r) for label, (b, r) in settings.items()}
+
+
+def diagnostic_table(diag: dict[str, Any]) -> list[str]:
+    first = next(iter(diag.values()))
+    lines = [
+        f"| batches from the same super-batches (b {first['batch']}, B {first['super_batch']}) "
+        "| batch learnability (mean ± std) | noisy pairs kept | ms per super-batch |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, d in diag.items():
+        lines.append(
+            f"| {name} | {d['mean']:.3f} ± {d['std']:.3f} (n={d['n']}) "
+            f"| {d['noisy_kept']:.1%} | {d['ms_per_super_batch']:.1f} |"
+        )
+    return lines
 
 
 def forward_flops(model: Any, image_size: int, context: int, at: int | None = None) -> int:
@@ -331,7 +399,7 @@ def prepare(work: Path, setup: Setup) -> dict[str, Any]:
             )
         )  # fmt: skip
     model = load_model(resolve_spec(ModelSpec(setup.model, device="cpu")), warn_random=False)
-    pool, _ = decode(work / "pool", model)
+    pool, pool_meta = decode(work / "pool", model)
     eval_pool, eval_meta = decode(work / "eval", model)
     labels = torch.tensor([m["jc_label"] for m in eval_meta])
     prompts = model.tokenizer([PROMPT.format(color=c, shape=s) for c, s in CLASSES])
@@ -349,6 +417,7 @@ def prepare(work: Path, setup: Setup) -> dict[str, Any]:
         "ref": ref,
         "learner": learner,
         "rows_of": rows_of,
+        "kinds": np.array([m["jc_kind"] for m in pool_meta]),
         "work": work,
         "flops": forward_flops(model, 64, prompts.shape[1]),
         "flops_32": forward_flops(model, 64, prompts.shape[1], at=32),
@@ -415,21 +484,15 @@ def markdown(results: dict[str, Any], setup: Setup) -> str:
         )
     lines += [
         "",
-        "| ablation (jest, learnability) | final accuracy | steps to baseline final |",
+        "| ablation | final accuracy | steps to baseline final |",
         "| --- | --- | --- |",
     ]
     for name, row in results["ablation"].items():
         reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_baseline"])
         accuracy = f"{row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f}"
         lines.append(f"| {name} | {accuracy} | {reach} |")
-    d = results["diagnostic"]
-    lines += [
-        "",
-        "| batches from the same super-batches | mean learnability (± std) |",
-        "| --- | --- |",
-    ]
-    for name, row in d.items():
-        lines.append(f"| {name} | {row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}) |")
+    for diag in results["diagnostic"].values():
+        lines += ["", *diagnostic_table(diag)]
     c = results["compute"]
     lines += [
         "",
@@ -477,12 +540,15 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
         print(f"{name}: final {final:.3f} ({time.time() - began:.0f}s)", flush=True)
     summary = summarise(curves, setup)
     ablation_curves: dict[str, list[list[float]]] = {"uniform": curves["uniform"]}
-    variants = [(f"ratio {r}", {"ratio": r}) for r in setup.ablation_ratios]
-    variants += [(f"chunks {k}", {"chunks": k}) for k in setup.ablation_chunks]
-    if "jest (learnability)" not in curves:
-        variants = []  # a --methods subset without offline jest: no ablation
-    for label, extra in variants:
-        kw = {**METHODS["jest (learnability)"], **extra}
+    # Where the paper says joint selection matters most: a lower kept ratio; the joint samplers
+    # beside the independent baseline with the same criterion.
+    variants = [
+        (f"{name}, ratio {r}", {**METHODS[name], "ratio": r})
+        for r in setup.ablation_ratios
+        for name in ("learnability", "jest (learnability)", "jest (learnability, Algorithm 1)")
+        if name in curves
+    ]
+    for label, kw in variants:
         for seed in setup.seeds:
             stream = selection_stream(kw, setup, seed, env, pool)
             ablation_curves.setdefault(label, []).append(
@@ -491,10 +557,6 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
         print(f"{label}: final {np.mean([c[-1] for c in ablation_curves[label]]):.3f}")
     ablation = summarise(ablation_curves, setup)["methods"]
     ablation.pop("uniform")
-    if variants:
-        ablation[f"ratio {setup.ratio}, chunks {setup.chunks} (main run)"] = summary["methods"][
-            "jest (learnability)"
-        ]
 
     flops = env["flops"]
     step_flops = 3 * flops * setup.batch
@@ -524,7 +586,7 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
         "setup": asdict(setup),
         "summary": summary,
         "ablation": ablation,
-        "diagnostic": diagnostic(env, setup),
+        "diagnostic": diagnostics(env, setup),
         "compute": compute,
         "curves": curves,
         "seconds": time.time() - began,
@@ -547,12 +609,23 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=(), choices=list(METHODS), help="run only these"
     )
+    parser.add_argument(
+        "--diagnostic-only",
+        action="store_true",
+        help="prepare the pool and print the samplers' batch learnability; no training",
+    )
     args = parser.parse_args()
     setup = replace(QUICK if args.quick else Setup(), model=args.model, methods=tuple(args.methods))
     if args.steps:
         setup = replace(setup, steps=args.steps)
     if args.seeds:
         setup = replace(setup, seeds=tuple(range(args.seeds)))
+    if args.diagnostic_only:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        env = prepare(args.workdir, setup)
+        for diag in diagnostics(env, setup).values():
+            print("\n".join(diagnostic_table(diag)) + "\n", flush=True)
+        return
     results = run(setup, args.out, args.workdir)
     print(markdown(results, setup))
     print(f"{results['seconds']:.0f} s; wrote {args.out}/results.json, results.md, accuracy.png")

@@ -2,6 +2,7 @@
 
     python benchmarks/select_speed.py --rows 1000000 [--dim 512] [--batch-size 4096]
         [--ratio 0.2] [--method jest] [--learner] [--max-steps 4] [--workdir DIR]
+        [--select-args "--sampler paper"]
 
 Writes a synthetic score set of --rows rows (10,000 per part; kept in --workdir for reruns),
 then runs `jestcurate select` in a child process and reports:
@@ -18,6 +19,7 @@ import argparse
 import json
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -59,6 +61,9 @@ def main() -> None:
     parser.add_argument("--learner", action="store_true")
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-bench"))
+    parser.add_argument(
+        "--select-args", default="", help='more select options, e.g. "--sampler paper"'
+    )
     args = parser.parse_args()
     if args.rows % ROWS_PER_PART:
         parser.error(f"--rows must be a multiple of {ROWS_PER_PART}")
@@ -75,6 +80,7 @@ def main() -> None:
     ]  # fmt: skip
     if args.learner:
         cmd += ["--learner", str(base / "learner")]
+    cmd += shlex.split(args.select_args)
     began = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - began
@@ -96,6 +102,7 @@ def main() -> None:
         "rows": args.rows,
         "dim": args.dim,
         "method": args.method,
+        "select_args": args.select_args,
         "learner": args.learner,
         "batch_size": args.batch_size,
         "super_batch": big,

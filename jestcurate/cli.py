@@ -395,11 +395,27 @@ def select(
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", help="Training batch size b.")
     ] = (4096),
+    sampler: Annotated[
+        str,
+        typer.Option(
+            help="jest: refine (start from the independent top-b, then re-draw each chunk given "
+            "the rest of the batch, keeping it only if the batch score does not drop: never "
+            "below independent top-k) or paper (the paper's Algorithm 1 as written)."
+        ),
+    ] = "refine",
     chunks: Annotated[int, typer.Option(help="jest: chunks each batch is drawn in.")] = 16,
+    sweeps: Annotated[
+        int, typer.Option(help="jest --sampler refine: passes over the batch's chunks.")
+    ] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the permutation, shuffles and draws.")] = 0,
     temperature: Annotated[
-        float, typer.Option(help="jest: draw chunks ∝ exp(score / temperature).")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="jest: draw chunks ∝ exp(score / T). refine: T in units of the spread (std) "
+            "of the candidates' conditional scores, default 0.1; paper: in loss units, "
+            "default 1."
+        ),
+    ] = None,
     topk: Annotated[
         bool, typer.Option("--topk", help="jest: take each chunk's top scores (deterministic).")
     ] = False,
@@ -451,6 +467,8 @@ def select(
         ratio=ratio,
         batch_size=batch_size,
         chunks=chunks,
+        sampler=sampler,
+        sweeps=sweeps,
         seed=seed,
         temperature=temperature,
         topk=topk,

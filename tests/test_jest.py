@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,12 +14,16 @@ from hypothesis import strategies as st
 from jestcurate.math.jest import (
     Embeddings,
     MatrixLoss,
+    Quota,
     SigmoidLoss,
     SoftmaxLoss,
     batch_loss,
     chunk_sizes,
     criterion_terms,
+    independent_scores,
     joint_select,
+    refine_select,
+    select_batch,
 )
 
 
@@ -231,3 +236,211 @@ def test_chunk_sizes_and_bad_arguments() -> None:
         joint_select([(1.0, MatrixLoss(s))], 6)
     with pytest.raises(ValueError, match="temperature"):
         joint_select([(1.0, MatrixLoss(s))], 2, temperature=0.0)
+
+
+# --- the refine sampler (the default) --------------------------------------------------------
+
+
+def pair(kind: str, seed: int, n: int = 60) -> tuple[Embeddings, Embeddings]:
+    """A reference and a learner that disagree: the learner's captions are noisier, and a few
+    pairs are swapped for it only (learnable for it, easy for the reference)."""
+    ref = embeddings(n, kind, seed)
+    g = gen(seed + 100)
+    noisy = F.normalize(
+        ref.txt + 0.9 * torch.randn(ref.txt.shape, generator=g, dtype=ref.txt.dtype), dim=-1
+    )
+    learner = Embeddings(ref.img, noisy, scale=6.0, bias=ref.bias, kind=kind)
+    return ref, learner
+
+
+def criterion_total(criterion: str, ref: Embeddings, learner: Embeddings, c: list[int]) -> float:
+    """A criterion's batch score from the loss definitions above."""
+    if criterion == "learnability":
+        return total(learner, c) - total(ref, c)
+    return -total(ref, c)
+
+
+def top_k(criterion: str, ref: Embeddings, learner: Embeddings, b: int) -> list[int]:
+    own = independent_scores(criterion, ref, learner if criterion == "learnability" else None)
+    return torch.sort(own.double(), descending=True, stable=True).indices[:b].tolist()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("cache_rows", [True, False])
+def test_total_and_taking_chunks_out_match_the_definitions(kind: str, cache_rows: bool) -> None:
+    e = embeddings(30, kind, seed=11)
+    fast = SoftmaxLoss(e, cache_rows=cache_rows, block=2) if kind == "softmax" else SigmoidLoss(e)
+    slots = [[4, 9, 2], [0, 17], [5, 21, 22, 23]]
+    for chunk in slots:
+        fast.add(torch.tensor(chunk))
+    chosen = [i for chunk in slots for i in chunk]
+    assert fast.total() == pytest.approx(total(e, chosen), rel=1e-9)
+    before = fast.gains().clone()
+    held = fast.remove(1)
+    rest = [i for i in chosen if i not in slots[1]]
+    assert fast.total() == pytest.approx(total(e, rest), rel=1e-9)
+    base = total(e, rest)
+    want = torch.tensor([total(e, [*rest, j]) - base for j in range(30)], dtype=torch.float64)
+    free = torch.ones(30, dtype=torch.bool)
+    free[rest] = False
+    torch.testing.assert_close(fast.gains()[free], want[free], atol=1e-9, rtol=1e-9)
+    fast.restore(1, held)
+    torch.testing.assert_close(fast.gains(), before, atol=1e-12, rtol=0)
+    fast.remove(0)
+    fast.add(torch.tensor([1, 3]), slot=0)
+    now = [1, 3, *slots[1], *slots[2]]
+    assert fast.total() == pytest.approx(total(e, now), rel=1e-9)
+
+
+def test_matrix_total_is_the_sum_over_the_batch() -> None:
+    s = torch.randn(12, 12, generator=gen(4), dtype=torch.float64)
+    loss = MatrixLoss(s)
+    loss.add(torch.tensor([1, 5]))
+    loss.add(torch.tensor([7]))
+    assert loss.total() == pytest.approx(float(s[[1, 5, 7]][:, [1, 5, 7]].sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("criterion", ["learnability", "easy-ref"])
+def test_refine_is_never_below_independent_top_k(kind: str, criterion: str) -> None:
+    """Deterministic: in every super-batch; sampled: here too (a re-drawn chunk stays only if
+    the batch score does not drop), so certainly on average."""
+    gaps_topk, gaps_sampled = [], []
+    for seed in range(6):
+        ref, learner = pair(kind, seed)
+        lrn = learner if criterion == "learnability" else None
+        baseline = criterion_total(criterion, ref, learner, top_k(criterion, ref, learner, 12))
+        for topk, gaps in ((True, gaps_topk), (False, gaps_sampled)):
+            picked, _ = select_batch(
+                criterion, ref, lrn, 12, n_chunks=4, generator=gen(seed), topk=topk
+            )
+            value = criterion_total(criterion, ref, learner, picked.tolist())
+            gaps.append(value - baseline)
+            assert value >= baseline - 1e-9, (seed, topk, value, baseline)
+    assert max(gaps_topk) > 1e-6  # and it does improve on top-k somewhere
+    assert sum(gaps_sampled) / len(gaps_sampled) >= 0
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_more_sweeps_never_lower_the_batch_score(kind: str) -> None:
+    for seed in range(4):
+        ref, learner = pair(kind, seed, n=80)
+        values = []
+        for sweeps in range(4):
+            picked, _ = select_batch(
+                "learnability", ref, learner, 16, n_chunks=4, topk=True, sweeps=sweeps
+            )
+            values.append(criterion_total("learnability", ref, learner, picked.tolist()))
+        assert values[0] == pytest.approx(
+            criterion_total("learnability", ref, learner, top_k("learnability", ref, learner, 16))
+        )
+        assert all(b >= a - 1e-9 for a, b in itertools.pairwise(values)), values
+
+
+def planted(
+    n_block: int = 8, n_decoys: int = 16, n_junk: int = 20
+) -> tuple[torch.Tensor, list[int]]:
+    """A pairwise learnability matrix with a block that is only worth taking together, and
+    decoys whose super-batch score is inflated by pairs with junk that is never kept."""
+    n = n_block + n_decoys + n_junk
+    s = torch.zeros(n, n, dtype=torch.float64)
+    block = list(range(n_block))
+    decoys = list(range(n_block, n_block + n_decoys))
+    junk = list(range(n_block + n_decoys, n))
+    for i in block:
+        s[i, i] = 0.2
+        for j in block:
+            if i != j:
+                s[i, j] = 1.0
+    for d in decoys:
+        s[d, d] = 0.1
+        for j in junk:
+            s[d, j] = s[j, d] = 1.0
+    for j in junk:
+        s[j, j] = -100.0
+    return s, block
+
+
+def test_a_planted_block_that_per_example_scores_miss_is_found() -> None:
+    s, block = planted()
+    context = s.diagonal() + s.sum(0) + s.sum(1) - 2 * s.diagonal()  # the super-batch's view
+    start = torch.sort(context, descending=True, stable=True).indices[:8]
+    assert not set(start.tolist()) & set(block)  # independent top-k takes the decoys
+    picked, _ = refine_select([(1.0, MatrixLoss(s))], start, context[start], 4, topk=True)
+    assert sorted(picked.tolist()) == block
+    hits = []
+    for seed in range(20):
+        picked, _ = refine_select(
+            [(1.0, MatrixLoss(s))], start, context[start], 4, gen(seed), sweeps=2
+        )
+        hits.append(len(set(picked.tolist()) & set(block)))
+    assert sum(hits) / len(hits) >= 6, hits
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 50), data=st.data(), seed=st.integers(0, 10_000), topk=st.booleans())
+def test_refine_exact_size_no_duplicates_and_determinism(
+    n: int, data: st.DataObject, seed: int, topk: bool
+) -> None:
+    b = data.draw(st.integers(1, n))
+    chunks = data.draw(st.integers(1, 10))
+    sweeps = data.draw(st.integers(0, 2))
+    s = torch.randn(n, n, generator=gen(seed), dtype=torch.float64)
+    start = torch.randperm(n, generator=gen(seed + 1))[:b]
+    runs = [
+        refine_select(
+            [(1.0, MatrixLoss(s))], start, s.diagonal()[start], chunks, gen(seed), 0.5, topk,
+            sweeps=sweeps,
+        )[0].tolist()
+        for _ in range(2)
+    ]  # fmt: skip
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == b and len(set(runs[0])) == b
+    assert min(runs[0]) >= 0 and max(runs[0]) < n
+    reference = MatrixLoss(s)
+    reference.add(start)
+    after = MatrixLoss(s)
+    after.add(torch.tensor(runs[0]))
+    assert after.total() >= reference.total() - 1e-9
+
+
+def test_refine_keeps_cluster_quotas() -> None:
+    s = torch.randn(40, 40, generator=gen(8), dtype=torch.float64)
+    groups = [i % 4 for i in range(40)]
+    s[0::4, 0::4] += 3.0  # group 0 is worth the most together
+    quota = Quota(groups, cap=3)
+    order = torch.sort(s.diagonal(), descending=True, stable=True).indices.tolist()
+    start = torch.tensor(quota.take(order, 12))
+    picked, _ = refine_select(
+        [(1.0, MatrixLoss(s))], start, s.diagonal()[start], 4, topk=True, quota=quota
+    )
+    counts = [sum(1 for i in picked.tolist() if groups[i] == g) for g in range(4)]
+    assert counts == [3, 3, 3, 3]
+    assert sum(quota.used.values()) == 12
+
+
+def test_sampler_choice_and_bad_arguments() -> None:
+    ref, learner = pair("softmax", 3)
+    paper, _ = select_batch("learnability", ref, learner, 10, sampler="paper", generator=gen(1))
+    direct, _ = joint_select(criterion_terms("learnability", ref, learner), 10, 16, gen(1))
+    assert paper.tolist() == direct.tolist()  # Algorithm 1 as it always was
+    with pytest.raises(ValueError, match="unknown sampler"):
+        select_batch("learnability", ref, learner, 10, sampler="gibbs")
+    with pytest.raises(ValueError, match="sweeps"):
+        select_batch("learnability", ref, learner, 10, sweeps=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_gpu_choose_the_same_examples() -> None:
+    ref, learner = pair("softmax", 5, n=200)
+
+    def on(device: str) -> list[int]:
+        def move(e: Embeddings) -> Embeddings:
+            return Embeddings(
+                e.img.float().to(device), e.txt.float().to(device), e.scale, e.bias, e.kind
+            )
+
+        picked, _ = select_batch("learnability", move(ref), move(learner), 40, generator=gen(2))
+        return picked.cpu().tolist()
+
+    assert on("cpu") == on("cuda")

@@ -34,11 +34,18 @@ def test_quality_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     methods = results["summary"]["methods"]
     assert set(methods) == {
         "uniform", "random", "clip-score", "easy-ref", "learnability",
-        "jest (easy-ref)", "jest (learnability)", "jest (online)", "jest (online, 32 px scoring)",
+        "jest (easy-ref)", "jest (learnability)", "jest (learnability, Algorithm 1)",
+        "jest (online)", "jest (online, 32 px scoring)",
     }  # fmt: skip
     for curves in results["curves"].values():
         assert all(len(c) == 3 and all(0 <= a <= 1 for a in c) for c in curves)
-    assert set(results["diagnostic"]) == {"jest", "independent top-k", "random"}
+    assert set(results["diagnostic"]) == {"main", "ratio 0.1", "larger batch"}
+    for diag in results["diagnostic"].values():
+        assert {"random", "independent top-k", "jest: refine, top-k, 1 sweep"} <= set(diag)
+        # the refine sampler's batches are never below independent top-k's on this objective
+        top = diag["independent top-k"]["mean"]
+        assert all(d["mean"] >= top - 1e-6 for k, d in diag.items() if "refine" in k), diag
+    assert "ratio 0.5" in " ".join(results["ablation"])
     assert results["compute"]["forward_flops_per_sample"] > 1e6
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| jest (learnability) |" in (out / "results.md").read_text()

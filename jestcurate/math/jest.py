@@ -1,9 +1,18 @@
-"""Joint example selection (JEST, Evans et al. 2024, Algorithm 1): pure torch, no I/O.
+"""Joint example selection (JEST, Evans et al. 2024): pure torch, no I/O.
 
 A batch's score is a signed sum of batch losses (learnability: learner loss minus reference loss;
-easy-ref: minus the reference loss). The sampler grows the batch chunk by chunk, drawing each
-chunk without replacement with probability proportional to exp(conditional score / T), where the
-conditional score of candidate j is how much the batch score changes if j joins the chosen set C.
+easy-ref: minus the reference loss). Two samplers choose b of a super-batch of B candidates:
+
+* `refine_select` (the default, docs/select.md): start from the independent top-b (each
+  candidate's own score with the whole super-batch as context, the paper's per-example
+  baseline), then sweep over the batch's chunks: take a chunk out, re-draw it given the rest of
+  the batch, keep the new chunk only if the batch score does not drop (blocked conditional
+  updates, the Gibbs view of the paper's sampler). Its batch score is never below top-k's.
+  Draws are ∝ exp(score / (T · spread)), spread being the standard deviation of the b best
+  candidates' conditional scores at that step, so T means the same sharpness at every batch
+  size.
+* `joint_select`: the paper's Algorithm 1 as written: grow the batch chunk by chunk, each chunk
+  drawn ∝ exp(conditional score / T), T in loss units.
 
 Conditional scores are exact for both losses (docs/select.md):
 * sigmoid: the loss is a sum of pair terms, so ΔL_j = P_jj + Σ_{k∈C} (P_kj + P_jk), kept as one
@@ -12,6 +21,7 @@ Conditional scores are exact for both losses (docs/select.md):
   ΔL_j = ℓ_j(C ∪ {j}) + ½ Σ_{i∈C} [softplus(α s_ij − log R_i) + softplus(α s_ji − log T_i)],
   with log R_i and log T_i the chosen examples' running log-sum-exps. The |C| x B logit rows are
   cached when they fit the memory budget and recomputed in blocks otherwise.
+The chosen set is held in slots (one per chunk), so a chunk can be taken out and put back.
 Batch losses are sums over examples (not means): the normalisation is a constant per step and
 does not change which examples are drawn. Random numbers come from a CPU generator, so the CPU
 and the GPU draw the same examples.
@@ -20,14 +30,20 @@ and the GPU draw the same examples.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from jestcurate.math.scoring import example_losses
+
 CRITERIA = ("learnability", "easy-ref", "hard-learner")
+SAMPLERS = ("refine", "paper")
+# The refine sampler's default temperature, relative to the spread of the conditional scores
+# (docs/select.md has the measurements that chose it); the paper's is 1 in loss units.
+DEFAULT_TEMPERATURE = {"refine": 0.1, "paper": 1.0}
 
 
 @dataclass(frozen=True)
@@ -42,18 +58,86 @@ class Embeddings:
 
 
 class BatchLoss(Protocol):
-    """A batch loss L(C) that can say, for every candidate j, L(C ∪ {j}) − L(C)."""
+    """A batch loss L(C) that can say, for every candidate j, L(C ∪ {j}) − L(C).
+
+    The chosen set C is held in slots: `add` fills the next slot (or the given one), `remove`
+    empties a slot and returns what it held, `restore` puts that back unchanged."""
 
     def gains(self) -> torch.Tensor: ...
 
-    def add(self, picked: torch.Tensor) -> None: ...
+    def add(self, picked: torch.Tensor, slot: int | None = None) -> None: ...
+
+    def remove(self, slot: int) -> Any: ...
+
+    def restore(self, slot: int, held: Any) -> None: ...
+
+    def total(self) -> float: ...
 
 
 def _blocks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-class SigmoidLoss:
+def _place(slots: list[Any], slot: int | None, value: Any) -> None:
+    if slot is None:
+        slots.append(value)
+    else:
+        assert slots[slot] is None, f"slot {slot} is taken"
+        slots[slot] = value
+
+
+def _members(slots: list[Any]) -> torch.Tensor:
+    return torch.cat([s[0] for s in slots if s is not None])
+
+
+class _PairSum:
+    """Shared by the sigmoid and matrix losses: L(C) = Σ_{i,j∈C} P_ij, gains = P_jj plus the
+    running Σ_{k∈C} (P_kj + P_jk). `self_terms` is the k = j term that the running sum counts
+    for a chosen j (it is not a pair), taken out again by `total`."""
+
+    alone: torch.Tensor
+    self_terms: torch.Tensor
+
+    def _start(self) -> None:
+        self.pairs = torch.zeros_like(self.alone)
+        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+
+    def _contributions(self, picked: torch.Tensor) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def gains(self) -> torch.Tensor:
+        return self.alone + self.pairs
+
+    def add(self, picked: torch.Tensor, slot: int | None = None) -> None:
+        part = torch.zeros_like(self.alone)
+        for piece in self._contributions(picked):
+            self.pairs += piece  # piece by piece, as Algorithm 1 always summed them
+            part += piece
+        _place(self.slots, slot, (picked, part))
+
+    def _resum(self) -> None:
+        # Summed afresh from the slots, so taking chunks out and back never drifts.
+        parts = [s[1] for s in self.slots if s is not None]
+        self.pairs = torch.stack(parts).sum(0) if parts else torch.zeros_like(self.alone)
+
+    def remove(self, slot: int) -> Any:
+        held, self.slots[slot] = self.slots[slot], None
+        self._resum()
+        return held
+
+    def restore(self, slot: int, held: Any) -> None:
+        self.slots[slot] = held
+        self._resum()
+
+    def total(self) -> float:
+        if not any(s is not None for s in self.slots):
+            return 0.0
+        c = _members(self.slots)
+        inside = self.alone[c] + 0.5 * (self.pairs[c] - 2 * self.self_terms[c])
+        return float(inside.double().sum())
+
+
+class SigmoidLoss(_PairSum):
     """L(C) = Σ_{i,j∈C} P_ij with P_ii = softplus(−(α s_ii + β)), P_ij = softplus(α s_ij + β)."""
 
     def __init__(self, e: Embeddings, block: int = 1024) -> None:
@@ -61,19 +145,31 @@ class SigmoidLoss:
         self.block = block
         diag = e.scale * (e.img * e.txt).sum(-1) + (e.bias or 0.0)
         self.alone = F.softplus(-diag)
-        self.pairs = torch.zeros_like(self.alone)  # Σ_{k∈C} (P_kj + P_jk) for every j
+        self.self_terms = F.softplus(diag)
+        self._start()
 
-    def gains(self) -> torch.Tensor:
-        return self.alone + self.pairs
-
-    def add(self, picked: torch.Tensor) -> None:
+    def _contributions(self, picked: torch.Tensor) -> Iterator[torch.Tensor]:
         e, bias = self.e, self.e.bias or 0.0
-        for part in _blocks(len(picked), self.block):
-            rows = picked[part]
-            # For j in `picked` itself the k = j term is wrong (a negative instead of a positive),
-            # but chosen examples are never candidates again.
-            self.pairs += F.softplus(e.scale * (e.img[rows] @ e.txt.T) + bias).sum(0)
-            self.pairs += F.softplus(e.scale * (e.txt[rows] @ e.img.T) + bias).sum(0)
+        for block in _blocks(len(picked), self.block):
+            rows = picked[block]
+            # For j in `picked` itself the k = j term is wrong (a negative instead of a
+            # positive); chosen examples are not candidates, and total() takes it out.
+            yield F.softplus(e.scale * (e.img[rows] @ e.txt.T) + bias).sum(0)
+            yield F.softplus(e.scale * (e.txt[rows] @ e.img.T) + bias).sum(0)
+
+
+class MatrixLoss(_PairSum):
+    """A batch score given as an explicit pairwise matrix: L(C) = Σ_{i,j∈C} S_ij. For small
+    problems and tests; S_jj is the score of j alone."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+        self.alone = matrix.diagonal()
+        self.self_terms = matrix.diagonal()
+        self._start()
+
+    def _contributions(self, picked: torch.Tensor) -> Iterator[torch.Tensor]:
+        yield self.matrix[picked].sum(0) + self.matrix[:, picked].sum(1)
 
 
 class SoftmaxLoss:
@@ -84,59 +180,78 @@ class SoftmaxLoss:
         self.cache_rows = cache_rows
         self.block = block
         self.diag = e.scale * (e.img * e.txt).sum(-1)
-        n = len(self.diag)
         # U_j = LSE_{k∈C} α s_jk (image j vs chosen texts), V_j = LSE_{k∈C} α s_kj (text j vs
         # chosen images). For a chosen i they are its log R_i and log T_i.
-        self.u = torch.full((n,), -math.inf, dtype=self.diag.dtype, device=e.img.device)
-        self.v = torch.full((n,), -math.inf, dtype=self.diag.dtype, device=e.img.device)
-        self.chosen: list[torch.Tensor] = []
-        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # cached (α s_i·, α s_·i)
+        self.u = self._empty()
+        self.v = self._empty()
+        # Per slot: its indices, its own U and V, and its cached (α s_k·, α s_·k) blocks.
+        self.slots: list[Any] = []
+
+    def _empty(self) -> torch.Tensor:
+        return torch.full_like(self.diag, -math.inf)
 
     def _logits(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.e
         return e.scale * (e.img[idx] @ e.txt.T), e.scale * (e.txt[idx] @ e.img.T)
 
+    def _pieces(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        held = [s for s in self.slots if s is not None]
+        if self.cache_rows:
+            for slot in held:
+                yield from slot[3]
+            return
+        # Recomputed block by block: memory O(block x B) instead of O(|C| x B).
+        chosen = torch.cat([s[0] for s in held])
+        for block in _blocks(len(chosen), self.block):
+            yield chosen[block], self._logits(chosen[block])
+
     def gains(self) -> torch.Tensor:
         own = 0.5 * (F.softplus(self.u - self.diag) + F.softplus(self.v - self.diag))
-        if not self.chosen:
+        if not any(s is not None for s in self.slots):
             return own
         spill = torch.zeros_like(own)
-        pieces: Iterable[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
-        if self.cache_rows:
-            pieces = zip(self.chosen, self.rows, strict=True)
-        else:  # recomputed block by block: memory O(block x B) instead of O(|C| x B)
-            chosen = torch.cat(self.chosen)
-            blocks = _blocks(len(chosen), self.block)
-            pieces = ((chosen[p], self._logits(chosen[p])) for p in blocks)
-        for idx, (to_texts, to_images) in pieces:
+        for idx, (to_texts, to_images) in self._pieces():
             spill += F.softplus(to_texts - self.u[idx, None]).sum(0)
             spill += F.softplus(to_images - self.v[idx, None]).sum(0)
         return own + 0.5 * spill
 
-    def add(self, picked: torch.Tensor) -> None:
-        for part in _blocks(len(picked), self.block):
-            idx = picked[part]
+    def add(self, picked: torch.Tensor, slot: int | None = None) -> None:
+        u, v = self._empty(), self._empty()
+        cached = []
+        for block in _blocks(len(picked), self.block):
+            idx = picked[block]
             to_texts, to_images = self._logits(idx)  # α s_kj and α s_jk for k in idx
-            self.v = torch.logaddexp(self.v, torch.logsumexp(to_texts, 0))
-            self.u = torch.logaddexp(self.u, torch.logsumexp(to_images, 0))
-            self.chosen.append(idx)
+            v_part, u_part = torch.logsumexp(to_texts, 0), torch.logsumexp(to_images, 0)
+            self.v = torch.logaddexp(self.v, v_part)
+            self.u = torch.logaddexp(self.u, u_part)
+            v, u = torch.logaddexp(v, v_part), torch.logaddexp(u, u_part)
             if self.cache_rows:
-                self.rows.append((to_texts, to_images))
+                cached.append((idx, (to_texts, to_images)))
+        _place(self.slots, slot, (picked, u, v, cached))
 
+    def _resum(self) -> None:
+        held = [s for s in self.slots if s is not None]
+        if not held:
+            self.u, self.v = self._empty(), self._empty()
+            return
+        self.u = torch.logsumexp(torch.stack([s[1] for s in held]), 0)
+        self.v = torch.logsumexp(torch.stack([s[2] for s in held]), 0)
 
-class MatrixLoss:
-    """A batch score given as an explicit pairwise matrix: L(C) = Σ_{i,j∈C} S_ij. For small
-    problems and tests; S_jj is the score of j alone."""
+    def remove(self, slot: int) -> Any:
+        held, self.slots[slot] = self.slots[slot], None
+        self._resum()
+        return held
 
-    def __init__(self, matrix: torch.Tensor) -> None:
-        self.matrix = matrix
-        self.pairs = torch.zeros(len(matrix), dtype=matrix.dtype, device=matrix.device)
+    def restore(self, slot: int, held: Any) -> None:
+        self.slots[slot] = held
+        self._resum()
 
-    def gains(self) -> torch.Tensor:
-        return self.matrix.diagonal() + self.pairs
-
-    def add(self, picked: torch.Tensor) -> None:
-        self.pairs += self.matrix[picked].sum(0) + self.matrix[:, picked].sum(1)
+    def total(self) -> float:
+        if not any(s is not None for s in self.slots):
+            return 0.0
+        c = _members(self.slots)
+        d = self.diag[c]
+        return float((0.5 * ((self.u[c] - d) + (self.v[c] - d))).double().sum())
 
 
 def batch_loss(e: Embeddings, cache_rows: bool = True) -> BatchLoss:
@@ -147,6 +262,25 @@ def batch_loss(e: Embeddings, cache_rows: bool = True) -> BatchLoss:
     raise ValueError(f"unknown loss kind {e.kind!r}")
 
 
+def _criterion_parts(
+    criterion: str, reference: Embeddings | None, learner: Embeddings | None
+) -> list[tuple[float, Embeddings]]:
+    """The signed models whose batch losses add up to a criterion's batch score."""
+    if criterion == "learnability":
+        if learner is None or reference is None:
+            raise ValueError("learnability needs learner and reference embeddings")
+        return [(1.0, learner), (-1.0, reference)]
+    if criterion == "easy-ref":
+        if reference is None:
+            raise ValueError("easy-ref needs reference embeddings")
+        return [(-1.0, reference)]
+    if criterion == "hard-learner":
+        if learner is None:
+            raise ValueError("hard-learner needs learner embeddings")
+        return [(1.0, learner)]
+    raise ValueError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+
+
 def criterion_terms(
     criterion: str,
     reference: Embeddings | None,
@@ -154,19 +288,20 @@ def criterion_terms(
     cache_rows: bool = True,
 ) -> list[tuple[float, BatchLoss]]:
     """The signed batch losses whose sum is the batch score for a JEST criterion."""
-    if criterion == "learnability":
-        if learner is None or reference is None:
-            raise ValueError("learnability needs learner and reference embeddings")
-        return [(1.0, batch_loss(learner, cache_rows)), (-1.0, batch_loss(reference, cache_rows))]
-    if criterion == "easy-ref":
-        if reference is None:
-            raise ValueError("easy-ref needs reference embeddings")
-        return [(-1.0, batch_loss(reference, cache_rows))]
-    if criterion == "hard-learner":
-        if learner is None:
-            raise ValueError("hard-learner needs learner embeddings")
-        return [(1.0, batch_loss(learner, cache_rows))]
-    raise ValueError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+    parts = _criterion_parts(criterion, reference, learner)
+    return [(sign, batch_loss(e, cache_rows)) for sign, e in parts]
+
+
+def independent_scores(
+    criterion: str, reference: Embeddings | None, learner: Embeddings | None
+) -> torch.Tensor:
+    """Each candidate's own score with the whole super-batch as its negatives (the score set's
+    loss formula): the paper's per-example prioritisation, and the refine sampler's start."""
+    parts = _criterion_parts(criterion, reference, learner)
+    score = torch.zeros(len(parts[0][1].img), dtype=torch.float32, device=parts[0][1].img.device)
+    for sign, e in parts:
+        score = score + sign * example_losses(e.img, e.txt, e.scale, e.bias, e.kind)
+    return score
 
 
 def softmax_cache_bytes(batch_size: int, candidates: int, models: int) -> int:
@@ -236,6 +371,32 @@ class Quota:
             chosen.append(i)
         return chosen
 
+    def release(self, picked: list[int]) -> None:
+        """Give back the places of examples taken out of the batch."""
+        for i in picked:
+            self.used[self.groups[i]] -= 1
+
+    def claim(self, picked: list[int]) -> None:
+        """Count examples put (back) into the batch."""
+        for i in picked:
+            self.used[self.groups[i]] = self.used.get(self.groups[i], 0) + 1
+
+
+def _combined(terms: Sequence[tuple[float, BatchLoss]]) -> torch.Tensor:
+    score = terms[0][0] * terms[0][1].gains()
+    for sign, term in terms[1:]:
+        score = score + sign * term.gains()
+    return score
+
+
+def _check(terms: Sequence[tuple[float, BatchLoss]], batch_size: int) -> int:
+    if not terms:
+        raise ValueError("no score terms")
+    n = len(terms[0][1].gains())
+    if not 0 < batch_size <= n:
+        raise ValueError(f"cannot choose {batch_size} of {n} candidates")
+    return n
+
 
 def joint_select(
     terms: Sequence[tuple[float, BatchLoss]],
@@ -246,29 +407,23 @@ def joint_select(
     topk: bool = False,
     quota: Quota | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choose `batch_size` of the B candidates jointly. Returns (indices in pick order, the
-    conditional score each had when picked).
+    """The paper's Algorithm 1: choose `batch_size` of the B candidates by growing the batch
+    chunk by chunk. Returns (indices in pick order, the conditional score each had when picked).
 
-    Each chunk is a draw without replacement ∝ exp(score / temperature) (Gumbel-top-k), or with
-    `topk` the chunk's highest conditional scores (deterministic). With a `quota`, each group
-    contributes at most its cap to the batch.
+    Each chunk is a draw without replacement ∝ exp(score / temperature) (Gumbel-top-k), the
+    temperature in loss units, or with `topk` the chunk's highest conditional scores
+    (deterministic). With a `quota`, each group contributes at most its cap to the batch.
     """
-    if not terms:
-        raise ValueError("no score terms")
-    device = terms[0][1].gains().device
-    n = len(terms[0][1].gains())
-    if not 0 < batch_size <= n:
-        raise ValueError(f"cannot choose {batch_size} of {n} candidates")
+    n = _check(terms, batch_size)
     if temperature <= 0 and not topk:
         raise ValueError("temperature must be positive (or use topk)")
+    device = terms[0][1].gains().device
     generator = generator or torch.Generator().manual_seed(0)
     taken = torch.zeros(n, dtype=torch.bool, device=device)
     picks: list[torch.Tensor] = []
     picked_scores: list[torch.Tensor] = []
     for size in chunk_sizes(batch_size, n_chunks):
-        score = terms[0][0] * terms[0][1].gains()
-        for sign, term in terms[1:]:
-            score = score + sign * term.gains()
+        score = _combined(terms)
         logits = score.double() if topk else score.double() / temperature
         if not topk:
             logits = logits + gumbel(n, generator).to(device)
@@ -280,3 +435,128 @@ def joint_select(
         for _, term in terms:
             term.add(pick)
     return torch.cat(picks), torch.cat(picked_scores).float()
+
+
+def batch_score(terms: Sequence[tuple[float, BatchLoss]]) -> float:
+    """The batch score of the set the terms hold now (the objective the samplers raise)."""
+    return sum(sign * term.total() for sign, term in terms)
+
+
+def _spread(logits: torch.Tensor, k: int) -> float:
+    """The standard deviation of the k best finite scores: the scale of the competition for a
+    place in the batch. The k best, because the far tail (noise with very negative scores) would
+    otherwise set it and soften every draw."""
+    free = logits[torch.isfinite(logits)]
+    if len(free) < 2:
+        return 0.0
+    return float(torch.topk(free, min(max(k, 2), len(free))).values.std())
+
+
+def refine_select(
+    terms: Sequence[tuple[float, BatchLoss]],
+    start: torch.Tensor,
+    start_scores: torch.Tensor,
+    n_chunks: int = 16,
+    generator: torch.Generator | None = None,
+    temperature: float = DEFAULT_TEMPERATURE["refine"],
+    topk: bool = False,
+    quota: Quota | None = None,
+    sweeps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Improve a starting batch (`start`, b indices; `quota` already counting them) by sweeps of
+    blocked conditional updates: each chunk in turn is taken out and re-drawn given the rest of
+    the batch, ∝ exp(conditional score / (temperature · spread)) (Gumbel-top-k) or its top
+    scores with `topk`; the new chunk stays only if the batch score does not drop, so the result
+    is never worse than the start. Returns (indices by chunk, then draw order; each one's
+    conditional score given the other chunks when its chunk was last drawn, or its start score
+    with no sweeps)."""
+    batch_size = len(start)
+    n = _check(terms, batch_size)
+    if temperature <= 0 and not topk:
+        raise ValueError("temperature must be positive (or use topk)")
+    if sweeps < 0:
+        raise ValueError("sweeps must be 0 or more")
+    device = terms[0][1].gains().device
+    generator = generator or torch.Generator().manual_seed(0)
+    start = start.to(device)
+    slots: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    at = 0
+    for size in chunk_sizes(batch_size, n_chunks):
+        slots.append(start[at : at + size])
+        scores.append(start_scores.to(device)[at : at + size].float())
+        at += size
+        for _, term in terms:
+            term.add(slots[-1])
+    inside = torch.zeros(n, dtype=torch.bool, device=device)
+    inside[start] = True
+    best = batch_score(terms)
+    for _ in range(sweeps):
+        for c, old in enumerate(slots):
+            held = [term.remove(c) for _, term in terms]
+            inside[old] = False
+            if quota is not None:
+                quota.release(old.tolist())
+            score = _combined(terms)
+            logits = score.double().masked_fill(inside, -math.inf)
+            if not topk:
+                spread = _spread(logits, batch_size)
+                if spread > 0:
+                    noise = gumbel(n, generator).to(device)
+                    logits = (logits / (temperature * spread) + noise).masked_fill(
+                        inside, -math.inf
+                    )
+            new = _top(logits, len(old), quota)
+            keep = old
+            if set(new.tolist()) != set(old.tolist()):
+                for _, term in terms:
+                    term.add(new, slot=c)
+                value = batch_score(terms)
+                if value >= best:
+                    best, keep = value, new
+                else:  # the old chunk back, exactly as it was
+                    for (_, term), h in zip(terms, held, strict=True):
+                        term.remove(c)
+                        term.restore(c, h)
+                    if quota is not None:
+                        quota.release(new.tolist())
+                        quota.claim(old.tolist())
+            else:
+                for (_, term), h in zip(terms, held, strict=True):
+                    term.restore(c, h)
+            slots[c] = keep
+            scores[c] = score[keep].float()
+            inside[keep] = True
+    return torch.cat(slots), torch.cat(scores)
+
+
+def select_batch(
+    criterion: str,
+    reference: Embeddings | None,
+    learner: Embeddings | None,
+    batch_size: int,
+    sampler: str = "refine",
+    n_chunks: int = 16,
+    generator: torch.Generator | None = None,
+    temperature: float | None = None,
+    topk: bool = False,
+    quota: Quota | None = None,
+    sweeps: int = 1,
+    cache_rows: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One JEST batch of a super-batch, as `select --method jest` and the online selector both
+    choose it: (indices into the super-batch, each one's conditional score). `quota`, a fresh
+    one per super-batch, caps each group's picks."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    t = DEFAULT_TEMPERATURE[sampler] if temperature is None else temperature
+    terms = criterion_terms(criterion, reference, learner, cache_rows=cache_rows)
+    if sampler == "paper":
+        return joint_select(terms, batch_size, n_chunks, generator, t, topk, quota)
+    own = independent_scores(criterion, reference, learner)
+    order = torch.sort(own.double(), descending=True, stable=True).indices
+    if quota is None:
+        start = order[:batch_size]
+    else:
+        start = torch.as_tensor(quota.take(order.tolist(), batch_size)).to(order)
+    return refine_select(terms, start, own[start], n_chunks, generator, t, topk, quota, sweeps)

@@ -45,13 +45,14 @@ from jestcurate.io.store import (
 )
 from jestcurate.math.jest import (
     CRITERIA,
+    DEFAULT_TEMPERATURE,
+    SAMPLERS,
     Embeddings,
     Quota,
-    criterion_terms,
-    joint_select,
+    independent_scores,
     row_cache_fits,
+    select_batch,
 )
-from jestcurate.math.scoring import example_losses
 from jestcurate.model.openclip import resolve_device
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ class SelectConfig:
     batch_size: int = 4096
     chunks: int = 16
     seed: int = 0
-    temperature: float = 1.0
+    temperature: float | None = None  # None: the sampler's default (jest.DEFAULT_TEMPERATURE)
     topk: bool = False
+    sampler: str = "refine"  # jest: refine (the default) or paper (Algorithm 1 as written)
+    sweeps: int = 1  # jest --sampler refine: refinement sweeps over the batch's chunks
     min_clip_score: float | None = None
     max_steps: int | None = None
     device: str = "auto"
@@ -86,6 +89,12 @@ class SelectConfig:
     @property
     def super_batch(self) -> int:
         return max(self.batch_size, round(self.batch_size / self.ratio))
+
+    @property
+    def resolved_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return DEFAULT_TEMPERATURE.get(self.sampler, DEFAULT_TEMPERATURE["refine"])
 
     @property
     def criterion(self) -> str | None:
@@ -101,8 +110,12 @@ def _validate(cfg: SelectConfig) -> None:
         raise JCError(f"--ratio is the kept fraction and must be in (0, 1], got {cfg.ratio}")
     if cfg.batch_size < 1 or cfg.chunks < 1:
         raise JCError("--batch-size and --chunks must be at least 1")
-    if cfg.temperature <= 0:
+    if cfg.temperature is not None and cfg.temperature <= 0:
         raise JCError("--temperature must be positive (use --topk for deterministic choice)")
+    if cfg.sampler not in SAMPLERS:
+        raise JCError(f"unknown --sampler {cfg.sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if cfg.sweeps < 0:
+        raise JCError("--sweeps must be 0 or more")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise JCError("--max-steps must be at least 1")
     if cfg.score is not None and cfg.method != "jest":
@@ -136,10 +149,6 @@ def _embeddings(
     img = torch.from_numpy(cache.read(f"{prefix}_img", ids)).to(device).float()
     txt = torch.from_numpy(cache.read(f"{prefix}_txt", ids)).to(device).float()
     return Embeddings(img, txt, s.scale, s.bias, s.kind)
-
-
-def _own_loss(e: Embeddings) -> torch.Tensor:
-    return example_losses(e.img, e.txt, e.scale, e.bias, e.kind)
 
 
 def _shuffled(
@@ -233,9 +242,19 @@ def choose(
             cfg.batch_size, cfg.super_batch, models, resolve_device(cfg.device)
         )
         for ids, ref_e, learner_e in rows:
-            terms = criterion_terms(criterion, ref_e, learner_e, cache_rows=cache_rows)
-            picked, score = joint_select(
-                terms, b, cfg.chunks, generator, cfg.temperature, cfg.topk, quota(ids)
+            picked, score = select_batch(
+                criterion,
+                ref_e,
+                learner_e,
+                b,
+                sampler=cfg.sampler,
+                n_chunks=cfg.chunks,
+                generator=generator,
+                temperature=cfg.temperature,
+                topk=cfg.topk,
+                quota=quota(ids),
+                sweeps=cfg.sweeps,
+                cache_rows=cache_rows,
             )
             yield ids[picked.cpu().numpy()], score.cpu().numpy()
             tick()
@@ -245,9 +264,7 @@ def choose(
     # highest learner minus reference loss.
     kept_ids, kept_scores = [], []
     for ids, ref_e, learner_e in rows:
-        score = -_own_loss(ref_e)
-        if cfg.method == "learnability" and learner_e is not None:
-            score = score + _own_loss(learner_e)
+        score = independent_scores(cfg.method, ref_e, learner_e)
         order = torch.sort(score.double(), descending=True, stable=True).indices.cpu().numpy()
         limit = quota(ids)
         top = order[:b] if limit is None else np.array(limit.take(order.tolist(), b))
@@ -383,6 +400,7 @@ def _dedup_fingerprint(dedup: Path | None) -> dict[str, Any] | None:
 
 
 def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dict[str, Any]:
+    jest = cfg.method == "jest"
     return {
         "inputs": {
             "reference": fingerprint(ref),
@@ -394,10 +412,12 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
             "ratio": cfg.ratio,
             "batch_size": cfg.batch_size,
             "super_batch_size": cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None,
-            "chunks": cfg.chunks if cfg.method == "jest" else None,
+            "chunks": cfg.chunks if jest else None,
             "seed": cfg.seed,
-            "temperature": cfg.temperature if cfg.method == "jest" and not cfg.topk else None,
-            "topk": cfg.topk if cfg.method == "jest" else None,
+            "sampler": cfg.sampler if jest else None,
+            "sweeps": cfg.sweeps if jest and cfg.sampler == "refine" else None,
+            "temperature": cfg.resolved_temperature if jest and not cfg.topk else None,
+            "topk": cfg.topk if jest else None,
             "min_clip_score": cfg.min_clip_score,
             "max_steps": cfg.max_steps,
             "dedup": _dedup_fingerprint(cfg.dedup),

@@ -44,7 +44,7 @@ from jestcurate.errors import JCError
 from jestcurate.io.eligible import Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set
-from jestcurate.math.jest import CRITERIA, Embeddings, criterion_terms, joint_select, row_cache_fits
+from jestcurate.math.jest import CRITERIA, SAMPLERS, Embeddings, row_cache_fits, select_batch
 from jestcurate.trainer.loader import Sample, _distributed, _index, sample_key, this_worker
 
 
@@ -225,7 +225,8 @@ class OnlineSelector:
     learner's current ones, exactly as `select --method jest` does from two score sets.
 
     criterion: learnability (default), easy-ref or hard-learner.
-    chunks, temperature, topk, seed: as `select --chunks/--temperature/--topk/--seed`.
+    chunks, temperature, topk, seed, sampler, sweeps: as `select --chunks/--temperature/--topk/
+    --seed/--sampler/--sweeps` (temperature None: the sampler's default).
     """
 
     def __init__(
@@ -234,19 +235,25 @@ class OnlineSelector:
         batch_size: int,
         criterion: str = "learnability",
         chunks: int = 16,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         topk: bool = False,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        sampler: str = "refine",
+        sweeps: int = 1,
     ) -> None:
         if criterion not in CRITERIA:
             raise JCError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
+        if sampler not in SAMPLERS:
+            raise JCError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
         self.reference = reference
         self.batch_size = batch_size
         self.criterion = criterion
         self.chunks = chunks
         self.temperature = temperature
         self.topk = topk
+        self.sampler = sampler
+        self.sweeps = sweeps
         self.device = torch.device(device)
         # On the CPU whatever the device: the same draws everywhere, as in select.
         self.generator = torch.Generator().manual_seed(seed)
@@ -286,9 +293,18 @@ class OnlineSelector:
             )
         models = 2 if learner is not None else 1
         fits = row_cache_fits(self.batch_size, len(ref.img), models, self.device)
-        terms = criterion_terms(self.criterion, ref, learner, cache_rows=fits)
-        picked, _ = joint_select(
-            terms, self.batch_size, self.chunks, self.generator, self.temperature, self.topk
+        picked, _ = select_batch(
+            self.criterion,
+            ref,
+            learner,
+            self.batch_size,
+            sampler=self.sampler,
+            n_chunks=self.chunks,
+            generator=self.generator,
+            temperature=self.temperature,
+            topk=self.topk,
+            sweeps=self.sweeps,
+            cache_rows=fits,
         )
         self.steps += 1
         return picked
