@@ -444,3 +444,35 @@ def test_cpu_and_gpu_choose_the_same_examples() -> None:
         return picked.cpu().tolist()
 
     assert on("cpu") == on("cuda")
+
+
+def test_a_worse_redraw_is_refused_and_the_old_chunk_kept() -> None:
+    """Each start chunk is a pair worth a lot together and nothing apart; outsiders are better
+    one by one. Re-drawing a chunk given the rest proposes two outsiders, which would lower the
+    batch score: refine must keep the pair."""
+    s = torch.zeros(20, 20, dtype=torch.float64)
+    s[0, 1] = s[1, 0] = s[2, 3] = s[3, 2] = 5.0
+    s[range(4, 20), range(4, 20)] = 0.5
+    start = torch.tensor([0, 1, 2, 3])
+    for topk in (True, False):
+        picked, _ = refine_select(
+            [(1.0, MatrixLoss(s))], start, s.diagonal()[start], 2, gen(0), topk=topk, sweeps=2
+        )
+        assert sorted(picked.tolist()) == [0, 1, 2, 3]
+
+
+def test_ties_keep_the_start_in_float32() -> None:
+    """A softmax batch of one always scores 0, and a flat matrix scores alike everywhere:
+    rounding must not pick the batch, the start stays."""
+    ref, learner = pair("softmax", 7, n=40)
+    as32 = [
+        Embeddings(e.img.float(), e.txt.float(), e.scale, e.bias, e.kind) for e in (ref, learner)
+    ]
+    own = independent_scores("learnability", *as32)
+    for seed in range(5):
+        picked, _ = select_batch("learnability", *as32, 1, generator=gen(seed))
+        assert picked.tolist() == [int(own.argmax())]
+    flat = torch.ones(30, 30)
+    start = torch.arange(10, 20)
+    picked, _ = refine_select([(1.0, MatrixLoss(flat))], start, torch.zeros(10), 5, gen(1))
+    assert picked.tolist() == start.tolist()

@@ -7,7 +7,8 @@ easy-ref: minus the reference loss). Two samplers choose b of a super-batch of B
   candidate's own score with the whole super-batch as context, the paper's per-example
   baseline), then sweep over the batch's chunks: take a chunk out, re-draw it given the rest of
   the batch, keep the new chunk only if the batch score does not drop (blocked conditional
-  updates, the Gibbs view of the paper's sampler). Its batch score is never below top-k's.
+  updates, the Gibbs view of the paper's sampler). Its batch score is never below top-k's
+  (up to float rounding: a swap must gain more than that to be made).
   Draws are ∝ exp(score / (T · spread)), spread being the standard deviation of the b best
   candidates' conditional scores at that step, so T means the same sharpness at every batch
   size.
@@ -79,7 +80,7 @@ def _blocks(n: int, size: int) -> list[slice]:
 
 
 def _place(slots: list[Any], slot: int | None, value: Any) -> None:
-    if slot is None:
+    if slot is None or slot == len(slots):
         slots.append(value)
     else:
         assert slots[slot] is None, f"slot {slot} is taken"
@@ -111,12 +112,15 @@ class _PairSum:
     def add(self, picked: torch.Tensor, slot: int | None = None) -> None:
         part = torch.zeros_like(self.alone)
         for piece in self._contributions(picked):
-            self.pairs += piece  # piece by piece, as Algorithm 1 always summed them
+            if slot is None:
+                self.pairs += piece  # piece by piece, as Algorithm 1 always summed them
             part += piece
         _place(self.slots, slot, (picked, part))
+        if slot is not None:
+            self._resum()  # into a named slot (refine): the sum over slots, never drifting
 
     def _resum(self) -> None:
-        # Summed afresh from the slots, so taking chunks out and back never drifts.
+        # Summed afresh from the slots, so taking chunks out and putting them back is exact.
         parts = [s[1] for s in self.slots if s is not None]
         self.pairs = torch.stack(parts).sum(0) if parts else torch.zeros_like(self.alone)
 
@@ -126,7 +130,7 @@ class _PairSum:
         return held
 
     def restore(self, slot: int, held: Any) -> None:
-        self.slots[slot] = held
+        _place(self.slots, slot, held)
         self._resum()
 
     def total(self) -> float:
@@ -222,12 +226,15 @@ class SoftmaxLoss:
             idx = picked[block]
             to_texts, to_images = self._logits(idx)  # α s_kj and α s_jk for k in idx
             v_part, u_part = torch.logsumexp(to_texts, 0), torch.logsumexp(to_images, 0)
-            self.v = torch.logaddexp(self.v, v_part)
-            self.u = torch.logaddexp(self.u, u_part)
+            if slot is None:  # running log-sum-exps, as Algorithm 1 always kept them
+                self.v = torch.logaddexp(self.v, v_part)
+                self.u = torch.logaddexp(self.u, u_part)
             v, u = torch.logaddexp(v, v_part), torch.logaddexp(u, u_part)
             if self.cache_rows:
                 cached.append((idx, (to_texts, to_images)))
         _place(self.slots, slot, (picked, u, v, cached))
+        if slot is not None:
+            self._resum()  # into a named slot (refine): the sum over slots, never drifting
 
     def _resum(self) -> None:
         held = [s for s in self.slots if s is not None]
@@ -243,7 +250,7 @@ class SoftmaxLoss:
         return held
 
     def restore(self, slot: int, held: Any) -> None:
-        self.slots[slot] = held
+        _place(self.slots, slot, held)
         self._resum()
 
     def total(self) -> float:
@@ -452,6 +459,11 @@ def _spread(logits: torch.Tensor, k: int) -> float:
     return float(torch.topk(free, min(max(k, 2), len(free))).values.std())
 
 
+# A re-drawn chunk must beat the batch score by more than float rounding to replace the old one,
+# so ties (flat scores, a batch of one) keep what is there instead of drifting.
+_RELATIVE_GAIN = 1e-6
+
+
 def refine_select(
     terms: Sequence[tuple[float, BatchLoss]],
     start: torch.Tensor,
@@ -465,10 +477,12 @@ def refine_select(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Improve a starting batch (`start`, b indices; `quota` already counting them) by sweeps of
     blocked conditional updates: each chunk in turn is taken out and re-drawn given the rest of
-    the batch, ∝ exp(conditional score / (temperature · spread)) (Gumbel-top-k) or its top
-    scores with `topk`; the new chunk stays only if the batch score does not drop, so the result
-    is never worse than the start. Returns (indices by chunk, then draw order; each one's
-    conditional score given the other chunks when its chunk was last drawn, or its start score
+    the batch, ∝ exp(conditional score / (temperature · spread)) (Gumbel-top-k; top-k where the
+    spread is 0) or its top scores with `topk`. The new chunk replaces the old one only if it
+    raises the batch score (beyond rounding), so the result never scores below the start.
+
+    Returns (indices by chunk, each chunk in the order it was drawn when it last changed; each
+    one's conditional score given the other chunks at its chunk's last turn, or its start score
     with no sweeps)."""
     batch_size = len(start)
     n = _check(terms, batch_size)
@@ -478,20 +492,20 @@ def refine_select(
         raise ValueError("sweeps must be 0 or more")
     device = terms[0][1].gains().device
     generator = generator or torch.Generator().manual_seed(0)
-    start = start.to(device)
+    start, start_scores = start.to(device), start_scores.to(device).float()
     slots: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     at = 0
-    for size in chunk_sizes(batch_size, n_chunks):
+    for c, size in enumerate(chunk_sizes(batch_size, n_chunks)):
         slots.append(start[at : at + size])
-        scores.append(start_scores.to(device)[at : at + size].float())
+        scores.append(start_scores[at : at + size])
         at += size
         for _, term in terms:
-            term.add(slots[-1])
+            term.add(slots[-1], slot=c)
     inside = torch.zeros(n, dtype=torch.bool, device=device)
     inside[start] = True
     best = batch_score(terms)
-    for _ in range(sweeps):
+    for _ in range(sweeps if len(slots) > 1 else 0):  # one chunk has no rest to condition on
         for c, old in enumerate(slots):
             held = [term.remove(c) for _, term in terms]
             inside[old] = False
@@ -500,19 +514,20 @@ def refine_select(
             score = _combined(terms)
             logits = score.double().masked_fill(inside, -math.inf)
             if not topk:
+                noise = gumbel(n, generator).to(device)  # drawn every turn: one stream
                 spread = _spread(logits, batch_size)
                 if spread > 0:
-                    noise = gumbel(n, generator).to(device)
-                    logits = (logits / (temperature * spread) + noise).masked_fill(
-                        inside, -math.inf
-                    )
-            new = _top(logits, len(old), quota)
+                    logits = logits / (temperature * spread) + noise
+            new = _top(logits, len(old), quota)  # a quota now counts `new` instead of `old`
             keep = old
-            if set(new.tolist()) != set(old.tolist()):
+            if set(new.tolist()) == set(old.tolist()):
+                for (_, term), h in zip(terms, held, strict=True):
+                    term.restore(c, h)
+            else:
                 for _, term in terms:
                     term.add(new, slot=c)
                 value = batch_score(terms)
-                if value >= best:
+                if value > best + _RELATIVE_GAIN * max(1.0, abs(best)):
                     best, keep = value, new
                 else:  # the old chunk back, exactly as it was
                     for (_, term), h in zip(terms, held, strict=True):
@@ -521,9 +536,6 @@ def refine_select(
                     if quota is not None:
                         quota.release(new.tolist())
                         quota.claim(old.tolist())
-            else:
-                for (_, term), h in zip(terms, held, strict=True):
-                    term.restore(c, h)
             slots[c] = keep
             scores[c] = score[keep].float()
             inside[keep] = True

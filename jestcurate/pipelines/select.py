@@ -92,9 +92,9 @@ class SelectConfig:
 
     @property
     def resolved_temperature(self) -> float:
-        if self.temperature is not None:
-            return self.temperature
-        return DEFAULT_TEMPERATURE.get(self.sampler, DEFAULT_TEMPERATURE["refine"])
+        return (
+            self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.sampler]
+        )
 
     @property
     def criterion(self) -> str | None:

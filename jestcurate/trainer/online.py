@@ -246,6 +246,8 @@ class OnlineSelector:
             raise JCError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
         if sampler not in SAMPLERS:
             raise JCError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if sweeps < 0:
+            raise JCError(f"sweeps must be 0 or more, got {sweeps}")
         self.reference = reference
         self.batch_size = batch_size
         self.criterion = criterion
