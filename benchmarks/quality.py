@@ -262,6 +262,7 @@ SAMPLERS: dict[str, dict[str, Any] | None] = {
     "jest: paper Algorithm 1, T = 1": {"sampler": "paper", "temperature": 1.0},
     "jest: paper Algorithm 1, top-k": {"sampler": "paper", "topk": True},
     "jest: refine, top-k, 1 sweep": {"sampler": "refine", "topk": True, "sweeps": 1},
+    "jest: refine, top-k, every candidate": {"sampler": "refine", "topk": True, "pool": 1e9},
     "jest: refine, top-k, 2 sweeps": {"sampler": "refine", "topk": True, "sweeps": 2},
     "jest: refine, T = 0.05": {"sampler": "refine", "temperature": 0.05},
     "jest: refine, T = 0.1": {"sampler": "refine", "temperature": 0.1},

@@ -407,6 +407,13 @@ def select(
     sweeps: Annotated[
         int, typer.Option(help="jest --sampler refine: passes over the batch's chunks.")
     ] = 1,
+    pool: Annotated[
+        float,
+        typer.Option(
+            help="jest --sampler refine: re-draw chunks from the best pool x b candidates by "
+            "independent score (all B when larger)."
+        ),
+    ] = 3.0,
     seed: Annotated[int, typer.Option(help="Seed of the permutation, shuffles and draws.")] = 0,
     temperature: Annotated[
         float | None,
@@ -469,6 +476,7 @@ def select(
         chunks=chunks,
         sampler=sampler,
         sweeps=sweeps,
+        pool=pool,
         seed=seed,
         temperature=temperature,
         topk=topk,

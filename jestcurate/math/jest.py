@@ -45,6 +45,8 @@ SAMPLERS = ("refine", "paper")
 # The refine sampler's default temperature, relative to the spread of the conditional scores
 # (docs/select.md has the measurements that chose it); the paper's is 1 in loss units.
 DEFAULT_TEMPERATURE = {"refine": 0.1, "paper": 1.0}
+# refine re-draws from the best DEFAULT_POOL · b candidates by independent score (docs/select.md).
+DEFAULT_POOL = 3.0
 
 
 @dataclass(frozen=True)
@@ -356,10 +358,10 @@ class Quota:
     """At most `cap` picks per group (cluster); if that cannot fill a batch, the best of the
     rest fill it, so every batch still has exactly b examples."""
 
-    def __init__(self, groups: list[int], cap: int) -> None:
+    def __init__(self, groups: list[int], cap: int, used: dict[int, int] | None = None) -> None:
         self.groups = groups
         self.cap = cap
-        self.used: dict[int, int] = {}
+        self.used: dict[int, int] = used or {}
 
     def take(self, order: list[int], k: int) -> list[int]:
         chosen: list[int] = []
@@ -542,6 +544,10 @@ def refine_select(
     return torch.cat(slots), torch.cat(scores)
 
 
+def _subset(e: Embeddings | None, keep: torch.Tensor) -> Embeddings | None:
+    return None if e is None else Embeddings(e.img[keep], e.txt[keep], e.scale, e.bias, e.kind)
+
+
 def select_batch(
     criterion: str,
     reference: Embeddings | None,
@@ -555,20 +561,44 @@ def select_batch(
     quota: Quota | None = None,
     sweeps: int = 1,
     cache_rows: bool = True,
+    pool: float = DEFAULT_POOL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One JEST batch of a super-batch, as `select --method jest` and the online selector both
     choose it: (indices into the super-batch, each one's conditional score). `quota`, a fresh
-    one per super-batch, caps each group's picks."""
+    one per super-batch, caps each group's picks.
+
+    refine re-draws chunks from the start and the best of the other candidates by independent
+    score, `pool` · b of them in all (all B when that is more): conditional scores stay exact
+    (they depend on the batch, not on the candidates considered), a sweep costs
+    O(chunks · pool · b²) instead of O(chunks · B · b), and candidates that the independent
+    score ranks lower are not reconsidered (docs/select.md measures what that costs)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     t = DEFAULT_TEMPERATURE[sampler] if temperature is None else temperature
-    terms = criterion_terms(criterion, reference, learner, cache_rows=cache_rows)
     if sampler == "paper":
+        terms = criterion_terms(criterion, reference, learner, cache_rows=cache_rows)
         return joint_select(terms, batch_size, n_chunks, generator, t, topk, quota)
+    if pool < 1:
+        raise ValueError(f"pool is a multiple of the batch size, at least 1; got {pool}")
     own = independent_scores(criterion, reference, learner)
     order = torch.sort(own.double(), descending=True, stable=True).indices
     if quota is None:
         start = order[:batch_size]
     else:
         start = torch.as_tensor(quota.take(order.tolist(), batch_size)).to(order)
-    return refine_select(terms, start, own[start], n_chunks, generator, t, topk, quota, sweeps)
+    size = min(len(order), max(batch_size, math.ceil(pool * batch_size)))
+    outside = torch.ones(len(order), dtype=torch.bool, device=order.device)
+    outside[start] = False
+    rest = order[outside[order]]
+    keep = torch.cat([start, rest[: size - batch_size]])  # the start first, in its order
+    if quota is not None:  # the same caps and counts, by position in `keep`
+        groups = [quota.groups[i] for i in keep.tolist()]
+        quota = Quota(groups, quota.cap, dict(quota.used))
+    terms = criterion_terms(
+        criterion, _subset(reference, keep), _subset(learner, keep), cache_rows=cache_rows
+    )
+    first = torch.arange(batch_size, device=keep.device)
+    picked, scores = refine_select(
+        terms, first, own[start], n_chunks, generator, t, topk, quota, sweeps
+    )
+    return keep[picked], scores

@@ -45,6 +45,7 @@ from jestcurate.io.store import (
 )
 from jestcurate.math.jest import (
     CRITERIA,
+    DEFAULT_POOL,
     DEFAULT_TEMPERATURE,
     SAMPLERS,
     Embeddings,
@@ -80,6 +81,7 @@ class SelectConfig:
     topk: bool = False
     sampler: str = "refine"  # jest: refine (the default) or paper (Algorithm 1 as written)
     sweeps: int = 1  # jest --sampler refine: refinement sweeps over the batch's chunks
+    pool: float = DEFAULT_POOL  # jest --sampler refine: re-draw from the best pool x b candidates
     min_clip_score: float | None = None
     max_steps: int | None = None
     device: str = "auto"
@@ -116,6 +118,8 @@ def _validate(cfg: SelectConfig) -> None:
         raise JCError(f"unknown --sampler {cfg.sampler!r}; use one of {', '.join(SAMPLERS)}")
     if cfg.sweeps < 0:
         raise JCError("--sweeps must be 0 or more")
+    if cfg.pool < 1:
+        raise JCError(f"--pool is a multiple of the batch size, at least 1; got {cfg.pool}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise JCError("--max-steps must be at least 1")
     if cfg.score is not None and cfg.method != "jest":
@@ -255,6 +259,7 @@ def choose(
                 quota=quota(ids),
                 sweeps=cfg.sweeps,
                 cache_rows=cache_rows,
+                pool=cfg.pool,
             )
             yield ids[picked.cpu().numpy()], score.cpu().numpy()
             tick()
@@ -416,6 +421,7 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
             "seed": cfg.seed,
             "sampler": cfg.sampler if jest else None,
             "sweeps": cfg.sweeps if jest and cfg.sampler == "refine" else None,
+            "pool": cfg.pool if jest and cfg.sampler == "refine" else None,
             "temperature": cfg.resolved_temperature if jest and not cfg.topk else None,
             "topk": cfg.topk if jest else None,
             "min_clip_score": cfg.min_clip_score,

@@ -44,7 +44,14 @@ from jestcurate.errors import JCError
 from jestcurate.io.eligible import Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set
-from jestcurate.math.jest import CRITERIA, SAMPLERS, Embeddings, row_cache_fits, select_batch
+from jestcurate.math.jest import (
+    CRITERIA,
+    DEFAULT_POOL,
+    SAMPLERS,
+    Embeddings,
+    row_cache_fits,
+    select_batch,
+)
 from jestcurate.trainer.loader import Sample, _distributed, _index, sample_key, this_worker
 
 
@@ -225,8 +232,8 @@ class OnlineSelector:
     learner's current ones, exactly as `select --method jest` does from two score sets.
 
     criterion: learnability (default), easy-ref or hard-learner.
-    chunks, temperature, topk, seed, sampler, sweeps: as `select --chunks/--temperature/--topk/
-    --seed/--sampler/--sweeps` (temperature None: the sampler's default).
+    chunks, temperature, topk, seed, sampler, sweeps, pool: as `select --chunks/--temperature/
+    --topk/--seed/--sampler/--sweeps/--pool` (temperature None: the sampler's default).
     """
 
     def __init__(
@@ -241,6 +248,7 @@ class OnlineSelector:
         device: str | torch.device = "cpu",
         sampler: str = "refine",
         sweeps: int = 1,
+        pool: float = DEFAULT_POOL,
     ) -> None:
         if criterion not in CRITERIA:
             raise JCError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
@@ -256,6 +264,7 @@ class OnlineSelector:
         self.topk = topk
         self.sampler = sampler
         self.sweeps = sweeps
+        self.pool = pool
         self.device = torch.device(device)
         # On the CPU whatever the device: the same draws everywhere, as in select.
         self.generator = torch.Generator().manual_seed(seed)
@@ -307,6 +316,7 @@ class OnlineSelector:
             topk=self.topk,
             sweeps=self.sweeps,
             cache_rows=fits,
+            pool=self.pool,
         )
         self.steps += 1
         return picked
