@@ -321,6 +321,85 @@ def slurm_score(
         )
 
 
+@app.command(
+    name="import", short_help="Make a score set from embeddings you already have (DataComp, ...)."
+)
+@_one_line_errors
+def import_(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="datacomp: a pool folder of NAME.parquet + NAME.npz; clip-retrieval: the "
+            "inference output folder (img_emb/, text_emb/, metadata/)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The score set to write.")],
+    format: Annotated[str, typer.Option("--format", help="datacomp or clip-retrieval.")],
+    model: Model,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="open_clip tag or checkpoint of the model that made the embeddings (its logit "
+            "scale and bias are read from it), or a label when --logit-scale is given."
+        ),
+    ] = None,
+    embeddings: Annotated[
+        str, typer.Option(help="datacomp: l14 (ViT-L/14) or b32 (ViT-B/32) arrays.")
+    ] = "l14",
+    role: Role = "reference",
+    logit_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="α = exp(logit_scale) of the model, when its weights are not at hand "
+            "(OpenAI's CLIP: 100). Then no model is loaded."
+        ),
+    ] = None,
+    logit_bias: Annotated[
+        float | None, typer.Option(help="With --logit-scale: a SigLIP model's logit bias.")
+    ] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(help="With --logit-scale: softmax or sigmoid (default: sigmoid with a bias)."),
+    ] = None,
+    task_index: Annotated[
+        int | None,
+        typer.Option(help="This task's index in an array job. Default: from Slurm variables."),
+    ] = None,
+    num_tasks: Annotated[
+        int | None,
+        typer.Option(help="Number of tasks in the array job. Default: from Slurm variables."),
+    ] = None,
+) -> None:
+    """Turn embeddings that already exist into a score set (meta.json, parts/, done/), so
+    select, dedup, info, report and status work on it without running a model: re-normalised,
+    stored as float16, clip_score and ref_loss computed as `score` computes them, one part per
+    source file. Rerunning skips finished files; array tasks split them. Rows are not tied to
+    WebDataset shards, so commands that need the images (select --export, the loaders, report
+    thumbnails) say so.
+
+    Exit status: 0 all files imported, 1 some failed (the rest are written), 2 bad input."""
+    from jestcurate.pipelines import importer
+
+    cfg = importer.ImportConfig(
+        source=source,
+        out=out,
+        format=format,
+        model=model,
+        pretrained=pretrained,
+        embeddings=embeddings,
+        role=role,
+        logit_scale=logit_scale,
+        logit_bias=logit_bias,
+        loss=loss,
+        task_index=task_index,
+        num_tasks=num_tasks,
+    )
+    report = importer.run(cfg)
+    importer.print_summary(report)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 @app.command(short_help="Done, failed, running and pending shards of a score set or an export.")
 @_one_line_errors
 def status(
@@ -486,6 +565,10 @@ def select(
         dedup=dedup,
         balance_clusters=balance_clusters,
     )
+    if export:  # before choosing anything: a set without images has nothing to export
+        from jestcurate.io.store import open_score_set
+
+        open_score_set(cfg.reference).require_images("select --export")
     report = select_mod.run(cfg)
     select_mod.print_summary(report)
     if export:

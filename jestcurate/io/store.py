@@ -283,6 +283,19 @@ class ScoreSet:
     def kind(self) -> str:
         return str(self.meta["loss"])
 
+    @property
+    def has_images(self) -> bool:
+        """False for a set made by `jestcurate import` without shards: rows are not samples of
+        WebDataset tars, so there is nothing to export, load or show."""
+        return self.meta.get("images", True) is not False
+
+    def require_images(self, what: str) -> None:
+        if not self.has_images:
+            raise JCError(
+                f"{self.path} was imported from embeddings, not scored from WebDataset shards: "
+                f"its rows have no images, so {what} cannot read them"
+            )
+
     def part_names(self) -> list[str]:
         return [p.stem for p in self.parts]
 

@@ -29,7 +29,13 @@ from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.reader import ShardReadError, iter_raw_samples
 from jestcurate.io.shards import open_shard
-from jestcurate.io.store import atomic_write, read_json, write_json_atomic
+from jestcurate.io.store import (
+    META_NAME,
+    atomic_write,
+    open_score_set,
+    read_json,
+    write_json_atomic,
+)
 from jestcurate.trainer.loader import sample_key
 
 log = logging.getLogger(__name__)
@@ -99,8 +105,11 @@ def export(out: Path, samples_per_shard: int | None) -> dict[str, Any]:
     """Export the selection in `out` (manifest.parquet) to out/shards/. Returns export.json."""
     import webdataset as wds
 
-    manifest = pq.read_table(out / "manifest.parquet")
     summary = read_json(out / "summary.json")
+    reference = Path(summary["inputs"]["reference"]["path"])
+    if (reference / META_NAME).is_file():
+        open_score_set(reference).require_images("select --export")
+    manifest = pq.read_table(out / "manifest.parquet")
     batch = int(summary["parameters"]["batch_size"])
     chosen = plan(batch, manifest.num_rows, samples_per_shard)
     shards_dir = out / SHARDS_DIR

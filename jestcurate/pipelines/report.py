@@ -385,6 +385,8 @@ def write_report(
     kept, summary = kept_mask(stats, selection) if selection else (None, None)
     groups = choose_groups(stats, kept, per_group, seed)
     wanted = np.unique(np.concatenate([rows for _, rows in groups])) if groups else np.empty(0)
+    if not scores.has_images:  # an imported set: counts and histograms, no thumbnails
+        wanted = np.empty(0)
     samples = fetch_samples(stats, wanted.astype(np.int64))
     page = render(stats, samples, groups, kept, summary)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         if not 0 < ratio <= 1:
             raise JCError(f"ratio is the kept fraction, in (0, 1]; got {ratio}")
         self.reference: ScoreSet = open_score_set(Path(reference), role="reference")
+        self.reference.require_images("SuperBatches")  # it trains on the samples themselves
         self.batch_size = batch_size
         self.super_batch = max(batch_size, round(batch_size / ratio))  # as select
         self.seed = seed

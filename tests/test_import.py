@@ -1,0 +1,184 @@
+"""`jestcurate import` on files in DataComp's and clip-retrieval's layouts, written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import run_cli
+
+from jestcurate.io.store import embedding_matrix, open_score_set
+from jestcurate.math.scoring import clip_scores, example_losses
+from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+from jestcurate.pipelines import importer
+
+DIM = 64  # jc-tiny's embedding width
+
+
+def pairs(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(n, dim)).astype(np.float32) * 3  # not normalised: import does that
+    txt = (img + rng.normal(size=(n, dim)).astype(np.float32)).astype(np.float32)
+    return img, txt
+
+
+def write_datacomp(folder: Path, shards: int = 2, rows: int = 50) -> dict[str, np.ndarray]:
+    """DataComp pool files: NAME.parquet (uid, url, text) and NAME.npz with its four arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for s in range(shards):
+        name = f"{s:08d}"
+        uids = [f"{s:04x}{i:028x}" for i in range(rows)]
+        meta = pa.table(
+            {
+                "uid": uids,
+                "url": [f"https://example.com/{s}/{i}.jpg" for i in range(rows)],
+                "text": [f"caption {s} {i}" for i in range(rows)],
+                "original_width": [256] * rows,
+            }
+        )
+        pq.write_table(meta, folder / f"{name}.parquet")
+        l14_img, l14_txt = pairs(rows, DIM, s)
+        b32_img, b32_txt = pairs(rows, 32, s + 100)
+        if s == 0:
+            l14_img[3] = 0.0  # a row without a usable embedding
+        np.savez(
+            folder / f"{name}.npz",
+            l14_img=l14_img.astype(np.float16),
+            l14_txt=l14_txt.astype(np.float16),
+            b32_img=b32_img,
+            b32_txt=b32_txt,
+        )
+        arrays[name] = (l14_img, l14_txt)
+    return arrays
+
+
+def run_import(source: Path, out: Path, fmt: str = "datacomp", **kw) -> importer.ImportReport:
+    kw.setdefault("model", "jc-tiny")
+    return importer.run(importer.ImportConfig(source=source, out=out, format=fmt, **kw))
+
+
+def test_datacomp_pool_becomes_a_score_set_as_score_would_write_it(tmp_path: Path) -> None:
+    arrays = write_datacomp(tmp_path / "pool")
+    report = run_import(tmp_path / "pool", tmp_path / "scores", logit_scale=100.0)
+    assert report.rows == 100 and report.errors == 1 and not report.failed
+    scores = open_score_set(tmp_path / "scores", role="reference")
+    assert scores.scale == 100.0 and scores.kind == "softmax" and scores.dim == DIM
+    assert not scores.has_images and scores.part_names() == ["00000000", "00000001"]
+    for name, (img, _) in arrays.items():
+        part = pq.read_table(tmp_path / "scores" / "parts" / f"{name}.parquet")
+        meta = pq.read_table(tmp_path / "pool" / f"{name}.parquet")
+        assert part.column("uid").to_pylist() == meta.column("uid").to_pylist()
+        assert part.column("caption").to_pylist() == meta.column("text").to_pylist()
+        assert part.column("index").to_pylist() == list(range(50))
+        ok = np.array(part.column("status").to_pylist()) == "ok"
+        assert ok.sum() == (49 if name == "00000000" else 50)
+        if name == "00000000":
+            assert part.column("error")[3].as_py().startswith("missing embedding")
+        stored = embedding_matrix(part.column("img_emb"))[ok]
+        want = img.astype(np.float16).astype(np.float32)[ok]
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(stored, want, atol=2e-3)
+        # clip_score and ref_loss from the stored float16 values, as `score` computes them
+        img16 = torch.from_numpy(embedding_matrix(part.column("img_emb"))[ok]).half()
+        txt16 = torch.from_numpy(embedding_matrix(part.column("txt_emb"))[ok]).half()
+        clip = part.column("clip_score").to_numpy(zero_copy_only=False)[ok]
+        loss = part.column("ref_loss").to_numpy(zero_copy_only=False)[ok]
+        np.testing.assert_allclose(clip, clip_scores(img16, txt16).numpy(), rtol=1e-6)
+        want_loss = example_losses(img16, txt16, 100.0, None, "softmax").numpy()
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    marker = json.loads((tmp_path / "scores" / "done" / "00000000.json").read_text())
+    assert marker["status"] == "ok" and marker["counts"]["errors"] == 1
+
+    # A rerun skips finished files and leaves them alone.
+    before = (tmp_path / "scores" / "parts" / "00000000.parquet").stat().st_mtime_ns
+    again = run_import(tmp_path / "pool", tmp_path / "scores", logit_scale=100.0)
+    assert again.skipped == 2 and again.rows == 0
+    assert (tmp_path / "scores" / "parts" / "00000000.parquet").stat().st_mtime_ns == before
+
+
+def test_the_model_gives_scale_and_width_and_b32_is_checked(tmp_path: Path) -> None:
+    write_datacomp(tmp_path / "pool", shards=1)
+    run_import(tmp_path / "pool", tmp_path / "scores")
+    scores = open_score_set(tmp_path / "scores")
+    model = load_model(resolve_spec(ModelSpec("jc-tiny", device="cpu")), warn_random=False)
+    assert scores.scale == pytest.approx(model.logit_scale) and scores.kind == model.loss_kind
+    # The b32 arrays are 32 wide: against a 64-wide model that is a failed file, said so.
+    report = run_import(tmp_path / "pool", tmp_path / "b32", embeddings="b32")
+    assert report.failed and "32 wide but the model's are 64" in report.failed[0]
+    marker = json.loads((tmp_path / "b32" / "done" / "00000000.json").read_text())
+    assert marker["status"] == "failed"
+
+
+def test_bad_sources_fail_clearly_and_the_rest_is_imported(tmp_path: Path) -> None:
+    write_datacomp(tmp_path / "pool", shards=3)
+    short = pq.read_table(tmp_path / "pool" / "00000001.parquet").slice(0, 40)
+    pq.write_table(short, tmp_path / "pool" / "00000001.parquet")  # 40 rows, 50 embeddings
+    with np.load(tmp_path / "pool" / "00000002.npz") as npz:
+        np.savez(tmp_path / "pool" / "00000002.npz", l14_img=npz["l14_img"])  # no l14_txt
+    code, output = run_cli(
+        "import", tmp_path / "pool", "--format", "datacomp", "--out", tmp_path / "s",
+        "-m", "jc-tiny", "--logit-scale", "100",
+    )  # fmt: skip
+    assert code == 1, output
+    assert "40 rows but its image embeddings are shaped (50, 64)" in output
+    assert "no array l14_txt" in output
+    assert [p.stem for p in (tmp_path / "s" / "parts").glob("*.parquet")] == ["00000000"]
+    # One-line errors for what cannot start at all.
+    cases = [
+        (["--format", "laion"], "unknown --format 'laion'"),
+        (["--format", "datacomp", "--embeddings", "h14"], "--embeddings is one of l14, b32"),
+        (["--format", "datacomp", "--logit-scale", "-1"], "--logit-scale is α"),
+        (["--format", "clip-retrieval"], "holds no clip-retrieval files"),
+    ]
+    for args, message in cases:
+        code, output = run_cli(
+            "import", tmp_path / "pool", *args, "--out", tmp_path / "x", "-m", "jc-tiny"
+        )
+        assert code == 2 and message in output and output.count("\n") == 1, (args, output)
+    (tmp_path / "lonely").mkdir()
+    pq.write_table(short, tmp_path / "lonely" / "a.parquet")
+    code, output = run_cli(
+        "import", tmp_path / "lonely", "--format", "datacomp", "--out", tmp_path / "y",
+        "-m", "jc-tiny",
+    )  # fmt: skip
+    assert code == 2 and "has no a.npz beside it" in output
+
+
+def test_clip_retrieval_output_imports_and_selection_works_on_it(tmp_path: Path) -> None:
+    source = tmp_path / "embeddings"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (source / sub).mkdir(parents=True)
+    for n in range(2):
+        img, txt = pairs(400, DIM, n)
+        np.save(source / "img_emb" / f"img_emb_{n}.npy", img.astype(np.float16))
+        np.save(source / "text_emb" / f"text_emb_{n}.npy", txt.astype(np.float16))
+        uids = [f"{n:04x}{i:028x}" for i in range(400)]
+        pq.write_table(
+            pa.table({"caption": [f"c {n} {i}" for i in range(400)], "uid": uids}),
+            source / "metadata" / f"metadata_{n}.parquet",
+        )
+    code, output = run_cli(
+        "import", source, "--format", "clip-retrieval", "--out", tmp_path / "s", "-m", "jc-tiny",
+        "--logit-scale", "100",
+    )  # fmt: skip
+    assert code == 0, output
+    part = pq.read_table(tmp_path / "s" / "parts" / "metadata_1.parquet")
+    assert part.column("caption")[5].as_py() == "c 1 5"
+    # select works on it, and writes DataComp's subset file from the uids ...
+    code, output = run_cli(
+        "select", tmp_path / "s", "--out", tmp_path / "sel", "--method", "jest", "-b", "40"
+    )
+    assert code == 0, output
+    assert len(np.load(tmp_path / "sel" / "uids.npy")) == 40 * (800 // 200)
+    # ... but there are no images to export, and it says so in one line
+    code, output = run_cli(
+        "select", tmp_path / "s", "--out", tmp_path / "sel2", "-b", "40", "--export"
+    )
+    assert code == 2 and "imported from embeddings" in output and output.count("\n") == 1
+    assert not (tmp_path / "sel2").exists()
