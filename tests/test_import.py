@@ -182,3 +182,22 @@ def test_clip_retrieval_output_imports_and_selection_works_on_it(tmp_path: Path)
     )
     assert code == 2 and "imported from embeddings" in output and output.count("\n") == 1
     assert not (tmp_path / "sel2").exists()
+
+
+def test_dedup_info_and_status_work_on_an_imported_set(tmp_path: Path) -> None:
+    write_datacomp(tmp_path / "pool", shards=2, rows=200)
+    with np.load(tmp_path / "pool" / "00000001.npz") as npz:
+        planted = {k: npz[k].copy() for k in npz.files}
+    planted["l14_img"][7] = planted["l14_img"][8]  # a near-identical pair of images
+    planted["l14_txt"][7] = planted["l14_txt"][8]
+    np.savez(tmp_path / "pool" / "00000001.npz", **planted)
+    run_import(tmp_path / "pool", tmp_path / "s", logit_scale=100.0)
+    code, output = run_cli("dedup", tmp_path / "s", "--out", tmp_path / "d", "--clusters", "4")
+    assert code == 0, output
+    dedup = pq.read_table(tmp_path / "d" / "dedup.parquet").to_pylist()
+    dropped = [(Path(r["shard"]).stem, r["index"]) for r in dedup if not r["kept"]]
+    assert ("00000001", 7) in dropped or ("00000001", 8) in dropped
+    code, output = run_cli("info", tmp_path / "s")
+    assert code == 0 and "400 (399 ok, 1 errors)" in output.replace("\u00a0", " "), output
+    code, output = run_cli("status", tmp_path / "s")
+    assert code == 0 and "done" in output, output
