@@ -96,6 +96,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "learnability": {"method": "learnability"},
     "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
     "jest (learnability)": {"method": "jest", "score": "learnability"},
+    "jest (learnability, 2 sweeps)": {"method": "jest", "score": "learnability", "sweeps": 2},
     # The paper's Algorithm 1 as written (select --sampler paper), for comparison.
     "jest (learnability, Algorithm 1)": {
         "method": "jest",
