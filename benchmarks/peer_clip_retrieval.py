@@ -1,7 +1,7 @@
 """jestcurate `score` beside clip-retrieval's `inference` on the same shards and the same model.
 
     python benchmarks/peer_clip_retrieval.py [--model ViT-B-32] [--shards 4] [--samples 128]
-        [--batch-size 64] [--workers 1] [--peer-venv DIR] [--workdir DIR]
+        [--batch-size 64] [--workers 1] [--peer-venv DIR] [--workdir DIR] [--check-import]
 
 Both tools get the same synthetic WebDataset shards (256 px JPEGs with captions), the same
 open_clip architecture with the same weights (a random-initialised checkpoint saved locally:
@@ -58,6 +58,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--peer-venv", type=Path, default=Path("/tmp/jestcurate-peer-venv"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-peer"))
+    parser.add_argument(
+        "--check-import",
+        action="store_true",
+        help="also import clip-retrieval's output with `jestcurate import` and compare its "
+        "embeddings with jestcurate's own, sample by sample",
+    )
     args = parser.parse_args()
 
     import open_clip
@@ -122,7 +128,48 @@ def main() -> None:
         "clip_retrieval_wall_s": round(cr_seconds, 1),
         "clip_retrieval_wall_samples_per_s": round(total / cr_seconds, 2),
     }
+    if args.check_import:
+        result.update(check_import(peer_out, out, args.model, checkpoint, work))
     print(json.dumps(result))
+
+
+def check_import(peer_out: Path, scored: Path, model: str, checkpoint: Path, work: Path) -> dict:
+    """Import clip-retrieval's embeddings and compare them, by sample key, with the embeddings
+    `jestcurate score` computed from the same shards and weights."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jestcurate.io.store import embedding_matrix
+
+    imported = work / f"imported-{time.time_ns()}"
+    timed([
+        sys.executable, "-m", "jestcurate", "import", str(peer_out), "--format",
+        "clip-retrieval", "-m", model, "--pretrained", str(checkpoint), "--out", str(imported),
+    ])  # fmt: skip
+
+    def rows(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        table = pa.concat_tables(pq.read_table(p) for p in sorted((folder / "parts").glob("*")))
+        ok = np.array(table.column("status").to_pylist()) == "ok"
+        img, txt = (
+            embedding_matrix(table.column("img_emb")),
+            embedding_matrix(table.column("txt_emb")),
+        )
+        keys = table.column("key").to_pylist()
+        return {k: (img[i], txt[i]) for i, k in enumerate(keys) if ok[i]}
+
+    ours, theirs = rows(scored), rows(imported)
+    common = sorted(set(ours) & set(theirs))
+    cos_img = [float(ours[k][0] @ theirs[k][0]) for k in common]
+    cos_txt = [float(ours[k][1] @ theirs[k][1]) for k in common]
+    return {
+        "import_samples_matched": len(common),
+        "import_samples_only_scored": len(set(ours) - set(theirs)),
+        "import_img_cosine_min": round(min(cos_img), 5),
+        "import_img_cosine_mean": round(float(np.mean(cos_img)), 5),
+        "import_txt_cosine_min": round(min(cos_txt), 5),
+        "import_txt_cosine_mean": round(float(np.mean(cos_txt)), 5),
+    }
 
 
 if __name__ == "__main__":

@@ -478,7 +478,7 @@ def select(
         str,
         typer.Option(
             help="jest: refine (start from the independent top-b, then re-draw each chunk given "
-            "the rest of the batch, keeping it only if the batch score does not drop: never "
+            "the rest of the batch, keeping it only if it raises the batch score: never "
             "below independent top-k) or paper (the paper's Algorithm 1 as written)."
         ),
     ] = "refine",

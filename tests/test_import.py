@@ -121,6 +121,13 @@ def test_bad_sources_fail_clearly_and_the_rest_is_imported(tmp_path: Path) -> No
     pq.write_table(short, tmp_path / "pool" / "00000001.parquet")  # 40 rows, 50 embeddings
     with np.load(tmp_path / "pool" / "00000002.npz") as npz:
         np.savez(tmp_path / "pool" / "00000002.npz", l14_img=npz["l14_img"])  # no l14_txt
+    write_datacomp(tmp_path / "more", shards=5)
+    for name in ("00000003", "00000004"):
+        for ext in ("parquet", "npz"):
+            (tmp_path / "more" / f"{name}.{ext}").rename(tmp_path / "pool" / f"{name}.{ext}")
+    whole = (tmp_path / "pool" / "00000003.npz").read_bytes()
+    (tmp_path / "pool" / "00000003.npz").write_bytes(whole[: len(whole) // 2])  # truncated
+    (tmp_path / "pool" / "00000004.npz").write_bytes(b"")  # empty
     code, output = run_cli(
         "import", tmp_path / "pool", "--format", "datacomp", "--out", tmp_path / "s",
         "-m", "jc-tiny", "--logit-scale", "100",
@@ -128,13 +135,23 @@ def test_bad_sources_fail_clearly_and_the_rest_is_imported(tmp_path: Path) -> No
     assert code == 1, output
     assert "40 rows but its image embeddings are shaped (50, 64)" in output
     assert "no array l14_txt" in output
+    assert "00000003.npz: " in output and "00000004.npz: " in output
     assert [p.stem for p in (tmp_path / "s" / "parts").glob("*.parquet")] == ["00000000"]
+    markers = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "s" / "done").glob("*")}
+    assert sorted(m["status"] for m in markers.values()) == ["failed"] * 4 + ["ok"]
+    # Into the same OUT, other import settings are refused rather than mixed in.
+    code, output = run_cli(
+        "import", tmp_path / "pool", "--format", "datacomp", "--out", tmp_path / "s",
+        "-m", "jc-tiny", "--logit-scale", "50",
+    )  # fmt: skip
+    assert code == 2 and "logit_scale: 100.0 there, 50.0 now" in output, output
     # One-line errors for what cannot start at all.
     cases = [
         (["--format", "laion"], "unknown --format 'laion'"),
         (["--format", "datacomp", "--embeddings", "h14"], "--embeddings is one of l14, b32"),
         (["--format", "datacomp", "--logit-scale", "-1"], "--logit-scale is α"),
         (["--format", "clip-retrieval"], "holds no clip-retrieval files"),
+        (["--format", "datacomp", "--loss", "sigmoid"], "--logit-bias and --loss go with"),
     ]
     for args, message in cases:
         code, output = run_cli(

@@ -1,6 +1,6 @@
 """On-disk score sets: Parquet schema, atomic writes, meta.json and completion markers.
 
-Layout (the contract in docs/formats.md):
+Layout (the contract in docs/scores.md):
     DIR/meta.json              what made the scores
     DIR/parts/NAME.parquet     one per input shard, rows in shard order
     DIR/done/NAME.json         completion marker, status "ok" or "failed"

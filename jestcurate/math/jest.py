@@ -6,7 +6,7 @@ easy-ref: minus the reference loss). Two samplers choose b of a super-batch of B
 * `refine_select` (the default, docs/select.md): start from the independent top-b (each
   candidate's own score with the whole super-batch as context, the paper's per-example
   baseline), then sweep over the batch's chunks: take a chunk out, re-draw it given the rest of
-  the batch, keep the new chunk only if the batch score does not drop (blocked conditional
+  the batch, keep the new chunk only if it raises the batch score (blocked conditional
   updates, the Gibbs view of the paper's sampler). Its batch score is never below top-k's
   (up to float rounding: a swap must gain more than that to be made).
   Draws are ∝ exp(score / (T · spread)), spread being the standard deviation of the b best

@@ -18,7 +18,10 @@ that need the images say so (meta.json `images: false`).
 
 from __future__ import annotations
 
+import os
 import time
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +38,13 @@ from jestcurate.errors import JCError
 from jestcurate.io.shards import for_task, resolve_task
 from jestcurate.io.store import (
     DONE_DIR,
+    META_NAME,
     PARTS_DIR,
     SCHEMA_VERSION,
     check_meta,
     create_meta,
     part_table,
+    read_json,
     read_markers,
     remove_stale_temps,
     write_json_atomic,
@@ -94,8 +99,8 @@ class ImportReport:
 
 def list_units(cfg: ImportConfig) -> list[Unit]:
     """The source's units in name order; a missing counterpart file is a one-line error."""
-    if not cfg.source.is_dir():
-        raise JCError(f"--source {cfg.source} is not a folder")
+    if not cfg.source.is_dir() or not os.access(cfg.source, os.R_OK | os.X_OK):
+        raise JCError(f"{cfg.source} is not a readable folder")
     if cfg.format == "datacomp":
         units = []
         for meta in sorted(cfg.source.glob("*.parquet")):
@@ -122,6 +127,24 @@ def list_units(cfg: ImportConfig) -> list[Unit]:
     return units
 
 
+# What numpy raises for a file that is not what it should be: truncated or empty (EOFError,
+# BadZipFile, zlib.error), an .npy where an .npz belongs (TypeError), unreadable (OSError).
+_BAD_ARRAY_FILE = (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    TypeError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _arrays(unit: Unit) -> tuple[np.ndarray, np.ndarray]:
     try:
         if unit.img_key is None:
@@ -131,8 +154,8 @@ def _arrays(unit: Unit) -> tuple[np.ndarray, np.ndarray]:
             if missing:
                 raise ValueError(f"no array {', '.join(missing)} (it has {', '.join(npz.files)})")
             return npz[unit.img_key], npz[unit.txt_key]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{unit.img.name}: {exc}") from None
+    except _BAD_ARRAY_FILE as exc:
+        raise ValueError(f"{unit.img.name}: {_first_line(exc)}") from None
 
 
 def _normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +182,7 @@ def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]
     try:
         table = pq.read_table(unit.metadata)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise ValueError(f"{unit.metadata.name}: {exc}") from None
+        raise ValueError(f"{unit.metadata.name}: {_first_line(exc)}") from None
     img, txt = _arrays(unit)
     n = table.num_rows
     for what, array in (("image", img), ("text", txt)):
@@ -176,7 +199,8 @@ def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]
     img, img_ok = _normalised(img)
     txt, txt_ok = _normalised(txt)
     ok = img_ok & txt_ok
-    uids, keys = _column(table, ("uid",)), _column(table, ("key",))
+    # clip-retrieval names the WebDataset key `image_path` (or `key`, from the sample's json)
+    uids, keys = _column(table, ("uid",)), _column(table, ("key", "image_path"))
     urls, captions = _column(table, ("url",)), _column(table, CAPTION_COLUMNS)
     rows = [
         {
@@ -226,6 +250,8 @@ def _model_params(cfg: ImportConfig) -> dict[str, Any]:
     """What meta.json says about the embeddings' model: given, or read from the model."""
     if cfg.loss is not None and cfg.loss not in LOSS_KINDS:
         raise JCError(f"unknown --loss {cfg.loss!r}; use one of {', '.join(LOSS_KINDS)}")
+    if cfg.logit_scale is None and (cfg.logit_bias is not None or cfg.loss is not None):
+        raise JCError("--logit-bias and --loss go with --logit-scale (else the model gives them)")
     if cfg.logit_scale is not None:
         if cfg.logit_scale <= 0:
             raise JCError("--logit-scale is α = exp(logit_scale), a positive number (CLIP: 100)")
@@ -252,11 +278,43 @@ def _model_params(cfg: ImportConfig) -> dict[str, Any]:
     }
 
 
-def _first_width(unit: Unit) -> int:
-    img, _ = _arrays(unit)
-    if img.ndim != 2:
-        raise JCError(f"{unit.img.name}: image embeddings are not a 2-d array")
-    return int(img.shape[1])
+def _width(units: list[Unit]) -> int:
+    """The embedding width, from the first source file that can be read (a bad one fails on
+    its own later, with its marker)."""
+    for unit in units:
+        try:
+            img, _ = _arrays(unit)
+        except ValueError:
+            continue
+        if img.ndim == 2:
+            return int(img.shape[1])
+    raise JCError("no source file has readable 2-d embeddings; see the files' own errors")
+
+
+# Besides score's identity fields, what makes an imported set's values: a rerun with any of
+# them different would mix parts of two kinds in one set.
+_IMPORT_IDENTITY = ("logit_scale", "logit_bias", "loss", "embed_dim", "images")
+
+
+def _check_import(out: Path, meta: dict[str, Any]) -> None:
+    path = out / META_NAME
+    if not path.is_file():
+        return
+    existing = read_json(path)
+    diff = [
+        f"{k}: {existing.get(k)!r} there, {meta.get(k)!r} now"
+        for k in _IMPORT_IDENTITY
+        if existing.get(k) != meta.get(k)
+    ]
+    for k in ("format", "embeddings"):
+        there, now = (existing.get("imported") or {}).get(k), meta["imported"][k]
+        if there != now:
+            diff.append(f"imported {k}: {there!r} there, {now!r} now")
+    if diff:
+        raise JCError(
+            f"{out} holds scores made differently ({'; '.join(diff)}); use another --out, or "
+            "the options it was made with"
+        )
 
 
 def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
@@ -273,10 +331,7 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     mine = for_task(units, index, count)  # type: ignore[arg-type]
     params = _model_params(cfg)
     if params["embed_dim"] is None:
-        try:
-            params["embed_dim"] = _first_width(units[0])
-        except ValueError as exc:
-            raise JCError(str(exc)) from None
+        params["embed_dim"] = _width(mine or units)
     identity = {
         "schema_version": SCHEMA_VERSION,
         "role": cfg.role,
@@ -303,10 +358,12 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
         "tool": "jestcurate",
         "tool_version": __version__,
     }
+    _check_import(cfg.out, meta)
     for sub in (PARTS_DIR, DONE_DIR):
         (cfg.out / sub).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(cfg.out / sub)
     create_meta(cfg.out, meta)
+    _check_import(cfg.out, meta)  # a concurrent task may have created it first
     markers = read_markers(cfg.out)
     todo = [u for u in mine if markers.get(u.name, {}).get("status") != "ok"]
     report = ImportReport(cfg.out, len(mine), len(mine) - len(todo), failed=[])
@@ -320,7 +377,7 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
         except ValueError as exc:
             write_json_atomic(
                 cfg.out / DONE_DIR / f"{unit.name}.json",
-                {"shard": str(unit.metadata), "name": unit.name, "status": "failed",
+                {"shard": str(unit.metadata.resolve()), "name": unit.name, "status": "failed",
                  "error": str(exc), "counts": None, "tool_version": __version__},
             )  # fmt: skip
             report.failed.append(f"{unit.name}: {exc}")
