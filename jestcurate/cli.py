@@ -134,6 +134,14 @@ Decode = Annotated[
     ),
 ]
 Role = Annotated[str, typer.Option(help="reference (the frozen guide-trained model) or learner.")]
+TaskIndex = Annotated[
+    int | None,
+    typer.Option(help="This task's index in an array job. Default: from Slurm variables."),
+]
+NumTasks = Annotated[
+    int | None,
+    typer.Option(help="Number of tasks in the array job. Default: from Slurm variables."),
+]
 
 
 @app.command(short_help="Score shards with a frozen open_clip model into a Parquet score set.")
@@ -147,14 +155,8 @@ def score(
     device: Device = "auto",
     precision: Precision = None,
     workers: Workers = None,
-    task_index: Annotated[
-        int | None,
-        typer.Option(help="This task's index in an array job. Default: from Slurm variables."),
-    ] = None,
-    num_tasks: Annotated[
-        int | None,
-        typer.Option(help="Number of tasks in the array job. Default: from Slurm variables."),
-    ] = None,
+    task_index: TaskIndex = None,
+    num_tasks: NumTasks = None,
     role: Role = "reference",
     decode: Decode = "auto",
 ) -> None:
@@ -361,14 +363,8 @@ def import_(
         str | None,
         typer.Option(help="With --logit-scale: softmax or sigmoid (default: sigmoid with a bias)."),
     ] = None,
-    task_index: Annotated[
-        int | None,
-        typer.Option(help="This task's index in an array job. Default: from Slurm variables."),
-    ] = None,
-    num_tasks: Annotated[
-        int | None,
-        typer.Option(help="Number of tasks in the array job. Default: from Slurm variables."),
-    ] = None,
+    task_index: TaskIndex = None,
+    num_tasks: NumTasks = None,
 ) -> None:
     """Turn embeddings that already exist into a score set (meta.json, parts/, done/), so
     select, dedup, info, report and status work on it without running a model: re-normalised,

@@ -93,7 +93,26 @@ def _members(slots: list[Any]) -> torch.Tensor:
     return torch.cat([s[0] for s in slots if s is not None])
 
 
-class _PairSum:
+class _Slotted:
+    """Taking a slot out and putting it back; subclasses keep `slots` and re-sum their state
+    from them in `_resum`."""
+
+    slots: list[Any]
+
+    def _resum(self) -> None:
+        raise NotImplementedError
+
+    def remove(self, slot: int) -> Any:
+        held, self.slots[slot] = self.slots[slot], None
+        self._resum()
+        return held
+
+    def restore(self, slot: int, held: Any) -> None:
+        _place(self.slots, slot, held)
+        self._resum()
+
+
+class _PairSum(_Slotted):
     """Shared by the sigmoid and matrix losses: L(C) = Σ_{i,j∈C} P_ij, gains = P_jj plus the
     running Σ_{k∈C} (P_kj + P_jk). `self_terms` is the k = j term that the running sum counts
     for a chosen j (it is not a pair), taken out again by `total`."""
@@ -125,15 +144,6 @@ class _PairSum:
         # Summed afresh from the slots, so taking chunks out and putting them back is exact.
         parts = [s[1] for s in self.slots if s is not None]
         self.pairs = torch.stack(parts).sum(0) if parts else torch.zeros_like(self.alone)
-
-    def remove(self, slot: int) -> Any:
-        held, self.slots[slot] = self.slots[slot], None
-        self._resum()
-        return held
-
-    def restore(self, slot: int, held: Any) -> None:
-        _place(self.slots, slot, held)
-        self._resum()
 
     def total(self) -> float:
         if not any(s is not None for s in self.slots):
@@ -178,7 +188,7 @@ class MatrixLoss(_PairSum):
         yield self.matrix[picked].sum(0) + self.matrix[:, picked].sum(1)
 
 
-class SoftmaxLoss:
+class SoftmaxLoss(_Slotted):
     """L(C) = Σ_{i∈C} ½ [(LSE_{k∈C} α s_ik − α s_ii) + (LSE_{k∈C} α s_ki − α s_ii)]."""
 
     def __init__(self, e: Embeddings, cache_rows: bool = True, block: int = 1024) -> None:
@@ -245,15 +255,6 @@ class SoftmaxLoss:
             return
         self.u = torch.logsumexp(torch.stack([s[1] for s in held]), 0)
         self.v = torch.logsumexp(torch.stack([s[2] for s in held]), 0)
-
-    def remove(self, slot: int) -> Any:
-        held, self.slots[slot] = self.slots[slot], None
-        self._resum()
-        return held
-
-    def restore(self, slot: int, held: Any) -> None:
-        _place(self.slots, slot, held)
-        self._resum()
 
     def total(self) -> float:
         if not any(s is not None for s in self.slots):
