@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,13 @@ import pytest
 import torch
 from conftest import run_cli
 
+from jestcurate.errors import JCError
 from jestcurate.io.store import embedding_matrix, open_score_set
+from jestcurate.loader import SelectionBatches
 from jestcurate.math.scoring import clip_scores, example_losses
 from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
 from jestcurate.pipelines import importer
+from jestcurate.pipelines.export import export
 
 DIM = 64  # jc-tiny's embedding width
 
@@ -199,6 +203,12 @@ def test_clip_retrieval_output_imports_and_selection_works_on_it(tmp_path: Path)
     )
     assert code == 2 and "imported from embeddings" in output and output.count("\n") == 1
     assert not (tmp_path / "sel2").exists()
+    # The selection itself remembers: with the score set gone, export and the loader refuse too.
+    shutil.rmtree(tmp_path / "s")
+    with pytest.raises(JCError, match="imported from embeddings"):
+        export(tmp_path / "sel", None)
+    with pytest.raises(JCError, match="imported from embeddings"):
+        SelectionBatches(tmp_path / "sel", source="original")
 
 
 def test_dedup_info_and_status_work_on_an_imported_set(tmp_path: Path) -> None:

@@ -316,6 +316,20 @@ class ScoreSet:
         return table
 
 
+def require_selection_images(summary: Mapping[str, Any], what: str) -> None:
+    """Refuse to read samples for a selection made from a set without images: by its summary
+    (selections since the `images` output field), else by its reference's meta.json."""
+    if summary.get("outputs", {}).get("images") is False:
+        reference = summary["inputs"]["reference"]["path"]
+        raise JCError(
+            f"this selection was made from {reference}, imported from embeddings: its rows "
+            f"have no images, so {what} cannot read them"
+        )
+    reference = Path(summary["inputs"]["reference"]["path"])
+    if (reference / META_NAME).is_file():
+        open_score_set(reference).require_images(what)
+
+
 def open_score_set(path: Path, role: str | None = None) -> ScoreSet:
     """Open and check a score set; every problem is a one-line JCError."""
     meta_path = path / META_NAME

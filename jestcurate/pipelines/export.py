@@ -30,10 +30,9 @@ from jestcurate.errors import JCError
 from jestcurate.io.reader import ShardReadError, iter_raw_samples
 from jestcurate.io.shards import open_shard
 from jestcurate.io.store import (
-    META_NAME,
     atomic_write,
-    open_score_set,
     read_json,
+    require_selection_images,
     write_json_atomic,
 )
 from jestcurate.trainer.loader import sample_key
@@ -106,9 +105,7 @@ def export(out: Path, samples_per_shard: int | None) -> dict[str, Any]:
     import webdataset as wds
 
     summary = read_json(out / "summary.json")
-    reference = Path(summary["inputs"]["reference"]["path"])
-    if (reference / META_NAME).is_file():
-        open_score_set(reference).require_images("select --export")
+    require_selection_images(summary, "select --export")
     manifest = pq.read_table(out / "manifest.parquet")
     batch = int(summary["parameters"]["batch_size"])
     chosen = plan(batch, manifest.num_rows, samples_per_shard)

@@ -536,6 +536,9 @@ def run(cfg: SelectConfig) -> SelectReport:
         "outputs": {
             "manifest": MANIFEST,
             "uids": UIDS if subset is not None else None,
+            # false for a set imported from embeddings: nothing to export or load (kept here, so
+            # the check holds after the score set moves)
+            "images": ref.has_images,
         },
     }
     write_json_atomic(cfg.out / SUMMARY, summary)  # last: its presence means the selection is whole

@@ -27,7 +27,7 @@ import torch
 from jestcurate.errors import JCError
 from jestcurate.io.reader import split_member
 from jestcurate.io.remote import is_url
-from jestcurate.io.store import META_NAME, open_score_set, read_json
+from jestcurate.io.store import read_json, require_selection_images
 
 Sample = dict[str, Any]
 
@@ -125,9 +125,7 @@ class SelectionBatches(torch.utils.data.IterableDataset):
                 raise JCError(f"{self.dir} has no finished export; run select with --export")
             self.per_shard = int(read_json(exported)["samples_per_shard"])
         else:
-            reference = Path(summary["inputs"]["reference"]["path"])
-            if (reference / META_NAME).is_file():
-                open_score_set(reference).require_images("SelectionBatches")
+            require_selection_images(summary, "SelectionBatches")
             manifest = pq.read_table(self.dir / "manifest.parquet", columns=["shard", "index"])
             self.shard_of = manifest.column("shard").to_pylist()
             self.index_of = np.asarray(manifest.column("index").to_numpy())
