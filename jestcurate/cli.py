@@ -197,6 +197,25 @@ slurm_app = typer.Typer(
 app.add_typer(slurm_app, name="slurm")
 
 
+SlurmPartition = Annotated[str | None, typer.Option(help="Slurm partition.")]
+SlurmMem = Annotated[str | None, typer.Option(help="Memory per node, as sbatch --mem.")]
+SlurmTime = Annotated[str, typer.Option(help="Time limit per task, as sbatch --time.")]
+SlurmMaxConcurrent = Annotated[
+    int | None, typer.Option(help="Most tasks running at once (the %N of --array).")
+]
+SlurmAccount = Annotated[str | None, typer.Option(help="Slurm account.")]
+SlurmQos = Annotated[str | None, typer.Option(help="Slurm QOS.")]
+SlurmMaxArraySize = Annotated[
+    int | None,
+    typer.Option(help="The cluster's MaxArraySize (default: from scontrol, else 1001)."),
+]
+SlurmExtra = Annotated[
+    list[str] | None,
+    typer.Option(help="Another sbatch option for the script, e.g. --sbatch constraint=a100."),
+]
+SlurmSubmit = Annotated[bool, typer.Option("--submit", help="Submit with sbatch.")]
+
+
 @slurm_app.command("score", short_help="Write (and submit) an sbatch array script for score.")
 @_one_line_errors
 def slurm_score(
@@ -216,27 +235,17 @@ def slurm_score(
     shards_per_task: Annotated[
         int, typer.Option(help="Shards per task when --num-tasks is not given.")
     ] = 16,
-    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    partition: SlurmPartition = None,
     gpus_per_task: Annotated[int, typer.Option(help="GPUs per task (0: none).")] = 1,
     cpus_per_task: Annotated[int, typer.Option(help="CPU cores per task (decoding).")] = 8,
-    mem: Annotated[str | None, typer.Option(help="Memory per node, as sbatch --mem.")] = None,
-    time: Annotated[str, typer.Option(help="Time limit per task, as sbatch --time.")] = (
-        "24:00:00"
-    ),
-    max_concurrent: Annotated[
-        int | None, typer.Option(help="Most tasks running at once (the %N of --array).")
-    ] = None,
-    account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
-    qos: Annotated[str | None, typer.Option(help="Slurm QOS.")] = None,
-    max_array_size: Annotated[
-        int | None,
-        typer.Option(help="The cluster's MaxArraySize (default: from scontrol, else 1001)."),
-    ] = None,
-    sbatch: Annotated[
-        list[str] | None,
-        typer.Option(help="Another sbatch option for the script, e.g. --sbatch constraint=a100."),
-    ] = None,
-    submit: Annotated[bool, typer.Option("--submit", help="Submit with sbatch.")] = False,
+    mem: SlurmMem = None,
+    time: SlurmTime = "24:00:00",
+    max_concurrent: SlurmMaxConcurrent = None,
+    account: SlurmAccount = None,
+    qos: SlurmQos = None,
+    max_array_size: SlurmMaxArraySize = None,
+    sbatch: SlurmExtra = None,
+    submit: SlurmSubmit = False,
     retry: Annotated[
         bool,
         typer.Option(
@@ -254,18 +263,8 @@ def slurm_score(
     from jestcurate.scale import slurm
     from jestcurate.scale.status import unfinished_tasks
 
-    opts = slurm.SlurmOptions(
-        partition=partition,
-        gpus_per_task=gpus_per_task,
-        cpus_per_task=cpus_per_task,
-        mem=mem,
-        time=time,
-        max_concurrent=max_concurrent,
-        account=account,
-        qos=qos,
-        max_array_size=max_array_size,
-        extra=tuple(sbatch or ()),
-    )
+    settings = {k: v for k, v in locals().items() if k in slurm.SlurmOptions.__dataclass_fields__}
+    opts = slurm.SlurmOptions(**settings, extra=tuple(sbatch or ()))
     local, upload_to = _score_out(out)
     args = [*inputs, "--out", upload_to or str(local.resolve()), "--model", model]
     for flag, value in (
@@ -321,6 +320,82 @@ def slurm_score(
             f"{count} tasks over {shards} shards; submit with --submit, or sbatch "
             f"--array=0-{count - 1} {script} 0",
         )
+
+
+@slurm_app.command(
+    "select",
+    short_help="Write (and submit) sbatch scripts for select as array tasks, then the merge.",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+@_one_line_errors
+def slurm_select(
+    ctx: typer.Context,
+    num_tasks: Annotated[
+        int, typer.Option(help="Array tasks; each selects from about 1/N of the rows.")
+    ],
+    partition: SlurmPartition = None,
+    gpus_per_task: Annotated[int, typer.Option(help="GPUs per task (0: CPU select).")] = 0,
+    cpus_per_task: Annotated[int, typer.Option(help="CPU cores per task.")] = 8,
+    mem: SlurmMem = None,
+    time: SlurmTime = "24:00:00",
+    max_concurrent: SlurmMaxConcurrent = None,
+    account: SlurmAccount = None,
+    qos: SlurmQos = None,
+    max_array_size: SlurmMaxArraySize = None,
+    sbatch: SlurmExtra = None,
+    submit: SlurmSubmit = False,
+) -> None:
+    """Write OUT/slurm/select.sbatch (an array run twice: in round 1 task I buckets the rows
+    of its 1/N of the parts by row hash, in round 2 it selects from its partition),
+    select-merge.sbatch (one job after round 2, joining the tasks into OUT) and, when the
+    select options include --export, select-export.sbatch (an array after the merge: task I
+    writes its share of the shards). With --submit, submit them in that order with afterok
+    dependencies. Every step is safe to requeue or rerun.
+
+    The select options follow `--`, exactly as `select` takes them: jestcurate slurm select
+    --num-tasks 64 --submit -- scores/ --learner learner/ --out curated/"""
+    from jestcurate import ui
+    from jestcurate.scale import slurm
+
+    args = list(ctx.args)
+    if "--" in args:
+        args.remove("--")
+    if num_tasks < 2:
+        raise JCError("--num-tasks must be at least 2 (with one task, run select itself)")
+    if any(a.startswith("--task-index") or a.startswith("--num-tasks") for a in args):
+        raise JCError("give --num-tasks to slurm select, not among the select options")
+    command = typer.main.get_command(app)
+    try:  # bad select options fail now, not in every task
+        parsed = command.commands["select"].make_context("select", list(args)).params
+    except typer.TyperException as exc:  # typer's own click: usage errors derive from this
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise JCError(f"select options: {message}") from None
+    export = "--export" in args
+    base = [a for a in args if a != "--export"]
+    settings = {k: v for k, v in locals().items() if k in slurm.SlurmOptions.__dataclass_fields__}
+    # --chdir: the select options' relative paths resolve in the jobs as they do here
+    extra = (f"--chdir={Path.cwd()}", *(sbatch or ()))
+    opts = slurm.SlurmOptions(**settings, extra=extra, job_name="jestcurate-select")
+    out = Path(parsed["out"])
+    scripts = slurm.write_select_scripts(out, base, num_tasks, opts, [] if export else None)
+    written = [scripts.select, scripts.merge, *([scripts.export] if scripts.export else [])]
+    for path in written:
+        ui.say(str(path))
+    if not submit:
+        ui.note(
+            f"{num_tasks} tasks; submit with --submit, or by hand: sbatch --array=0-"
+            f"{num_tasks - 1} {scripts.select} 0 twice (the second with --dependency=afterok:"
+            f"FIRST), then {scripts.merge.name} after the second"
+        )
+        return
+    scatter = slurm.submit(scripts.select, range(num_tasks), opts)  # round 1: bucket the rows
+    tasks = slurm.submit(scripts.select, range(num_tasks), opts, after=scatter)  # round 2
+    merge_job = slurm.submit_one(scripts.merge, after=tasks)
+    jobs = [*scatter, *tasks, merge_job]
+    if scripts.export is not None:
+        jobs += slurm.submit(scripts.export, range(num_tasks), opts, after=[merge_job])
+    then = "the merge and the export" if export else "the merge"
+    ui.say(f"submitted {num_tasks} select tasks (two rounds), then {then}: {', '.join(jobs)}")
 
 
 @app.command(
@@ -532,11 +607,31 @@ def select(
             "(of the kept set for random and clip-score).",
         ),
     ] = False,
+    task_index: Annotated[
+        int | None,
+        typer.Option(
+            help="Array task I of --num-tasks: select from this task's partition (a hash of "
+            "each row's uid, else part and key). Default: from Slurm variables, else one task."
+        ),
+    ] = None,
+    num_tasks: NumTasks = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Only join the finished array tasks' selections into OUT (the last task to "
+            "finish also does this by itself).",
+        ),
+    ] = False,
 ) -> None:
     """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy
     (DataComp's subset format) when every kept row has a uid. Same inputs and seed give
-    byte-identical files."""
+    byte-identical files.
+
+    As array task I of N, it selects from its own partition into OUT/tasks/ and the last task
+    to finish merges them (their batches interleaved into one step order); with --export each
+    task then writes its share of the exported shards."""
     from jestcurate import ui
     from jestcurate.pipelines import select as select_mod
 
@@ -560,20 +655,41 @@ def select(
         device=device,
         dedup=dedup,
         balance_clusters=balance_clusters,
+        task_index=task_index,
+        num_tasks=num_tasks,
+        merge=merge,
     )
     if export:  # before choosing anything: a set without images has nothing to export
         from jestcurate.io.store import open_score_set
 
         open_score_set(cfg.reference).require_images("select --export")
     report = select_mod.run(cfg)
+    if report.waiting:
+        ui.say(
+            f"task {report.task}: its rows are scattered to the tasks' buckets; rerun every "
+            "task once all have done this (the second round selects)"
+        )
+        return
     select_mod.print_summary(report)
-    if export:
-        from jestcurate.pipelines import export as export_mod
+    if not export:
+        return
+    if report.task is not None:
+        ui.note(f"task {report.task}: the export waits for the merge (the last task to finish)")
+        return
+    from jestcurate.io.shards import resolve_task
+    from jestcurate.pipelines import export as export_mod
 
-        done = export_mod.export(out, samples_per_shard)
+    share = None if merge else resolve_task(task_index, num_tasks)
+    done = export_mod.export(out, samples_per_shard, share=share)
+    if done.get("pattern"):
         ui.say(
             f"exported {report.summary['counts']['kept']:,} samples to {done['shards']} shards: "
             f"{done['pattern']}",
+        )
+    else:
+        ui.say(
+            f"exported {done['written']} of {done['shards']} shards (this task's share); "
+            f"{done['missing']} are left to the other tasks"
         )
 
 

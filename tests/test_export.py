@@ -75,6 +75,35 @@ def test_export_round_trip(selection: Path) -> None:
     assert info["samples_per_shard"] == 24 and info["shards"] == 5
 
 
+def test_array_tasks_export_their_shares_of_the_merged_selection(
+    selection: Path, tmp_path: Path
+) -> None:
+    scores = selection.parent / "scores"
+    out = tmp_path / "tasks"
+    base = ["select", scores, "--out", out, "-b", 12, "--ratio", 0.25, "--export",
+            "--samples-per-shard", 24, "--num-tasks", 2]  # fmt: skip
+    code, output = run_cli(*base, "--task-index", 0)  # round 1: scatter only
+    assert code == 0 and "second round" in output, output
+    code, output = run_cli(*base, "--task-index", 1)  # scatters, selects; task 0 has not yet
+    assert code == 0 and "the export waits for the merge" in output, output
+    assert not (out / "shards").exists()
+    code, output = run_cli(*base, "--task-index", 0)  # selects last: merges, exports its share
+    assert code == 0 and "exported 3 of 5 shards (this task's share)" in output, output
+    written = sorted(p.name for p in (out / "shards").glob("*.tar"))
+    assert written == ["00000.tar", "00002.tar", "00004.tar"]
+    assert not (out / "shards.txt").exists()  # not until every share is written
+    code, output = run_cli(*base, "--task-index", 1)
+    assert code == 0 and "exported 108 samples to 5 shards" in output, output
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    listed = (out / "shards.txt").read_text().split()
+    exported = [s for p in listed for s in tar_samples(Path(p))]
+    assert len(exported) == len(manifest)
+    for row, sample in zip(manifest, exported, strict=True):
+        assert sample["jpg"] == source_sample(row["shard"], row["index"])["jpg"]
+        assert json.loads(sample["json"])["jestcurate"]["step"] == row["step"]
+    assert not list((out / "shards").glob(".spill*"))
+
+
 def test_export_resumes_and_refuses_other_shard_sizes(selection: Path, tmp_path: Path) -> None:
     import shutil
 

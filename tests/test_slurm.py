@@ -149,3 +149,40 @@ def test_a_requeued_slurm_task_takes_over_its_own_claim(
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
     other_task = Claims(tmp_path, Owner.this_process(), lease=3600)
     assert not other_task.try_claim("00007")
+
+
+def test_slurm_select_array_merge_and_export_jobs(tmp_path: Path, fake_sbatch: Path) -> None:
+    from jestcurate.pipelines.synth import write_score_set
+
+    write_score_set(tmp_path / "ref", shards=4, rows_per_shard=300, dim=16, seed=1)
+    out = tmp_path / "curated"
+    select_args = [tmp_path / "ref", "--out", out, "-b", 32, "--ratio", 0.25]
+    code, output = run_cli("slurm", "select", "--num-tasks", 3, "--max-array-size", 2,
+                           "--submit", "--", *select_args)  # fmt: skip
+    assert code == 0, output
+    directory = out / "slurm"
+    array, merge = directory / "select.sbatch", directory / "select-merge.sbatch"
+    assert not (directory / "select-export.sbatch").exists()  # no --export asked for
+    # the array (two jobs of at most 2 indexes) twice, then the merge after round 2
+    assert fake_sbatch.read_text().splitlines() == [
+        f"--parsable --array=0-1 {array} 0",
+        f"--parsable --array=0 {array} 2",
+        f"--parsable --array=0-1 --dependency=afterok:4242:4242 {array} 0",
+        f"--parsable --array=0 --dependency=afterok:4242:4242 {array} 2",
+        f"--parsable --dependency=afterok:4242:4242 {merge}",
+    ]
+    assert "--merge --num-tasks 3" in merge.read_text()
+    for offset, array_id in ((0, 1), (2, 0), (0, 0)) * 2:  # the array, then its second round
+        done = run_task(array, offset, array_id)
+        assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partition"]["num_tasks"] == 3  # the last task merged
+    done = subprocess.run(["bash", str(merge)], capture_output=True, text=True)
+    assert done.returncode == 0 and "already selected" in done.stdout, done.stdout + done.stderr
+
+    code, output = run_cli("slurm", "select", "--num-tasks", 3, "--", *select_args, "--export")
+    assert code == 0 and (directory / "select-export.sbatch").is_file(), output
+    text = (directory / "select-export.sbatch").read_text()
+    assert "--export" in text and '--task-index "$task" --num-tasks 3' in text
+    code, output = run_cli("slurm", "select", "--num-tasks", 3, "--", *select_args, "--bogus")
+    assert code == 2 and "select options" in output and "--bogus" in output, output

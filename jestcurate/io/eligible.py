@@ -40,12 +40,41 @@ class Filters:
     clusters: dict[str, np.ndarray] | None = None  # shard -> dedup cluster by index
 
 
+def identities(part: str, table: pa.Table) -> np.ndarray:
+    """Each row's identity for partitioning array tasks: its uid, else "PART/KEY" (bytes)."""
+    keys = table.column("key").to_pylist()
+    uids = table.column("uid").to_pylist() if "uid" in table.column_names else [None] * len(keys)
+    values = [u.encode() if u else f"{part}/{k}".encode() for u, k in zip(uids, keys, strict=True)]
+    return np.array(values, dtype=bytes) if values else np.zeros(0, dtype="S1")
+
+
 def _join_learner(name: str, ref: pa.Table, learner: pa.Table) -> None:
     if ref.num_rows != learner.num_rows or not ref.column("key").equals(learner.column("key")):
         raise JCError(
             f"learner and reference differ in part {name} (other samples or order): "
             "score both from the same shards"
         )
+
+
+def eligible_masks(
+    ref: pa.Table, learner: pa.Table | None, filters: Filters | None, shard: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: ok (status ok in both sets), low (ok but below --min-clip-score) and duplicate
+    (ok, not low, but dropped by dedup). Eligible is ok & ~low & ~duplicate."""
+    filters = filters or Filters()
+    ok = np.asarray(ref.column("status").to_numpy(zero_copy_only=False)) == "ok"
+    if learner is not None:
+        ok &= np.asarray(learner.column("status").to_numpy(zero_copy_only=False)) == "ok"
+    low = np.zeros(len(ok), dtype=bool)
+    if filters.min_clip is not None:
+        clip = ref.column("clip_score").fill_null(-np.inf).to_numpy()
+        low = ok & (clip < filters.min_clip)
+    duplicate = np.zeros(len(ok), dtype=bool)
+    if filters.dropped is not None and shard in filters.dropped:
+        idx = filters.dropped[shard]
+        duplicate[idx[idx < len(ok)]] = True
+        duplicate &= ok & ~low
+    return ok, low, duplicate
 
 
 def _eligible(
@@ -55,25 +84,14 @@ def _eligible(
     counts: Counts,
     shard: str,
 ) -> np.ndarray:
-    ok = np.asarray(ref.column("status").to_numpy(zero_copy_only=False)) == "ok"
-    if learner is not None:
-        ok &= np.asarray(learner.column("status").to_numpy(zero_copy_only=False)) == "ok"
+    ok, low, duplicate = eligible_masks(ref, learner, filters, shard)
+    keep = ok & ~low & ~duplicate
     counts.rows += len(ok)
     counts.errors += int((~ok).sum())
-    filters = filters or Filters()
-    if filters.min_clip is not None:
-        clip = ref.column("clip_score").fill_null(-np.inf).to_numpy()
-        low = ok & (clip < filters.min_clip)
-        counts.below_min_clip_score += int(low.sum())
-        ok &= ~low
-    if filters.dropped is not None and shard in filters.dropped:
-        duplicate = np.zeros(len(ok), dtype=bool)
-        idx = filters.dropped[shard]
-        duplicate[idx[idx < len(ok)]] = True
-        counts.duplicates += int((ok & duplicate).sum())
-        ok &= ~duplicate
-    counts.eligible += int(ok.sum())
-    return ok
+    counts.below_min_clip_score += int(low.sum())
+    counts.duplicates += int(duplicate.sum())
+    counts.eligible += int(keep.sum())
+    return keep
 
 
 @dataclass
@@ -122,6 +140,43 @@ def scan(
     return result
 
 
+def row_values(
+    table: pa.Table,
+    other: pa.Table | None,
+    keep: pa.Array,
+    part_id: int,
+    shard: str,
+    clusters: dict[str, np.ndarray] | None,
+) -> dict[str, np.ndarray]:
+    """The cache's numeric columns of one part's kept rows (embeddings when the tables hold
+    them; the dedup cluster when `clusters` is given); key and uid are left to the caller."""
+    rows = table.filter(keep)
+    values = {
+        "part": np.full(rows.num_rows, part_id, dtype=np.int32),
+        "index": rows.column("index").to_numpy(),
+        "clip_score": rows.column("clip_score").to_numpy(),
+        "ref_loss": rows.column("ref_loss").to_numpy(),
+    }
+    if clusters is not None:
+        known = clusters.get(shard)
+        index = values["index"]
+        cluster = np.full(len(index), -1, dtype=np.int32)
+        if known is not None:
+            inside = index < len(known)
+            cluster[inside] = known[index[inside]]
+        values["cluster"] = cluster
+    if "img_emb" in table.column_names:
+        values["ref_img"] = embedding_rows(rows.column("img_emb"))
+        values["ref_txt"] = embedding_rows(rows.column("txt_emb"))
+    if other is not None:
+        theirs = other.filter(keep)
+        values["learner_loss"] = theirs.column("ref_loss").to_numpy()
+        if "img_emb" in other.column_names:
+            values["learner_img"] = embedding_rows(theirs.column("img_emb"))
+            values["learner_txt"] = embedding_rows(theirs.column("txt_emb"))
+    return values
+
+
 def fill_cache(
     ref: ScoreSet,
     learner: ScoreSet | None,
@@ -162,32 +217,10 @@ def fill_cache(
             )
             other = learner.read_part(name, ["status", "ref_loss", *emb_cols]) if learner else None
             ok = pa.array(_eligible(table, other, filters, Counts(), found.shards[part_id]))
-            rows = table.filter(ok)
-            values = {
-                "part": np.full(rows.num_rows, part_id),
-                "index": rows.column("index").to_numpy(),
-                "key": fixed_bytes(rows.column("key"), found.key_width),
-                "uid": fixed_bytes(rows.column("uid"), found.uid_width),
-                "clip_score": rows.column("clip_score").to_numpy(),
-                "ref_loss": rows.column("ref_loss").to_numpy(),
-            }
-            if "cluster" in writers:
-                known = filters.clusters.get(found.shards[part_id]) if filters else None
-                index = values["index"]
-                cluster = np.full(len(index), -1, dtype=np.int32)
-                if known is not None:
-                    inside = index < len(known)
-                    cluster[inside] = known[index[inside]]
-                values["cluster"] = cluster
-            if embeddings:
-                values["ref_img"] = embedding_rows(rows.column("img_emb"))
-                values["ref_txt"] = embedding_rows(rows.column("txt_emb"))
-            if other is not None:
-                theirs = other.filter(ok)
-                values["learner_loss"] = theirs.column("ref_loss").to_numpy()
-                if embeddings:
-                    values["learner_img"] = embedding_rows(theirs.column("img_emb"))
-                    values["learner_txt"] = embedding_rows(theirs.column("txt_emb"))
+            clusters = filters.clusters if filters and "cluster" in writers else None
+            values = row_values(table, other, ok, part_id, found.shards[part_id], clusters)
+            values["key"] = fixed_bytes(table.column("key").filter(ok), found.key_width)
+            values["uid"] = fixed_bytes(table.column("uid").filter(ok), found.uid_width)
             for column, data in values.items():
                 writers[column].append(data)
             if on_part:

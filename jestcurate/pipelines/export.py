@@ -100,8 +100,13 @@ def _extended_json(raw: bytes | None, extra: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
-def export(out: Path, samples_per_shard: int | None) -> dict[str, Any]:
-    """Export the selection in `out` (manifest.parquet) to out/shards/. Returns export.json."""
+def export(
+    out: Path, samples_per_shard: int | None, share: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Export the selection in `out` (manifest.parquet) to out/shards/. Returns export.json.
+
+    With `share` (index, count), write only output shards k with k % count == index, so array
+    tasks split the export; whichever finds every shard written also writes the shard list."""
     import webdataset as wds
 
     summary = read_json(out / "summary.json")
@@ -123,8 +128,13 @@ def export(out: Path, samples_per_shard: int | None) -> dict[str, Any]:
     else:
         write_json_atomic(meta_path, wanted_meta)
 
-    pending = [k for k in range(chosen.shards) if not (shards_dir / chosen.shard_name(k)).exists()]
-    spill_dir = shards_dir / ".spill"
+    index, count = share or (0, 1)
+    pending = [
+        k
+        for k in range(index, chosen.shards, count)
+        if not (shards_dir / chosen.shard_name(k)).exists()
+    ]
+    spill_dir = shards_dir / (".spill" if count == 1 else f".spill-{index}-of-{count}")
     if pending:
         shutil.rmtree(spill_dir, ignore_errors=True)
         spill_dir.mkdir()
@@ -158,6 +168,14 @@ def export(out: Path, samples_per_shard: int | None) -> dict[str, Any]:
             (spill_dir / f"{k}.spill").unlink()
         shutil.rmtree(spill_dir, ignore_errors=True)
 
+    missing = [k for k in range(chosen.shards) if not (shards_dir / chosen.shard_name(k)).exists()]
+    if missing:  # other tasks' shares: they write the list when they finish
+        return {
+            **wanted_meta,
+            "shards": chosen.shards,
+            "written": len(pending),
+            "missing": len(missing),
+        }
     paths = [str((shards_dir / chosen.shard_name(k)).resolve()) for k in range(chosen.shards)]
     atomic_write(out / SHARD_LIST, lambda tmp: tmp.write_text("\n".join(paths) + "\n"))
     last = f"{chosen.shards - 1:05d}"

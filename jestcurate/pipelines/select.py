@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -32,8 +33,10 @@ from rich.console import Console
 
 from jestcurate import __version__, ui
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Filters, fill_cache, scan
+from jestcurate.io import scatter as scatter_mod
+from jestcurate.io.eligible import Counts, Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
+from jestcurate.io.shards import resolve_task
 from jestcurate.io.store import (
     ScoreSet,
     atomic_write,
@@ -54,6 +57,7 @@ from jestcurate.math.jest import (
     row_cache_fits,
     select_batch,
 )
+from jestcurate.math.partition import PARTITION_BY, PARTITION_HASH, interleave
 from jestcurate.model.openclip import resolve_device
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ SUPER_BATCH_METHODS = ("easy-ref", "learnability", "jest")
 MANIFEST = "manifest.parquet"
 SUMMARY = "summary.json"
 UIDS = "uids.npy"
+TASKS_DIR = "tasks"
+SCATTER_DIR = "scatter"
 SELECTION_SCHEMA_VERSION = 1
 
 
@@ -87,6 +93,9 @@ class SelectConfig:
     device: str = "auto"
     dedup: Path | None = None  # a `jestcurate dedup` output: its dropped rows are not eligible
     balance_clusters: bool = False  # cap each dedup cluster's share of every batch / kept set
+    task_index: int | None = None  # array task I of N; None: from Slurm's variables, else 0 of 1
+    num_tasks: int | None = None
+    merge: bool = False  # only join finished task outputs into OUT
 
     @property
     def super_batch(self) -> int:
@@ -316,6 +325,14 @@ class _Means:
                 self.sums[name] += float(np.asarray(values, dtype=np.float64).sum())
         self.count += len(columns["clip_score"])
 
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "sums": dict(self.sums)}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        self.count += int(state["count"])
+        for name, value in state["sums"].items():
+            self.sums[name] += float(value)
+
     def means(self, learner: bool, minus: _Means | None = None) -> dict[str, float | None]:
         count = self.count - (minus.count if minus else 0)
         out: dict[str, float | None] = {}
@@ -438,6 +455,8 @@ class SelectReport:
     summary: dict[str, Any]
     reused: bool
     seconds: float
+    task: int | None = None  # set when this was an array task whose merge is still to come
+    waiting: str | None = None  # "scatter": this task bucketed its rows; others have still to
 
 
 def _filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
@@ -460,43 +479,151 @@ def _filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
 
 
 def run(cfg: SelectConfig) -> SelectReport:
-    """Select and write the outputs; rerunning with the same inputs reuses a finished selection."""
+    """Select and write the outputs; rerunning with the same inputs reuses a finished selection.
+
+    As array task I of N (--task-index/--num-tasks, or Slurm's variables) it selects from its
+    own partition into OUT/tasks/ and, when it is the last task to finish, merges all of them;
+    with --merge it only merges."""
     began = time.time()
     _validate(cfg)
+    index, count = _task(cfg)
     ref = open_score_set(cfg.reference, role="reference")
     learner = open_score_set(cfg.learner, role="learner") if cfg.learner else None
     identity = _identity(cfg, ref, learner)
+    if count > 1:
+        identity["partition"] = partition_identity(count)
     done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection")
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         return SelectReport(cfg.out, done, reused=True, seconds=time.time() - began)
-    filters = _filters(cfg, ref)
+    if cfg.merge:
+        summary = merge(cfg.out, identity, count)
+        return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
+    if count == 1:
+        filters = _filters(cfg, ref)
+        with ui.step_progress("checking score sets", len(ref.parts), "parts") as tick:
+            found = scan(ref, learner, filters, on_part=tick)
 
-    with ui.step_progress("checking score sets", len(ref.parts), "parts") as tick:
-        found = scan(ref, learner, filters, on_part=tick)
-    counts = found.counts
+        def build(cache_dir: Path) -> RowCache:
+            embeddings = cfg.method in SUPER_BATCH_METHODS
+            with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
+                return fill_cache(ref, learner, found, cache_dir, filters, embeddings, tick)
+
+        summary = _select_into(cfg, cfg.out, ref, learner, identity, found.counts, build)
+        return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
+
+    task_dir = task_directory(cfg.out, index, count)
+    task_identity = {**identity, "task": index}
+    mine = finished_output(task_dir, SUMMARY, MANIFEST, task_identity, "task selection")
+    if mine is None:
+        dones = _scatter(cfg, ref, learner, identity, index, count)
+        if dones is None:  # round 2 waits for every task's round 1
+            return SelectReport(task_dir, {}, reused=False, seconds=time.time() - began,
+                                task=index, waiting="scatter")  # fmt: skip
+        root = cfg.out / TASKS_DIR / SCATTER_DIR
+        counts = scatter_mod.counts_for(dones, index)
+
+        def build(cache_dir: Path) -> RowCache:
+            label = "gathering this task's rows"
+            with ui.step_progress(label, len(ref.parts), "parts") as tick:
+                return scatter_mod.gather(ref, learner, root, dones, index, cache_dir, tick)[1]
+
+        where = f" in task {index}'s partition"
+        mine = _select_into(cfg, task_dir, ref, learner, task_identity, counts, build, where)
+        scatter_mod.drop_buckets(root, index, count)
+    else:
+        log.info("task %d of %d already finished in %s", index, count, task_dir)
+    waiting = unfinished_tasks(cfg.out, identity, count)
+    if waiting:  # another task merges when it finishes last
+        log.info("task %d of %d done; %d tasks still to finish", index, count, len(waiting))
+        return SelectReport(task_dir, mine, reused=False, seconds=time.time() - began, task=index)
+    summary = merge(cfg.out, identity, count)
+    return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
+
+
+def _scatter(
+    cfg: SelectConfig,
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    identity: dict[str, Any],
+    index: int,
+    count: int,
+) -> list[dict[str, Any]] | None:
+    """Round 1 (io/scatter.py): bucket this task's share of the parts, unless done; then every
+    task's done.json, or None while some task has still to scatter."""
+    root = cfg.out / TASKS_DIR / SCATTER_DIR
+    parts = len(range(index, len(ref.parts), count))
+    mine = scatter_mod.scatter_directory(root, index, count)
+    if scatter_mod.read_done(mine, identity) is not None:
+        log.info("task %d of %d already scattered its rows", index, count)
+    else:
+        with ui.step_progress("scattering rows to tasks", parts, "parts") as tick:
+            scatter_mod.scatter(
+                ref,
+                learner,
+                _filters(cfg, ref),
+                cfg.method in SUPER_BATCH_METHODS,
+                root,
+                index,
+                count,
+                identity,
+                on_part=tick,
+            )
+    dones = [scatter_mod.read_done(scatter_mod.scatter_directory(root, s, count), identity)
+             for s in range(count)]  # fmt: skip
+    missing = [s for s, d in enumerate(dones) if d is None]
+    if missing:
+        log.info("task %d scattered; %d tasks have still to scatter", index, len(missing))
+        return None
+    return [d for d in dones if d is not None]
+
+
+def _task(cfg: SelectConfig) -> tuple[int, int]:
+    """(index, count) of this array task; --merge needs only the count."""
+    if cfg.merge:
+        count = cfg.num_tasks or _tasks_in(cfg.out)
+        if count < 2:
+            raise JCError("--merge joins the outputs of 2 or more array tasks (--num-tasks N)")
+        return 0, count
+    return resolve_task(cfg.task_index, cfg.num_tasks)
+
+
+def _tasks_in(out: Path) -> int:
+    """The N of the OUT/tasks/I-of-N folders, when --merge is not told it."""
+    folders = [*(out / TASKS_DIR).glob("*-of-*"), *(out / TASKS_DIR / SCATTER_DIR).glob("*-of-*")]
+    counts = {p.name[-5:] for p in folders if re.fullmatch(r"\d{5}-of-\d{5}", p.name)}
+    if len(counts) != 1:
+        found = "none" if not counts else ", ".join(sorted(counts))
+        raise JCError(f"pass --num-tasks: {out / TASKS_DIR} holds task outputs for N = {found}")
+    return int(counts.pop())
+
+
+def _select_into(
+    cfg: SelectConfig,
+    out: Path,
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    identity: dict[str, Any],
+    counts: Counts,
+    build: Callable[[Path], RowCache],
+    where: str = "",
+) -> dict[str, Any]:
+    """Choose from the eligible rows `build` copies into a cache, and write manifest, uids and
+    (last) summary into `out`."""
     big = cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None
     steps = counts.eligible // cfg.super_batch
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
     if steps == 0:
         raise JCError(
-            f"{counts.eligible} eligible rows are fewer than one super-batch of "
+            f"{counts.eligible} eligible rows{where} are fewer than one super-batch of "
             f"B = round(b / ratio) = {cfg.super_batch}; lower --batch-size or raise --ratio"
+            + (", or use fewer tasks" if where else "")
         )
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    cache_dir = cfg.out / ".cache"
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = out / ".cache"
     try:
-        with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
-            cache = fill_cache(
-                ref,
-                learner,
-                found,
-                cache_dir,
-                filters,
-                embeddings=big is not None,
-                on_part=tick,
-            )
+        cache = build(cache_dir)
         everything = _Means()
         score_names = ["clip_score", "ref_loss", *(["learner_loss"] if learner else [])]
         for start in range(0, cache.size, 1 << 20):
@@ -505,16 +632,12 @@ def run(cfg: SelectConfig) -> SelectReport:
         label = f"selecting ({cfg.method})"
         with ui.step_progress(label, steps, "batches") as tick:
             batches = choose(cfg, cache, ref, learner, steps, on_batch=tick)
-            kept, halves = write_manifest(cfg.out / MANIFEST, cache, batches, learner is not None)
+            kept, halves = write_manifest(out / MANIFEST, cache, batches, learner is not None)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
     subset = None if halves is None else datacomp_uids(halves)
-    if subset is not None:
-        atomic_write(cfg.out / UIDS, lambda tmp: _save_npy(tmp, subset))
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            (cfg.out / UIDS).unlink()
+    _write_uids(out, subset)
     candidates = steps * cfg.super_batch if big else counts.eligible
     summary = {
         **identity,
@@ -533,16 +656,118 @@ def run(cfg: SelectConfig) -> SelectReport:
             "kept": kept.means(learner is not None),
             "dropped": everything.means(learner is not None, minus=kept),
         },
-        "outputs": {
-            "manifest": MANIFEST,
-            "uids": UIDS if subset is not None else None,
-            # false for a set imported from embeddings: nothing to export or load (kept here, so
-            # the check holds after the score set moves)
-            "images": ref.has_images,
-        },
+        "outputs": _outputs(subset is not None, ref.has_images),
     }
-    write_json_atomic(cfg.out / SUMMARY, summary)  # last: its presence means the selection is whole
-    return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
+    if where:  # an array task's: the merge needs exact sums, not rounded means
+        summary["sums"] = {"kept": kept.state(), "eligible": everything.state()}
+    write_json_atomic(out / SUMMARY, summary)  # last: its presence means the selection is whole
+    return summary
+
+
+def _outputs(uids: bool, images: bool) -> dict[str, Any]:
+    return {
+        "manifest": MANIFEST,
+        "uids": UIDS if uids else None,
+        # false for a set imported from embeddings: nothing to export or load (kept here, so
+        # the check holds after the score set moves)
+        "images": images,
+    }
+
+
+def _write_uids(out: Path, subset: np.ndarray | None) -> None:
+    if subset is not None:
+        atomic_write(out / UIDS, lambda tmp: _save_npy(tmp, subset))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (out / UIDS).unlink()
+
+
+# --- array tasks ----------------------------------------------------------------------------
+
+
+def partition_identity(count: int) -> dict[str, Any]:
+    return {"num_tasks": count, "by": PARTITION_BY, "hash": PARTITION_HASH}
+
+
+def task_directory(out: Path, index: int, count: int) -> Path:
+    return out / TASKS_DIR / f"{index:05d}-of-{count:05d}"
+
+
+def _task_summary(out: Path, identity: dict[str, Any], index: int) -> dict[str, Any] | None:
+    count = identity["partition"]["num_tasks"]
+    directory = task_directory(out, index, count)
+    return finished_output(directory, SUMMARY, MANIFEST, {**identity, "task": index}, "task")
+
+
+def unfinished_tasks(out: Path, identity: dict[str, Any], count: int) -> list[int]:
+    """Tasks of this selection whose outputs are not finished yet."""
+    return [i for i in range(count) if _task_summary(out, identity, i) is None]
+
+
+def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
+    """Join the N tasks' selections into OUT/manifest.parquet, uids.npy and summary.json: their
+    batches interleaved into one step order (partition.interleave), counts summed, means from
+    the tasks' exact sums. Deterministic: the same task outputs give the same bytes."""
+    summaries = [_task_summary(out, identity, i) for i in range(count)]
+    missing = [i for i, s in enumerate(summaries) if s is None]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise JCError(
+            f"cannot merge {out}: {len(missing)} of {count} tasks have not finished ({shown}); "
+            "run them (select --task-index I --num-tasks N) first"
+        )
+    tasks: list[dict[str, Any]] = [s for s in summaries if s is not None]
+    steps = [int(s["counts"]["steps"]) for s in tasks]
+    learner = identity["inputs"]["learner"] is not None
+    order = interleave(steps)
+    files = [pq.ParquetFile(task_directory(out, i, count) / MANIFEST) for i in range(count)]
+
+    def write(tmp: Path) -> None:
+        schema = manifest_schema(learner)
+        with (
+            pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+            ui.step_progress("merging task manifests", len(order), "batches") as tick,
+        ):
+            for step, (task, local) in enumerate(order):
+                table = files[task].read_row_group(local)
+                renumbered = pa.array(np.full(table.num_rows, step, dtype=np.int64))
+                table = table.set_column(0, schema.field("step"), renumbered)
+                writer.write_table(table)
+                tick()
+
+    atomic_write(out / MANIFEST, write)
+    with_uids = all(s["outputs"]["uids"] for s in tasks)
+    subset = None
+    if with_uids:
+        parts = [np.load(task_directory(out, i, count) / UIDS) for i in range(count)]
+        subset = np.sort(np.concatenate(parts))
+    _write_uids(out, subset)
+    counts: dict[str, Any] = {}
+    for s in tasks:
+        for name, value in s["counts"].items():
+            counts[name] = None if value is None else counts.get(name, 0) + value
+    kept, eligible = _Means(), _Means()
+    for s in tasks:
+        kept.merge(s["sums"]["kept"])
+        eligible.merge(s["sums"]["eligible"])
+    summary = {
+        **identity,
+        "schema_version": SELECTION_SCHEMA_VERSION,
+        "tool_version": __version__,
+        "counts": counts,
+        "means": {
+            "kept": kept.means(learner),
+            "dropped": eligible.means(learner, minus=kept),
+        },
+        "outputs": _outputs(subset is not None, all(s["outputs"]["images"] for s in tasks)),
+        "tasks": [
+            {"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
+            for i, s in enumerate(tasks)
+        ],
+    }
+    write_json_atomic(out / SUMMARY, summary)
+    shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # every task has its rows
+    return summary
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -570,6 +795,13 @@ def print_summary(report: Any, console: Console = ui.stdout) -> None:
         dropped = summary["means"]["dropped"].get(name)
         if value is not None and dropped is not None:
             table.add_row(f"  mean {name}", f"{value:.4f} kept, {dropped:.4f} dropped")
+    partition = summary.get("partition")
+    if report.task is not None:
+        count = partition["num_tasks"]
+        table.add_row("array task", f"{report.task} of {count} (its partition only)")
+        table.add_row("", "the last task to finish merges them")
+    elif partition:
+        table.add_row("array tasks", f"{partition['num_tasks']:,}, merged")
     if report.reused:
         table.add_row("", "already selected (reused)")
     else:

@@ -1,4 +1,4 @@
-"""`jestcurate slurm score`: an sbatch array script that runs `jestcurate score` per task.
+"""`jestcurate slurm score` and `slurm select`: sbatch array scripts that run a command per task.
 
 Task t of N scores shards t, t+N, t+2N, ... (shards.for_task). Clusters cap array indexes
 below MaxArraySize, so a larger N is submitted as several array jobs of the same script, each
@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,16 +83,26 @@ def split_tasks(tasks: Sequence[int], size: int) -> list[tuple[int, list[int]]]:
     return sorted(groups.items())
 
 
-def script_text(out: Path, score_args: Sequence[str], num_tasks: int, opts: SlurmOptions) -> str:
+def script_text(
+    out: Path,
+    command: Sequence[str],
+    num_tasks: int,
+    opts: SlurmOptions,
+    log_name: str = "score-%A_%a",
+    array: bool = True,
+    script: str = SCRIPT,
+) -> str:
+    """An sbatch script running `jestcurate COMMAND...`; an array script appends this task's
+    `--task-index` and `--num-tasks`."""
     logs = out.resolve() / SLURM_DIR / "logs"
     sbatch = [
         f"--job-name={opts.job_name}",
         "--ntasks=1",
         f"--cpus-per-task={opts.cpus_per_task}",
         f"--time={opts.time}",
-        "--requeue",  # safe: scoring resumes from the markers and takes over its own claims
+        "--requeue",  # safe: every step resumes from what it finished and redoes the rest
         "--open-mode=append",  # a requeued task appends to its log
-        f"--output={logs}/score-%A_%a.out",
+        f"--output={logs}/{log_name}.out",
     ]
     if opts.gpus_per_task:
         sbatch.append(f"--gpus-per-task={opts.gpus_per_task}")
@@ -105,34 +115,88 @@ def script_text(out: Path, score_args: Sequence[str], num_tasks: int, opts: Slur
         if value:
             sbatch.append(f"--{flag}={value}")
     sbatch += [e if e.startswith("-") else f"--{e}" for e in opts.extra]
-    command = [sys.executable, "-m", "jestcurate", "score", *score_args]
+    argv = [sys.executable, "-m", "jestcurate", *command]
+    what = f"`jestcurate slurm {command[0]}`"
+    if not array:
+        return "\n".join([
+            "#!/bin/bash",
+            f"# Written by jestcurate {__version__} ({what}): one job.",
+            *[f"#SBATCH {shlex.quote(s)}" for s in sbatch],
+            "set -euo pipefail",
+            f"exec {shlex.join(argv)}",
+            "",
+        ])  # fmt: skip
     lines = [
         "#!/bin/bash",
-        f"# Written by jestcurate {__version__} (`jestcurate slurm score`): {num_tasks} tasks.",
-        "# Submit: sbatch --array=0-K score.sbatch OFFSET   (runs tasks OFFSET..OFFSET+K)",
+        f"# Written by jestcurate {__version__} ({what}): {num_tasks} tasks.",
+        f"# Submit: sbatch --array=0-K {script} OFFSET   (runs tasks OFFSET..OFFSET+K)",
         *[f"#SBATCH {shlex.quote(s)}" for s in sbatch],
         "set -euo pipefail",
         'offset="${1:-0}"',
         "task=$((offset + SLURM_ARRAY_TASK_ID))",
-        f"exec {shlex.join(command)} \\",
+        f"exec {shlex.join(argv)} \\",
         f'    --task-index "$task" --num-tasks {num_tasks}',
         "",
     ]
     return "\n".join(lines)
 
 
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "logs").mkdir(exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o755)
+    return path
+
+
 def write_script(out: Path, score_args: Sequence[str], num_tasks: int, opts: SlurmOptions) -> Path:
     """Write OUT/slurm/score.sbatch and OUT/slurm/score.json (the plan `--retry` reads)."""
     directory = out / SLURM_DIR
-    (directory / "logs").mkdir(parents=True, exist_ok=True)
-    script = directory / SCRIPT
-    script.write_text(script_text(out, score_args, num_tasks, opts), encoding="utf-8")
-    script.chmod(0o755)
+    script = _write(directory / SCRIPT, script_text(out, ["score", *score_args], num_tasks, opts))
     write_json_atomic(
         directory / PLAN,
         {"num_tasks": num_tasks, "score_args": list(score_args), "tool_version": __version__},
     )
     return script
+
+
+@dataclass(frozen=True)
+class SelectScripts:
+    select: Path  # the array: each task selects from its partition
+    merge: Path  # one job after the array: joins the tasks (if the last task has not already)
+    export: Path | None  # with --export, an array after the merge: each task its share of shards
+
+
+def write_select_scripts(
+    out: Path,
+    select_args: Sequence[str],
+    num_tasks: int,
+    opts: SlurmOptions,
+    export_args: Sequence[str] | None = None,
+) -> SelectScripts:
+    """Write OUT/slurm/select.sbatch, select-merge.sbatch and (with export_args)
+    select-export.sbatch."""
+    directory = out / SLURM_DIR
+    command = ["select", *select_args]
+    array = _write(
+        directory / "select.sbatch",
+        script_text(out, command, num_tasks, opts, "select-%A_%a", script="select.sbatch"),
+    )
+    merge_opts = replace(opts, gpus_per_task=0, job_name=f"{opts.job_name}-merge")
+    merge_command = [*command, "--merge", "--num-tasks", str(num_tasks)]
+    merge = _write(
+        directory / "select-merge.sbatch",
+        script_text(out, merge_command, num_tasks, merge_opts, log_name="merge-%j", array=False),
+    )
+    export = None
+    if export_args is not None:
+        export_opts = replace(opts, gpus_per_task=0, job_name=f"{opts.job_name}-export")
+        export = _write(
+            directory / "select-export.sbatch",
+            script_text(out, [*command, "--export", *export_args], num_tasks, export_opts,
+                        "export-%A_%a", script="select-export.sbatch"),
+        )  # fmt: skip
+    return SelectScripts(array, merge, export)
 
 
 def read_plan(out: Path) -> dict[str, Any]:
@@ -145,18 +209,33 @@ def read_plan(out: Path) -> dict[str, Any]:
         raise JCError(f"{path} is unreadable: {exc}") from None
 
 
-def submit(script: Path, tasks: Sequence[int], opts: SlurmOptions) -> list[str]:
-    """Submit `tasks` as array jobs of at most MaxArraySize indexes; returns the job ids."""
+def submit(
+    script: Path, tasks: Sequence[int], opts: SlurmOptions, after: Sequence[str] = ()
+) -> list[str]:
+    """Submit `tasks` as array jobs of at most MaxArraySize indexes, each starting only after
+    the jobs `after` succeeded; returns the job ids."""
+    size = opts.max_array_size or cluster_max_array_size()
+    return [
+        _sbatch(script, [f"--array={array_spec(indexes, opts.max_concurrent)}"], after, offset)
+        for offset, indexes in split_tasks(tasks, size)
+    ]
+
+
+def submit_one(script: Path, after: Sequence[str] = ()) -> str:
+    """Submit a single job that starts after the jobs `after` succeeded."""
+    return _sbatch(script, [], after, None)
+
+
+def _sbatch(script: Path, flags: list[str], after: Sequence[str], offset: int | None) -> str:
     if shutil.which("sbatch") is None:
         raise JCError(f"sbatch is not on PATH; submit {script} by hand (see its header)")
-    size = opts.max_array_size or cluster_max_array_size()
-    jobs = []
-    for offset, indexes in split_tasks(tasks, size):
-        cmd = ["sbatch", "--parsable", f"--array={array_spec(indexes, opts.max_concurrent)}"]
-        cmd += [str(script), str(offset)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            submitted = f" after submitting {', '.join(jobs)}" if jobs else ""
-            raise JCError(f"sbatch failed{submitted}: {done.stderr.strip() or done.stdout.strip()}")
-        jobs.append(done.stdout.strip().split(";")[0])
-    return jobs
+    cmd = ["sbatch", "--parsable", *flags]
+    if after:
+        cmd.append(f"--dependency=afterok:{':'.join(after)}")
+    cmd += [str(script), *([] if offset is None else [str(offset)])]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise JCError(
+            f"sbatch failed for {script.name}: {done.stderr.strip() or done.stdout.strip()}"
+        )
+    return done.stdout.strip().split(";")[0]

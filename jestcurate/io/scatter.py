@@ -1,0 +1,266 @@
+"""The shuffle behind partitioned select: rows go to array tasks by a hash of the row, but each
+task reads only 1/N of the score set.
+
+A partition by row hash is a uniform sample of the corpus whatever the shards' order, but every
+part holds rows of every task: if each task read the parts itself, each would read the whole
+score set (N times the corpus in all). So select's array tasks work in two rounds:
+
+1. scatter: task s reads parts s, s+N, s+2N, ... once, keeps the eligible rows, and appends each
+   row, as one fixed-width record of the columns select needs, to the bucket file of the task
+   its hash names: OUT/tasks/scatter/SSSSS-of-NNNNN/to-JJJJJ.rec. It also writes index.npy (how
+   many rows of each of its parts went to each task) and, last, done.json. The folder is built
+   under a temporary name and renamed, so it is whole or absent.
+2. gather: once every scatter folder is done, task j reads its N bucket files, in the score
+   set's part order (part p is in scatter p % N, in row order), into the same flat cache a
+   single run builds, so its rows get the ids a single run over its partition would give.
+
+Reading is then about 1/N of the corpus per task per round, and the bucket files hold what the
+single run's cache would: one record per eligible row (about 4 D bytes per row for a reference
+alone). A finished task deletes its buckets; the merge deletes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jestcurate.errors import JCError
+from jestcurate.io.eligible import Counts, Filters, Scan, eligible_masks, identities, row_values
+from jestcurate.io.rowcache import ColumnWriter, RowCache
+from jestcurate.io.store import ScoreSet, finished_output, write_json_atomic
+from jestcurate.math.partition import task_of
+
+DONE = "done.json"
+INDEX = "index.npy"
+
+
+def scatter_directory(root: Path, task: int, count: int) -> Path:
+    return root / f"{task:05d}-of-{count:05d}"
+
+
+def bucket(directory: Path, destination: int) -> Path:
+    return directory / f"to-{destination:05d}.rec"
+
+
+def _record_dtype(
+    key_width: int, uid_width: int, ref: ScoreSet, learner: ScoreSet | None, columns: set[str]
+) -> np.dtype:
+    fields: list[tuple[Any, ...]] = [
+        ("part", "<i4"),
+        ("index", "<i4"),
+        ("key", f"S{key_width}"),
+        ("uid", f"S{uid_width}"),
+        ("clip_score", "<f4"),
+        ("ref_loss", "<f4"),
+    ]
+    if learner is not None:
+        fields.append(("learner_loss", "<f4"))
+    if "cluster" in columns:
+        fields.append(("cluster", "<i4"))
+    if "embeddings" in columns:
+        fields += [("ref_img", "<f2", (ref.dim,)), ("ref_txt", "<f2", (ref.dim,))]
+        if learner is not None:
+            fields += [
+                ("learner_img", "<f2", (learner.dim,)),
+                ("learner_txt", "<f2", (learner.dim,)),
+            ]
+    return np.dtype(fields)
+
+
+def _width(table: pa.Table, column: str) -> int:
+    lengths = pc.binary_length(table.column(column).cast(pa.binary()))
+    return max(1, pc.max(lengths).as_py() or 0)
+
+
+def scatter(
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    filters: Filters,
+    embeddings: bool,
+    root: Path,
+    task: int,
+    count: int,
+    identity: dict[str, Any],
+    on_part: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Round 1 for task `task` of `count`: bucket the eligible rows of this task's parts.
+    Returns done.json (reused when an identical scatter is already finished)."""
+    final = scatter_directory(root, task, count)
+    existing = read_done(final, identity)
+    if existing is not None:
+        return existing
+    names = ref.part_names()
+    mine = list(range(task, len(names), count))
+    if learner is not None and set(learner.part_names()) != set(names):
+        raise JCError(
+            "learner and reference cover different shards: score both from the same inputs"
+        )
+    columns = {"embeddings"} if embeddings else set()
+    if filters.clusters is not None:
+        columns.add("cluster")
+    key_width = uid_width = 1
+    for p in mine:  # widths first: records are fixed width
+        small = ref.read_part(names[p], ["key", "uid"])
+        key_width, uid_width = (
+            max(key_width, _width(small, "key")),
+            max(uid_width, _width(small, "uid")),
+        )
+    dtype = _record_dtype(key_width, uid_width, ref, learner, columns)
+    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    counts = [Counts() for _ in range(count)]
+    index = np.zeros((len(mine), count), dtype=np.int64)
+    shards: list[str] = []
+    emb = ["img_emb", "txt_emb"] if embeddings else []
+    files = [open(bucket(partial, j), "wb") for j in range(count)]  # noqa: SIM115 (closed below)
+    try:
+        for q, p in enumerate(mine):
+            name = names[p]
+            table = ref.read_part(
+                name, ["key", "shard", "status", "clip_score", "index", "uid", "ref_loss", *emb]
+            )
+            other = (
+                learner.read_part(name, ["key", "status", "ref_loss", *emb]) if learner else None
+            )
+            if other is not None and not other.column("key").equals(table.column("key")):
+                raise JCError(
+                    f"learner and reference differ in part {name}: score both from the same shards"
+                )
+            shard_col = table.column("shard")
+            shard = shard_col[0].as_py() if len(shard_col) else name
+            shards.append(shard)
+            dest = task_of(identities(name, table), count)
+            ok, low, duplicate = eligible_masks(table, other, filters, shard)
+            keep = ok & ~low & ~duplicate
+            for j, c in enumerate(counts):
+                here = dest == j
+                c.rows += int(here.sum())
+                c.errors += int((here & ~ok).sum())
+                c.below_min_clip_score += int((here & low).sum())
+                c.duplicates += int((here & duplicate).sum())
+                c.eligible += int((here & keep).sum())
+            clusters = filters.clusters if "cluster" in columns else None
+            values = row_values(table, other, pa.array(keep), p, shard, clusters)
+            records = np.zeros(len(values["part"]), dtype=dtype)
+            for column, data in values.items():
+                records[column] = data
+            records["key"] = [k.encode() for k in table.column("key").filter(keep).to_pylist()]
+            uids = table.column("uid").filter(keep).to_pylist()
+            records["uid"] = [u.encode() if u else b"" for u in uids]
+            where = dest[keep]
+            order = np.argsort(where, kind="stable")  # row order kept within each task
+            sizes = np.bincount(where, minlength=count)
+            index[q] = sizes
+            start = 0
+            for j in np.flatnonzero(sizes).tolist():
+                files[j].write(records[order[start : start + sizes[j]]].tobytes())
+                start += int(sizes[j])
+            if on_part:
+                on_part()
+    finally:
+        for f in files:
+            f.close()
+        pa.default_memory_pool().release_unused()
+    with open(partial / INDEX, "wb") as f:
+        np.save(f, index)
+    done = {
+        **identity,
+        "task": task,
+        "parts": mine,
+        "shards": shards,
+        "key_width": key_width,
+        "uid_width": uid_width,
+        "columns": sorted(columns),
+        "counts": [asdict(c) for c in counts],
+    }
+    write_json_atomic(partial / DONE, done)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return done
+
+
+def read_done(directory: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished scatter's done.json, None if unfinished; an error if made for other inputs."""
+    return finished_output(directory, DONE, DONE, identity, "scatter (of another selection)")
+
+
+def counts_for(dones: list[dict[str, Any]], task: int) -> Counts:
+    total = Counts()
+    for done in dones:
+        for name, value in done["counts"][task].items():
+            setattr(total, name, getattr(total, name) + value)
+    return total
+
+
+def gather(
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    root: Path,
+    dones: list[dict[str, Any]],
+    task: int,
+    cache_dir: Path,
+    on_part: Callable[[], None] | None = None,
+) -> tuple[Scan, RowCache]:
+    """Round 2 for `task`: its buckets from every scatter, in part order, as the flat cache."""
+    count = len(dones)
+    names = ref.part_names()
+    counts = counts_for(dones, task)
+    shards = [""] * len(names)
+    for done in dones:
+        for p, shard in zip(done["parts"], done["shards"], strict=True):
+            shards[p] = shard
+    key_width = max(d["key_width"] for d in dones)
+    uid_width = max(d["uid_width"] for d in dones)
+    columns = set(dones[0]["columns"])
+    out_dtype = _record_dtype(key_width, uid_width, ref, learner, columns)
+    indexes = [np.load(scatter_directory(root, s, count) / INDEX) for s in range(count)]
+    dtypes = [_record_dtype(d["key_width"], d["uid_width"], ref, learner, columns) for d in dones]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n = counts.eligible
+    writers = {
+        name: ColumnWriter(cache_dir / f"{name}.npy", out_dtype[name].base.str,
+                           (n, *out_dtype[name].shape))
+        for name in out_dtype.names or ()
+    }  # fmt: skip
+    files = []
+    try:
+        for s in range(count):
+            path = bucket(scatter_directory(root, s, count), task)
+            if not path.is_file():
+                raise JCError(f"{path} is missing; remove {root} and rerun every task")
+            files.append(open(path, "rb"))  # noqa: SIM115 (closed below)
+        for p in range(len(names)):
+            s, q = p % count, p // count
+            rows = int(indexes[s][q, task])
+            if rows:
+                data = files[s].read(rows * dtypes[s].itemsize)
+                records = np.frombuffer(data, dtype=dtypes[s])
+                if len(records) != rows:
+                    raise JCError(f"a bucket of {scatter_directory(root, s, count)} is short")
+                for name, writer in writers.items():
+                    writer.append(records[name])
+            if on_part:
+                on_part()
+    finally:
+        for f in files:
+            f.close()
+        for writer in writers.values():
+            writer.close()
+    return Scan(counts, shards, key_width, uid_width), RowCache(cache_dir, shards, n)
+
+
+def drop_buckets(root: Path, task: int, count: int) -> None:
+    """A finished task's buckets are no longer needed: free their space."""
+    for s in range(count):
+        with contextlib.suppress(FileNotFoundError):
+            bucket(scatter_directory(root, s, count), task).unlink()
