@@ -33,7 +33,7 @@ PHASES = {
     "copy": "copying eligible rows",
     "scatter": "scattering rows to tasks",
     "gather": "gathering this task's rows",
-    "choose": "selecting (jest)",
+    "choose": "selecting (",
     "merge": "merging task manifests",
 }
 
@@ -54,7 +54,7 @@ def run_child(cmd: list[str]) -> dict[str, float]:
         "peak_rss_mib": round(usage.ru_maxrss / 1024),
     }
     for name, label in PHASES.items():
-        found = re.search(rf"{re.escape(label)}: \d+ \w+ in ([\d.]+)s", err)
+        found = re.search(rf"{re.escape(label)}[\w-]*\)?: \d+ \w+ in ([\d.]+)s", err)
         if found:
             result[f"{name}_s"] = float(found.group(1))
     return result
@@ -68,21 +68,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=16, help="super-batches chosen in all")
+    parser.add_argument("--method", default="jest", help="random: no choosing cost (merge rate)")
+    parser.add_argument("--all-steps", action="store_true", help="no --max-steps: every batch")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/jc-tasks-bench"))
     args = parser.parse_args()
     base = args.workdir / f"rows{args.rows}-d{args.dim}"
     made = ensure_set(base / "ref", args.rows, args.dim, "reference", 1, 0.3)
     runs = []
     for count in args.tasks:
-        if args.steps % count:
+        if args.steps % count and not args.all_steps:
             parser.error(f"--steps must be a multiple of every task count ({count})")
         out = base / f"sel-{count}"
         shutil.rmtree(out, ignore_errors=True)
         select = [
             sys.executable, "-m", "jestcurate", "-v", "select", str(base / "ref"),
             "--out", str(out), "-b", str(args.batch_size), "--ratio", str(args.ratio),
-            "--max-steps", str(args.steps // count), "--device", "cpu",
+            "--device", "cpu", "--method", args.method,
         ]  # fmt: skip
+        if not args.all_steps:
+            select += ["--max-steps", str(args.steps // count)]
         tasks = []
         rounds = [0] if count == 1 else [1, 2]
         for round_ in rounds:
@@ -109,7 +113,8 @@ def main() -> None:
         "dim": args.dim,
         "batch_size": args.batch_size,
         "ratio": args.ratio,
-        "super_batches_chosen": args.steps,
+        "method": args.method,
+        "super_batches_chosen": None if args.all_steps else args.steps,
         "score_set_written_s": round(made, 1),
         "runs": runs,
     }

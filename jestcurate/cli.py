@@ -362,8 +362,11 @@ def slurm_select(
         args.remove("--")
     if num_tasks < 2:
         raise JCError("--num-tasks must be at least 2 (with one task, run select itself)")
-    if any(a.startswith("--task-index") or a.startswith("--num-tasks") for a in args):
-        raise JCError("give --num-tasks to slurm select, not among the select options")
+    if any(a.split("=")[0] in ("--task-index", "--num-tasks", "--merge") for a in args):
+        raise JCError(
+            "--task-index, --num-tasks and --merge are the scripts' to set: give --num-tasks "
+            "to slurm select, not among the select options"
+        )
     command = typer.main.get_command(app)
     try:  # bad select options fail now, not in every task
         parsed = command.commands["select"].make_context("select", list(args)).params
@@ -440,13 +443,23 @@ def import_(
     ] = None,
     task_index: TaskIndex = None,
     num_tasks: NumTasks = None,
+    shards: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--shards",
+            help="The downloaded WebDataset shards (paths, globs, {a..b} or @list.txt, as score "
+            "takes them): one part per shard, a row per sample, its embeddings found by uid "
+            "(img2dataset's sidecar SHARD.parquet, else the samples' json).",
+        ),
+    ] = None,
 ) -> None:
     """Turn embeddings that already exist into a score set (meta.json, parts/, done/), so
     select, dedup, info, report and status work on it without running a model: re-normalised,
-    stored as float16, clip_score and ref_loss computed as `score` computes them, one part per
-    source file. Rerunning skips finished files; array tasks split them. Rows are not tied to
-    WebDataset shards, so commands that need the images (select --export, the loaders, report
-    thumbnails) say so.
+    stored as float16, clip_score and ref_loss computed as `score` computes them. Without
+    --shards, one part per source file and no images: commands that need them (select
+    --export, the loaders, report thumbnails) say so. With --shards, one part per downloaded
+    shard, so export and the loaders read the samples; source rows never downloaded are
+    counted. Rerunning skips finished parts; array tasks split them.
 
     Exit status: 0 all files imported, 1 some failed (the rest are written), 2 bad input."""
     from jestcurate.pipelines import importer
@@ -464,6 +477,7 @@ def import_(
         loss=loss,
         task_index=task_index,
         num_tasks=num_tasks,
+        shards=tuple(shards or ()),
     )
     report = importer.run(cfg)
     importer.print_summary(report)
@@ -611,7 +625,8 @@ def select(
         int | None,
         typer.Option(
             help="Array task I of --num-tasks: select from this task's partition (a hash of "
-            "each row's uid, else part and key). Default: from Slurm variables, else one task."
+            "each row's uid, else part and key). Default: from Slurm's array variables, else "
+            "one task; --num-tasks 1 alone selects over every row whatever Slurm says."
         ),
     ] = None,
     num_tasks: NumTasks = None,

@@ -228,3 +228,111 @@ def test_dedup_info_and_status_work_on_an_imported_set(tmp_path: Path) -> None:
     assert code == 0 and "400 (399 ok, 1 errors)" in output.replace("\u00a0", " "), output
     code, output = run_cli("status", tmp_path / "s")
     assert code == 0 and "done" in output, output
+
+
+def test_shards_tie_rows_to_the_downloaded_samples(tmp_path: Path) -> None:
+    """--shards: one part per tar, a row per sample, embeddings found by uid through the
+    sidecar Parquet (shard 0) or the samples' json (shard 1); export then reads the images."""
+    from jestcurate.io.reader import iter_raw_samples
+    from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
+
+    pool = tmp_path / "pool"
+    write_corpus(pool, CorpusSpec(shards=3, samples_per_shard=20, seed=3, image_size=32,
+                                  noise=PRESETS["clean"]))  # fmt: skip
+    samples = {}
+    for tar in sorted(pool.glob("*.tar")):
+        with open(tar, "rb") as f:
+            samples[tar.stem] = [(r.key, json.loads(r.files["json"])["uid"]) for r in
+                                 iter_raw_samples(f)]  # fmt: skip
+    # img2dataset's sidecar for shard 0, with a failed download that is not in the tar
+    rows0 = [{"key": k, "uid": u, "status": "success", "url": f"u/{k}", "caption": f"c {k}"}
+             for k, u in samples["00000"]]  # fmt: skip
+    rows0.insert(5, {"key": "gone", "uid": "f" * 32, "status": "failed_to_download",
+                     "url": "u/gone", "caption": None})  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows0), pool / "00000.parquet")
+    # the source: every downloaded uid but one of shard 2, plus 7 never downloaded, in an
+    # order and grouping of its own (DataComp's files do not follow the tars)
+    uids = [u for name in ("00002", "00000", "00001") for _, u in samples[name]][1:]
+    uids += [f"{i:032x}" for i in range(7)]
+    source = tmp_path / "datacomp"
+    source.mkdir()
+    img, txt = pairs(len(uids), DIM, 9)
+    half = len(uids) // 2
+    for s, (a, b) in enumerate(((0, half), (half, len(uids)))):
+        pq.write_table(pa.table({"uid": uids[a:b], "text": ["x"] * (b - a)}),
+                       source / f"{s:08d}.parquet")  # fmt: skip
+        np.savez(source / f"{s:08d}.npz", l14_img=img[a:b], l14_txt=txt[a:b],
+                 b32_img=img[a:b, :32], b32_txt=txt[a:b, :32])  # fmt: skip
+    out = tmp_path / "scores"
+    code, output = run_cli("import", source, "--format", "datacomp", "--out", out, "-m",
+                           "jc-tiny", "--shards", pool / "*.tar")  # fmt: skip
+    assert code == 0, output
+    assert "tied to a downloaded sample" in output and "59" in output, output
+    scores = open_score_set(out)
+    assert scores.has_images and scores.part_names() == ["00000", "00001", "00002"]
+    where = {u: i for i, u in enumerate(uids)}
+    for name, listed in samples.items():
+        part = pq.read_table(out / "parts" / f"{name}.parquet")
+        assert part.column("key").to_pylist() == [k for k, _ in listed]
+        assert part.column("index").to_pylist() == list(range(len(listed)))
+        assert part.column("shard").to_pylist() == [str((pool / f"{name}.tar").resolve())] * 20
+        if name == "00000":  # read through the sidecar: its url and caption
+            assert part.column("url").to_pylist() == [f"u/{k}" for k, _ in listed]
+        status = part.column("status").to_pylist()
+        for row, (_, uid), got in zip(part.to_pylist(), listed, status, strict=True):
+            if uid not in where:  # the one downloaded sample the source lacks
+                assert got == "error" and "not in the source" in row["error"]
+                continue
+            assert got == "ok"
+            expected = img[where[uid]] / np.linalg.norm(img[where[uid]])
+            assert np.allclose(row["img_emb"], expected, atol=2e-3)
+    assert sum(s.count("error") for s in [pq.read_table(p).column("status").to_pylist()
+               for p in scores.parts]) == 1  # fmt: skip
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "done").glob("*.json")}
+    assert sum(m["matched"] for m in markers.values()) == 59
+    assert "never downloaded" in output and " 7 " in output.replace(",", "")
+    # the images are reachable: select and export read them from the tars
+    code, output = run_cli("select", out, "--out", tmp_path / "sel", "-b", 4, "--ratio", 0.5,
+                           "--method", "clip-score", "--export")  # fmt: skip
+    assert code == 0 and "exported" in output, output
+    # another --shards setting into the same set is refused
+    code, output = run_cli("import", source, "--format", "datacomp", "--out", out, "-m",
+                           "jc-tiny")  # fmt: skip
+    assert code == 2 and "images" in output, output
+
+
+def test_shards_lookups_and_refusals(tmp_path: Path) -> None:
+    from jestcurate.pipelines.synth import CorpusSpec, write_corpus
+
+    source = tmp_path / "datacomp"
+    source.mkdir()
+    uids = ["abcd", "abce", "b" * 32]
+    img, txt = pairs(3, DIM, 1)
+    pq.write_table(pa.table({"uid": uids}), source / "00000000.parquet")
+    np.savez(source / "00000000.npz", l14_img=img, l14_txt=txt, b32_img=img, b32_txt=txt)
+    index = importer.SourceIndex(importer.list_units(importer.ImportConfig(
+        source, tmp_path / "o", "datacomp", "jc-tiny")), DIM)  # fmt: skip
+    found = index.find(["abce", "abcd" + "X" * 40, "abc", None, "b" * 32]).tolist()
+    assert found == [[0, 1], [-1, -1], [-1, -1], [-1, -1], [0, 2]]  # never matched truncated
+
+    pool = tmp_path / "pool"
+    write_corpus(pool, CorpusSpec(shards=2, samples_per_shard=6, seed=1, image_size=16))
+    import tarfile
+
+    tar = pool / "00001.tar"
+    with tarfile.open(tar) as t:  # cut at a member boundary: tarfile itself ends quietly there
+        third = t.getmembers()[3]
+    cut = third.offset_data + -(-third.size // 512) * 512
+    tar.write_bytes(tar.read_bytes()[:cut])
+    pq.write_table(pa.table({"key": ["x"], "uid": ["abcd"]}), pool / "00001.parquet")
+    out = tmp_path / "scores"
+    args = ["import", source, "--format", "datacomp", "--out", out, "-m", "jc-tiny",
+            "--shards", pool / "*.tar"]  # fmt: skip
+    code, output = run_cli(*args)
+    assert code == 1 and "00001: tar damaged after 2 samples" in output, output  # failed alone
+    marker = json.loads((out / "done" / "00000.json").read_text())
+    assert marker["status"] == "ok" and marker["matched"] == 0  # its uids are not in the source
+
+    pq.write_table(pa.table({"id": uids}), source / "00000000.parquet")
+    code, output = run_cli(*args[:5], tmp_path / "other", *args[6:])
+    assert code == 2 and "has no uid column" in output, output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +197,8 @@ def test_same_inputs_give_the_same_bytes_and_a_killed_task_resumes(
         _select(sets, again, "--task-index", i, "--num-tasks", 3)
     # as if task 2 had been killed mid-scatter: a partial folder is left, never the real one
     scatter = again / "tasks" / "scatter"
-    partial = scatter / ".00002-of-00003.partial-999"
+    dead = 4_194_305  # above Linux's largest pid_max: no such process
+    partial = scatter / f".00002-of-00003.{socket.gethostname()}.{dead}.partial"
     partial.mkdir()
     (partial / "to-00000.rec").write_bytes(b"\0" * 100)
     code, output = run_cli("select", sets / "ref", "--learner", sets / "lrn", *ARGS, "--out",
@@ -204,7 +206,7 @@ def test_same_inputs_give_the_same_bytes_and_a_killed_task_resumes(
     assert code == 2 and "3 of 3 tasks have not finished (0, 1, 2)" in output, output
     _select(sets, again, "--task-index", 2, "--num-tasks", 3)  # scatters, then selects task 2
     task = again / "tasks" / "00002-of-00003"
-    assert (task / "summary.json").is_file()
+    assert (task / "summary.json").is_file() and not partial.exists()
     assert not (scatter / "00000-of-00003" / "to-00002.rec").exists()  # its buckets are freed
     # killed in round 2: a half-built cache and a stray temporary file
     broken = again / "tasks" / "00000-of-00003"
@@ -221,10 +223,25 @@ def test_same_inputs_give_the_same_bytes_and_a_killed_task_resumes(
     # a rerun of any task, or of the merge, reuses the finished selection
     assert "already selected" in _select(sets, again, "--task-index", 0, "--num-tasks", 3)
     assert "already selected" in _select(sets, again, "--merge")
-    # another number of tasks is another selection
+    # another number of tasks, or one run, is another selection
     code, output = run_cli("select", sets / "ref", "--learner", sets / "lrn", *ARGS, "--out",
                            again, "--task-index", 0, "--num-tasks", 2)  # fmt: skip
+    assert code == 2 and "N = 3, not 2" in output, output
+    code, output = run_cli("select", sets / "ref", "--learner", sets / "lrn", *ARGS, "--out",
+                           again)  # fmt: skip
+    assert code == 2 and "N = 3, not 1" in output, output
+    shutil.rmtree(again / "tasks")
+    code, output = run_cli("select", sets / "ref", "--learner", sets / "lrn", *ARGS, "--out",
+                           again)  # fmt: skip
     assert code == 2 and "differs in partition" in output, output
+
+
+def test_another_task_count_is_refused_before_the_merge(sets: Path, tmp_path: Path) -> None:
+    out = tmp_path / "half"
+    _select(sets, out, "--task-index", 0, "--num-tasks", 3)  # scattered, not merged
+    code, output = run_cli("select", sets / "ref", "--learner", sets / "lrn", *ARGS, "--out",
+                           out, "--task-index", 0, "--num-tasks", 2)  # fmt: skip
+    assert code == 2 and "N = 3, not 2" in output, output
 
 
 def test_slurm_variables_choose_the_task(sets: Path, merged: Path, tmp_path: Path) -> None:
@@ -236,13 +253,24 @@ def test_slurm_variables_choose_the_task(sets: Path, merged: Path, tmp_path: Pat
         done = run_subprocess(*base, env=env)
         assert done.returncode == 0, done.stderr
     assert (out / "manifest.parquet").read_bytes() == (merged / "manifest.parquet").read_bytes()
+    # --num-tasks 1 alone: one selection over every row, whatever Slurm says
+    env = {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}
+    base[-1] = tmp_path / "whole"
+    done = run_subprocess(*base, "--num-tasks", 1, env=env)
+    assert (
+        done.returncode == 0
+        and "partition" not in (tmp_path / "whole" / "summary.json").read_text()
+    )
 
 
 def test_a_partition_too_small_for_one_super_batch_says_so(sets: Path, tmp_path: Path) -> None:
-    for i in range(8):
-        code, output = run_cli("select", sets / "ref", "-b", 256, "--ratio", 0.5, "--out",
-                               tmp_path / "x", "--task-index", i, "--num-tasks", 8)  # fmt: skip
-    assert code == 2 and "in task 7's partition" in output and "fewer tasks" in output, output
+    base = ["select", sets / "ref", "-b", 256, "--ratio", 0.5, "--out", tmp_path / "x"]
+    codes = []
+    for i in [*range(8), *range(7)]:  # every task is short of one super-batch
+        code, output = run_cli(*base, "--task-index", i, "--num-tasks", 8)
+        codes.append(code)
+    assert codes == [0] * 14 + [2]  # each task finishes with no batch; the merge has none
+    assert "no task's partition holds one super-batch" in output and "fewer tasks" in output
 
 
 def test_tasks_honour_dedup_and_cluster_balance(sets: Path, tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ score set (N times the corpus in all). So select's array tasks work in two round
 1. scatter: task s reads parts s, s+N, s+2N, ... once, keeps the eligible rows, and appends each
    row, as one fixed-width record of the columns select needs, to the bucket file of the task
    its hash names: OUT/tasks/scatter/SSSSS-of-NNNNN/to-JJJJJ.rec. It also writes index.npy (how
-   many rows of each of its parts went to each task) and, last, done.json. The folder is built
-   under a temporary name and renamed, so it is whole or absent.
+   many rows of each of its parts went to each task), counts.npy (each task's eligibility
+   counts) and, last, done.json. The folder is built under a temporary name and renamed, so it
+   is whole or absent. It keeps N bucket files open, and N scatters make N² files in all.
 2. gather: once every scatter folder is done, task j reads its N bucket files, in the score
    set's part order (part p is in scatter p % N, in row order), into the same flat cache a
    single run builds, so its rows get the ids a single run over its partition would give.
@@ -24,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,13 @@ import pyarrow.compute as pc
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import Counts, Filters, Scan, eligible_masks, identities, row_values
 from jestcurate.io.rowcache import ColumnWriter, RowCache
-from jestcurate.io.store import ScoreSet, finished_output, write_json_atomic
+from jestcurate.io.store import ScoreSet, dead_local_writer, finished_output, write_json_atomic
 from jestcurate.math.partition import task_of
 
 DONE = "done.json"
-INDEX = "index.npy"
+INDEX = "index.npy"  # (tasks x parts of this scatter): rows of each part bucketed per task
+COUNTS = "counts.npy"  # (tasks x 5): the Counts of each task's rows among this scatter's parts
+_COUNTS = ("rows", "errors", "below_min_clip_score", "duplicates", "eligible")
 
 
 def scatter_directory(root: Path, task: int, count: int) -> Path:
@@ -81,6 +84,32 @@ def _width(table: pa.Table, column: str) -> int:
     return max(1, pc.max(lengths).as_py() or 0)
 
 
+def _remove_stale_partials(final: Path) -> None:
+    """Partial folders of this scatter left by killed runs on this host."""
+    for partial in final.parent.glob(f".{final.name}.*.partial"):
+        host, _, pid = partial.name.removesuffix(".partial").rpartition(".")
+        host = host.removeprefix(f".{final.name}.")
+        if pid.isdigit() and dead_local_writer(host, int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _check_open_files(count: int) -> None:
+    """A scatter keeps one bucket file per task open: raise the soft limit if it is too low."""
+    import resource
+
+    need = count + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise JCError(
+        f"{count} tasks need {need} open files per task but the limit is {hard} "
+        "(ulimit -n); use fewer tasks or raise the limit"
+    )
+
+
 def scatter(
     ref: ScoreSet,
     learner: ScoreSet | None,
@@ -115,11 +144,13 @@ def scatter(
             max(uid_width, _width(small, "uid")),
         )
     dtype = _record_dtype(key_width, uid_width, ref, learner, columns)
-    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    _remove_stale_partials(final)
+    _check_open_files(count)
+    partial = final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    counts = [Counts() for _ in range(count)]
-    index = np.zeros((len(mine), count), dtype=np.int64)
+    counts = np.zeros((count, len(_COUNTS)), dtype=np.int64)  # per destination task
+    index = np.zeros((count, len(mine)), dtype=np.int64)  # rows of each part per task
     shards: list[str] = []
     emb = ["img_emb", "txt_emb"] if embeddings else []
     files = [open(bucket(partial, j), "wb") for j in range(count)]  # noqa: SIM115 (closed below)
@@ -142,13 +173,8 @@ def scatter(
             dest = task_of(identities(name, table), count)
             ok, low, duplicate = eligible_masks(table, other, filters, shard)
             keep = ok & ~low & ~duplicate
-            for j, c in enumerate(counts):
-                here = dest == j
-                c.rows += int(here.sum())
-                c.errors += int((here & ~ok).sum())
-                c.below_min_clip_score += int((here & low).sum())
-                c.duplicates += int((here & duplicate).sum())
-                c.eligible += int((here & keep).sum())
+            for c, mask in enumerate((np.ones_like(ok), ~ok, low, duplicate, keep)):
+                counts[:, c] += np.bincount(dest[mask], minlength=count)
             clusters = filters.clusters if "cluster" in columns else None
             values = row_values(table, other, pa.array(keep), p, shard, clusters)
             records = np.zeros(len(values["part"]), dtype=dtype)
@@ -160,7 +186,7 @@ def scatter(
             where = dest[keep]
             order = np.argsort(where, kind="stable")  # row order kept within each task
             sizes = np.bincount(where, minlength=count)
-            index[q] = sizes
+            index[:, q] = sizes
             start = 0
             for j in np.flatnonzero(sizes).tolist():
                 files[j].write(records[order[start : start + sizes[j]]].tobytes())
@@ -171,8 +197,9 @@ def scatter(
         for f in files:
             f.close()
         pa.default_memory_pool().release_unused()
-    with open(partial / INDEX, "wb") as f:
-        np.save(f, index)
+    for name, array in ((INDEX, index), (COUNTS, counts)):
+        with open(partial / name, "wb") as f:
+            np.save(f, array)
     done = {
         **identity,
         "task": task,
@@ -181,7 +208,6 @@ def scatter(
         "key_width": key_width,
         "uid_width": uid_width,
         "columns": sorted(columns),
-        "counts": [asdict(c) for c in counts],
     }
     write_json_atomic(partial / DONE, done)
     shutil.rmtree(final, ignore_errors=True)
@@ -194,12 +220,15 @@ def read_done(directory: Path, identity: dict[str, Any]) -> dict[str, Any] | Non
     return finished_output(directory, DONE, DONE, identity, "scatter (of another selection)")
 
 
-def counts_for(dones: list[dict[str, Any]], task: int) -> Counts:
-    total = Counts()
-    for done in dones:
-        for name, value in done["counts"][task].items():
-            setattr(total, name, getattr(total, name) + value)
-    return total
+def _row(root: Path, s: int, count: int, name: str, task: int) -> np.ndarray:
+    """Task `task`'s row of one scatter's (count x ...) array, without loading the rest."""
+    return np.array(np.load(scatter_directory(root, s, count) / name, mmap_mode="r")[task])
+
+
+def counts_for(root: Path, count: int, task: int) -> Counts:
+    """The eligibility counts of task `task`'s partition, summed over every scatter."""
+    total = sum(_row(root, s, count, COUNTS, task) for s in range(count))
+    return Counts(**dict(zip(_COUNTS, map(int, total), strict=True)))
 
 
 def gather(
@@ -214,7 +243,7 @@ def gather(
     """Round 2 for `task`: its buckets from every scatter, in part order, as the flat cache."""
     count = len(dones)
     names = ref.part_names()
-    counts = counts_for(dones, task)
+    counts = counts_for(root, count, task)
     shards = [""] * len(names)
     for done in dones:
         for p, shard in zip(done["parts"], done["shards"], strict=True):
@@ -223,7 +252,7 @@ def gather(
     uid_width = max(d["uid_width"] for d in dones)
     columns = set(dones[0]["columns"])
     out_dtype = _record_dtype(key_width, uid_width, ref, learner, columns)
-    indexes = [np.load(scatter_directory(root, s, count) / INDEX) for s in range(count)]
+    indexes = [_row(root, s, count, INDEX, task) for s in range(count)]  # parts/N values each
     dtypes = [_record_dtype(d["key_width"], d["uid_width"], ref, learner, columns) for d in dones]
     cache_dir.mkdir(parents=True, exist_ok=True)
     n = counts.eligible
@@ -241,7 +270,7 @@ def gather(
             files.append(open(path, "rb"))  # noqa: SIM115 (closed below)
         for p in range(len(names)):
             s, q = p % count, p // count
-            rows = int(indexes[s][q, task])
+            rows = int(indexes[s][q])
             if rows:
                 data = files[s].read(rows * dtypes[s].itemsize)
                 records = np.frombuffer(data, dtype=dtypes[s])

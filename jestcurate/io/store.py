@@ -160,6 +160,11 @@ def remove_stale_temps(directory: Path) -> int:
     return removed
 
 
+def dead_local_writer(host: str, pid: int) -> bool:
+    """Whether a writer named by host and pid is gone: only knowable for this host."""
+    return host == socket.gethostname() and not _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

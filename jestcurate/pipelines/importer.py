@@ -11,19 +11,30 @@ Embeddings are L2-normalised and stored as float16; clip_score and ref_loss are 
 the stored values exactly as `score` computes them, with the unit's own valid rows as the
 negatives (so ref_loss depends on which rows share a unit, as it depends on the shard for
 `score`). The logit scale, bias and loss kind come from the named model, or are given
-(`--logit-scale`, `--logit-bias`, `--loss`) for embeddings whose weights are not at hand. Rows
-are not tied to WebDataset shards: the set is for selection, dedup and DataComp uids; commands
-that need the images say so (meta.json `images: false`).
+(`--logit-scale`, `--logit-bias`, `--loss`) for embeddings whose weights are not at hand.
+
+Without `--shards` rows are not tied to WebDataset shards: the set is for selection, dedup and
+DataComp uids; commands that need the images say so (meta.json `images: false`). With
+`--shards` the parts are the downloaded tars instead: a row per sample found in the tar (keys
+and order from its headers, uids from img2dataset's sidecar SHARD.parquet, else from the
+samples' json), its embeddings looked up by uid in a sorted index of the source's uids (about
+8 bytes plus the uid's length per source row, in every task), ref_loss with the tar's rows as
+negatives exactly as `score` would. A sample whose uid the source lacks is an error row;
+source rows that no tar holds are counted as never downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import tarfile
 import time
 import zipfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +46,17 @@ from rich.console import Console
 
 from jestcurate import __version__, ui
 from jestcurate.errors import JCError
-from jestcurate.io.shards import for_task, resolve_task
+from jestcurate.io.reader import ShardReadError, iter_raw_samples, split_member
+from jestcurate.io.shards import (
+    Shard,
+    assign_names,
+    expand_inputs,
+    for_task,
+    is_url,
+    open_shard,
+    resolve_task,
+    shard_size,
+)
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
@@ -51,6 +72,8 @@ from jestcurate.io.store import (
     write_part,
 )
 from jestcurate.math.scoring import LOSS_KINDS, clip_scores, example_losses
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("datacomp", "clip-retrieval")
 DATACOMP_EMBEDDINGS = ("l14", "b32")
@@ -72,6 +95,7 @@ class ImportConfig:
     loss: str | None = None  # default: sigmoid with a logit bias, else softmax
     task_index: int | None = None
     num_tasks: int | None = None
+    shards: tuple[str, ...] = ()  # the downloaded WebDataset shards: one part per shard
 
 
 @dataclass(frozen=True)
@@ -93,8 +117,11 @@ class ImportReport:
     skipped: int
     rows: int = 0
     errors: int = 0
-    failed: list[str] | None = None
+    failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    tied: bool = False  # --shards: parts are WebDataset shards, rows found by uid
+    source_rows: int = 0
+    matched: int = 0  # over every finished shard so far, not only this run's
 
 
 def list_units(cfg: ImportConfig) -> list[Unit]:
@@ -175,16 +202,9 @@ def _column(table: pa.Table, names: tuple[str, ...]) -> list[Any]:
     return [None] * table.num_rows
 
 
-def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write one unit's part and marker; returns the marker. A bad unit raises ValueError."""
-    began = time.time()
-    dim = params["embed_dim"]
-    try:
-        table = pq.read_table(unit.metadata)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ValueError(f"{unit.metadata.name}: {_first_line(exc)}") from None
+def _checked_arrays(unit: Unit, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A unit's embeddings, checked against its metadata's row count and the model's width."""
     img, txt = _arrays(unit)
-    n = table.num_rows
     for what, array in (("image", img), ("text", txt)):
         if array.ndim != 2 or len(array) != n:
             raise ValueError(
@@ -196,9 +216,67 @@ def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]
                 f"{what} embeddings of {unit.metadata.name} are {array.shape[1]} wide but the "
                 f"model's are {dim}"
             )
+    return img, txt
+
+
+def _read_metadata(unit: Unit, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(unit.metadata, columns=columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"{unit.metadata.name}: {_first_line(exc)}") from None
+
+
+def _write_part(
+    name: str,
+    shard: str,
+    rows: list[dict[str, Any]],
+    img: np.ndarray,
+    txt: np.ndarray,
+    params: dict[str, Any],
+    out: Path,
+    began: float,
+    input_bytes: int | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Normalise, score and write one part and, last, its marker. Rows whose status is still
+    "ok" need usable embeddings (`img`, `txt` hold one row per entry of `rows`)."""
     img, img_ok = _normalised(img)
     txt, txt_ok = _normalised(txt)
-    ok = img_ok & txt_ok
+    for i, row in enumerate(rows):
+        if row["status"] == "ok" and not (img_ok[i] and txt_ok[i]):
+            row.update(status="error", error="missing embedding: zero or not finite")
+    ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)
+    img16 = torch.from_numpy(img[ok]).half()
+    txt16 = torch.from_numpy(txt[ok]).half()
+    clip = clip_scores(img16, txt16)
+    loss = example_losses(img16, txt16, params["logit_scale"], params["logit_bias"], params["loss"])
+    dim = params["embed_dim"]
+    part = part_table(shard, rows, img16.numpy(), txt16.numpy(), clip.numpy(), loss.numpy(), dim)
+    write_part(out / PARTS_DIR / f"{name}.parquet", part)
+    reasons = Counter(r["error"].split(":")[0] for r in rows if r["status"] != "ok")
+    errors = int((~ok).sum())
+    marker = {
+        "shard": shard,
+        "name": name,
+        "status": "ok",
+        "error": None,
+        "counts": {"samples": len(rows), "ok": len(rows) - errors, "errors": errors},
+        "error_reasons": dict(sorted(reasons.items())),
+        "seconds": round(time.time() - began, 3),
+        "input_bytes": input_bytes,
+        **(extra or {}),
+        "tool_version": __version__,
+    }
+    write_json_atomic(out / DONE_DIR / f"{name}.json", marker)  # last: the part is whole
+    return marker
+
+
+def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write one unit's part and marker; returns the marker. A bad unit raises ValueError."""
+    began = time.time()
+    table = _read_metadata(unit)
+    n = table.num_rows
+    img, txt = _checked_arrays(unit, n, params["embed_dim"])
     # clip-retrieval names the WebDataset key `image_path` (or `key`, from the sample's json)
     uids, keys = _column(table, ("uid",)), _column(table, ("key", "image_path"))
     urls, captions = _column(table, ("url",)), _column(table, CAPTION_COLUMNS)
@@ -211,39 +289,187 @@ def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]
             "url": urls[i],
             "caption": captions[i],
             "sha256": None,
-            "status": "ok" if ok[i] else "error",
-            "error": None if ok[i] else "missing embedding: zero or not finite",
+            "status": "ok",
+            "error": None,
         }
         for i in range(n)
     ]
-    img16 = torch.from_numpy(img[ok]).half()
-    txt16 = torch.from_numpy(txt[ok]).half()
-    clip = clip_scores(img16, txt16)
-    loss = example_losses(img16, txt16, params["logit_scale"], params["logit_bias"], params["loss"])
-    part = part_table(
-        str(unit.metadata.resolve()),
-        rows,
-        img16.numpy(),
-        txt16.numpy(),
-        clip.numpy(),
-        loss.numpy(),
-        dim,
-    )
-    write_part(out / PARTS_DIR / f"{unit.name}.parquet", part)
-    errors = int((~ok).sum())
-    marker = {
-        "shard": str(unit.metadata.resolve()),
-        "name": unit.name,
-        "status": "ok",
-        "error": None,
-        "counts": {"samples": n, "ok": n - errors, "errors": errors},
-        "error_reasons": {"missing embedding": errors} if errors else {},
-        "seconds": round(time.time() - began, 3),
-        "input_bytes": unit.metadata.stat().st_size,
-        "tool_version": __version__,
-    }
-    write_json_atomic(out / DONE_DIR / f"{unit.name}.json", marker)  # last: the part is whole
-    return marker
+    shard = str(unit.metadata.resolve())
+    return _write_part(unit.name, shard, rows, img, txt, params, out, began,
+                       unit.metadata.stat().st_size)  # fmt: skip
+
+
+# --- tied to the downloaded WebDataset shards (--shards) -------------------------------------
+
+
+class SourceIndex:
+    """Where each uid's embeddings are in the source: a sorted array of the uids (bytes) and
+    each one's row, about len(uid) + 8 bytes per source row once built (about twice that while
+    building), searched per shard."""
+
+    def __init__(self, units: list[Unit], dim: int) -> None:
+        self.units, self.dim = units, dim
+        uids, starts, skipped = [], [0], []
+        with ui.step_progress("indexing the source's uids", len(units), "files") as tick:
+            for unit in units:
+                try:
+                    names = pq.ParquetFile(unit.metadata).schema_arrow.names
+                except (OSError, pa.ArrowInvalid) as exc:  # its rows cannot be found
+                    skipped.append(f"{unit.metadata.name} ({_first_line(exc)})")
+                    names = ["uid"]
+                if "uid" not in names:
+                    raise JCError(
+                        f"--shards ties rows by uid, but {unit.metadata} has no uid column"
+                    )
+                try:
+                    column = _read_metadata(unit, ["uid"]).column("uid").to_pylist()
+                except ValueError:
+                    column = []
+                values = [b"" if v is None else str(v).encode() for v in column]
+                uids.append(np.array(values, dtype=bytes) if values else np.zeros(0, "S1"))
+                starts.append(starts[-1] + len(values))
+                tick()
+        for line in skipped:
+            log.warning("source file skipped for --shards: %s", line)
+        width = max([1, *(a.dtype.itemsize for a in uids)])
+        flat = np.concatenate([a.astype(f"S{width}") for a in uids])
+        del uids
+        if not len(flat):
+            raise JCError(
+                f"--shards: the source's files hold no readable uids ({len(units)} files)"
+            )
+        order = np.argsort(flat, kind="stable")  # duplicates: the first in source order wins
+        self.uids = flat[order]
+        del flat
+        self.where = order  # the global source row of each sorted uid
+        self.starts = np.array(starts, dtype=np.int64)  # unit u holds rows starts[u]..starts[u+1]
+        self.rows = int(self.starts[-1])
+        self._loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def find(self, uids: list[str | None]) -> np.ndarray:
+        """(unit, row) per uid; (-1, -1) where the source has no such uid."""
+        raw = np.array([(u or "").encode() for u in uids], dtype=bytes)
+        if raw.dtype.itemsize == 0 or not len(raw):
+            raw = np.zeros(len(uids), dtype="S1")
+        # a uid longer than every source uid matches none (never compare it truncated)
+        fits = np.char.str_len(raw) <= self.uids.dtype.itemsize
+        wanted = np.where(fits, raw, b"").astype(self.uids.dtype)
+        at = np.minimum(np.searchsorted(self.uids, wanted), len(self.uids) - 1)
+        hit = (self.uids[at] == wanted) & (np.char.str_len(wanted) > 0) & fits
+        out = np.full((len(uids), 2), -1, dtype=np.int64)
+        rows = self.where[at[hit]]
+        unit = np.searchsorted(self.starts, rows, side="right") - 1
+        out[hit] = np.stack([unit, rows - self.starts[unit]], 1)
+        return out
+
+    def arrays(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        """One source file's checked embeddings; the last two stay loaded, since consecutive
+        shards usually draw on the same file."""
+        if u not in self._loaded:
+            unit = self.units[u]
+            n = pq.ParquetFile(unit.metadata).metadata.num_rows
+            if len(self._loaded) >= 2:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[u] = _checked_arrays(unit, n, self.dim)
+        return self._loaded[u]
+
+
+def _sidecar(shard: Shard) -> Path | None:
+    """img2dataset's SHARD.parquet beside a local SHARD.tar, when there is one."""
+    if is_url(shard.url) or not shard.url.endswith(".tar"):
+        return None
+    path = Path(shard.url).with_suffix(".parquet")
+    return path if path.is_file() else None
+
+
+def _tar_keys(path: str) -> list[str]:
+    """The sample keys of a local tar in order, from its headers alone (seeks past the data)."""
+    keys: list[str] = []
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                split = split_member(member)
+                if split is not None and (not keys or keys[-1] != split[0]):
+                    keys.append(split[0])
+            # tarfile ends quietly at a truncated header: the end-of-archive block must follow
+            f.seek(tar.offset)
+            end = f.read(tarfile.BLOCKSIZE)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ValueError(f"not a readable tar: {_first_line(exc)}") from None
+    if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+        raise ValueError(f"tar damaged after {len(keys)} samples: no end-of-archive marker")
+    return keys
+
+
+def shard_samples(shard: Shard) -> list[dict[str, Any]]:
+    """Each sample of a shard in order: key, uid, url, caption. From the tar's headers and
+    img2dataset's sidecar Parquet when both are at hand, else from the samples' own json."""
+    sidecar = _sidecar(shard)
+    if sidecar is not None:
+        table = pq.read_table(sidecar)
+        if "key" in table.column_names and "uid" in table.column_names:
+            by_key = {r["key"]: r for r in table.to_pylist()}
+            empty: dict[str, Any] = {}
+            return [
+                {
+                    "key": key,
+                    "uid": by_key.get(key, empty).get("uid"),
+                    "url": by_key.get(key, empty).get("url"),
+                    "caption": by_key.get(key, empty).get("caption"),
+                }
+                for key in _tar_keys(shard.url)
+            ]
+    samples = []
+    try:
+        with open_shard(shard.url) as f:
+            for raw in iter_raw_samples(f):
+                try:
+                    meta = json.loads(raw.files.get("json") or b"{}")
+                except ValueError:
+                    meta = {}
+                meta = meta if isinstance(meta, dict) else {}
+                caption = meta.get("caption")
+                if caption is None and "txt" in raw.files:
+                    caption = raw.files["txt"].decode("utf-8", "replace")
+                samples.append({"key": raw.key, "uid": meta.get("uid"), "url": meta.get("url"),
+                                "caption": caption})  # fmt: skip
+    except ShardReadError as exc:
+        raise ValueError(str(exc)) from None
+    except OSError as exc:
+        raise ValueError(f"cannot read: {_first_line(exc)}") from None
+    return samples
+
+
+def import_shard(
+    shard: Shard, source: SourceIndex, params: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """One WebDataset shard's part: a row per sample, its embeddings found by uid in the
+    source. A sample without a uid, or whose uid the source lacks, is an error row."""
+    began = time.time()
+    samples = shard_samples(shard)
+    found = source.find([s["uid"] for s in samples])
+    dim = params["embed_dim"]
+    img = np.zeros((len(samples), dim), dtype=np.float32)
+    txt = np.zeros((len(samples), dim), dtype=np.float32)
+    for u in np.unique(found[found[:, 0] >= 0, 0]).tolist():
+        here = found[:, 0] == u
+        unit_img, unit_txt = source.arrays(u)
+        img[here] = unit_img[found[here, 1]]
+        txt[here] = unit_txt[found[here, 1]]
+    rows = []
+    for i, sample in enumerate(samples):
+        error = None
+        if not sample["uid"]:
+            error = "no uid: the sample's json and sidecar have none"
+        elif found[i, 0] < 0:
+            error = f"no embedding: uid {sample['uid']} is not in the source"
+        rows.append(
+            {**sample, "index": i, "uid": sample["uid"] and str(sample["uid"]), "sha256": None,
+             "status": "ok" if error is None else "error", "error": error}
+        )  # fmt: skip
+    matched = int((found[:, 0] >= 0).sum())
+    return _write_part(shard.name, shard.url, rows, img, txt, params, out, began,
+                       shard_size(shard.url), {"matched": matched})  # fmt: skip
 
 
 def _model_params(cfg: ImportConfig) -> dict[str, Any]:
@@ -317,6 +543,33 @@ def _check_import(out: Path, meta: dict[str, Any]) -> None:
         )
 
 
+def _import_one(
+    cfg: ImportConfig,
+    target: Any,
+    source: SourceIndex | None,
+    meta: dict[str, Any],
+    report: ImportReport,
+    reasons: Counter[str],
+) -> None:
+    """Import one source file (or, with --shards, one tar); a bad one gets a failed marker."""
+    try:
+        if source is not None:
+            marker = import_shard(target, source, meta, cfg.out)
+        else:
+            marker = import_unit(target, meta, cfg.out)
+        report.rows += marker["counts"]["samples"]
+        report.errors += marker["counts"]["errors"]
+        reasons.update(marker["error_reasons"])
+    except ValueError as exc:
+        where = target.url if cfg.shards else str(target.metadata.resolve())
+        write_json_atomic(
+            cfg.out / DONE_DIR / f"{target.name}.json",
+            {"shard": where, "name": target.name, "status": "failed",
+             "error": str(exc), "counts": None, "tool_version": __version__},
+        )  # fmt: skip
+        report.failed.append(f"{target.name}: {exc}")
+
+
 def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     """Import every unit of this task that has no ok marker yet; safe to rerun."""
     if cfg.format not in FORMATS:
@@ -328,10 +581,14 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     began = time.time()
     units = list_units(cfg)
     index, count = resolve_task(cfg.task_index, cfg.num_tasks)
-    mine = for_task(units, index, count)  # type: ignore[arg-type]
+    targets: list[Any] = units
+    if cfg.shards:  # names as `score` gives them, keeping those earlier runs' markers hold
+        owners = {name: m.get("shard") for name, m in read_markers(cfg.out).items()}
+        targets = assign_names(expand_inputs(cfg.shards), owners)
+    mine = for_task(targets, index, count)
     params = _model_params(cfg)
     if params["embed_dim"] is None:
-        params["embed_dim"] = _width(mine or units)
+        params["embed_dim"] = _width(units)
     identity = {
         "schema_version": SCHEMA_VERSION,
         "role": cfg.role,
@@ -346,15 +603,17 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     meta = {
         **identity,
         **{k: params[k] for k in ("pretrained", "logit_scale", "logit_bias", "loss", "embed_dim")},
-        "images": False,
+        "images": bool(cfg.shards),
         "imported": {
             "format": cfg.format,
             "source": str(cfg.source.resolve()),
             "embeddings": cfg.embeddings if cfg.format == "datacomp" else None,
             "model_parameters": params["model_source"],
+            "tied_to_shards": bool(cfg.shards),
         },
-        "ref_loss": f"{params['loss']}, other valid rows of the source file as negatives, "
-        "size-normalised (docs/scores.md)",
+        "ref_loss": f"{params['loss']}, other valid rows of the "
+        f"{'WebDataset shard' if cfg.shards else 'source file'} as negatives, size-normalised "
+        "(docs/scores.md)",
         "tool": "jestcurate",
         "tool_version": __version__,
     }
@@ -366,36 +625,51 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     _check_import(cfg.out, meta)  # a concurrent task may have created it first
     markers = read_markers(cfg.out)
     todo = [u for u in mine if markers.get(u.name, {}).get("status") != "ok"]
-    report = ImportReport(cfg.out, len(mine), len(mine) - len(todo), failed=[])
+    report = ImportReport(cfg.out, len(mine), len(mine) - len(todo))
+    report.tied = bool(cfg.shards)
+    source = SourceIndex(units, meta["embed_dim"]) if cfg.shards and todo else None
     reasons: Counter[str] = Counter()
-    for unit in todo:
-        try:
-            marker = import_unit(unit, meta, cfg.out)
-            report.rows += marker["counts"]["samples"]
-            report.errors += marker["counts"]["errors"]
-            reasons.update(marker["error_reasons"])
-        except ValueError as exc:
-            write_json_atomic(
-                cfg.out / DONE_DIR / f"{unit.name}.json",
-                {"shard": str(unit.metadata.resolve()), "name": unit.name, "status": "failed",
-                 "error": str(exc), "counts": None, "tool_version": __version__},
-            )  # fmt: skip
-            report.failed.append(f"{unit.name}: {exc}")
-        if on_unit:
-            on_unit()
+    label, unit = ("importing shards", "shards") if cfg.shards else ("importing files", "files")
+    with ui.step_progress(label, len(todo), unit) as tick:
+        for target in todo:
+            _import_one(cfg, target, source, meta, report, reasons)
+            tick()
+            if on_unit:
+                on_unit()
+    if cfg.shards:
+        done = read_markers(cfg.out).values()
+        report.matched = sum(m.get("matched", 0) for m in done if m.get("status") == "ok")
+        report.source_rows = source.rows if source else _source_rows(units)
     report.seconds = time.time() - began
     return report
 
 
+def _source_rows(units: list[Unit]) -> int:
+    rows = 0
+    for unit in units:
+        with contextlib.suppress(OSError, pa.ArrowInvalid):
+            rows += pq.ParquetFile(unit.metadata).metadata.num_rows
+    return rows
+
+
 def print_summary(report: ImportReport, console: Console = ui.stdout) -> None:
     table = ui.facts("jestcurate import")
-    table.add_row("source files in this task", f"{report.units:,}")
+    what = "WebDataset shards" if report.tied else "source files"
+    table.add_row(f"{what} in this task", f"{report.units:,}")
     table.add_row("  already imported (skipped)", f"{report.skipped:,}")
-    table.add_row("  failed", f"{len(report.failed or []):,}")
+    table.add_row("  failed", f"{len(report.failed):,}")
     table.add_row("rows imported", f"{report.rows:,}")
-    table.add_row("  without usable embeddings", f"{report.errors:,}")
+    table.add_row(
+        "  errors (no uid / embedding)" if report.tied else "  without usable embeddings",
+        f"{report.errors:,}",
+    )
+    if report.tied:
+        missing = report.source_rows - report.matched
+        table.add_row("source rows", f"{report.source_rows:,}")
+        table.add_row("  tied to a downloaded sample", f"{report.matched:,}")
+        table.add_row("  never downloaded (or not yet imported)", f"{missing:,}")
     table.add_row("elapsed", f"{report.seconds:,.1f} s")
     console.print(table)
     console.print(f"score set: {report.out}", highlight=False, soft_wrap=True)
-    for line in report.failed or []:
+    for line in report.failed:
         console.print(f"[red]failed[/red] {line}", highlight=False, soft_wrap=True)

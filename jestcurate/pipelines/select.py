@@ -397,7 +397,7 @@ def write_manifest(
                     **{k: pa.array(v, pa.float32()) for k, v in columns.items()},
                     "score": pa.array(scores, pa.float32(), from_pandas=True),
                 }
-                writer.write_table(pa.table(arrays, schema=schema))
+                writer.write_table(pa.table(arrays, schema=schema), row_group_size=max(n, 1))
 
     atomic_write(path, write)
     return kept, (np.concatenate(halves) if halves else None)
@@ -492,7 +492,11 @@ def run(cfg: SelectConfig) -> SelectReport:
     identity = _identity(cfg, ref, learner)
     if count > 1:
         identity["partition"] = partition_identity(count)
+    _refuse_other_task_counts(cfg.out, count)
     done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection")
+    if done is not None and done.get("partition") != identity.get("partition"):
+        raise JCError(f"{cfg.out} holds a different selection (differs in partition); use "
+                      "another --out")  # fmt: skip
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         return SelectReport(cfg.out, done, reused=True, seconds=time.time() - began)
@@ -521,7 +525,7 @@ def run(cfg: SelectConfig) -> SelectReport:
             return SelectReport(task_dir, {}, reused=False, seconds=time.time() - began,
                                 task=index, waiting="scatter")  # fmt: skip
         root = cfg.out / TASKS_DIR / SCATTER_DIR
-        counts = scatter_mod.counts_for(dones, index)
+        counts = scatter_mod.counts_for(root, count, index)
 
         def build(cache_dir: Path) -> RowCache:
             label = "gathering this task's rows"
@@ -585,17 +589,43 @@ def _task(cfg: SelectConfig) -> tuple[int, int]:
         if count < 2:
             raise JCError("--merge joins the outputs of 2 or more array tasks (--num-tasks N)")
         return 0, count
-    return resolve_task(cfg.task_index, cfg.num_tasks)
+    if cfg.task_index is None and cfg.num_tasks == 1:
+        return 0, 1  # --num-tasks 1: one selection over every row, whatever Slurm says
+    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
+    if cfg.task_index is None and count > 1:
+        log.warning(
+            "selecting as array task %d of %d (from Slurm's variables): from 1/%d of the rows; "
+            "pass --num-tasks 1 for one selection over every row",
+            index,
+            count,
+            count,
+        )
+    return index, count
+
+
+def _refuse_other_task_counts(out: Path, count: int) -> None:
+    """Array-task outputs of another N (or any, for a single run) in OUT are another selection."""
+    found = _task_counts(out)
+    if found and found != {count}:
+        shown = ", ".join(str(n) for n in sorted(found))
+        raise JCError(
+            f"{out / TASKS_DIR} holds array-task outputs for N = {shown}, not {count}; use "
+            "the same --num-tasks or another --out"
+        )
+
+
+def _task_counts(out: Path) -> set[int]:
+    folders = [*(out / TASKS_DIR).glob("*-of-*"), *(out / TASKS_DIR / SCATTER_DIR).glob("*-of-*")]
+    return {int(p.name[-5:]) for p in folders if re.fullmatch(r"\d{5}-of-\d{5}", p.name)}
 
 
 def _tasks_in(out: Path) -> int:
     """The N of the OUT/tasks/I-of-N folders, when --merge is not told it."""
-    folders = [*(out / TASKS_DIR).glob("*-of-*"), *(out / TASKS_DIR / SCATTER_DIR).glob("*-of-*")]
-    counts = {p.name[-5:] for p in folders if re.fullmatch(r"\d{5}-of-\d{5}", p.name)}
+    counts = _task_counts(out)
     if len(counts) != 1:
-        found = "none" if not counts else ", ".join(sorted(counts))
+        found = "none" if not counts else ", ".join(map(str, sorted(counts)))
         raise JCError(f"pass --num-tasks: {out / TASKS_DIR} holds task outputs for N = {found}")
-    return int(counts.pop())
+    return counts.pop()
 
 
 def _select_into(
@@ -614,12 +644,13 @@ def _select_into(
     steps = counts.eligible // cfg.super_batch
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    if steps == 0:
+    if steps == 0 and not where:
         raise JCError(
             f"{counts.eligible} eligible rows{where} are fewer than one super-batch of "
             f"B = round(b / ratio) = {cfg.super_batch}; lower --batch-size or raise --ratio"
-            + (", or use fewer tasks" if where else "")
         )
+    if steps == 0:  # a task's partition too small: its rows are tail, the other tasks go on
+        log.warning("%d eligible rows%s: less than one super-batch", counts.eligible, where)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / ".cache"
     try:
@@ -718,6 +749,14 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
         )
     tasks: list[dict[str, Any]] = [s for s in summaries if s is not None]
     steps = [int(s["counts"]["steps"]) for s in tasks]
+    if not sum(steps):
+        eligible = sum(int(s["counts"]["eligible"]) for s in tasks)
+        b, ratio = identity["parameters"]["batch_size"], identity["parameters"]["ratio"]
+        raise JCError(
+            f"no task's partition holds one super-batch of B = {max(b, round(b / ratio))} rows "
+            f"({eligible} eligible in all, about {eligible // count} per task); use fewer "
+            "tasks, a lower --batch-size or a higher --ratio"
+        )
     learner = identity["inputs"]["learner"] is not None
     order = interleave(steps)
     files = [pq.ParquetFile(task_directory(out, i, count) / MANIFEST) for i in range(count)]
@@ -732,7 +771,7 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
                 table = files[task].read_row_group(local)
                 renumbered = pa.array(np.full(table.num_rows, step, dtype=np.int64))
                 table = table.set_column(0, schema.field("step"), renumbered)
-                writer.write_table(table)
+                writer.write_table(table, row_group_size=max(table.num_rows, 1))  # one per step
                 tick()
 
     atomic_write(out / MANIFEST, write)
