@@ -167,6 +167,8 @@ def test_tasks_merge_into_one_selection(sets: Path, merged: Path) -> None:
     assert sorted((r[2], r[3]) for t in tasks for r in t) == sorted((r[2], r[3]) for r in rows)
     uids = np.load(merged / "uids.npy")
     assert len(uids) == len(rows) and (np.sort(uids) == uids).all()
+    code, output = run_cli("info", merged)
+    assert code == 0 and "array tasks" in output and "3, merged" in output, output
 
     # kept-vs-dropped means are those of the single-machine run, within noise
     gap = whole["means"]["kept"]["learnability"] - whole["means"]["dropped"]["learnability"]

@@ -469,6 +469,10 @@ def print_info(path: Any, info: dict[str, Any], console: Console = ui.stdout) ->
         if s["inputs"].get("learner"):
             learner = s["inputs"]["learner"]
             table.add_row("learner", f"{learner['path']} ({learner['model']})")
+        if s.get("partition"):
+            steps = [t["steps"] for t in s.get("tasks", [])]
+            spread = f" ({min(steps):,}-{max(steps):,} batches each)" if steps else ""
+            table.add_row("array tasks", f"{s['partition']['num_tasks']:,}, merged{spread}")
         for key, value in s["counts"].items():
             if value is not None:
                 table.add_row(key.replace("_", " "), f"{value:,}")
