@@ -11,8 +11,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from jestcurate import __version__
-from jestcurate.errors import JCError
+from jestcurate import __version__, errors
+from jestcurate.errors import NO_SPACE, JCError, Terminated, no_space
 
 app = typer.Typer(
     name="jestcurate",
@@ -39,6 +39,19 @@ def _one_line_errors(func: F) -> F:
         except KeyboardInterrupt:
             ui.stderr.print("interrupted; rerun the same command to resume", highlight=False)
             raise typer.Exit(130) from None
+        except Terminated:
+            ui.stderr.print("terminated (SIGTERM); rerun the same command to resume")
+            raise typer.Exit(143) from None
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            ui.stderr.print(f"[red]error:[/red] {no_space(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception:
+            if errors.terminating:  # e.g. a decoding worker the same SIGTERM ended
+                ui.stderr.print("terminated (SIGTERM); rerun the same command to resume")
+                raise typer.Exit(143) from None
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -159,6 +172,14 @@ def score(
     num_tasks: NumTasks = None,
     role: Role = "reference",
     decode: Decode = "auto",
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check each finished part's sha256 against its marker (the size is always "
+            "checked); a part that does not match is scored again.",
+        ),
+    ] = False,
 ) -> None:
     """Score shards with a frozen open_clip model: embeddings, clip_score and ref_loss per sample,
     one Parquet part per shard under OUT/parts. Rerunning skips finished shards and retries
@@ -183,6 +204,7 @@ def score(
         num_tasks=num_tasks,
         role=role,
         decode=decode,
+        verify=verify,
     )
     with score_mod.ScoreProgress() as progress:
         report = score_mod.run(cfg, progress)
@@ -520,6 +542,34 @@ def status(
     else:
         status_mod.print_status(found)
     if check and not complete:
+        raise typer.Exit(1)
+
+
+@app.command(short_help="Check a score set, selection or dedup output against its records.")
+@_one_line_errors
+def verify(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A score set, a selection (and its export) or a dedup output."),
+    ],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check every file against its marker (score sets: size and sha256 of each part; parts
+    with no marker, markers with no part) or against the sizes and hashes in summary.json and
+    shards/export.json, and list what is damaged, missing or orphaned. Changes nothing.
+
+    Exit status: 0 intact, 1 problems found, 2 not something jestcurate wrote."""
+    import json as json_mod
+
+    from jestcurate import ui
+    from jestcurate.pipelines import verify as verify_mod
+
+    found = verify_mod.verify(path)
+    if json_out:
+        ui.stdout.print_json(json_mod.dumps(found))
+    else:
+        verify_mod.print_report(found)
+    if found["problems"]:
         raise typer.Exit(1)
 
 
@@ -934,4 +984,5 @@ def synth(
 
 
 def main() -> None:
+    errors.handle_sigterm()  # Slurm's scancel and preemption: clean up and exit 143
     app()

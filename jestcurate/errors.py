@@ -1,5 +1,51 @@
 """Errors that reach the user as one line, never as a traceback."""
 
+from __future__ import annotations
+
+import errno
+import signal
+from typing import Any
+
 
 class JCError(Exception):
     """Bad input or an impossible request: the CLI prints the message and exits with code 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (Slurm's scancel, preemption, a time limit): unwind, cleaning up as for
+    Ctrl-C, and exit 143. A BaseException, so `except Exception` blocks do not swallow it."""
+
+
+# Set once a termination signal arrived: an error raised while unwinding from it (a decoding
+# worker that the same signal ended, say) is part of the termination, not a new failure.
+terminating = False
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    global terminating
+    if not terminating:
+        terminating = True
+        raise Terminated(signum)
+
+
+def handle_sigterm() -> None:
+    """Turn SIGTERM into Terminated in this (main) process."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def default_sigterm() -> None:
+    """In worker processes: die at once on SIGTERM; the main process does the cleaning up."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: OSError, path: object | None = None) -> JCError:
+    """The one line for a full disk or an exhausted quota."""
+    where = path or exc.filename or "the output"
+    what = "quota exhausted" if exc.errno == errno.EDQUOT else "no space left on the device"
+    return JCError(
+        f"{what} writing {where}: free space (or raise the quota) and rerun the same command; "
+        "finished files are kept and nothing partial is left"
+    )

@@ -62,3 +62,15 @@ def run_subprocess(*args: str | os.PathLike[str], env: dict[str, str] | None = N
 def read_parts(out: Path) -> pa.Table:
     parts = sorted((out / "parts").glob("*.parquet"))
     return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+def rewrite_part(part: Path, table: pa.Table) -> None:
+    """Replace a part as a tool would (its marker records the new size and hash), for tests
+    that edit a score set's rows."""
+    import json
+
+    from jestcurate.io.store import write_json_atomic, write_part
+
+    marker_path = part.parent.parent / "done" / f"{part.stem}.json"
+    marker = json.loads(marker_path.read_text()) if marker_path.exists() else {"status": "ok"}
+    write_json_atomic(marker_path, {**marker, **write_part(part, table)})

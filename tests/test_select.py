@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import rewrite_part, run_cli
 
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines.synth import write_score_set
@@ -291,7 +291,7 @@ def test_no_uids_file_unless_every_kept_row_has_a_hex_uid(sets, tmp_path: Path) 
     uids = table.column("uid").to_pylist()
     uids[:50] = [None] * 25 + ["not-a-hex-uid"] * 25
     table = table.set_column(table.schema.get_field_index("uid"), "uid", pa.array(uids))
-    pq.write_table(table, part)
+    rewrite_part(part, table)
     select(sets, tmp_path / "s", reference=copy, method="random", ratio=1.0)
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["outputs"]["uids"] is None and not (tmp_path / "s" / "uids.npy").exists()

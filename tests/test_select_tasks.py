@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli, run_subprocess
+from conftest import rewrite_part, run_cli, run_subprocess
 
 from jestcurate.io.eligible import identities
 from jestcurate.math.partition import interleave, row_hash, task_of
@@ -101,7 +101,7 @@ def _partition_only(source: Path, dest: Path, index: int, count: int) -> None:
     for part in sorted((source / "parts").glob("*.parquet")):
         table = pq.read_table(part)
         mine = task_of(identities(part.stem, table), count) == index
-        pq.write_table(table.filter(mine), dest / "parts" / part.name)
+        rewrite_part(dest / "parts" / part.name, table.filter(mine))
 
 
 def _all_tasks(root: Path, out: Path, count: int, *extra: object) -> None:

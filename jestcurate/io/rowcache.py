@@ -65,6 +65,7 @@ class ColumnWriter:
     memory map would keep every written page resident until the map closes: the whole cache.)"""
 
     def __init__(self, path: Path, dtype: str, shape: tuple[int, ...]) -> None:
+        self.path = path
         header = np.lib.format.open_memmap(path, "w+", dtype, shape)
         self.offset = header.offset
         self.dtype = np.dtype(dtype)
@@ -73,7 +74,10 @@ class ColumnWriter:
         self.file.seek(self.offset)
 
     def append(self, values: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        try:
+            self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        except OSError as exc:  # name the file: a full disk is reported with its path
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self.file.close()

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jestcurate.errors import JCError
+from jestcurate.errors import NO_SPACE, JCError, no_space
 
 SCHEMA_VERSION = 1
 META_NAME = "meta.json"
@@ -131,6 +131,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space(exc, path) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -141,8 +145,60 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_part(path: Path, table: pa.Table) -> None:
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+def write_part(path: Path, table: pa.Table) -> dict[str, Any]:
+    """Write a part atomically, with Parquet page checksums (verified on every read); returns
+    the fields its marker records to find damage later: byte size and sha256."""
+    digest: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
+        found = file_digest(tmp)
+        digest.update(part_bytes=found["bytes"], part_sha256=found["sha256"])
+
+    atomic_write(path, write)
+    return digest
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """A file's byte size and sha256: what summaries record of their outputs."""
+    with open(path, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": sha}
+
+
+def file_digests(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """file_digest of each named file in `directory` that exists."""
+    return {name: file_digest(directory / name) for name in names if (directory / name).is_file()}
+
+
+def digest_problem(path: Path, recorded: Mapping[str, Any], full: bool = True) -> str | None:
+    """A file against its recorded size (and, with `full`, sha256), or None if it matches."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != recorded.get("bytes"):
+        return f"damaged ({size:,} bytes; {recorded.get('bytes'):,} recorded)"
+    if full and file_digest(path)["sha256"] != recorded.get("sha256"):
+        return "damaged (its sha256 differs from the recorded one)"
+    return None
+
+
+def part_problem(path: Path, marker: Mapping[str, Any] | None, full: bool = False) -> str | None:
+    """What is wrong with a part against its marker, or None: the size always, the sha256 with
+    `full`. Markers from before sizes were recorded are taken on trust."""
+    exists = path.is_file()
+    if marker is None:
+        return "orphaned (a part with no marker in done/)" if exists else None
+    if not exists:
+        wrote = marker.get("status") == "ok" or marker.get("part_bytes") is not None
+        return "missing (its marker says it was written)" if wrote else None
+    size = marker.get("part_bytes")
+    if size is not None and path.stat().st_size != size:
+        return f"damaged ({path.stat().st_size:,} bytes; its marker says {size:,})"
+    sha = marker.get("part_sha256")
+    if full and sha and file_digest(path)["sha256"] != sha:
+        return "damaged (its sha256 differs from its marker's)"
+    return None
 
 
 def remove_stale_temps(directory: Path) -> int:
@@ -268,6 +324,37 @@ class ScoreSet:
         self.parts = parts
 
     @property
+    def repair(self) -> str:
+        """The command that rewrites a damaged or missing part, in words."""
+        made = "import" if self.meta.get("imported") else "score"
+        return f"rerun the `jestcurate {made}` that wrote {self.path} to redo it"
+
+    def problems(self, full: bool = False) -> list[tuple[str, str]]:
+        """(part name, what is wrong) for every part that does not match its marker, and every
+        ok marker whose part is gone."""
+        markers = read_markers(self.path)
+        names = sorted({p.stem for p in self.parts} | set(markers))
+        found = []
+        for name in names:
+            problem = part_problem(
+                self.path / PARTS_DIR / f"{name}.parquet", markers.get(name), full
+            )
+            if problem:
+                found.append((name, problem))
+        return found
+
+    def check(self) -> None:
+        """The cheap check every reader runs first: sizes against markers, parts present."""
+        found = self.problems()
+        if found:
+            name, problem = found[0]
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            raise JCError(
+                f"{self.path}: part {name} is {problem}{more}; {self.repair}, or see "
+                f"`jestcurate verify {self.path}`"
+            )
+
+    @property
     def role(self) -> str:
         return str(self.meta.get("role"))
 
@@ -306,10 +393,11 @@ class ScoreSet:
 
     def read_part(self, name: str, columns: list[str]) -> pa.Table:
         path = self.path / PARTS_DIR / f"{name}.parquet"
-        try:
-            table = pq.read_table(path, columns=columns)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise JCError(f"cannot read {path}: {exc}") from None
+        try:  # page checksums: damage inside a data page fails here, not as wrong numbers
+            table = pq.read_table(path, columns=columns, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise JCError(f"part {path} is unreadable ({first}); {self.repair}") from None
         for column in ("img_emb", "txt_emb"):
             if column in columns:
                 width = table.schema.field(column).type.list_size
@@ -332,11 +420,12 @@ def require_selection_images(summary: Mapping[str, Any], what: str) -> None:
         )
     reference = Path(summary["inputs"]["reference"]["path"])
     if (reference / META_NAME).is_file():
-        open_score_set(reference).require_images(what)
+        open_score_set(reference, check=False).require_images(what)
 
 
-def open_score_set(path: Path, role: str | None = None) -> ScoreSet:
-    """Open and check a score set; every problem is a one-line JCError."""
+def open_score_set(path: Path, role: str | None = None, check: bool = True) -> ScoreSet:
+    """Open and check a score set (with `check`, every part against its marker's size); every
+    problem is a one-line JCError."""
     meta_path = path / META_NAME
     if not meta_path.is_file():
         what = "does not exist" if not path.exists() else "has no meta.json"
@@ -361,7 +450,10 @@ def open_score_set(path: Path, role: str | None = None) -> ScoreSet:
     parts = sorted((path / PARTS_DIR).glob("*.parquet"))
     if not parts:
         raise JCError(f"{path} has no parts yet; run `jestcurate score` into it first")
-    return ScoreSet(path, meta, parts)
+    scores = ScoreSet(path, meta, parts)
+    if check:
+        scores.check()
+    return scores
 
 
 def fingerprint(s: ScoreSet) -> dict[str, Any]:
@@ -369,7 +461,10 @@ def fingerprint(s: ScoreSet) -> dict[str, Any]:
     digest = hashlib.sha256()
     rows = 0
     for part in s.parts:
-        n = pq.ParquetFile(part).metadata.num_rows
+        try:
+            n = pq.ParquetFile(part).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise JCError(f"part {part} is unreadable ({exc}); {s.repair}") from None
         rows += n
         digest.update(f"{part.name}:{n}\n".encode())
     keys = ("role", "model", "model_config_sha256", "pretrained_sha256", "init_seed", "precision")

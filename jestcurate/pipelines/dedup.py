@@ -38,6 +38,7 @@ from jestcurate.io.rowcache import ColumnWriter, RowCache, embedding_rows
 from jestcurate.io.store import (
     ScoreSet,
     atomic_write,
+    file_digests,
     fingerprint,
     finished_output,
     open_score_set,
@@ -380,6 +381,7 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         "seconds": round(time.time() - began, 3),
         "seconds_by_phase": phases,
         "peak_rss_mib": round(_peak_rss_mib()),
+        "files": file_digests(cfg.out, [OUTPUT]),  # what `jestcurate verify` checks
     }
     write_json_atomic(cfg.out / SUMMARY, summary)
     return {**summary, "reused": False}

@@ -31,6 +31,7 @@ from jestcurate.io.reader import ShardReadError, iter_raw_samples
 from jestcurate.io.shards import open_shard
 from jestcurate.io.store import (
     atomic_write,
+    file_digests,
     read_json,
     require_selection_images,
     write_json_atomic,
@@ -179,11 +180,13 @@ def export(
     paths = [str((shards_dir / chosen.shard_name(k)).resolve()) for k in range(chosen.shards)]
     atomic_write(out / SHARD_LIST, lambda tmp: tmp.write_text("\n".join(paths) + "\n"))
     last = f"{chosen.shards - 1:05d}"
+    names = [chosen.shard_name(k) for k in range(chosen.shards)]
     done = {
         **wanted_meta,
         "shards": chosen.shards,
         "pattern": str(shards_dir.resolve() / f"{{00000..{last}}}.tar"),
         "list": SHARD_LIST,
+        "files": file_digests(shards_dir, names),  # what `jestcurate verify` checks
     }
     write_json_atomic(meta_path, done)
     return done

@@ -64,6 +64,7 @@ from jestcurate.io.store import (
     SCHEMA_VERSION,
     check_meta,
     create_meta,
+    part_problem,
     part_table,
     read_json,
     read_markers,
@@ -252,7 +253,7 @@ def _write_part(
     loss = example_losses(img16, txt16, params["logit_scale"], params["logit_bias"], params["loss"])
     dim = params["embed_dim"]
     part = part_table(shard, rows, img16.numpy(), txt16.numpy(), clip.numpy(), loss.numpy(), dim)
-    write_part(out / PARTS_DIR / f"{name}.parquet", part)
+    digest = write_part(out / PARTS_DIR / f"{name}.parquet", part)
     reasons = Counter(r["error"].split(":")[0] for r in rows if r["status"] != "ok")
     errors = int((~ok).sum())
     marker = {
@@ -264,6 +265,7 @@ def _write_part(
         "error_reasons": dict(sorted(reasons.items())),
         "seconds": round(time.time() - began, 3),
         "input_bytes": input_bytes,
+        **digest,
         **(extra or {}),
         "tool_version": __version__,
     }
@@ -624,6 +626,12 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     create_meta(cfg.out, meta)
     _check_import(cfg.out, meta)  # a concurrent task may have created it first
     markers = read_markers(cfg.out)
+    for target in mine:  # a part that no longer matches its marker is not done
+        marker = markers.get(target.name)
+        part = cfg.out / PARTS_DIR / f"{target.name}.parquet"
+        if marker and marker.get("status") == "ok" and (problem := part_problem(part, marker)):
+            log.warning("part %s is %s: importing it again", target.name, problem)
+            markers.pop(target.name)
     todo = [u for u in mine if markers.get(u.name, {}).get("status") != "ok"]
     report = ImportReport(cfg.out, len(mine), len(mine) - len(todo))
     report.tied = bool(cfg.shards)

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from jestcurate import __version__, ui
-from jestcurate.errors import JCError
+from jestcurate.errors import JCError, default_sigterm
 from jestcurate.io.reader import (
     DEFAULT_MAX_PIXELS,
     ShardReadError,
@@ -48,6 +48,7 @@ from jestcurate.io.store import (
     check_meta,
     create_meta,
     marker_settles,
+    part_problem,
     part_table,
     read_markers,
     remove_stale_temps,
@@ -135,6 +136,7 @@ class ScoreConfig:
     task_index: int | None = None
     num_tasks: int | None = None
     role: str = "reference"
+    verify: bool = False  # rerun: check every finished part's sha256, not only its size
     max_pixels: int = DEFAULT_MAX_PIXELS
     init_seed: int = 0
     lease: float = DEFAULT_LEASE  # seconds a claim lasts unrenewed (matters across hosts)
@@ -155,6 +157,7 @@ class ShardResult:
     error_reasons: dict[str, int]
     seconds: float
     input_bytes: int | None
+    part: dict[str, Any] = field(default_factory=dict)  # part_bytes, part_sha256
 
     def marker(self) -> dict[str, Any]:
         return {
@@ -166,6 +169,7 @@ class ShardResult:
             "error_reasons": self.error_reasons,
             "seconds": round(self.seconds, 3),
             "input_bytes": self.input_bytes,
+            **self.part,
             "tool_version": __version__,
         }
 
@@ -241,6 +245,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.defer_jpeg = defer_jpeg
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if torch.utils.data.get_worker_info() is not None:
+            default_sigterm()  # a worker ends at once; the main process cleans up
         worker, workers = this_worker()
         for pos in range(worker, len(self.shards), workers):
             yield from self._read(pos)
@@ -420,7 +426,7 @@ class Scorer:
             loss.cpu().numpy(),
             dim,
         )
-        write_part(self.out / PARTS_DIR / f"{shard.name}.parquet", table)
+        part = write_part(self.out / PARTS_DIR / f"{shard.name}.parquet", table)
         reasons = Counter(error_reason(r["error"]) for r in state.rows if r["status"] != "ok")
         last = state.last or {}
         failure = last.get("failure")
@@ -435,6 +441,7 @@ class Scorer:
             error_reasons=dict(sorted(reasons.items())),
             seconds=time.time() - state.started,
             input_bytes=last.get("size"),
+            part=part,
         )
         # The marker comes last: a crash before it leaves the shard to be redone.
         write_json_atomic(self.out / DONE_DIR / f"{shard.name}.json", result.marker())
@@ -461,6 +468,15 @@ def _plan(cfg: ScoreConfig) -> tuple[list[Shard], list[Shard], int, int]:
     markers = read_markers(cfg.out)
     owners = {name: m.get("shard") for name, m in markers.items()}
     mine = for_task(assign_names(urls, owners), index, count)
+    for shard in mine:  # a part that no longer matches its marker is not done
+        marker = markers.get(shard.name)
+        if marker is None or marker.get("status") != "ok":
+            continue
+        problem = part_problem(cfg.out / PARTS_DIR / f"{shard.name}.parquet", marker, cfg.verify)
+        if problem:
+            log.warning("part %s is %s: scoring %s again", shard.name, problem, shard.url)
+            (cfg.out / DONE_DIR / f"{shard.name}.json").unlink(missing_ok=True)
+            markers.pop(shard.name)
     todo = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
     return mine, todo, index, count
 
@@ -508,7 +524,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         device=str(resolved.device),
     )
     progress.start(len(mine), report.skipped)
-    if not todo:
+    if not todo and (cfg.out / META_NAME).is_file():
         report.seconds = time.time() - began
         return report
 
@@ -528,6 +544,9 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     create_meta(cfg.out, meta)
     if mirror is not None:
         mirror.push(META_NAME)
+    if not todo:  # only meta.json was missing: written again from the model, as it was
+        report.seconds = time.time() - began
+        return report
 
     claims = Claims(cfg.out, Owner.this_process(), cfg.lease)
     with claims.heartbeat():
@@ -628,9 +647,10 @@ def _score_pass(
             progress.shard_done(result)
 
     threads = _CpuThreads(model.device.type, workers)
+    batches = iter(loader)
     try:
         last = time.perf_counter()
-        for item in loader:
+        for item in batches:
             if item.get("skipped"):  # claimed or finished by another run meanwhile
                 continue
             if not report.startup_seconds:
@@ -653,6 +673,9 @@ def _score_pass(
         finish_complete()
     finally:
         threads.restore()
+        # Dropping the iterator ends the worker processes now (it joins, then terminates them),
+        # even while an exception (Ctrl-C, SIGTERM, a full disk) holds this frame alive.
+        del batches
 
 
 def _decode_on_device(

@@ -40,6 +40,7 @@ from jestcurate.io.shards import resolve_task
 from jestcurate.io.store import (
     ScoreSet,
     atomic_write,
+    file_digests,
     fingerprint,
     finished_output,
     open_score_set,
@@ -376,7 +377,7 @@ def write_manifest(
 
     def write(tmp: Path) -> None:
         nonlocal halves
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as writer:
             for step, (ids, scores) in enumerate(batches):
                 n = len(ids)
                 columns = _score_columns(cache, ids, learner)
@@ -688,6 +689,7 @@ def _select_into(
             "dropped": everything.means(learner is not None, minus=kept),
         },
         "outputs": _outputs(subset is not None, ref.has_images),
+        "files": file_digests(out, [MANIFEST, UIDS]),  # what `jestcurate verify` checks
     }
     if where:  # an array task's: the merge needs exact sums, not rounded means
         summary["sums"] = {"kept": kept.state(), "eligible": everything.state()}
@@ -764,7 +766,7 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
     def write(tmp: Path) -> None:
         schema = manifest_schema(learner)
         with (
-            pq.ParquetWriter(tmp, schema, compression="zstd") as writer,
+            pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as writer,
             ui.step_progress("merging task manifests", len(order), "batches") as tick,
         ):
             for step, (task, local) in enumerate(order):
@@ -803,6 +805,7 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
             {"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
             for i, s in enumerate(tasks)
         ],
+        "files": file_digests(out, [MANIFEST, UIDS]),
     }
     write_json_atomic(out / SUMMARY, summary)
     shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # every task has its rows

@@ -308,10 +308,9 @@ def write_score_set(
     `exact_losses=False` stores -logit_scale * clip_score as ref_loss instead of the shard-level
     loss (whose n x n cost dominates at benchmark sizes); meta.json says so.
     """
-    import pyarrow.parquet as pq
     import torch
 
-    from jestcurate.io.store import SCHEMA_VERSION, part_table, write_json_atomic
+    from jestcurate.io.store import SCHEMA_VERSION, part_table, write_json_atomic, write_part
     from jestcurate.math.scoring import clip_scores, example_losses
 
     out = Path(out)
@@ -388,8 +387,9 @@ def write_score_set(
             losses.numpy(),
             dim,
         )
-        pq.write_table(table, out / "parts" / f"{name}.parquet", compression="zstd")
-        marker = {"shard": f"/synthetic/{name}.tar", "name": name, "status": "ok", "error": None}
+        digest = write_part(out / "parts" / f"{name}.parquet", table)
+        marker = {"shard": f"/synthetic/{name}.tar", "name": name, "status": "ok", "error": None,
+                  **digest}  # fmt: skip
         write_json_atomic(out / "done" / f"{name}.json", marker)
     return noisy_keys
 
@@ -411,7 +411,13 @@ def plant_duplicates(
     """
     import pyarrow.parquet as pq
 
-    from jestcurate.io.store import embedding_column, embedding_matrix, score_column, write_part
+    from jestcurate.io.store import (
+        embedding_column,
+        embedding_matrix,
+        score_column,
+        write_json_atomic,
+        write_part,
+    )
 
     parts = sorted(Path(score_set, "parts").glob("*.parquet"))
     tables = [pq.read_table(p) for p in parts]
@@ -475,5 +481,7 @@ def plant_duplicates(
         }
         for name, column in replace.items():
             table = table.set_column(table.schema.get_field_index(name), name, column)
-        write_part(path, table)
+        marker_path = Path(score_set, "done", f"{path.stem}.json")
+        marker = json.loads(marker_path.read_text())
+        write_json_atomic(marker_path, {**marker, **write_part(path, table)})
     return list(groups.values())

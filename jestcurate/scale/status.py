@@ -18,7 +18,7 @@ from rich.console import Console
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task
-from jestcurate.io.store import DONE_DIR, read_json, read_markers
+from jestcurate.io.store import DONE_DIR, PARTS_DIR, part_problem, read_json, read_markers
 from jestcurate.scale.claims import CLAIMS_DIR, Claims, Owner
 
 
@@ -27,6 +27,7 @@ class ScoreStatus:
     out: Path
     done: list[str] = field(default_factory=list)  # shard urls
     failed: list[tuple[str, str]] = field(default_factory=list)  # (shard, error)
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (shard or part, problem)
     running: list[tuple[str, str]] = field(default_factory=list)  # (shard, "host:pid")
     pending: list[str] | None = None  # shards of INPUTS with no marker; None without INPUTS
     outside: int = 0  # markers of shards that are not among the INPUTS
@@ -37,6 +38,7 @@ class ScoreStatus:
             "out": str(self.out),
             "done": len(self.done),
             "failed": [{"shard": s, "error": e} for s, e in self.failed],
+            "damaged": [{"shard": s, "problem": p} for s, p in self.damaged],
             "running": [{"shard": s, "owner": o} for s, o in self.running],
             "pending": self.pending,
             "outside_inputs": self.outside,
@@ -44,7 +46,7 @@ class ScoreStatus:
 
     @property
     def complete(self) -> bool:
-        return not self.failed and not self.running and not self.pending
+        return not self.failed and not self.damaged and not self.running and not self.pending
 
 
 def _shards(urls: Sequence[str], markers: dict[str, dict[str, Any]]) -> list[Shard]:
@@ -67,10 +69,16 @@ def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
             status.outside += 1
             continue
         shard = str(marker.get("shard", name))
-        if marker.get("status") == "ok":
+        problem = part_problem(out / PARTS_DIR / f"{name}.parquet", marker)
+        if problem:
+            status.damaged.append((shard, problem))
+        elif marker.get("status") == "ok":
             status.done.append(shard)
         else:
             status.failed.append((shard, str(marker.get("error"))))
+    for part in sorted((out / PARTS_DIR).glob("*.parquet")):
+        if part.stem not in markers and (wanted is None or part.stem in names):
+            status.damaged.append((part.stem, str(part_problem(part, None))))
     by_name = {s.name: s.url for s in wanted or []}
     if claims is not None:
         for path in sorted(claims.dir.glob("*.json")):
@@ -84,6 +92,13 @@ def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
     return status
 
 
+def _done(out: Path, name: str, marker: dict[str, Any] | None) -> bool:
+    """An ok marker whose part still matches it."""
+    if marker is None or marker.get("status") != "ok":
+        return False
+    return part_problem(out / PARTS_DIR / f"{name}.parquet", marker) is None
+
+
 def unfinished_tasks(out: Path, urls: Sequence[str], num_tasks: int) -> tuple[list[int], int]:
     """Array task indexes (of `num_tasks`) over the expanded input `urls` that still have a
     shard without an ok marker and not being scored by a live run; and how many tasks are
@@ -94,7 +109,7 @@ def unfinished_tasks(out: Path, urls: Sequence[str], num_tasks: int) -> tuple[li
     todo, busy = [], 0
     for task in range(num_tasks):
         mine = for_task(shards, task, num_tasks)
-        left = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
+        left = [s for s in mine if not _done(out, s.name, markers.get(s.name))]
         if not left:
             continue
         if claims is not None and all(claims.held_by_other(s.name) for s in left):
@@ -142,11 +157,15 @@ def print_status(found: dict[str, Any], console: Console = ui.stdout, listed: in
         pending = found["pending"]
         table.add_row("done", f"{found['done']:,}")
         table.add_row("failed", f"{len(found['failed']):,}")
+        if found.get("damaged"):
+            table.add_row("damaged (rescored by a rerun)", f"{len(found['damaged']):,}")
         table.add_row("running", f"{len(found['running']):,}")
         table.add_row("pending", "(give INPUTS)" if pending is None else f"{len(pending):,}")
         if found["outside_inputs"]:
             table.add_row("not among INPUTS", f"{found['outside_inputs']:,}")
         some([f"{f['shard']}: {f['error']}" for f in found["failed"]], "[red]failed[/red]")
+        some([f"{d['shard']}: {d['problem']}" for d in found.get("damaged", [])],
+             "[red]damaged[/red]")  # fmt: skip
         some([f"{r['shard']} ({r['owner']})" for r in found["running"]], "[cyan]running[/cyan]")
         some(pending or [], "[yellow]pending[/yellow]")
     console.print(f"{found['out']} ({found['kind']})", highlight=False, soft_wrap=True)

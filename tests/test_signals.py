@@ -1,0 +1,114 @@
+"""SIGTERM (Slurm's scancel and preemption) ends a run cleanly: exit 143 within seconds, no
+process of the run left, claims released, nothing partial, and a rerun equals an uninterrupted
+run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus, write_score_set
+
+
+def _start(*args: object) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jestcurate", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(check, seconds: float = 120.0) -> None:
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.02)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        text = (task / "children").read_text() if (task / "children").exists() else ""
+        found |= {int(c) for c in text.split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _terminate(proc: subprocess.Popen) -> tuple[int, str, float]:
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    return proc.returncode, err, time.monotonic() - began
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigterm_ends_score_cleanly_and_a_rerun_completes(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    write_corpus(pool, CorpusSpec(shards=6, samples_per_shard=100, seed=5, image_size=48,
+                                  noise=PRESETS["noisy"]))  # fmt: skip
+    out = tmp_path / "scores"
+    args = ("score", pool, "-m", "jc-tiny", "--out", out, "--workers", "2", "--batch-size", "32")
+    proc = _start(*args)
+    _wait_for(lambda: len(list((out / "done").glob("*.json"))) >= 1 if (out / "done").is_dir()
+              else False)  # fmt: skip
+    workers = _children(proc.pid)
+    assert workers, "the run should have decoding workers"
+    code, err, took = _terminate(proc)
+    assert code == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert took < 10, took
+    time.sleep(0.5)
+    assert not [w for w in workers if _alive(w)], "a worker outlived the run"
+    assert not list((out / "claims").glob("*.json")), "claims were left behind"
+    assert not list((out / "parts").glob(".*")), "a partial part is visible"
+    done = len(list((out / "done").glob("*.json")))
+    assert done < 6, "the run finished before the signal: make the corpus bigger"
+
+    rerun = subprocess.run([sys.executable, "-m", "jestcurate", *map(str, args)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    whole = tmp_path / "whole"
+    again = subprocess.run([sys.executable, "-m", "jestcurate", "score", pool, "-m", "jc-tiny",
+                            "--out", whole, "--workers", "2", "--batch-size", "32"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    for part in sorted((whole / "parts").glob("*.parquet")):
+        a = pq.read_table(part, columns=["key", "clip_score", "ref_loss"]).to_pydict()
+        b = pq.read_table(out / "parts" / part.name, columns=["key", "clip_score", "ref_loss"])
+        b = b.to_pydict()
+        assert a["key"] == b["key"]
+        assert a["clip_score"] == pytest.approx(b["clip_score"], abs=1e-5)
+
+
+def test_sigterm_ends_select_cleanly_and_a_rerun_is_identical(tmp_path: Path) -> None:
+    write_score_set(tmp_path / "ref", shards=40, rows_per_shard=2500, dim=32, seed=1,
+                    exact_losses=False)  # fmt: skip
+    out = tmp_path / "sel"
+    args = ("select", tmp_path / "ref", "--out", out, "-b", 512, "--ratio", 0.5, "--max-steps", 20)
+    proc = _start(*args)
+    _wait_for(lambda: (out / ".cache").is_dir() or proc.poll() is not None)
+    code, err, took = _terminate(proc)
+    assert code == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert took < 10
+    assert not (out / ".cache").exists() and not (out / "manifest.parquet").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    for target in (out, tmp_path / "whole"):
+        done = subprocess.run([sys.executable, "-m", "jestcurate", *map(str, args[:3]), target,
+                               *map(str, args[4:])], capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert (out / "manifest.parquet").read_bytes() == (
+        tmp_path / "whole" / "manifest.parquet"
+    ).read_bytes()
+    assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))
