@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from jestcurate import __version__, errors
-from jestcurate.errors import NO_SPACE, JCError, Terminated, no_space
+from jestcurate.errors import NO_SPACE, NO_SPACE_TEXT, JCError, Terminated, no_space
 
 app = typer.Typer(
     name="jestcurate",
@@ -43,7 +43,8 @@ def _one_line_errors(func: F) -> F:
             ui.stderr.print("terminated (SIGTERM); rerun the same command to resume")
             raise typer.Exit(143) from None
         except OSError as exc:
-            if exc.errno not in NO_SPACE:
+            # a worker process's error arrives re-raised without its errno, by its message
+            if exc.errno not in NO_SPACE and not any(m in str(exc) for m in NO_SPACE_TEXT):
                 raise
             ui.stderr.print(f"[red]error:[/red] {no_space(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -521,9 +522,15 @@ def status(
     check: Annotated[
         bool, typer.Option("--check", help="Exit 1 unless everything is done.")
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Compare each part's sha256 with its marker, not only its size."
+        ),
+    ] = False,
 ) -> None:
-    """Done, failed (with reasons), running and, given the INPUTS, pending shards of a score
-    set; or written and missing shards of an export."""
+    """Done, failed (with reasons), damaged, running and, given the INPUTS, pending shards of a
+    score set; or written and missing shards of an export."""
     import json as json_mod
 
     from jestcurate import ui
@@ -535,7 +542,7 @@ def status(
         found = status_mod.export_status(folder)
         complete = found["finished"]
     else:
-        state = status_mod.score_status(folder, inputs or ())
+        state = status_mod.score_status(folder, inputs or (), full=verify)
         found, complete = state.as_dict(), state.complete
     if json_out:
         ui.stdout.print_json(json_mod.dumps(found))

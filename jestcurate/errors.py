@@ -39,6 +39,7 @@ def default_sigterm() -> None:
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
 def no_space(exc: OSError, path: object | None = None) -> JCError:

@@ -108,6 +108,8 @@ def test_flipped_bytes_in_a_data_page_are_caught_by_page_checksums(
     assert "checksum" in output.lower() or "crc" in output.lower(), output
     code, output = run_cli("verify", damaged, "--json")
     assert code == 1 and "sha256" in output, output
+    code, output = run_cli("status", damaged, "--json", "--verify")
+    assert any("00001" in d["shard"] for d in json.loads(output)["damaged"]), output
     _score(corpus, damaged)  # the size matches, so a plain rerun trusts the part
     assert run_cli("verify", damaged)[0] == 1
     code, output = run_cli("score", corpus, "-m", "jc-tiny", "--out", damaged, "--workers", 0,
@@ -120,6 +122,8 @@ def test_a_missing_meta_json(damaged: Path, corpus: Path, tmp_path: Path) -> Non
     (damaged / "meta.json").unlink()
     code, output = run_cli("verify", damaged, "--json")
     assert code == 1 and "meta.json" in output, output
+    code, output = run_cli("status", damaged, "--json", "--check")
+    assert code == 1 and json.loads(output)["damaged"][0]["shard"] == "meta.json", output
     code, output = run_cli("select", damaged, "--out", tmp_path / "sel", "-b", 4, "--ratio", 0.5)
     assert code == 2 and "no meta.json" in output, output
     _score(corpus, damaged)

@@ -45,11 +45,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _terminate(proc: subprocess.Popen) -> tuple[int, str, float]:
-    began = time.monotonic()
+def _terminate(proc: subprocess.Popen) -> tuple[int, str]:
+    """SIGTERM, then the run must be gone well inside Slurm's default KillWait (30 s)."""
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    return proc.returncode, err, time.monotonic() - began
+    _, err = proc.communicate(timeout=20)
+    return proc.returncode, err
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
@@ -64,12 +64,10 @@ def test_sigterm_ends_score_cleanly_and_a_rerun_completes(tmp_path: Path) -> Non
               else False)  # fmt: skip
     workers = _children(proc.pid)
     assert workers, "the run should have decoding workers"
-    code, err, took = _terminate(proc)
+    code, err = _terminate(proc)
     assert code == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
-    assert took < 10, took
-    time.sleep(0.5)
-    assert not [w for w in workers if _alive(w)], "a worker outlived the run"
+    _wait_for(lambda: not [w for w in workers if _alive(w)], seconds=5)  # no worker outlives it
     assert not list((out / "claims").glob("*.json")), "claims were left behind"
     assert not list((out / "parts").glob(".*")), "a partial part is visible"
     done = len(list((out / "done").glob("*.json")))
@@ -98,10 +96,9 @@ def test_sigterm_ends_select_cleanly_and_a_rerun_is_identical(tmp_path: Path) ->
     args = ("select", tmp_path / "ref", "--out", out, "-b", 512, "--ratio", 0.5, "--max-steps", 20)
     proc = _start(*args)
     _wait_for(lambda: (out / ".cache").is_dir() or proc.poll() is not None)
-    code, err, took = _terminate(proc)
+    code, err = _terminate(proc)
     assert code == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
-    assert took < 10
     assert not (out / ".cache").exists() and not (out / "manifest.parquet").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     for target in (out, tmp_path / "whole"):

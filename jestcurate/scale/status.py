@@ -55,7 +55,8 @@ def _shards(urls: Sequence[str], markers: dict[str, dict[str, Any]]) -> list[Sha
     return assign_names(urls, owners)
 
 
-def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
+def score_status(out: Path, inputs: Sequence[str] = (), full: bool = False) -> ScoreStatus:
+    """Where a score set stands; `full` also compares each part's sha256 with its marker."""
     if not (out / "meta.json").is_file() and not (out / DONE_DIR).is_dir():
         raise JCError(f"{out} is not a score set or an export (no meta.json, no shards/)")
     markers = read_markers(out)
@@ -69,7 +70,7 @@ def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
             status.outside += 1
             continue
         shard = str(marker.get("shard", name))
-        problem = part_problem(out / PARTS_DIR / f"{name}.parquet", marker)
+        problem = part_problem(out / PARTS_DIR / f"{name}.parquet", marker, full)
         if problem:
             status.damaged.append((shard, problem))
         elif marker.get("status") == "ok":
@@ -79,6 +80,8 @@ def score_status(out: Path, inputs: Sequence[str] = ()) -> ScoreStatus:
     for part in sorted((out / PARTS_DIR).glob("*.parquet")):
         if part.stem not in markers and (wanted is None or part.stem in names):
             status.damaged.append((part.stem, str(part_problem(part, None))))
+    if not (out / "meta.json").is_file():
+        status.damaged.append(("meta.json", "missing (a score rerun writes it again)"))
     by_name = {s.name: s.url for s in wanted or []}
     if claims is not None:
         for path in sorted(claims.dir.glob("*.json")):
