@@ -315,7 +315,7 @@ def slurm_score(
             from jestcurate.io.remote import Mirror
 
             Mirror(upload_to, local=local).sync_markers()
-        tasks, busy = unfinished_tasks(local, urls, count)
+        tasks, busy = unfinished_tasks(local, urls, count, parts=not upload_to)
         note = f" ({busy} more are running now)" if busy else ""
         if not tasks:
             ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")
@@ -534,7 +534,7 @@ def status(
     import json as json_mod
 
     from jestcurate import ui
-    from jestcurate.io.remote import local_dir
+    from jestcurate.io.remote import is_url, local_dir
     from jestcurate.scale import status as status_mod
 
     folder = local_dir(path, ("meta.json", "done/*.json"))
@@ -542,7 +542,9 @@ def status(
         found = status_mod.export_status(folder)
         complete = found["finished"]
     else:
-        state = status_mod.score_status(folder, inputs or (), full=verify)
+        # a URL's mirror holds the markers, not the parts: parts are checked where they are
+        parts = not is_url(path)
+        state = status_mod.score_status(folder, inputs or (), full=verify, parts=parts)
         found, complete = state.as_dict(), state.complete
     if json_out:
         ui.stdout.print_json(json_mod.dumps(found))

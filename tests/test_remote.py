@@ -110,7 +110,9 @@ def test_score_survives_flaky_remote_shards(corpus: Path, tmp_path: Path, flaky)
         assert remote.drop(["shard"]).equals(local.drop(["shard"])), part.name
 
 
-def test_score_set_on_a_url_written_resumed_and_read(corpus: Path, tmp_path: Path, memory) -> None:
+def test_score_set_on_a_url_written_resumed_and_read(
+    corpus: Path, tmp_path: Path, memory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = "memory://bucket/scores"
     args = ["score", corpus, "--out", url, "-m", "jc-tiny", "--workers", "0"]
     code, output = run_cli(*args)
@@ -139,3 +141,11 @@ def test_score_set_on_a_url_written_resumed_and_read(corpus: Path, tmp_path: Pat
     code, output = run_cli("select", url, "--out", tmp_path / "sel", "-b", "8", "--ratio", "0.5")
     assert code == 0, output
     assert pq.read_table(tmp_path / "sel" / "manifest.parquet").num_rows > 0
+
+    # On a new host (an empty local mirror: markers first, no parts) nothing looks damaged,
+    # and a rerun scores nothing again.
+    monkeypatch.setenv("JESTCURATE_CACHE", str(tmp_path / "other-host"))
+    code, output = run_cli("status", url, corpus, "--check")
+    assert code == 0, output
+    code, output = run_cli(*args)
+    assert code == 0 and " 0 " in output.split("scored now")[1][:20], output

@@ -175,9 +175,9 @@ def digest_problem(path: Path, recorded: Mapping[str, Any], full: bool = True) -
     """A file against its recorded size (and, with `full`, sha256), or None if it matches."""
     if not path.is_file():
         return "missing"
-    size = path.stat().st_size
-    if size != recorded.get("bytes"):
-        return f"damaged ({size:,} bytes; {recorded.get('bytes'):,} recorded)"
+    size, wanted = path.stat().st_size, recorded.get("bytes")
+    if size != wanted:
+        return f"damaged ({size:,} bytes; {wanted} recorded)"
     if full and file_digest(path)["sha256"] != recorded.get("sha256"):
         return "damaged (its sha256 differs from the recorded one)"
     return None

@@ -468,14 +468,20 @@ def _plan(cfg: ScoreConfig) -> tuple[list[Shard], list[Shard], int, int]:
     markers = read_markers(cfg.out)
     owners = {name: m.get("shard") for name, m in markers.items()}
     mine = for_task(assign_names(urls, owners), index, count)
-    for shard in mine:  # a part that no longer matches its marker is not done
+    # A part that no longer matches its marker is not done. (A remote set's local mirror holds
+    # the markers, not the parts: there the markers are trusted.)
+    for shard in mine if cfg.upload_to is None else []:
         marker = markers.get(shard.name)
         if marker is None or marker.get("status") != "ok":
             continue
-        problem = part_problem(cfg.out / PARTS_DIR / f"{shard.name}.parquet", marker, cfg.verify)
+        part = cfg.out / PARTS_DIR / f"{shard.name}.parquet"
+        problem = part_problem(part, marker, cfg.verify)
         if problem:
+            path = cfg.out / DONE_DIR / f"{shard.name}.json"
+            if read_markers(cfg.out).get(shard.name) != marker:
+                continue  # another run rewrote it meanwhile: its part is new
             log.warning("part %s is %s: scoring %s again", shard.name, problem, shard.url)
-            (cfg.out / DONE_DIR / f"{shard.name}.json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             markers.pop(shard.name)
     todo = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
     return mine, todo, index, count

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from jestcurate import __version__
-from jestcurate.errors import JCError
+from jestcurate.errors import JCError, default_sigterm
 from jestcurate.io.reader import (
     IMAGE_EXTS,
     ShardReadError,
@@ -301,7 +301,11 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
             cfg.seed + epoch, stats,
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=cfg.workers, pin_memory=model.device.type == "cuda"
+            stream,
+            batch_size=None,
+            num_workers=cfg.workers,
+            pin_memory=model.device.type == "cuda",
+            worker_init_fn=_worker_init,  # SIGTERM ends a worker at once; the main cleans up
         )
         produced = 0
         for images, tokens in loader:
@@ -343,3 +347,7 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
     return TrainReport(
         cfg.out, step, epoch, samples, last_loss, time.time() - began, resumed_from, skipped
     )
+
+
+def _worker_init(worker_id: int) -> None:
+    default_sigterm()

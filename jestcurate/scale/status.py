@@ -55,8 +55,11 @@ def _shards(urls: Sequence[str], markers: dict[str, dict[str, Any]]) -> list[Sha
     return assign_names(urls, owners)
 
 
-def score_status(out: Path, inputs: Sequence[str] = (), full: bool = False) -> ScoreStatus:
-    """Where a score set stands; `full` also compares each part's sha256 with its marker."""
+def score_status(
+    out: Path, inputs: Sequence[str] = (), full: bool = False, parts: bool = True
+) -> ScoreStatus:
+    """Where a score set stands; `full` also compares each part's sha256 with its marker;
+    `parts=False` (a remote set's local mirror, which holds only markers) trusts the markers."""
     if not (out / "meta.json").is_file() and not (out / DONE_DIR).is_dir():
         raise JCError(f"{out} is not a score set or an export (no meta.json, no shards/)")
     markers = read_markers(out)
@@ -70,14 +73,14 @@ def score_status(out: Path, inputs: Sequence[str] = (), full: bool = False) -> S
             status.outside += 1
             continue
         shard = str(marker.get("shard", name))
-        problem = part_problem(out / PARTS_DIR / f"{name}.parquet", marker, full)
+        problem = part_problem(out / PARTS_DIR / f"{name}.parquet", marker, full) if parts else None
         if problem:
             status.damaged.append((shard, problem))
         elif marker.get("status") == "ok":
             status.done.append(shard)
         else:
             status.failed.append((shard, str(marker.get("error"))))
-    for part in sorted((out / PARTS_DIR).glob("*.parquet")):
+    for part in sorted((out / PARTS_DIR).glob("*.parquet")) if parts else []:
         if part.stem not in markers and (wanted is None or part.stem in names):
             status.damaged.append((part.stem, str(part_problem(part, None))))
     if not (out / "meta.json").is_file():
@@ -95,14 +98,16 @@ def score_status(out: Path, inputs: Sequence[str] = (), full: bool = False) -> S
     return status
 
 
-def _done(out: Path, name: str, marker: dict[str, Any] | None) -> bool:
-    """An ok marker whose part still matches it."""
+def _done(out: Path, name: str, marker: dict[str, Any] | None, parts: bool = True) -> bool:
+    """An ok marker whose part still matches it (with `parts`; else the marker alone)."""
     if marker is None or marker.get("status") != "ok":
         return False
-    return part_problem(out / PARTS_DIR / f"{name}.parquet", marker) is None
+    return not parts or part_problem(out / PARTS_DIR / f"{name}.parquet", marker) is None
 
 
-def unfinished_tasks(out: Path, urls: Sequence[str], num_tasks: int) -> tuple[list[int], int]:
+def unfinished_tasks(
+    out: Path, urls: Sequence[str], num_tasks: int, parts: bool = True
+) -> tuple[list[int], int]:
     """Array task indexes (of `num_tasks`) over the expanded input `urls` that still have a
     shard without an ok marker and not being scored by a live run; and how many tasks are
     skipped because all their remaining shards are being scored now."""
@@ -112,7 +117,7 @@ def unfinished_tasks(out: Path, urls: Sequence[str], num_tasks: int) -> tuple[li
     todo, busy = [], 0
     for task in range(num_tasks):
         mine = for_task(shards, task, num_tasks)
-        left = [s for s in mine if not _done(out, s.name, markers.get(s.name))]
+        left = [s for s in mine if not _done(out, s.name, markers.get(s.name), parts)]
         if not left:
             continue
         if claims is not None and all(claims.held_by_other(s.name) for s in left):
