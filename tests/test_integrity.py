@@ -143,3 +143,19 @@ def test_verify_checks_selections_and_exports(scored: Path, tmp_path: Path) -> N
     code, output = run_cli("verify", sel, "--json")
     found = {Path(p["file"]).name for p in json.loads(output)["problems"]}
     assert code == 1 and found == {tar.name, "uids.npy"}, output
+
+
+def test_a_damaged_manifest_is_one_line_for_its_readers(scored: Path, tmp_path: Path) -> None:
+    from jestcurate.errors import JCError
+    from jestcurate.trainer.loader import SelectionBatches
+
+    sel = tmp_path / "sel"
+    assert run_cli("select", scored, "--out", sel, "-b", 4, "--ratio", 0.5)[0] == 0
+    manifest = sel / "manifest.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:-100])
+    code, output = run_cli("report", scored, "--selection", sel, "--out", tmp_path / "r.html")
+    assert code == 2 and "manifest.parquet is unreadable" in output and "verify" in output, output
+    with pytest.raises(JCError, match=r"manifest\.parquet is unreadable"):
+        SelectionBatches(sel, source="original")
+    code, output = run_cli("verify", sel)
+    assert code == 1 and "manifest.parquet" in output, output

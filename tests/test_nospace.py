@@ -137,3 +137,23 @@ def test_select_dedup_and_export_on_a_full_disk(
                         clean / "shards" / tar
                     ).read_bytes()
                     assert same, tar
+
+
+def test_train_checkpoint_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jestcurate.errors import JCError
+    from jestcurate.pipelines import train as train_mod
+    from jestcurate.pipelines.synth import CorpusSpec, write_corpus
+
+    guide = tmp_path / "guide"
+    write_corpus(guide, CorpusSpec(shards=1, samples_per_shard=32, seed=5, image_size=32))
+    with small_disk(tmp_path, monkeypatch) as disk:
+        out = disk.root / "ref.pt"
+        cfg = train_mod.TrainConfig(inputs=(str(guide),), out=out, model="jc-tiny", steps=2,
+                                    batch_size=16, workers=0)  # fmt: skip
+        disk.fill(leave=16_000)
+        with pytest.raises(JCError, match="no space left"):
+            train_mod.run(cfg)
+        assert not out.exists() and not list(disk.root.glob(".*.tmp"))
+        disk.free()
+        train_mod.run(cfg)
+        assert out.is_file()

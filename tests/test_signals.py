@@ -109,3 +109,43 @@ def test_sigterm_ends_select_cleanly_and_a_rerun_is_identical(tmp_path: Path) ->
         tmp_path / "whole" / "manifest.parquet"
     ).read_bytes()
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "whole"))
+
+
+def test_sigterm_ends_select_export_cleanly(corpus: Path, tmp_path: Path) -> None:
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(corpus, pool)
+    scores = tmp_path / "scores"
+    base = [sys.executable, "-m", "jestcurate"]
+    done = subprocess.run([*base, "score", pool, "-m", "jc-tiny", "--out", scores,
+                           "--workers", "0"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    select = ["select", scores, "-b", 4, "--ratio", 0.5, "--export", "--samples-per-shard", 8]
+    clean = subprocess.run([*base, *map(str, select), "--out", tmp_path / "clean"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert clean.returncode == 0, clean.stderr
+    # The last source shard becomes a FIFO: the export blocks there, mid-run, until signalled.
+    tar = pool / "00002.tar"
+    tar.rename(tmp_path / "00002.tar")
+    os.mkfifo(tar)
+    out = tmp_path / "sel"
+    proc = _start(*select, "--out", out)
+    _wait_for(lambda: any((out / "shards").glob(".spill*")) or proc.poll() is not None)
+    time.sleep(0.3)
+    code, err = _terminate(proc)
+    assert code == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert not list((out / "shards").glob("*.tar")) and not (out / "shards.txt").exists()
+    assert not [p for p in out.rglob("*.tmp")]
+    tar.unlink()
+    (tmp_path / "00002.tar").rename(tar)
+    again = subprocess.run([*base, *map(str, select), "--out", out], capture_output=True,
+                           text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    names = sorted(p.name for p in (tmp_path / "clean" / "shards").glob("*.tar"))
+    assert names == sorted(p.name for p in (out / "shards").glob("*.tar"))
+    for name in names:
+        assert (out / "shards" / name).read_bytes() == (
+            tmp_path / "clean" / "shards" / name
+        ).read_bytes()

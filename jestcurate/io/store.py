@@ -9,9 +9,11 @@ Layout (the contract in docs/scores.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -135,9 +137,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if exc.errno in NO_SPACE:
             raise no_space(exc, path) from None
         raise
+    except Exception as exc:  # torch.save and others say "write failed", not ENOSPC
+        if _nearly_full(path.parent):
+            raise no_space(OSError(errno.ENOSPC, str(exc)), path) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -407,6 +420,20 @@ class ScoreSet:
                         f"embed_dim {self.dim}"
                     )
         return table
+
+
+def read_output(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A selection's manifest or a dedup output, page checksums verified: damage is one line
+    naming the file and the repair, not a traceback."""
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise JCError(
+            f"{path} is unreadable ({first}); rerun the command that wrote it "
+            f"(`jestcurate verify {path.parent}` lists what is damaged)"
+        ) from None
 
 
 def require_selection_images(summary: Mapping[str, Any], what: str) -> None:

@@ -42,6 +42,7 @@ from jestcurate.io.store import (
     fingerprint,
     finished_output,
     open_score_set,
+    read_output,
     write_json_atomic,
 )
 
@@ -461,7 +462,7 @@ def _by_shard(dedup_dir: Path, column: str, where: str | None = None) -> dict[st
     path = dedup_dir / OUTPUT
     if not path.is_file():
         raise JCError(f"{dedup_dir} is not a dedup output (no {OUTPUT}); run jestcurate dedup")
-    table = pq.read_table(path, columns=["shard", "index", column])
+    table = read_output(path, ["shard", "index", column])
     if where is not None:
         table = table.filter(pc.invert(table.column(where)))
     encoded = table.column("shard").combine_chunks().dictionary_encode()

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from jestcurate import ui
 from jestcurate.errors import JCError
@@ -33,6 +32,7 @@ from jestcurate.io.store import (
     atomic_write,
     file_digests,
     read_json,
+    read_output,
     require_selection_images,
     write_json_atomic,
 )
@@ -112,7 +112,7 @@ def export(
 
     summary = read_json(out / "summary.json")
     require_selection_images(summary, "select --export")
-    manifest = pq.read_table(out / "manifest.parquet")
+    manifest = read_output(out / "manifest.parquet")
     batch = int(summary["parameters"]["batch_size"])
     chosen = plan(batch, manifest.num_rows, samples_per_shard)
     shards_dir = out / SHARDS_DIR

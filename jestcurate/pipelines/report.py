@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
@@ -35,7 +34,7 @@ from jestcurate.io.reader import (
 )
 from jestcurate.io.remote import is_url
 from jestcurate.io.shards import open_shard
-from jestcurate.io.store import ScoreSet, open_score_set, read_json, read_markers
+from jestcurate.io.store import ScoreSet, open_score_set, read_json, read_markers, read_output
 from jestcurate.trainer.loader import TarIndex
 
 
@@ -103,7 +102,7 @@ def kept_mask(stats: Stats, selection: Path) -> tuple[np.ndarray, dict[str, Any]
     if not summary_path.is_file():
         raise JCError(f"{selection} is not a finished selection (no summary.json)")
     summary = read_json(summary_path)
-    manifest = pq.read_table(selection / "manifest.parquet", columns=["shard", "index"])
+    manifest = read_output(selection / "manifest.parquet", ["shard", "index"])
     part_of = {shard: i for i, shard in enumerate(stats.shards)}
     starts = np.zeros(len(stats.shards) + 1, dtype=np.int64)
     np.cumsum([s["samples"] for s in stats.per_shard], out=starts[1:])

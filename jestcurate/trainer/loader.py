@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from jestcurate.errors import JCError
 from jestcurate.io.reader import split_member
 from jestcurate.io.remote import is_url
-from jestcurate.io.store import read_json, require_selection_images
+from jestcurate.io.store import read_json, read_output, require_selection_images
 
 Sample = dict[str, Any]
 
@@ -126,7 +125,7 @@ class SelectionBatches(torch.utils.data.IterableDataset):
             self.per_shard = int(read_json(exported)["samples_per_shard"])
         else:
             require_selection_images(summary, "SelectionBatches")
-            manifest = pq.read_table(self.dir / "manifest.parquet", columns=["shard", "index"])
+            manifest = read_output(self.dir / "manifest.parquet", ["shard", "index"])
             self.shard_of = manifest.column("shard").to_pylist()
             self.index_of = np.asarray(manifest.column("index").to_numpy())
         default_rank, default_world = _distributed()

@@ -43,7 +43,7 @@ import torch
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.store import ScoreSet, fingerprint, open_score_set
+from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_output
 from jestcurate.math.jest import (
     CRITERIA,
     DEFAULT_POOL,
@@ -160,14 +160,13 @@ class SuperBatches(torch.utils.data.IterableDataset):
 
     def _from_export(self, selection: Path) -> np.ndarray:
         """The cache rows a selection kept, read from its export by manifest position."""
-        import pyarrow.parquet as pq
 
         from jestcurate.io.store import read_json
 
         meta = selection / "shards" / "export.json"
         if not meta.is_file() or "shards" not in read_json(meta):
             raise JCError(f"{selection} has no finished export; run select with --export")
-        manifest = pq.read_table(selection / "manifest.parquet", columns=["shard", "index"])
+        manifest = read_output(selection / "manifest.parquet", ["shard", "index"])
         position = {
             (shard, index): p
             for p, (shard, index) in enumerate(
