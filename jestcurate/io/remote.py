@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jestcurate.errors import NO_SPACE
+
 log = logging.getLogger(__name__)
 
 RETRIES = 5
@@ -33,6 +35,8 @@ def is_url(path: str) -> bool:
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: network and server trouble, not a missing or forbidden object."""
     if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # a full local disk stays full
         return False
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return True
@@ -155,8 +159,11 @@ class Mirror:
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.download")
-                retry(f"downloading {path}", lambda p=path, t=tmp: self.fs.get_file(p, str(t)))
-                os.replace(tmp, target)
+                try:
+                    retry(f"downloading {path}", lambda p=path, t=tmp: self.fs.get_file(p, str(t)))
+                    os.replace(tmp, target)
+                finally:  # never leave half a download behind (a full disk, a signal)
+                    tmp.unlink(missing_ok=True)
                 fetched += 1
         return fetched
 

@@ -201,7 +201,11 @@ def part_problem(path: Path, marker: Mapping[str, Any] | None, full: bool = Fals
     `full`. Markers from before sizes were recorded are taken on trust."""
     exists = path.is_file()
     if marker is None:
-        return "orphaned (a part with no marker in done/)" if exists else None
+        if not exists:
+            return None
+        if (path.parent.parent / "claims" / f"{path.stem}.json").is_file():  # scale/claims.py
+            return "orphaned, or still being written (no marker yet, and a score run claims it)"
+        return "orphaned (a part with no marker in done/)"
     if not exists:
         wrote = marker.get("status") == "ok" or marker.get("part_bytes") is not None
         return "missing (its marker says it was written)" if wrote else None
