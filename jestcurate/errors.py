@@ -11,6 +11,12 @@ class JCError(Exception):
     """Bad input or an impossible request: the CLI prints the message and exits with code 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-blank line (library messages run to many), else its type."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (Slurm's scancel, preemption, a time limit): unwind, cleaning up as for
     Ctrl-C, and exit 143. A BaseException, so `except Exception` blocks do not swallow it."""

@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Counts, Filters, Scan, eligible_masks, identities, row_values
-from jestcurate.io.rowcache import ColumnWriter, RowCache
+from jestcurate.io.eligible import Counts, Filters, eligible_masks, identities, row_values
+from jestcurate.io.rowcache import ColumnWriter, RowCache, fixed_bytes
 from jestcurate.io.store import ScoreSet, dead_local_writer, finished_output, write_json_atomic
 from jestcurate.math.partition import task_of
 
@@ -180,9 +180,8 @@ def scatter(
             records = np.zeros(len(values["part"]), dtype=dtype)
             for column, data in values.items():
                 records[column] = data
-            records["key"] = [k.encode() for k in table.column("key").filter(keep).to_pylist()]
-            uids = table.column("uid").filter(keep).to_pylist()
-            records["uid"] = [u.encode() if u else b"" for u in uids]
+            records["key"] = fixed_bytes(table.column("key").filter(keep), key_width)
+            records["uid"] = fixed_bytes(table.column("uid").filter(keep), uid_width)
             where = dest[keep]
             order = np.argsort(where, kind="stable")  # row order kept within each task
             sizes = np.bincount(where, minlength=count)
@@ -239,11 +238,10 @@ def gather(
     task: int,
     cache_dir: Path,
     on_part: Callable[[], None] | None = None,
-) -> tuple[Scan, RowCache]:
+) -> RowCache:
     """Round 2 for `task`: its buckets from every scatter, in part order, as the flat cache."""
     count = len(dones)
     names = ref.part_names()
-    counts = counts_for(root, count, task)
     shards = [""] * len(names)
     for done in dones:
         for p, shard in zip(done["parts"], done["shards"], strict=True):
@@ -255,7 +253,7 @@ def gather(
     indexes = [_row(root, s, count, INDEX, task) for s in range(count)]  # parts/N values each
     dtypes = [_record_dtype(d["key_width"], d["uid_width"], ref, learner, columns) for d in dones]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    n = counts.eligible
+    n = sum(int(rows.sum()) for rows in indexes)  # this task's eligible rows
     writers = {
         name: ColumnWriter(cache_dir / f"{name}.npy", out_dtype[name].base.str,
                            (n, *out_dtype[name].shape))
@@ -285,7 +283,7 @@ def gather(
             f.close()
         for writer in writers.values():
             writer.close()
-    return Scan(counts, shards, key_width, uid_width), RowCache(cache_dir, shards, n)
+    return RowCache(cache_dir, shards, n)
 
 
 def drop_buckets(root: Path, task: int, count: int) -> None:

@@ -15,7 +15,7 @@ from typing import IO
 
 from braceexpand import braceexpand
 
-from jestcurate.errors import JCError
+from jestcurate.errors import JCError, first_line
 from jestcurate.io.remote import RetryingReader, is_url, retry
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -43,8 +43,7 @@ def _check_protocol(url: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise JCError(f"cannot read {protocol}:// inputs: {first_line}") from None
+        raise JCError(f"cannot read {protocol}:// inputs: {first_line(exc)}") from None
 
 
 def _is_shard_file(name: str) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jestcurate.errors import NO_SPACE, JCError, no_space
+from jestcurate.errors import NO_SPACE, JCError, first_line, no_space
 
 SCHEMA_VERSION = 1
 META_NAME = "meta.json"
@@ -319,6 +319,26 @@ def read_markers(out: Path) -> dict[str, dict[str, Any]]:
     return markers
 
 
+def forget_unmatched(
+    out: Path, markers: dict[str, dict[str, Any]], names: list[str], full: bool = False
+) -> list[tuple[str, str]]:
+    """Of `names`, the ok shards whose part no longer matches its marker (the size; with
+    `full`, the sha256): their markers are removed, on disk and from `markers`, so a rerun
+    redoes them. A marker another run rewrote meanwhile is left alone. Returns (name, problem)."""
+    forgotten = []
+    for name in names:
+        marker = markers.get(name)
+        if marker is None or marker.get("status") != "ok":
+            continue
+        problem = part_problem(out / PARTS_DIR / f"{name}.parquet", marker, full)
+        if problem is None or read_markers(out).get(name) != marker:
+            continue
+        (out / DONE_DIR / f"{name}.json").unlink(missing_ok=True)
+        markers.pop(name)
+        forgotten.append((name, problem))
+    return forgotten
+
+
 def marker_settles(out: Path, name: str, since: float) -> bool:
     """Whether shard `name` needs no more work in a run that began at `since`: it is done, or
     it failed in an attempt that started during this run (a broken shard is retried by the
@@ -413,8 +433,7 @@ class ScoreSet:
         try:  # page checksums: damage inside a data page fails here, not as wrong numbers
             table = pq.read_table(path, columns=columns, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise JCError(f"part {path} is unreadable ({first}); {self.repair}") from None
+            raise JCError(f"part {path} is unreadable ({first_line(exc)}); {self.repair}") from None
         for column in ("img_emb", "txt_emb"):
             if column in columns:
                 width = table.schema.field(column).type.list_size
@@ -432,10 +451,8 @@ def read_output(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
         raise JCError(
-            f"{path} is unreadable ({first}); rerun the command that wrote it "
+            f"{path} is unreadable ({first_line(exc)}); rerun the command that wrote it "
             f"(`jestcurate verify {path.parent}` lists what is damaged)"
         ) from None
 

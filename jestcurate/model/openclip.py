@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jestcurate.errors import JCError
+from jestcurate.errors import JCError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def _fetch_tag(open_clip: Any, name: str, tag: str) -> str:
         path = open_clip.download_pretrained(cfg)
     except Exception as exc:  # network, hub and cache errors all mean the same thing here
         raise JCError(
-            f"cannot fetch pretrained weights {tag!r} for {name}: {_first_line(exc)}"
+            f"cannot fetch pretrained weights {tag!r} for {name}: {first_line(exc)}"
         ) from None
     if not path or not os.path.isfile(path):
         raise JCError(f"cannot fetch pretrained weights {tag!r} for {name}")
@@ -197,11 +197,6 @@ def _unpickling_message(path: str | None, text: str) -> str:
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     reason = detail.group(1).strip() if detail else "unreadable pickle"
     return f"cannot load {path}: not a PyTorch checkpoint ({reason})"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__
 
 
 class LoadedModel:
@@ -314,7 +309,7 @@ def load_model(resolved: ResolvedSpec, warn_random: bool = True) -> LoadedModel:
         raise JCError(_unpickling_message(resolved.pretrained, str(exc))) from None
     except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
         what = resolved.pretrained if resolved.pretrained else resolved.name
-        raise JCError(f"cannot load {what} into {resolved.name}: {_first_line(exc)}") from None
+        raise JCError(f"cannot load {what} into {resolved.name}: {first_line(exc)}") from None
     finally:
         quiet.setLevel(level)
     model = model.to(resolved.device).eval()

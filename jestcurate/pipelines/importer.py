@@ -45,7 +45,7 @@ import torch
 from rich.console import Console
 
 from jestcurate import __version__, ui
-from jestcurate.errors import JCError
+from jestcurate.errors import JCError, first_line
 from jestcurate.io.reader import ShardReadError, iter_raw_samples, split_member
 from jestcurate.io.shards import (
     Shard,
@@ -64,7 +64,7 @@ from jestcurate.io.store import (
     SCHEMA_VERSION,
     check_meta,
     create_meta,
-    part_problem,
+    forget_unmatched,
     part_table,
     read_json,
     read_markers,
@@ -168,11 +168,6 @@ _BAD_ARRAY_FILE = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _arrays(unit: Unit) -> tuple[np.ndarray, np.ndarray]:
     try:
         if unit.img_key is None:
@@ -183,7 +178,7 @@ def _arrays(unit: Unit) -> tuple[np.ndarray, np.ndarray]:
                 raise ValueError(f"no array {', '.join(missing)} (it has {', '.join(npz.files)})")
             return npz[unit.img_key], npz[unit.txt_key]
     except _BAD_ARRAY_FILE as exc:
-        raise ValueError(f"{unit.img.name}: {_first_line(exc)}") from None
+        raise ValueError(f"{unit.img.name}: {first_line(exc)}") from None
 
 
 def _normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +219,7 @@ def _read_metadata(unit: Unit, columns: list[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(unit.metadata, columns=columns)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise ValueError(f"{unit.metadata.name}: {_first_line(exc)}") from None
+        raise ValueError(f"{unit.metadata.name}: {first_line(exc)}") from None
 
 
 def _write_part(
@@ -317,7 +312,7 @@ class SourceIndex:
                 try:
                     names = pq.ParquetFile(unit.metadata).schema_arrow.names
                 except (OSError, pa.ArrowInvalid) as exc:  # its rows cannot be found
-                    skipped.append(f"{unit.metadata.name} ({_first_line(exc)})")
+                    skipped.append(f"{unit.metadata.name} ({first_line(exc)})")
                     names = ["uid"]
                 if "uid" not in names:
                     raise JCError(
@@ -397,7 +392,7 @@ def _tar_keys(path: str) -> list[str]:
             f.seek(tar.offset)
             end = f.read(tarfile.BLOCKSIZE)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ValueError(f"not a readable tar: {_first_line(exc)}") from None
+        raise ValueError(f"not a readable tar: {first_line(exc)}") from None
     if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
         raise ValueError(f"tar damaged after {len(keys)} samples: no end-of-archive marker")
     return keys
@@ -438,7 +433,7 @@ def shard_samples(shard: Shard) -> list[dict[str, Any]]:
     except ShardReadError as exc:
         raise ValueError(str(exc)) from None
     except OSError as exc:
-        raise ValueError(f"cannot read: {_first_line(exc)}") from None
+        raise ValueError(f"cannot read: {first_line(exc)}") from None
     return samples
 
 
@@ -626,12 +621,9 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     create_meta(cfg.out, meta)
     _check_import(cfg.out, meta)  # a concurrent task may have created it first
     markers = read_markers(cfg.out)
-    for target in mine:  # a part that no longer matches its marker is not done
-        marker = markers.get(target.name)
-        part = cfg.out / PARTS_DIR / f"{target.name}.parquet"
-        if marker and marker.get("status") == "ok" and (problem := part_problem(part, marker)):
-            log.warning("part %s is %s: importing it again", target.name, problem)
-            markers.pop(target.name)
+    # a part that no longer matches its marker is not done
+    for name, problem in forget_unmatched(cfg.out, markers, [t.name for t in mine]):
+        log.warning("part %s is %s: importing it again", name, problem)
     todo = [u for u in mine if markers.get(u.name, {}).get("status") != "ok"]
     report = ImportReport(cfg.out, len(mine), len(mine) - len(todo))
     report.tied = bool(cfg.shards)

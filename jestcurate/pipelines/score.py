@@ -47,8 +47,8 @@ from jestcurate.io.store import (
     SCHEMA_VERSION,
     check_meta,
     create_meta,
+    forget_unmatched,
     marker_settles,
-    part_problem,
     part_table,
     read_markers,
     remove_stale_temps,
@@ -470,19 +470,10 @@ def _plan(cfg: ScoreConfig) -> tuple[list[Shard], list[Shard], int, int]:
     mine = for_task(assign_names(urls, owners), index, count)
     # A part that no longer matches its marker is not done. (A remote set's local mirror holds
     # the markers, not the parts: there the markers are trusted.)
-    for shard in mine if cfg.upload_to is None else []:
-        marker = markers.get(shard.name)
-        if marker is None or marker.get("status") != "ok":
-            continue
-        part = cfg.out / PARTS_DIR / f"{shard.name}.parquet"
-        problem = part_problem(part, marker, cfg.verify)
-        if problem:
-            path = cfg.out / DONE_DIR / f"{shard.name}.json"
-            if read_markers(cfg.out).get(shard.name) != marker:
-                continue  # another run rewrote it meanwhile: its part is new
-            log.warning("part %s is %s: scoring %s again", shard.name, problem, shard.url)
-            path.unlink(missing_ok=True)
-            markers.pop(shard.name)
+    if cfg.upload_to is None:
+        urls_of = {s.name: s.url for s in mine}
+        for name, problem in forget_unmatched(cfg.out, markers, list(urls_of), cfg.verify):
+            log.warning("part %s is %s: scoring %s again", name, problem, urls_of[name])
     todo = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
     return mine, todo, index, count
 

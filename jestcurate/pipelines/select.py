@@ -531,7 +531,7 @@ def run(cfg: SelectConfig) -> SelectReport:
         def build(cache_dir: Path) -> RowCache:
             label = "gathering this task's rows"
             with ui.step_progress(label, len(ref.parts), "parts") as tick:
-                return scatter_mod.gather(ref, learner, root, dones, index, cache_dir, tick)[1]
+                return scatter_mod.gather(ref, learner, root, dones, index, cache_dir, tick)
 
         where = f" in task {index}'s partition"
         mine = _select_into(cfg, task_dir, ref, learner, task_identity, counts, build, where)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from jestcurate import ui
-from jestcurate.errors import JCError
+from jestcurate.errors import JCError, first_line
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
@@ -37,8 +37,7 @@ def _readable(path: Path) -> str | None:
     try:
         pq.read_table(path, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as exc:
-        text = str(exc).strip()
-        return f"unreadable ({text.splitlines()[0] if text else type(exc).__name__})"
+        return f"unreadable ({first_line(exc)})"
     return None
 
 
