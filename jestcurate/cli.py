@@ -311,11 +311,14 @@ def slurm_score(
                 "--retry needs the same inputs and score options"
             )
         count = int(plan["num_tasks"])
+        files = None
         if upload_to:
-            from jestcurate.io.remote import Mirror
+            from jestcurate.io.remote import Mirror, RemoteParts
 
-            Mirror(upload_to, local=local).sync_markers()
-        tasks, busy = unfinished_tasks(local, urls, count, parts=not upload_to)
+            mirror = Mirror(upload_to, local=local)
+            mirror.sync_markers()
+            files = RemoteParts(mirror)
+        tasks, busy = unfinished_tasks(local, urls, count, files)
         note = f" ({busy} more are running now)" if busy else ""
         if not tasks:
             ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")
@@ -534,17 +537,23 @@ def status(
     import json as json_mod
 
     from jestcurate import ui
-    from jestcurate.io.remote import is_url, local_dir
+    from jestcurate.io.remote import Mirror, RemoteParts, is_url, local_dir
+    from jestcurate.io.store import META_NAME
     from jestcurate.scale import status as status_mod
 
-    folder = local_dir(path, ("meta.json", "done/*.json"))
+    files = None
+    if is_url(path):  # the mirror gets the markers; the parts are checked where they are
+        mirror = Mirror(path)
+        mirror.pull((META_NAME,))
+        mirror.sync_markers()
+        folder, files = mirror.local, RemoteParts(mirror)
+    else:
+        folder = local_dir(path)
     if (folder / "shards" / "export.json").is_file():
         found = status_mod.export_status(folder)
         complete = found["finished"]
     else:
-        # a URL's mirror holds the markers, not the parts: parts are checked where they are
-        parts = not is_url(path)
-        state = status_mod.score_status(folder, inputs or (), full=verify, parts=parts)
+        state = status_mod.score_status(folder, inputs or (), full=verify, files=files)
         found, complete = state.as_dict(), state.complete
     if json_out:
         ui.stdout.print_json(json_mod.dumps(found))
@@ -558,14 +567,17 @@ def status(
 @_one_line_errors
 def verify(
     path: Annotated[
-        Path,
-        typer.Argument(help="A score set, a selection (and its export) or a dedup output."),
+        str,
+        typer.Argument(
+            help="A score set (a path or a URL), a selection (and its export) or a dedup output."
+        ),
     ],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check every file against its marker (score sets: size and sha256 of each part; parts
     with no marker, markers with no part) or against the sizes and hashes in summary.json and
-    shards/export.json, and list what is damaged, missing or orphaned. Changes nothing.
+    shards/export.json, and list what is damaged, missing or orphaned. Changes nothing. A score
+    set at a URL is checked where it is: its parts are streamed, not stored.
 
     Exit status: 0 intact, 1 problems found, 2 not something jestcurate wrote."""
     import json as json_mod

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jestcurate.errors import NO_SPACE
+from jestcurate.io.store import PARTS_DIR, PartFiles
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,24 @@ class Mirror:
             if path.name not in remote:
                 path.unlink()
 
+    def sizes(self, directory: str, suffix: str) -> dict[str, int]:
+        """{name without `suffix`: byte size} of the remote files directory/*suffix, from one
+        listing."""
+        found = retry(
+            f"listing {self.url}/{directory}",
+            lambda: self.fs.glob(self._remote(f"{directory}/*{suffix}"), detail=True),
+        )
+        return {
+            path.rsplit("/", 1)[-1].removesuffix(suffix): int(info["size"])
+            for path, info in found.items()
+            if info.get("type") != "directory"
+        }
+
+    def sha256(self, relative: str) -> str:
+        """The sha256 of a remote file, streamed (nothing is stored locally)."""
+        with RetryingReader(f"{self.url}/{relative}") as raw:
+            return hashlib.file_digest(io.BufferedReader(raw, 1 << 20), "sha256").hexdigest()
+
     def push(self, relative: str) -> None:
         source = self.local / relative
         target = self._remote(relative)
@@ -198,3 +217,24 @@ def local_dir(location: str, patterns: tuple[str, ...] = ("**",)) -> Path:
     mirror = Mirror(location)
     mirror.pull(patterns)
     return mirror.local
+
+
+class RemoteParts(PartFiles):
+    """The parts of a score set at a URL, for the checks: names and sizes from one listing,
+    hashes streamed from the remote copy. Claims are looked up in the local mirror."""
+
+    local = False
+
+    def __init__(self, mirror: Mirror) -> None:
+        super().__init__(mirror.local)
+        self.mirror = mirror
+        self._sizes = mirror.sizes(PARTS_DIR, ".parquet")
+
+    def names(self) -> set[str]:
+        return set(self._sizes)
+
+    def size(self, name: str) -> int | None:
+        return self._sizes.get(name)
+
+    def sha256(self, name: str) -> str:
+        return self.mirror.sha256(f"{PARTS_DIR}/{name}.parquet")

@@ -30,7 +30,7 @@ from jestcurate.io.reader import (
     iter_raw_samples,
     parse_sample,
 )
-from jestcurate.io.remote import Mirror
+from jestcurate.io.remote import Mirror, RemoteParts
 from jestcurate.io.shards import (
     Shard,
     assign_names,
@@ -43,8 +43,10 @@ from jestcurate.io.shards import (
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
+    ORPHANED_DIR,
     PARTS_DIR,
     SCHEMA_VERSION,
+    PartFiles,
     check_meta,
     create_meta,
     forget_unmatched,
@@ -52,6 +54,7 @@ from jestcurate.io.store import (
     part_table,
     read_markers,
     remove_stale_temps,
+    set_aside_strays,
     write_json_atomic,
     write_part,
 )
@@ -461,19 +464,33 @@ def _chunk_size(batch_size: int, image_size: tuple[int, int], budget: int = 64 <
     return max(1, min(batch_size, budget // per_sample))
 
 
-def _plan(cfg: ScoreConfig) -> tuple[list[Shard], list[Shard], int, int]:
+def _plan(
+    cfg: ScoreConfig, mirror: Mirror | None = None
+) -> tuple[list[Shard], list[Shard], int, int]:
     """(this task's shards, those still to do, task index, task count)."""
     urls = expand_inputs(cfg.inputs)
     index, count = resolve_task(cfg.task_index, cfg.num_tasks)
     markers = read_markers(cfg.out)
     owners = {name: m.get("shard") for name, m in markers.items()}
-    mine = for_task(assign_names(urls, owners), index, count)
+    everyone = assign_names(urls, owners)
+    mine = for_task(everyone, index, count)
     # A part that no longer matches its marker is not done. (A remote set's local mirror holds
-    # the markers, not the parts: there the markers are trusted.)
-    if cfg.upload_to is None:
-        urls_of = {s.name: s.url for s in mine}
-        for name, problem in forget_unmatched(cfg.out, markers, list(urls_of), cfg.verify):
-            log.warning("part %s is %s: scoring %s again", name, problem, urls_of[name])
+    # the markers only: its parts are checked in one listing of the URL.)
+    files = RemoteParts(mirror) if mirror is not None else PartFiles(cfg.out)
+    urls_of = {s.name: s.url for s in mine}
+    for name, problem in forget_unmatched(cfg.out, markers, list(urls_of), cfg.verify, files):
+        log.warning("part %s is %s: scoring %s again", name, problem, urls_of[name])
+    if mirror is None:  # a part no input shard would redo, and no run is writing
+        owner = Owner.this_process()
+
+        def live(name: str) -> bool:  # only asked when there are strays: no claims/ otherwise
+            return Claims(cfg.out, owner).held_by_other(name) is not None
+
+        for name in set_aside_strays(cfg.out, markers, {s.name for s in everyone}, live):
+            log.warning(
+                "part %s has no marker and is none of the INPUTS' shards: moved to %s/%s/",
+                name, cfg.out, ORPHANED_DIR,
+            )  # fmt: skip
     todo = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
     return mine, todo, index, count
 
@@ -502,7 +519,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         mirror = Mirror(cfg.upload_to, local=cfg.out)
         mirror.pull((META_NAME,))
         mirror.sync_markers(DONE_DIR)
-    mine, todo, index, count = _plan(cfg)
+    mine, todo, index, count = _plan(cfg, mirror)
     resolved = resolve_spec(
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.init_seed)
     )

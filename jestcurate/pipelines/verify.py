@@ -20,15 +20,18 @@ from rich.console import Console
 
 from jestcurate import ui
 from jestcurate.errors import JCError, first_line
+from jestcurate.io.remote import Mirror, RemoteParts, is_url
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
     PARTS_DIR,
-    ScoreSet,
+    PartFiles,
     digest_problem,
     part_problem,
     read_json,
     read_markers,
+    repair_hint,
+    unhashed_problem,
 )
 
 
@@ -52,23 +55,23 @@ def _json(path: Path, problems: list[dict[str, str]]) -> dict[str, Any] | None:
         return None
 
 
-def _score_set(path: Path, problems: list[dict[str, str]]) -> int:
+def _score_set(path: Path, problems: list[dict[str, str]], files: PartFiles) -> int:
     _json(path / META_NAME, problems)
     markers = read_markers(path)
     unreadable = [p.stem for p in (path / DONE_DIR).glob("*.json") if p.stem not in markers]
     for name in unreadable:
         problems.append({"file": str(path / DONE_DIR / f"{name}.json"), "problem": "unreadable"})
-    parts = {p.stem for p in (path / PARTS_DIR).glob("*.parquet")}
-    names = sorted(parts | set(markers))
+    names = sorted(files.names() | set(markers))
+    where = files.mirror.url if isinstance(files, RemoteParts) else str(path)
     with ui.step_progress("verifying parts", len(names), "parts") as tick:
         for name in names:
-            part = path / PARTS_DIR / f"{name}.parquet"
             marker = markers.get(name)
-            problem = part_problem(part, marker, full=True)
-            if problem is None and part.is_file() and not (marker or {}).get("part_sha256"):
-                problem = _readable(part)  # no recorded hash: let the page checksums speak
+            problem = part_problem(files, name, marker, full=True)
+            unhashed = problem is None and marker is not None and not marker.get("part_sha256")
+            if unhashed and files.local and files.size(name) is not None:
+                problem = unhashed_problem(files.path(name), marker)  # page checksums speak
             if problem:
-                problems.append({"file": str(part), "problem": problem})
+                problems.append({"file": f"{where}/{PARTS_DIR}/{name}.parquet", "problem": problem})
             tick()
     return len(names)
 
@@ -106,24 +109,36 @@ def _derived(path: Path, product: str, problems: list[dict[str, str]]) -> int:
     return checked
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Every problem found under `path`, with what kind of output it is."""
+def verify(location: str | Path) -> dict[str, Any]:
+    """Every problem found under `location` (a path, or a score set's URL), with what kind of
+    output it is."""
     problems: list[dict[str, str]] = []
+    if is_url(str(location)):
+        mirror = Mirror(str(location))
+        mirror.pull((META_NAME,))
+        mirror.sync_markers()
+        return _score_set_report(str(location), mirror.local, RemoteParts(mirror))
+    path = Path(str(location).removeprefix("file://"))
     if (path / "dedup.parquet").is_file() or (path / "summary.json").is_file():
         product = "dedup.parquet" if (path / "dedup.parquet").is_file() else "manifest.parquet"
         kind = "dedup" if product == "dedup.parquet" else "selection"
         checked = _derived(path, product, problems)
     elif any((path / d).is_dir() for d in (PARTS_DIR, DONE_DIR)) or (path / META_NAME).exists():
-        kind = "score set"
-        checked = _score_set(path, problems)
-        meta = read_json(path / META_NAME) if (path / META_NAME).is_file() and not any(
-            p["file"].endswith(META_NAME) for p in problems) else {}  # fmt: skip
-        repair = ScoreSet(path, meta, []).repair
-        return {"path": str(path), "kind": kind, "checked": checked, "problems": problems,
-                "repair": f"To repair: {repair} (parts that do not match are redone)."}  # fmt: skip
+        return _score_set_report(str(path), path, PartFiles(path))
     else:
         raise JCError(f"{path} is not a score set, a selection or a dedup output")
     return {"path": str(path), "kind": kind, "checked": checked, "problems": problems}
+
+
+def _score_set_report(shown: str, path: Path, files: PartFiles) -> dict[str, Any]:
+    problems: list[dict[str, str]] = []
+    checked = _score_set(path, problems, files)
+    meta_ok = (path / META_NAME).is_file() and not any(
+        p["file"].endswith(META_NAME) for p in problems
+    )
+    repair = repair_hint(shown, read_json(path / META_NAME) if meta_ok else {})
+    return {"path": shown, "kind": "score set", "checked": checked, "problems": problems,
+            "repair": f"To repair: {repair} (parts that do not match are redone)."}  # fmt: skip
 
 
 def print_report(found: dict[str, Any], console: Console = ui.stdout) -> None:

@@ -18,7 +18,7 @@ from rich.console import Console
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task
-from jestcurate.io.store import DONE_DIR, PARTS_DIR, part_problem, read_json, read_markers
+from jestcurate.io.store import DONE_DIR, PartFiles, part_problem, read_json, read_markers
 from jestcurate.scale.claims import CLAIMS_DIR, Claims, Owner
 
 
@@ -56,13 +56,15 @@ def _shards(urls: Sequence[str], markers: dict[str, dict[str, Any]]) -> list[Sha
 
 
 def score_status(
-    out: Path, inputs: Sequence[str] = (), full: bool = False, parts: bool = True
+    out: Path, inputs: Sequence[str] = (), full: bool = False, files: PartFiles | None = None
 ) -> ScoreStatus:
-    """Where a score set stands; `full` also compares each part's sha256 with its marker;
-    `parts=False` (a remote set's local mirror, which holds only markers) trusts the markers."""
+    """Where a score set stands; `full` also compares each part's sha256 with its marker.
+    `files` says where the parts are when not under `out` (remote.RemoteParts for a URL,
+    whose local mirror holds the markers only)."""
     if not (out / "meta.json").is_file() and not (out / DONE_DIR).is_dir():
         raise JCError(f"{out} is not a score set or an export (no meta.json, no shards/)")
     markers = read_markers(out)
+    files = files or PartFiles(out)
     status = ScoreStatus(out)
     claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
     wanted = _shards(expand_inputs(inputs), markers) if inputs else None
@@ -73,16 +75,16 @@ def score_status(
             status.outside += 1
             continue
         shard = str(marker.get("shard", name))
-        problem = part_problem(out / PARTS_DIR / f"{name}.parquet", marker, full) if parts else None
+        problem = part_problem(files, name, marker, full)
         if problem:
             status.damaged.append((shard, problem))
         elif marker.get("status") == "ok":
             status.done.append(shard)
         else:
             status.failed.append((shard, str(marker.get("error"))))
-    for part in sorted((out / PARTS_DIR).glob("*.parquet")) if parts else []:
-        if part.stem not in markers and (wanted is None or part.stem in names):
-            status.damaged.append((part.stem, str(part_problem(part, None))))
+    for name in sorted(files.names() - set(markers)):
+        if wanted is None or name in names:
+            status.damaged.append((name, str(part_problem(files, name, None))))
     if not (out / "meta.json").is_file():
         status.damaged.append(("meta.json", "missing (a score rerun writes it again)"))
     by_name = {s.name: s.url for s in wanted or []}
@@ -98,26 +100,27 @@ def score_status(
     return status
 
 
-def _done(out: Path, name: str, marker: dict[str, Any] | None, parts: bool = True) -> bool:
-    """An ok marker whose part still matches it (with `parts`; else the marker alone)."""
+def _done(files: PartFiles, name: str, marker: dict[str, Any] | None) -> bool:
+    """An ok marker whose part still matches it."""
     if marker is None or marker.get("status") != "ok":
         return False
-    return not parts or part_problem(out / PARTS_DIR / f"{name}.parquet", marker) is None
+    return part_problem(files, name, marker) is None
 
 
 def unfinished_tasks(
-    out: Path, urls: Sequence[str], num_tasks: int, parts: bool = True
+    out: Path, urls: Sequence[str], num_tasks: int, files: PartFiles | None = None
 ) -> tuple[list[int], int]:
     """Array task indexes (of `num_tasks`) over the expanded input `urls` that still have a
     shard without an ok marker and not being scored by a live run; and how many tasks are
     skipped because all their remaining shards are being scored now."""
     markers = read_markers(out)
+    files = files or PartFiles(out)
     shards = _shards(urls, markers)
     claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
     todo, busy = [], 0
     for task in range(num_tasks):
         mine = for_task(shards, task, num_tasks)
-        left = [s for s in mine if not _done(out, s.name, markers.get(s.name), parts)]
+        left = [s for s in mine if not _done(files, s.name, markers.get(s.name))]
         if not left:
             continue
         if claims is not None and all(claims.held_by_other(s.name) for s in left):
