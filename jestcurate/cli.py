@@ -537,16 +537,12 @@ def status(
     import json as json_mod
 
     from jestcurate import ui
-    from jestcurate.io.remote import Mirror, RemoteParts, is_url, local_dir
-    from jestcurate.io.store import META_NAME
+    from jestcurate.io.remote import is_url, local_dir, remote_score_set
     from jestcurate.scale import status as status_mod
 
     files = None
     if is_url(path):  # the mirror gets the markers; the parts are checked where they are
-        mirror = Mirror(path)
-        mirror.pull((META_NAME,))
-        mirror.sync_markers()
-        folder, files = mirror.local, RemoteParts(mirror)
+        folder, files = remote_score_set(path)
     else:
         folder = local_dir(path)
     if (folder / "shards" / "export.json").is_file():

@@ -238,3 +238,12 @@ class RemoteParts(PartFiles):
 
     def sha256(self, name: str) -> str:
         return self.mirror.sha256(f"{PARTS_DIR}/{name}.parquet")
+
+
+def remote_score_set(url: str) -> tuple[Path, RemoteParts]:
+    """A score set at a URL for checking: its local mirror with meta.json and exactly the
+    remote markers, and its parts as they are remotely."""
+    mirror = Mirror(url)
+    mirror.pull(("meta.json",))
+    mirror.sync_markers()
+    return mirror.local, RemoteParts(mirror)

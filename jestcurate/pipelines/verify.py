@@ -20,7 +20,7 @@ from rich.console import Console
 
 from jestcurate import ui
 from jestcurate.errors import JCError, first_line
-from jestcurate.io.remote import Mirror, RemoteParts, is_url
+from jestcurate.io.remote import RemoteParts, is_url, remote_score_set
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
@@ -114,10 +114,7 @@ def verify(location: str | Path) -> dict[str, Any]:
     output it is."""
     problems: list[dict[str, str]] = []
     if is_url(str(location)):
-        mirror = Mirror(str(location))
-        mirror.pull((META_NAME,))
-        mirror.sync_markers()
-        return _score_set_report(str(location), mirror.local, RemoteParts(mirror))
+        return _score_set_report(str(location), *remote_score_set(str(location)))
     path = Path(str(location).removeprefix("file://"))
     if (path / "dedup.parquet").is_file() or (path / "summary.json").is_file():
         product = "dedup.parquet" if (path / "dedup.parquet").is_file() else "manifest.parquet"
