@@ -149,3 +149,57 @@ def test_sigterm_ends_select_export_cleanly(corpus: Path, tmp_path: Path) -> Non
         assert (out / "shards" / name).read_bytes() == (
             tmp_path / "clean" / "shards" / name
         ).read_bytes()
+
+
+# A launcher that registers `stalled://`, an fsspec store whose listing works but whose every
+# read fails as a dropped connection would: the workers sit in their retry backoff, as on a
+# storage outage, which is when a scheduler's SIGTERM must still end the run within seconds.
+_STALLED = """
+import sys
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
+
+class Stalled(MemoryFileSystem):
+    protocol = "stalled"
+    root_marker = "/"
+    store = {}
+    pseudo_dirs = [""]
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" in mode:
+            raise ConnectionError("connection reset by peer")
+        return super()._open(path, mode, **kwargs)
+
+fsspec.register_implementation("stalled", Stalled)
+for i in range(4):
+    with fsspec.open(f"stalled://pool/{i:05d}.tar", "wb") as f:
+        f.write(b"x" * 10240)
+
+from jestcurate.cli import main
+main()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigterm_ends_score_with_workers_stuck_in_retries(tmp_path: Path) -> None:
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(_STALLED)
+    out = tmp_path / "scores"
+    shards = [f"stalled://pool/{i:05d}.tar" for i in range(4)]
+    cmd = [sys.executable, str(launcher), "score", *shards, "-m", "jc-tiny", "--out", str(out),
+           "--workers", "4"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    claims = out / "claims"
+    _wait_for(lambda: len(list(claims.glob("*.json"))) == 4 if claims.is_dir() else False)
+    time.sleep(1.0)  # into the backoff
+    workers = _children(proc.pid)
+    assert len(workers) >= 4, "the run should have four decoding workers"
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)  # torch alone joins each worker for 5 s in turn
+    took = time.monotonic() - began
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    _wait_for(lambda: not [w for w in workers if _alive(w)], seconds=5)
+    assert not list(claims.glob("*.json")), "claims were left behind"
+    print(f"ended {took:.1f} s after SIGTERM")

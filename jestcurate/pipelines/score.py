@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -687,9 +688,29 @@ def _score_pass(
         finish_complete()
     finally:
         threads.restore()
+        if sys.exc_info()[0] is not None:
+            _end_workers(batches)
         # Dropping the iterator ends the worker processes now (it joins, then terminates them),
         # even while an exception (Ctrl-C, SIGTERM, a full disk) holds this frame alive.
         del batches
+
+
+def _end_workers(batches: Any) -> None:
+    """Interrupted: end the decoding workers at once. torch's own shutdown joins each worker
+    for up to 5 s in turn, so four workers asleep in a retry backoff would hold a SIGTERM for
+    20 s of Slurm's 30 s KillWait. Their pids leave torch's SIGCHLD watch first, so their
+    deaths are not reported as a worker failure."""
+    workers = getattr(batches, "_workers", None) or []
+    if getattr(batches, "_worker_pids_set", False):
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(timeout=2)
 
 
 def _decode_on_device(
