@@ -159,3 +159,35 @@ def test_a_damaged_manifest_is_one_line_for_its_readers(scored: Path, tmp_path: 
         SelectionBatches(sel, source="original")
     code, output = run_cli("verify", sel)
     assert code == 1 and "manifest.parquet" in output, output
+
+
+def test_a_part_no_input_would_redo_is_set_aside(damaged: Path, corpus: Path) -> None:
+    stray = damaged / "parts" / "elsewhere.parquet"  # e.g. from a run over other INPUTS
+    shutil.copy(damaged / "parts" / "00000.parquet", stray)
+    output = _score(corpus, damaged)
+    assert "elsewhere" in output and "orphaned" in output, output
+    assert not stray.exists() and (damaged / "orphaned" / "elsewhere.parquet").exists()
+    code, output = run_cli("verify", damaged)
+    assert code == 0 and "intact" in output, output
+    code, output = run_cli("select", damaged, "--out", damaged.parent / "sel", "-b", 4)
+    assert code == 0, output
+
+
+def test_old_markers_gain_their_hashes_under_score_verify(damaged: Path, corpus: Path) -> None:
+    before = {}
+    for path in (damaged / "done").glob("*.json"):
+        marker = json.loads(path.read_text())
+        before[path.stem] = (marker.pop("part_bytes"), marker.pop("part_sha256"))
+        path.write_text(json.dumps(marker))  # as an earlier version wrote it
+    part = damaged / "parts" / "00001.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    code, output = run_cli("score", corpus, "-m", "jc-tiny", "--out", damaged, "--workers", 0,
+                           "--verify")  # fmt: skip
+    assert code == 0 and "00001" in output and "scoring" in output, output
+    for path in (damaged / "done").glob("*.json"):
+        marker = json.loads(path.read_text())
+        assert marker["part_bytes"] == (damaged / "parts" / f"{path.stem}.parquet").stat().st_size
+        if path.stem != "00001":  # the intact parts kept their bytes: the same hashes
+            assert (marker["part_bytes"], marker["part_sha256"]) == before[path.stem]
+    code, output = run_cli("verify", damaged)
+    assert code == 0 and "intact" in output, output
