@@ -1,7 +1,16 @@
 """jestcurate `score` beside clip-retrieval's `inference` on the same shards and the same model.
 
-    python benchmarks/peer_clip_retrieval.py [--model ViT-B-32] [--shards 4] [--samples 128]
-        [--batch-size 64] [--workers 1] [--peer-venv DIR] [--workdir DIR] [--check-import]
+    python benchmarks/peer_clip_retrieval.py [--models jc-tiny ViT-B-32:1] [--shards 4]
+        [--samples 128] [--batch-size 64] [--workers 1] [--image-size 256] [--gpu]
+        [--peer-venv DIR] [--workdir DIR] [--check-import]
+
+Each model in --models is run by both tools in turn, in one invocation: a decode-bound one
+(jc-tiny, a 64 px model, on 256 px images) and a model-bound one (ViT-B-32); a JSON line per
+model and the ratio of the two tools' wall-clock rates. `NAME:N` runs that model on the first
+N shards only (a slow model-bound case need not see the thousands of samples a decode-bound one
+needs for a steady figure). clip-retrieval learns the project's
+own model configs (jc-tiny) through open_clip.add_model_config in a small launcher, then runs
+its own `inference` code unchanged.
 
 Both tools get the same synthetic WebDataset shards (256 px JPEGs with captions), the same
 open_clip architecture with the same weights (a random-initialised checkpoint saved locally:
@@ -51,7 +60,9 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--models", nargs="+", default=["jc-tiny", "ViT-B-32:1"])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--gpu", action="store_true", help="both tools on CUDA")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -66,56 +77,76 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    import open_clip
-
     peer = ensure_peer(args.peer_venv)
     work = args.workdir
-    pool = work / "pool"
+    pool = work / f"pool-{args.image_size}px-{args.shards}x{args.samples}"
     if not pool.exists():
         spec = CorpusSpec(
             shards=args.shards,
             samples_per_shard=args.samples,
-            image_size=256,
+            image_size=args.image_size,
             noise=PRESETS["noisy"],
         )
         write_corpus(pool, spec)
-    checkpoint = work / f"{args.model}-random.pt"
+    for model in args.models:
+        name, _, shards = model.partition(":")
+        result = compare(args, name, int(shards or args.shards), peer, pool, work)
+        print(json.dumps(result), flush=True)
+
+
+def compare(
+    args: argparse.Namespace, model_name: str, shards: int, peer: Path, pool: Path, work: Path
+) -> dict:
+    import open_clip
+
+    from jestcurate.model.openclip import BUILTIN_CONFIG_DIR, _open_clip
+
+    _open_clip()  # teaches open_clip the project's configs (jc-tiny)
+    checkpoint = work / f"{model_name}-random.pt"
     if not checkpoint.exists():
         torch.manual_seed(0)
-        model = open_clip.create_model(args.model, pretrained=None)
+        model = open_clip.create_model(model_name, pretrained=None)
         torch.save(model.state_dict(), checkpoint)
-    total = args.shards * args.samples
-    last = f"{args.shards - 1:05d}"
+    total = shards * args.samples
+    last = f"{shards - 1:05d}"
     pattern = str(pool / f"{{00000..{last}}}.tar")
+    device = "cuda" if args.gpu else "cpu"
 
     out = work / f"jc-{time.time_ns()}"
     jc_cmd = [
         sys.executable, "-m", "jestcurate", "score", pattern, "--out", str(out),
-        "-m", args.model, "--pretrained", str(checkpoint), "--batch-size", str(args.batch_size),
-        "--workers", str(args.workers), "--device", "cpu",
+        "-m", model_name, "--pretrained", str(checkpoint), "--batch-size", str(args.batch_size),
+        "--workers", str(args.workers), "--device", device,
     ]  # fmt: skip
     jc_seconds, jc_log = timed(jc_cmd)
     steady = re.search(r"throughput\s+([\d,.]+) samples/s", jc_log)
     peer_out = work / f"cr-{time.time_ns()}"
+    launcher = (
+        "import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
+        "from clip_retrieval.cli import main; sys.exit(main())"
+    )
     cr_cmd = [
-        str(peer), "inference", "--input_dataset", pattern, "--output_folder", str(peer_out),
-        "--input_format", "webdataset", "--clip_model", f"open_clip:{args.model}/{checkpoint}",
+        str(peer.parent / "python"), "-c", launcher, str(BUILTIN_CONFIG_DIR),
+        "inference", "--input_dataset", pattern, "--output_folder", str(peer_out),
+        "--input_format", "webdataset", "--clip_model", f"open_clip:{model_name}/{checkpoint}",
         "--batch_size", str(args.batch_size), "--num_prepro_workers", str(args.workers),
         "--enable_text", "True", "--enable_image", "True", "--enable_metadata", "False",
         "--use_jit", "False", "--enable_wandb", "False",
     ]  # fmt: skip
-    cr_seconds, cr_log = timed(cr_cmd, env={"CUDA_VISIBLE_DEVICES": ""})
+    cr_seconds, cr_log = timed(cr_cmd, env=None if args.gpu else {"CUDA_VISIBLE_DEVICES": ""})
     embeddings = sorted((peer_out / "img_emb").glob("*.npy"))
     if not embeddings:
         sys.exit(f"clip-retrieval wrote no image embeddings:\n{cr_log[-3000:]}")
     peer_version = subprocess.run(
-        [str(args.peer_venv / "bin" / "pip"), "show", "clip-retrieval"],
+        [str(peer.parent / "pip"), "show", "clip-retrieval"],
         capture_output=True,
         text=True,
     ).stdout
     version = re.search(r"Version: (\S+)", peer_version)
     result = {
-        "model": args.model,
+        "model": model_name,
+        "device": device,
+        "image_size": args.image_size,
         "samples": total,
         "batch_size": args.batch_size,
         "workers": args.workers,
@@ -127,10 +158,11 @@ def main() -> None:
         "clip_retrieval_version": version and version.group(1),
         "clip_retrieval_wall_s": round(cr_seconds, 1),
         "clip_retrieval_wall_samples_per_s": round(total / cr_seconds, 2),
+        "wall_ratio": round(cr_seconds / jc_seconds, 2),
     }
     if args.check_import:
-        result.update(check_import(peer_out, out, args.model, checkpoint, work))
-    print(json.dumps(result))
+        result.update(check_import(peer_out, out, model_name, checkpoint, work))
+    return result
 
 
 def check_import(peer_out: Path, scored: Path, model: str, checkpoint: Path, work: Path) -> dict:

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default=None)
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--decode", default="pil", choices=["pil", "torch"])
+    parser.add_argument("--decode", default="pil", choices=["auto", "pil", "pil-draft", "torch"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -141,10 +141,14 @@ Workers = Annotated[
 Decode = Annotated[
     str,
     typer.Option(
-        help="auto (torch on CUDA, pil on CPU), pil (open_clip's own preprocessing, exact) or "
-        "torch: JPEGs decoded and preprocessed in batches on the model's device (nvJPEG on "
-        "CUDA), so CPU decoding does not cap throughput; embeddings agree closely, not bit for "
-        "bit.",
+        help="auto (torch where the model's transform allows, else pil; an existing score set "
+        "keeps its own), pil "
+        "(open_clip's own preprocessing, exact), pil-draft (JPEGs at least twice the model's "
+        "input size decoded at 1/2, 1/4 or 1/8 scale by Pillow's draft mode, then open_clip's "
+        "preprocessing: several times cheaper, pixels differ slightly) or torch: JPEGs decoded "
+        "and preprocessed in batches by torchvision, on the GPU (nvJPEG) or in the CPU "
+        "workers; embeddings agree closely, not bit for bit. The choice is part of the score "
+        "set's identity.",
     ),
 ]
 Role = Annotated[str, typer.Option(help="reference (the frozen guide-trained model) or learner.")]

@@ -15,7 +15,7 @@ from conftest import run_cli
 from PIL import Image
 
 from jestcurate.errors import JCError
-from jestcurate.io.reader import error_reason
+from jestcurate.io.reader import error_reason, load_image
 from jestcurate.io.store import embedding_matrix
 from jestcurate.model.devicedecode import DevicePreprocess
 
@@ -80,20 +80,66 @@ def test_score_with_torch_decoding(corpus, hostile, tmp_path) -> None:
         assert cos.min() > 0.99, cos.min()
     meta = json.loads((tmp_path / "dev" / "meta.json").read_text())
     assert meta["decode"] == "torch"
-    # One score set, one decoder: mixing is refused.
-    code, output = run_cli("score", corpus, "--out", tmp_path / "dev", *args)
+    # One score set, one decoder: mixing is refused; `auto` carries on with the set's own.
+    code, output = run_cli("score", corpus, "--out", tmp_path / "dev", *args, "--decode", "pil")
     assert code == 2 and "decode" in output, output
+    (tmp_path / "dev" / "done" / "00000.json").unlink()
+    code, output = run_cli("score", corpus, "--out", tmp_path / "dev", *args)
+    assert code == 0 and (tmp_path / "dev" / "done" / "00000.json").exists(), output
 
-    # Every hostile sample gets the same status as with PIL decoding.
+    # Every hostile sample gets the same status as with PIL decoding, whether the workers
+    # decode (a CPU model with workers) or the main process does (as on a GPU).
     shard, expected = hostile
-    out = tmp_path / "hostile"
-    code, _ = run_cli("score", shard, "--out", out, *args, "--decode", "torch")
-    rows = pq.read_table(out / "parts" / "hostile.parquet").to_pylist()
-    assert len(rows) == len(expected) + 1  # the last repeats the first key
-    for row in rows[:-1]:
-        got = "ok" if row["status"] == "ok" else error_reason(row["error"])
-        assert got == expected[row["key"]], row
-        assert (row["img_emb"] is None) == (row["status"] != "ok")
+    for workers in (0, 1):
+        out = tmp_path / f"hostile-{workers}"
+        code, _ = run_cli("score", shard, "--out", out, "-m", "jc-tiny", "--workers", workers,
+                          "--decode", "torch")  # fmt: skip
+        rows = pq.read_table(out / "parts" / "hostile.parquet").to_pylist()
+        assert len(rows) == len(expected) + 1  # the last repeats the first key
+        for row in rows[:-1]:
+            got = "ok" if row["status"] == "ok" else error_reason(row["error"])
+            assert got == expected[row["key"]], row
+            assert (row["img_emb"] is None) == (row["status"] != "ok")
+
+
+def test_draft_decoding_reduces_large_jpegs_only() -> None:
+    from torchvision import transforms as T
+
+    from jestcurate.model import devicedecode
+    from jestcurate.pipelines.synth import draw_image, encode
+
+    jpeg = encode(draw_image(3, np.random.default_rng(0), 256))
+    assert load_image(jpeg).size == (256, 256)
+    assert load_image(jpeg, draft=64).size == (64, 64)  # 1/4: both sides stay >= 64
+    assert load_image(jpeg, draft=100).size == (128, 128)  # 1/2
+    assert load_image(jpeg, draft=200).size == (256, 256)  # under twice the size: untouched
+    png = encode(Image.new("RGB", (256, 256), (9, 9, 9)), "PNG")
+    assert load_image(png, draft=64).size == (256, 256)  # not a JPEG: decoded in full
+    with pytest.raises(JCError, match="use --decode pil"):
+        devicedecode.draft_size(T.Compose([T.CenterCrop(64), T.ToTensor()]))
+
+
+def test_score_with_draft_decoding(tmp_path) -> None:
+    from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
+
+    pool = tmp_path / "pool"  # 256 px images for a 64 px model: decoded at 1/4 scale
+    write_corpus(pool, CorpusSpec(shards=1, samples_per_shard=24, seed=4, image_size=256,
+                                  noise=PRESETS["noisy"]))  # fmt: skip
+    args = ["-m", "jc-tiny", "--workers", "1"]
+    assert run_cli("score", pool, "--out", tmp_path / "pil", *args)[0] == 0
+    code, output = run_cli("score", pool, "--out", tmp_path / "draft", *args, "--decode",
+                           "pil-draft")  # fmt: skip
+    assert code == 0, output
+    assert json.loads((tmp_path / "draft" / "meta.json").read_text())["decode"] == "pil-draft"
+    a = pq.read_table(tmp_path / "pil" / "parts" / "00000.parquet")
+    b = pq.read_table(tmp_path / "draft" / "parts" / "00000.parquet")
+    assert a.column("status").equals(b.column("status"))
+    ea, eb = embedding_matrix(a.column("img_emb")), embedding_matrix(b.column("img_emb"))
+    ok = ~np.isnan(ea).any(axis=1)
+    cos = (ea[ok] * eb[ok]).sum(1) / np.linalg.norm(ea[ok], axis=1) / np.linalg.norm(eb[ok], axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(ea[ok], eb[ok])  # close, and not the same
+    code, output = run_cli("score", pool, "--out", tmp_path / "draft", *args, "--decode", "pil")
+    assert code == 2 and "decode" in output, output
 
 
 def test_auto_uses_the_device_decoder_only_where_it_works(monkeypatch) -> None:
@@ -101,9 +147,25 @@ def test_auto_uses_the_device_decoder_only_where_it_works(monkeypatch) -> None:
 
     cuda = torch.device("cuda")
     assert devicedecode._probe(torch.device("cpu")) is None  # the probe itself works
-    assert devicedecode.resolve_decode("auto", torch.device("cpu")) == "pil"
+    assert devicedecode.resolve_decode("auto", torch.device("cpu")) == "torch"
+    assert devicedecode.resolve_decode("auto", torch.device("cpu"), existing="pil") == "pil"
     assert devicedecode.resolve_decode("torch", torch.device("cpu")) == "torch"
     monkeypatch.setattr(devicedecode, "_probe", lambda device: None)
     assert devicedecode.resolve_decode("auto", cuda) == "torch"
     monkeypatch.setattr(devicedecode, "_probe", lambda device: "RuntimeError: no nvjpeg")
     assert devicedecode.resolve_decode("auto", cuda) == "pil"
+
+
+def test_auto_decodes_with_torch_on_a_cpu_and_falls_back_to_pil(
+    corpus, tmp_path, monkeypatch
+) -> None:
+    from jestcurate.pipelines import score
+
+    code, output = run_cli("score", corpus, "--out", tmp_path / "auto", "-m", "jc-tiny")
+    assert code == 0, output
+    assert json.loads((tmp_path / "auto" / "meta.json").read_text())["decode"] == "torch"
+    # A transform torch does not reproduce (say, a squashing resize): auto decodes with PIL.
+    monkeypatch.setattr(score, "supports_torch_decode", lambda transform: False)
+    code, output = run_cli("score", corpus, "--out", tmp_path / "pil", "-m", "jc-tiny")
+    assert code == 0, output
+    assert "decode" not in json.loads((tmp_path / "pil" / "meta.json").read_text())

@@ -159,12 +159,21 @@ def image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     return image
 
 
-def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to RGB, checking the pixel count from the header before decoding."""
+def load_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None
+) -> Image.Image:
+    """Decode image bytes to RGB, checking the pixel count from the header before decoding.
+
+    With `draft`, a JPEG at least twice that size on both sides is decoded by DCT-domain
+    scaling (Pillow's draft mode: 1/2, 1/4 or 1/8, the smallest that keeps both sides at least
+    `draft`), several times cheaper than a full decode; the pixels differ slightly from a full
+    decode followed by a resize (`score --decode pil-draft`, docs/benchmarks.md)."""
     image = image_header(data, max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         try:
+            if draft is not None and image.format == "JPEG":
+                image.draft(None, (draft, draft))
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
             return image.convert("RGB")
@@ -189,9 +198,11 @@ def parse_sample(
     seen_keys: set[str],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     defer_jpeg: bool = False,
+    draft: int | None = None,
 ) -> tuple[dict[str, Any], Image.Image | bytes | None]:
     """Turn a raw sample into its metadata row and, if valid, its decoded RGB image; with
-    `defer_jpeg`, an RGB or greyscale JPEG comes back undecoded, as its bytes (header checked)."""
+    `defer_jpeg`, an RGB or greyscale JPEG comes back undecoded, as its bytes (header checked);
+    `draft` as for load_image."""
     row: dict[str, Any] = {
         "key": raw.key,
         "index": raw.index,
@@ -240,7 +251,7 @@ def parse_sample(
             and keep_jpeg(image_bytes, image_header(image_bytes, max_pixels).mode)
         ):
             return row, image_bytes
-        return row, load_image(image_bytes, max_pixels)
+        return row, load_image(image_bytes, max_pixels, draft)
     except SampleError as exc:
         row["status"] = "error"
         row["error"] = str(exc)

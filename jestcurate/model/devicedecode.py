@@ -1,16 +1,17 @@
-"""`score --decode torch`: JPEGs decoded in batches by torchvision on the model's device (nvJPEG
-on CUDA) and preprocessed there, so CPU decoding stops capping throughput for small models.
+"""The decoders of `score --decode`: pil (open_clip's own transform on PIL images), pil-draft
+(PIL with JPEG DCT-domain downscaling first) and torch: JPEGs decoded in batches by torchvision
+and preprocessed with torch's antialiased resize, on a CUDA device (nvJPEG) or, with a CPU
+model, in the decoding workers.
 
-Workers still parse every sample and read each JPEG's header (size limit, colour mode), which is
-cheap; they hand over the compressed bytes instead of pixels. Other formats (PNG, WebP, CMYK
-JPEGs) are decoded and preprocessed by PIL in the workers as usual and join the batch as tensors.
-
-The device pipeline reproduces open_clip's standard eval transform (shorter-side Resize with
-antialiasing, CenterCrop, scale to [0, 1], Normalize) on uint8 tensors. It is not bit-identical
-to PIL: the embeddings agree closely but not exactly (docs/benchmarks.md). `--decode auto`, the
-default, uses it on CUDA (after a probe decode on the device succeeds) and PIL on the CPU, the
-way the default precision differs by device; a score set records which decoder made it and
-refuses to mix them.
+For torch, workers still parse every sample and read each JPEG's header (size limit, colour
+mode); other formats (PNG, WebP, CMYK JPEGs) are decoded and preprocessed by PIL as usual and
+join the batch as tensors. The torch pipeline reproduces open_clip's standard eval transform
+(shorter-side Resize with antialiasing, CenterCrop, scale to [0, 1], Normalize) on uint8
+tensors: not bit-identical to PIL, but within float rounding in the embeddings (cosine 1.0000
+on photo crops, docs/benchmarks.md) and about twice as cheap on a CPU. `--decode auto`, the
+default, uses it everywhere it can (PIL after a failed CUDA probe or for a transform it cannot
+copy), and an existing score set keeps its own decoder; a set records which decoder made it
+and refuses to mix them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,22 @@ from jestcurate.errors import JCError
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("auto", "pil", "torch")
+DECODERS = ("auto", "pil", "pil-draft", "torch")
+
+
+def draft_size(transform: Any) -> int:
+    """For `--decode pil-draft`: the side a JPEG may be reduced to before the transform runs,
+    the largest side its Resize asks for (so DCT scaling never goes below the resize target);
+    refuses a transform without a Resize."""
+    from torchvision import transforms as T
+
+    resize = next(
+        (t for t in getattr(transform, "transforms", []) if isinstance(t, T.Resize)), None
+    )
+    if resize is None:
+        raise JCError("--decode pil-draft needs a transform that resizes; use --decode pil")
+    size = resize.size
+    return int(size) if isinstance(size, int) else int(max(size))
 
 
 @dataclass(frozen=True)
@@ -128,12 +144,26 @@ def _probe(device: torch.device) -> str | None:
     return None
 
 
-def resolve_decode(decode: str, device: torch.device) -> str:
-    """`auto` becomes torch on a CUDA device whose JPEG decoder works, else pil."""
+def supports_torch_decode(transform: Any) -> bool:
+    """Whether DevicePreprocess reproduces this transform (open_clip's standard eval one)."""
+    try:
+        DevicePreprocess.from_transform(transform)
+    except JCError:
+        return False
+    return True
+
+
+def resolve_decode(decode: str, device: torch.device, existing: str | None = None) -> str:
+    """`auto` becomes the decoder of the score set being added to (`existing`); else torch on
+    the CPU (run in the decoding workers: as exact as PIL's path to float rounding and about
+    twice as cheap, docs/benchmarks.md) and on a CUDA device whose JPEG decoder works; pil
+    where that probe fails. (score falls back to pil for a transform torch cannot copy.)"""
     if decode != "auto":
         return decode
+    if existing is not None:
+        return existing
     if device.type != "cuda":
-        return "pil"
+        return "torch"
     failure = _probe(device)
     if failure is not None:
         log.warning("decoding JPEGs on %s does not work (%s); decoding with PIL", device, failure)

@@ -53,6 +53,7 @@ from jestcurate.io.store import (
     forget_unmatched,
     marker_settles,
     part_table,
+    read_json,
     read_markers,
     remove_stale_temps,
     set_aside_strays,
@@ -60,7 +61,12 @@ from jestcurate.io.store import (
     write_part,
 )
 from jestcurate.math.scoring import clip_scores, example_losses
-from jestcurate.model.devicedecode import DECODERS, resolve_decode
+from jestcurate.model.devicedecode import (
+    DECODERS,
+    draft_size,
+    resolve_decode,
+    supports_torch_decode,
+)
 from jestcurate.model.openclip import LoadedModel, ModelSpec, load_model, resolve_spec
 from jestcurate.scale.claims import DEFAULT_LEASE, Claims, Owner
 from jestcurate.trainer.loader import this_worker
@@ -238,6 +244,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         claims: Claims | None = None,
         began: float = 0.0,
         defer_jpeg: bool = False,
+        draft: int | None = None,
+        decode_here: Any = None,
     ) -> None:
         self.shards = list(shards)
         self.preprocess = preprocess
@@ -246,7 +254,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.max_pixels = max_pixels
         self.claims = claims
         self.began = began
-        self.defer_jpeg = defer_jpeg
+        self.defer_jpeg = defer_jpeg or decode_here is not None
+        self.draft = draft  # --decode pil-draft: JPEGs DCT-scaled towards this side
+        # --decode torch with a CPU model: the worker runs the batched torch decoding itself,
+        # so it spreads over the workers instead of taking the model's own threads.
+        self.decode_here = decode_here
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if torch.utils.data.get_worker_info() is not None:
@@ -259,7 +271,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self, pos: int, rows: list, images: list, captions: list, valid: list, **extra: Any
     ) -> dict:
         deferred = self.defer_jpeg and bool(images)
-        return {
+        chunk = {
             "pos": pos,
             "rows": rows,
             "images": torch.stack(images) if images and not deferred else None,
@@ -269,6 +281,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             "last": False,
             **extra,
         }
+        if deferred and self.decode_here is not None:
+            chunk["images"], chunk["tokens"] = decode_deferred(
+                self.decode_here, chunk, torch.device("cpu")
+            )
+            chunk["items"] = None
+        return chunk
 
     def _claim(self, shard: Shard) -> bool:
         """Claim the shard just before reading it; False if another run has it or finished it
@@ -298,7 +316,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             with open_shard(shard.url) as f:
                 for raw in iter_raw_samples(f):
-                    row, image = parse_sample(raw, seen, self.max_pixels, self.defer_jpeg)
+                    row, image = parse_sample(
+                        raw, seen, self.max_pixels, self.defer_jpeg, self.draft
+                    )
                     if image is not None:
                         try:
                             images.append(
@@ -496,13 +516,23 @@ def _plan(
     return mine, todo, index, count
 
 
+def _existing_decode(out: Path) -> str | None:
+    """The decoder of the score set at `out`, if there is one (absent from meta.json: pil), so
+    that `--decode auto` carries on as the set was begun, whatever the default is now."""
+    try:
+        meta = read_json(out / META_NAME)
+    except (OSError, ValueError):  # none yet; an unreadable one is check_meta's to report
+        return None
+    return str(meta.get("decode", "pil"))
+
+
 def _validate(cfg: ScoreConfig) -> None:
     if cfg.role not in ROLES:
         raise JCError(f"unknown role {cfg.role!r}; use reference or learner")
     if cfg.batch_size < 1:
         raise JCError("--batch-size must be at least 1")
     if cfg.decode not in DECODERS:
-        raise JCError(f"--decode must be auto, pil or torch, not {cfg.decode!r}")
+        raise JCError(f"--decode must be one of {', '.join(DECODERS)}, not {cfg.decode!r}")
     if cfg.workers is not None and cfg.workers < 0:
         raise JCError("--workers must be 0 or more")
     if cfg.out.exists() and not cfg.out.is_dir():
@@ -525,7 +555,10 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.init_seed)
     )
     identity = {"schema_version": SCHEMA_VERSION, "role": cfg.role, **resolved.identity()}
-    cfg = dataclasses.replace(cfg, decode=resolve_decode(cfg.decode, resolved.device))
+    chosen = cfg.decode == "auto"
+    cfg = dataclasses.replace(
+        cfg, decode=resolve_decode(cfg.decode, resolved.device, _existing_decode(cfg.out))
+    )
     if cfg.decode != "pil":  # absent means PIL, as in every score set made before the option
         identity["decode"] = cfg.decode
     # Cheap refusal before any weights load: a mismatched DIR fails in seconds, not minutes.
@@ -544,6 +577,11 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         return report
 
     model = load_model(resolved)
+    if chosen and cfg.decode == "torch" and not supports_torch_decode(model.preprocess):
+        log.info("this model's transform has no torch equivalent here: decoding with PIL")
+        cfg = dataclasses.replace(cfg, decode="pil")
+        identity.pop("decode", None)
+        check_meta(cfg.out, identity)
     meta = {
         **identity,
         **model.describe(),
@@ -628,11 +666,13 @@ def _score_pass(
     workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
     workers = min(workers, len(todo))
     chunk = _chunk_size(cfg.batch_size, model.image_size)
-    on_device = None
+    on_device = decode_here = None
     if cfg.decode == "torch":
         from jestcurate.model.devicedecode import DevicePreprocess
 
         on_device = DevicePreprocess.from_transform(model.preprocess)
+        if model.device.type == "cpu" and workers:  # decode where the cores are: the workers
+            decode_here, on_device = on_device, None
     stream = ShardStream(
         todo,
         model.preprocess,
@@ -642,6 +682,8 @@ def _score_pass(
         claims,
         began,
         defer_jpeg=on_device is not None,
+        draft=draft_size(model.preprocess) if cfg.decode == "pil-draft" else None,
+        decode_here=decode_here,
     )
     loader = torch.utils.data.DataLoader(
         stream,
@@ -673,7 +715,7 @@ def _score_pass(
             state = pending.setdefault(item["pos"], _Pending(started=item["started"]))
             images, tokens = item["images"], item["tokens"]
             if item["items"] is not None and on_device is not None:
-                images, tokens = _decode_on_device(on_device, item, model.device)
+                images, tokens = decode_deferred(on_device, item, model.device)
             state.rows.extend(item["rows"])
             if images is not None:
                 encoder.add(state, images, tokens)
@@ -713,7 +755,7 @@ def _end_workers(batches: Any) -> None:
         worker.join(timeout=2)
 
 
-def _decode_on_device(
+def decode_deferred(
     on_device: Any, item: dict[str, Any], device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A chunk's images decoded and preprocessed on the device; a JPEG that fails to decode
