@@ -151,7 +151,7 @@ class ScoreConfig:
     init_seed: int = 0
     lease: float = DEFAULT_LEASE  # seconds a claim lasts unrenewed (matters across hosts)
     upload_to: str | None = None  # an fsspec URL: `out` is then its local mirror
-    decode: str = "auto"  # "torch": JPEGs decoded on the model's device; "auto": torch on CUDA
+    decode: str = "auto"  # pil, pil-draft or torch; "auto": torch where the transform allows
     poll: float = 10.0  # seconds between looks at shards that other runs are scoring
 
 
