@@ -57,6 +57,21 @@ def test_not_a_model_config(corpus: Path, tmp_path: Path) -> None:
     assert code == 2 and "is not an open_clip model config" in output
 
 
+def test_a_model_config_open_clip_cannot_build(corpus: Path, tmp_path: Path) -> None:
+    import json
+
+    from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
+
+    config = json.loads((BUILTIN_CONFIG_DIR / "jc-tiny.json").read_text())
+    config["no_such_option"] = 1  # open_clip passes unknown keys on to CLIP(): a TypeError
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    code, output = run_cli(
+        "score", corpus, "--model", tmp_path / "cfg.json", "--out", tmp_path / "o"
+    )
+    assert code == 2 and "open_clip cannot build" in output and "no_such_option" in output, output
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
 def test_plain_log_lines_without_a_terminal(corpus: Path, tmp_path: Path) -> None:
     code, output = run_cli("score", corpus, "--model", "jc-tiny", "--out", tmp_path / "o")
     assert code == 0

@@ -310,6 +310,8 @@ def load_model(resolved: ResolvedSpec, warn_random: bool = True) -> LoadedModel:
     except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
         what = resolved.pretrained if resolved.pretrained else resolved.name
         raise JCError(f"cannot load {what} into {resolved.name}: {first_line(exc)}") from None
+    except TypeError as exc:  # a config key open_clip's model classes do not take
+        raise JCError(f"open_clip cannot build {resolved.name}: {first_line(exc)}") from None
     finally:
         quiet.setLevel(level)
     model = model.to(resolved.device).eval()
