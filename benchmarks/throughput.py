@@ -1,7 +1,8 @@
 """Throughput of `jestcurate score` against the model-only ceiling, same model, batch and device.
 
     python benchmarks/throughput.py [--model jc-tiny] [--shards 16] [--samples 512]
-        [--batch-size 256] [--workers N] [--device auto] [--image-size 256] [--decode pil|torch]
+        [--batch-size 256] [--workers N] [--device auto] [--image-size 256]
+        [--decode auto|pil|pil-draft|torch]
 
 Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir, then
 1. model only: encode_image + encode_text on already-preprocessed batches held in memory;
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default=None)
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--decode", default="pil", choices=["auto", "pil", "pil-draft", "torch"])
+    parser.add_argument("--decode", default="auto", choices=["auto", "pil", "pil-draft", "torch"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

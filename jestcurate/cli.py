@@ -4,6 +4,7 @@ expected errors print one line and exit 2, failed shards exit 1."""
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -1006,4 +1007,10 @@ def synth(
 
 def main() -> None:
     errors.handle_sigterm()  # Slurm's scancel and preemption: clean up and exit 143
-    app()
+    try:
+        app()
+    finally:
+        # Interpreter shutdown collects every object still tracked, and importing torch and
+        # open_clip leaves ~400k of them: 1.5 s at each exit on a 2-core VM. Frozen ones are
+        # skipped; nothing is left unwritten (every file is closed, renamed, fsynced by now).
+        gc.freeze()

@@ -47,6 +47,15 @@ def test_device_preprocessing_matches_open_clip_within_rounding() -> None:
     difference = (got - want).abs()
     # Normalised units: 0.05 is under 4 grey levels of 255; the mean is far smaller.
     assert difference.max() < 0.05 and difference.mean() < 1e-3, difference.max()
+    # JPEGs alone take the batched path; the same values, bit for bit, as image by image.
+    jpegs, _ = on_device.batch(items[:-1], torch.device("cpu"))
+    assert torch.equal(jpegs, got[:-1])
+    from torchvision.io import decode_jpeg
+
+    mean = torch.tensor(on_device.mean).view(3, 1, 1)
+    std = torch.tensor(on_device.std).view(3, 1, 1)
+    one = on_device._one(decode_jpeg(torch.frombuffer(bytearray(items[0]), dtype=torch.uint8)))
+    assert torch.equal(one.float().div_(255).sub_(mean).div_(std), jpegs[0])
 
 
 def test_undecodable_jpegs_are_reported_not_raised() -> None:

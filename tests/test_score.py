@@ -365,3 +365,34 @@ def test_fsspec_url_inputs_are_scored(tmp_path: Path) -> None:
     marker = json.loads((out / "done" / "00000.json").read_text())
     assert marker["input_bytes"] == (tmp_path / "local.tar").stat().st_size
     assert table.num_rows == 10
+
+
+def _trial(monkeypatch: pytest.MonkeyPatch, waits: list[float], rates: list[float]) -> int:
+    """Feed _CpuThreads chunks of 64 samples: `waits[w]` is the share of window w spent waiting
+    for data, `rates[w]` its samples/s. Returns the threads it settles on (2 cores, 1 worker)."""
+    monkeypatch.setattr(score_mod, "_cores", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trial = score_mod._CpuThreads("cpu", workers=1)
+        assert trial.deciding and trial.options == [2, 1]
+        for _ in range(trial.WARMUP):
+            trial.record(64, 10.0, 10.0)  # start-up chunks: ignored whatever they show
+        for wait, rate in zip(waits, rates, strict=True):
+            for _ in range(trial.WINDOW):
+                trial.record(64, 64 / rate, wait * 64 / rate)
+        assert not trial.deciding
+        return torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_thread_trial_skips_fewer_threads_when_the_model_never_waits(monkeypatch) -> None:
+    # A model-bound run (ViT-B/32 on a CPU): one window decides, 1 thread is never tried.
+    assert _trial(monkeypatch, waits=[0.01], rates=[10.0]) == 2
+
+
+def test_thread_trial_tries_both_when_the_model_waits(monkeypatch) -> None:
+    # The workers starve while the model's threads spin: fewer threads win, or lose, on rate.
+    assert _trial(monkeypatch, waits=[0.4, 0.1], rates=[400.0, 600.0]) == 1
+    assert _trial(monkeypatch, waits=[0.4, 0.1], rates=[600.0, 400.0]) == 2

@@ -95,10 +95,13 @@ class _CpuThreads:
     """On a CPU the model and the decoding workers share the cores, and which split is best
     depends on the model: a ViT-B/32 on 2 cores scores 10 samples/s with 2 torch threads and
     5.7 with 1, while the tiny model does 405 with 2 (its OpenMP threads spin and starve the
-    decoding worker) and 600 with 1. So try both for a few chunks and keep the faster: all of
-    torch's threads, then the cores the workers leave."""
+    decoding worker) and 600 with 1. So run a few chunks with all of torch's threads, then with
+    the cores the workers leave, and keep the faster. The second trial is skipped when the
+    model hardly waited for data in the first: then the workers keep up and fewer threads can
+    only slow the model down (a ViT-B/32 chunk at 1 thread costs seconds)."""
 
     WARMUP, WINDOW = 2, 4  # chunks
+    KEEP_IF_WAITING_BELOW = 0.05  # share of the first window spent waiting for a chunk
 
     def __init__(self, device_type: str, workers: int) -> None:
         self.before = torch.get_num_threads()
@@ -108,8 +111,11 @@ class _CpuThreads:
         self.rates: list[float] = []
         self.samples = 0
         self.seconds = 0.0
+        self.waited = 0.0
 
-    def record(self, samples: int, seconds: float) -> None:
+    def record(self, samples: int, seconds: float, waited: float = 0.0) -> None:
+        """One chunk: its samples, the seconds since the previous one, and how many of those
+        the main process spent waiting for it."""
         if not self.deciding:
             return
         self.chunks += 1
@@ -117,10 +123,21 @@ class _CpuThreads:
             return
         self.samples += samples
         self.seconds += seconds
+        self.waited += waited
         if (self.chunks - self.WARMUP) % self.WINDOW:
             return
         self.rates.append(self.samples / max(self.seconds, 1e-9))
-        self.samples, self.seconds = 0, 0.0
+        waiting = self.waited / max(self.seconds, 1e-9)
+        self.samples, self.seconds, self.waited = 0, 0.0, 0.0
+        if len(self.rates) == 1 and waiting < self.KEEP_IF_WAITING_BELOW:
+            self.deciding = False
+            log.debug(
+                "torch threads: %.1f samples/s with %d, waiting %.1f %% for data; keeping them",
+                self.rates[0],
+                self.before,
+                100 * waiting,
+            )
+            return
         if len(self.rates) < len(self.options):
             torch.set_num_threads(self.options[len(self.rates)])
             return
@@ -708,6 +725,7 @@ def _score_pass(
     try:
         last = time.perf_counter()
         for item in batches:
+            arrived = time.perf_counter()
             if item.get("skipped"):  # claimed or finished by another run meanwhile
                 continue
             if not report.startup_seconds:
@@ -724,7 +742,7 @@ def _score_pass(
             progress.samples(len(item["rows"]))
             finish_complete()
             done = time.perf_counter()
-            threads.record(len(item["rows"]), done - last)
+            threads.record(len(item["rows"]), done - last, arrived - last)
             last = done
         encoder.flush()
         finish_complete()
