@@ -2,74 +2,52 @@
 
     python benchmarks/throughput.py [--model jc-tiny] [--shards 16] [--samples 512]
         [--batch-size 256] [--workers N] [--device auto] [--image-size 256]
-        [--decode auto|pil|pil-draft|torch]
+        [--decode auto|pil|pil-draft|torch] [--rounds 3]
 
-Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir, then
-1. model only: encode_image + encode_text on already-preprocessed batches held in memory;
-2. score: the full pipeline (read tars, decode, preprocess, tokenize, encode, score, write Parquet).
-Prints samples/s for both and their ratio; steady state excludes model loading and worker start.
+Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir, then, in
+each of --rounds rounds, one after the other so that a VM's drifting speed hits both alike:
+1. model only: encode_image + encode_text on already-preprocessed batches held in memory, in a
+   fresh process with this environment as it is (OpenMP's default wait policy: the best case);
+2. score: the `jestcurate score` command, as a user runs it, in a fresh process (read tars,
+   decode, preprocess, tokenize, encode, score, write Parquet). "Steady" is its own summary's
+   throughput (from the first chunk on); "end to end" is the whole process, start-up included.
+Prints samples/s for each round, the medians and the ratio of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
-from jestcurate.pipelines import score as score_mod
-from jestcurate.pipelines.synth import CLASSES, PRESETS, CorpusSpec, draw_image, write_corpus
+def model_only(args: argparse.Namespace) -> float:
+    """Samples/s of encode_image + encode_text alone, in this process."""
+    import numpy as np
+    import torch
 
+    from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+    from jestcurate.pipelines.synth import CLASSES, draw_image
 
-class Clock:
-    """A score Progress that notes when the first chunk arrives and when the last shard ends."""
-
-    def __init__(self) -> None:
-        self.first: float | None = None
-        self.last = 0.0
-        self.samples_seen = 0
-
-    def start(self, total: int, skipped: int) -> None:
-        pass
-
-    def samples(self, n: int) -> None:
-        self.first = self.first or time.perf_counter()
-        self.samples_seen += n
-
-    def shard_done(self, result: object) -> None:
-        self.last = time.perf_counter()
-
-
-def model_only(args: argparse.Namespace, rounds: int, threads: int | None = None) -> float:
-    """Samples/s of encode_image + encode_text alone; `threads` caps torch's CPU threads."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _model_only(args, rounds)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _model_only(args: argparse.Namespace, rounds: int) -> float:
-    resolved = resolve_spec(ModelSpec(args.model, args.pretrained, args.device, args.precision))
-    model = load_model(resolved)
+    spec = ModelSpec(args.model, args.pretrained, args.device, args.precision)
+    model = load_model(resolve_spec(spec), warn_random=False)
     rng = np.random.default_rng(0)
-    size = args.image_size
     images = [
-        model.preprocess(draw_image(int(rng.integers(len(CLASSES))), rng, size))
+        model.preprocess(draw_image(int(rng.integers(len(CLASSES))), rng, args.image_size))
         for _ in range(args.batch_size)
     ]
-    batch = torch.stack(images)
+    batch = torch.stack(images).to(model.device)
     tokens = model.tokenizer([f"a photo of shape number {i}" for i in range(args.batch_size)])
-    if model.device.type == "cuda":
-        batch, tokens = batch.pin_memory(), tokens.pin_memory()
+    tokens = tokens.to(model.device)
+    rounds = max(3, args.shards * args.samples // args.batch_size)
     for _ in range(3):  # warm-up
         model.encode_image(batch), model.encode_text(tokens)
     _sync(model.device)
@@ -80,9 +58,40 @@ def _model_only(args: argparse.Namespace, rounds: int) -> float:
     return rounds * args.batch_size / (time.perf_counter() - began)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device: object) -> None:
+    import torch
+
+    if getattr(device, "type", "") == "cuda":
         torch.cuda.synchronize()
+
+
+def score_once(args: argparse.Namespace, pool: Path, out: Path) -> dict:
+    cmd = [
+        sys.executable, "-m", "jestcurate", "score", str(pool), "--out", str(out),
+        "-m", args.model, "--batch-size", str(args.batch_size), "--device", args.device,
+        "--decode", args.decode,
+    ]  # fmt: skip
+    for flag, value in (("--pretrained", args.pretrained), ("--precision", args.precision)):
+        if value:
+            cmd += [flag, value]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    began = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if done.returncode != 0:
+        sys.exit(f"score failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    steady = re.search(r"throughput\s+([\d,.]+) samples/s on (\S+)", done.stdout)
+    samples = re.search(r"samples read\s+([\d,]+)", done.stdout)
+    if steady is None or samples is None:
+        sys.exit(f"no throughput in score's summary:\n{done.stdout[-3000:]}")
+    n = int(samples.group(1).replace(",", ""))
+    return {
+        "steady": float(steady.group(1).replace(",", "")),
+        "end_to_end": n / seconds,
+        "wall_s": seconds,
+        "device": steady.group(2),
+    }
 
 
 def main() -> None:
@@ -97,8 +106,17 @@ def main() -> None:
     parser.add_argument("--precision", default=None)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--decode", default="auto", choices=["auto", "pil", "pil-draft", "torch"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model_only:  # the child process of step 1
+        print(model_only(args))
+        return
 
+    from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
+
+    ceilings: list[float] = []
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         pool = Path(tmp) / "pool"
         spec = CorpusSpec(
@@ -108,56 +126,45 @@ def main() -> None:
             noise=PRESETS["noisy"],
         )
         write_corpus(pool, spec)
-        total = args.shards * args.samples
-        rounds = max(3, total // args.batch_size)
-        ceiling = model_only(args, rounds)
-        workers = args.workers
-        if workers is None:
-            workers = score_mod.default_workers("cuda" if torch.cuda.is_available() else "cpu")
-        # On a CPU, score gives the model only the cores its decoding workers leave.
-        shared = None
-        if args.device == "cpu" or not torch.cuda.is_available():
-            shared = model_only(args, rounds, threads=max(1, score_mod._cores() - workers))
+        child = [sys.executable, __file__, "--model-only", *sys.argv[1:]]
+        for r in range(args.rounds):
+            done = subprocess.run(child, capture_output=True, text=True, check=True)
+            ceilings.append(float(done.stdout.strip().splitlines()[-1]))
+            runs.append(score_once(args, pool, Path(tmp) / f"scores-{r}"))
+            print(
+                f"round {r + 1}: model only {ceilings[-1]:8.1f} samples/s | score "
+                f"{runs[-1]['steady']:8.1f} steady, {runs[-1]['end_to_end']:8.1f} end to end "
+                f"({runs[-1]['wall_s']:.1f} s)",
+                flush=True,
+            )
 
-        clock = Clock()
-        cfg = score_mod.ScoreConfig(
-            inputs=(str(pool),),
-            out=Path(tmp) / "scores",
-            model=args.model,
-            pretrained=args.pretrained,
-            batch_size=args.batch_size,
-            device=args.device,
-            precision=args.precision,
-            workers=args.workers,
-            decode=args.decode,
-        )
-        began = time.perf_counter()
-        report = score_mod.run(cfg, clock)
-        end_to_end = report.samples / (time.perf_counter() - began)
-        steady = report.samples / (clock.last - (clock.first or began))
+    import torch
 
-    device = report.device
+    ceiling = statistics.median(ceilings)
+    steady = statistics.median(r["steady"] for r in runs)
+    device = runs[0]["device"]
     name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
     result = {
         "model": args.model,
         "device": device,
         "device_name": name or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
         "batch_size": args.batch_size,
-        "workers": workers,
-        "torch_threads": torch.get_num_threads(),
+        "workers": args.workers,
         "image_size": args.image_size,
         "decode": args.decode,
-        "samples": total,
-        "model_only_samples_per_s": round(ceiling, 1),
-        "model_only_with_threads_score_leaves_samples_per_s": shared and round(shared, 1),
-        "score_steady_samples_per_s": round(steady, 1),
-        "score_end_to_end_samples_per_s": round(end_to_end, 1),
-        "steady_ratio": round(steady / ceiling, 3),
+        "samples": args.shards * args.samples,
+        "omp_wait_policy_here": os.environ.get("OMP_WAIT_POLICY"),
+        "model_only_samples_per_s": [round(c, 1) for c in ceilings],
+        "score_steady_samples_per_s": [round(r["steady"], 1) for r in runs],
+        "score_end_to_end_samples_per_s": [round(r["end_to_end"], 1) for r in runs],
+        "steady_ratio_per_round": [
+            round(r["steady"] / c, 3) for r, c in zip(runs, ceilings, strict=True)
+        ],
+        "steady_ratio_of_medians": round(steady / ceiling, 3),
     }
-    print(f"model only : {ceiling:9.1f} samples/s ({torch.get_num_threads()} torch threads)")
-    if shared:
-        print(f"             {shared:9.1f} samples/s with the threads score leaves the model")
-    print(f"score      : {steady:9.1f} samples/s steady, {end_to_end:.1f} end to end")
+    print(f"model only : {ceiling:9.1f} samples/s (median of {args.rounds})")
+    print(f"score      : {steady:9.1f} samples/s steady (median)")
     print(f"ratio      : {steady / ceiling:.3f} of model-only")
     print(json.dumps(result))
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -163,6 +165,14 @@ NumTasks = Annotated[
 ]
 
 
+def sleeping_openmp() -> None:
+    """Make torch's OpenMP threads sleep when idle rather than spin (read once, when torch
+    loads; a user's own OMP_WAIT_POLICY stands). On a CPU, score's decoding workers then get
+    every moment the model's threads are not computing (pipelines/score.py, _CpuThreads)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @app.command(short_help="Score shards with a frozen open_clip model into a Parquet score set.")
 @_one_line_errors
 def score(
@@ -193,6 +203,7 @@ def score(
     runs) claim shards, never score one twice, and each exits once every shard is settled.
 
     Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
+    sleeping_openmp()
     from jestcurate.pipelines import score as score_mod
 
     local, upload_to = _score_out(out)

@@ -367,32 +367,60 @@ def test_fsspec_url_inputs_are_scored(tmp_path: Path) -> None:
     assert table.num_rows == 10
 
 
-def _trial(monkeypatch: pytest.MonkeyPatch, waits: list[float], rates: list[float]) -> int:
-    """Feed _CpuThreads chunks of 64 samples: `waits[w]` is the share of window w spent waiting
-    for data, `rates[w]` its samples/s. Returns the threads it settles on (2 cores, 1 worker)."""
+def _trial(monkeypatch: pytest.MonkeyPatch, rates: list[float]) -> int:
+    """Feed _CpuThreads chunks of 64 samples, window w at `rates[w]` samples/s, with spinning
+    OpenMP threads. Returns the threads it settles on (2 cores, 1 worker)."""
     monkeypatch.setattr(score_mod, "_cores", lambda: 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         trial = score_mod._CpuThreads("cpu", workers=1)
         assert trial.deciding and trial.options == [2, 1]
         for _ in range(trial.WARMUP):
-            trial.record(64, 10.0, 10.0)  # start-up chunks: ignored whatever they show
-        for wait, rate in zip(waits, rates, strict=True):
+            trial.record(64, 10.0)  # start-up chunks: ignored whatever they show
+        for rate in rates:
             for _ in range(trial.WINDOW):
-                trial.record(64, 64 / rate, wait * 64 / rate)
+                trial.record(64, 64 / rate)
         assert not trial.deciding
         return torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
 
-def test_thread_trial_skips_fewer_threads_when_the_model_never_waits(monkeypatch) -> None:
-    # A model-bound run (ViT-B/32 on a CPU): one window decides, 1 thread is never tried.
-    assert _trial(monkeypatch, waits=[0.01], rates=[10.0]) == 2
+def test_thread_trial_with_spinning_openmp_keeps_the_faster(monkeypatch) -> None:
+    assert _trial(monkeypatch, rates=[400.0, 600.0]) == 1
+    assert _trial(monkeypatch, rates=[600.0, 400.0]) == 2
 
 
-def test_thread_trial_tries_both_when_the_model_waits(monkeypatch) -> None:
-    # The workers starve while the model's threads spin: fewer threads win, or lose, on rate.
-    assert _trial(monkeypatch, waits=[0.4, 0.1], rates=[400.0, 600.0]) == 1
-    assert _trial(monkeypatch, waits=[0.4, 0.1], rates=[600.0, 400.0]) == 2
+def test_sleeping_openmp_keeps_all_threads_and_nices_the_workers(
+    corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(score_mod, "_cores", lambda: 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert not score_mod._CpuThreads("cpu", workers=1).deciding
+    # A worker lowers its priority before reading (simulated here in-process).
+    niced: list[int] = []
+    monkeypatch.setattr(score_mod.os, "nice", niced.append)
+    monkeypatch.setattr(score_mod, "default_sigterm", lambda: None)
+    worker = type("Info", (), {"id": 0, "num_workers": 1})()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
+    shard = score_mod.assign_names(score_mod.expand_inputs([str(corpus)]))[:1]
+    for nice, want in ((False, []), (True, [19])):
+        niced.clear()
+        stream = score_mod.ShardStream(shard, None, lambda c: torch.zeros(len(c), 4), 8, 10**9)
+        stream.defer_jpeg, stream.nice = True, nice
+        assert sum(len(chunk["rows"]) for chunk in stream) == 24
+        assert niced == want
+
+
+def test_cli_makes_openmp_sleep_unless_told_otherwise(monkeypatch) -> None:
+    from jestcurate import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delitem(cli.sys.modules, "torch")
+    cli.sleeping_openmp()
+    assert score_mod.openmp_sleeps()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice stands
+    cli.sleeping_openmp()
+    assert not score_mod.openmp_sleeps()

@@ -91,31 +91,42 @@ def default_workers(device_type: str = "cpu") -> int:
     return max(1, cores // 2)
 
 
+def openmp_sleeps() -> bool:
+    """Whether torch's OpenMP threads sleep when idle instead of spinning: the CLI sets
+    OMP_WAIT_POLICY=PASSIVE before torch loads (jestcurate.cli.sleeping_openmp), unless the
+    user chose otherwise."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 class _CpuThreads:
-    """On a CPU the model and the decoding workers share the cores, and which split is best
-    depends on the model: a ViT-B/32 on 2 cores scores 10 samples/s with 2 torch threads and
-    5.7 with 1, while the tiny model does 405 with 2 (its OpenMP threads spin and starve the
-    decoding worker) and 600 with 1. So run a few chunks with all of torch's threads, then with
-    the cores the workers leave, and keep the faster. The second trial is skipped when the
-    model hardly waited for data in the first: then the workers keep up and fewer threads can
-    only slow the model down (a ViT-B/32 chunk at 1 thread costs seconds)."""
+    """On a CPU the model and the decoding workers share the cores. With OpenMP threads that
+    sleep when idle (openmp_sleeps) the model keeps all of torch's threads and the workers run
+    niced, so the model has the cores whenever it has data and the workers fill every gap:
+    jc-tiny then scores faster than with any fixed split, and a ViT-B/32 at its two-thread
+    speed (docs/benchmarks.md). With spinning threads (OMP_WAIT_POLICY=ACTIVE, or `run` called
+    from a Python process that loaded torch first) a worker sharing a core with a spinning
+    thread starves, and which split is best depends on the model: a ViT-B/32 on 2 cores scores
+    10 samples/s with 2 torch threads and 5.7 with 1, the tiny model 405 with 2 and 600 with 1.
+    So then run a few chunks with all of torch's threads, then with the cores the workers
+    leave, and keep the faster."""
 
     WARMUP, WINDOW = 2, 4  # chunks
-    KEEP_IF_WAITING_BELOW = 0.05  # share of the first window spent waiting for a chunk
 
     def __init__(self, device_type: str, workers: int) -> None:
         self.before = torch.get_num_threads()
         self.options = [self.before, max(1, _cores() - workers)]
-        self.deciding = device_type == "cpu" and workers > 0 and self.options[1] < self.before
+        self.deciding = (
+            device_type == "cpu"
+            and workers > 0
+            and self.options[1] < self.before
+            and not openmp_sleeps()
+        )
         self.chunks = 0
         self.rates: list[float] = []
         self.samples = 0
         self.seconds = 0.0
-        self.waited = 0.0
 
-    def record(self, samples: int, seconds: float, waited: float = 0.0) -> None:
-        """One chunk: its samples, the seconds since the previous one, and how many of those
-        the main process spent waiting for it."""
+    def record(self, samples: int, seconds: float) -> None:
         if not self.deciding:
             return
         self.chunks += 1
@@ -123,21 +134,10 @@ class _CpuThreads:
             return
         self.samples += samples
         self.seconds += seconds
-        self.waited += waited
         if (self.chunks - self.WARMUP) % self.WINDOW:
             return
         self.rates.append(self.samples / max(self.seconds, 1e-9))
-        waiting = self.waited / max(self.seconds, 1e-9)
-        self.samples, self.seconds, self.waited = 0, 0.0, 0.0
-        if len(self.rates) == 1 and waiting < self.KEEP_IF_WAITING_BELOW:
-            self.deciding = False
-            log.debug(
-                "torch threads: %.1f samples/s with %d, waiting %.1f %% for data; keeping them",
-                self.rates[0],
-                self.before,
-                100 * waiting,
-            )
-            return
+        self.samples, self.seconds = 0, 0.0
         if len(self.rates) < len(self.options):
             torch.set_num_threads(self.options[len(self.rates)])
             return
@@ -263,6 +263,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         defer_jpeg: bool = False,
         draft: int | None = None,
         decode_here: Any = None,
+        nice: bool = False,
     ) -> None:
         self.shards = list(shards)
         self.preprocess = preprocess
@@ -276,10 +277,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         # --decode torch with a CPU model: the worker runs the batched torch decoding itself,
         # so it spreads over the workers instead of taking the model's own threads.
         self.decode_here = decode_here
+        self.nice = nice  # workers yield the cores to the model (a CPU model, _CpuThreads)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if torch.utils.data.get_worker_info() is not None:
             default_sigterm()  # a worker ends at once; the main process cleans up
+            if self.nice:
+                os.nice(19)
         worker, workers = this_worker()
         for pos in range(worker, len(self.shards), workers):
             yield from self._read(pos)
@@ -701,6 +705,7 @@ def _score_pass(
         defer_jpeg=on_device is not None,
         draft=draft_size(model.preprocess) if cfg.decode == "pil-draft" else None,
         decode_here=decode_here,
+        nice=model.device.type == "cpu" and openmp_sleeps(),
     )
     loader = torch.utils.data.DataLoader(
         stream,
@@ -725,7 +730,6 @@ def _score_pass(
     try:
         last = time.perf_counter()
         for item in batches:
-            arrived = time.perf_counter()
             if item.get("skipped"):  # claimed or finished by another run meanwhile
                 continue
             if not report.startup_seconds:
@@ -742,7 +746,7 @@ def _score_pass(
             progress.samples(len(item["rows"]))
             finish_complete()
             done = time.perf_counter()
-            threads.record(len(item["rows"]), done - last, arrived - last)
+            threads.record(len(item["rows"]), done - last)
             last = done
         encoder.flush()
         finish_complete()
