@@ -424,3 +424,10 @@ def test_cli_makes_openmp_sleep_unless_told_otherwise(monkeypatch) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice stands
     cli.sleeping_openmp()
     assert not score_mod.openmp_sleeps()
+
+
+def test_worker_chunks_hold_at_least_256_samples_within_the_pixel_budget() -> None:
+    assert score_mod._chunk_size(16, (64, 64)) == 256  # small batches: chunks still large
+    assert score_mod._chunk_size(1024, (64, 64)) == 1024  # a batch, when larger
+    assert score_mod._chunk_size(64, (224, 224)) == (64 << 20) // (3 * 224 * 224 * 4) == 111
+    assert score_mod._chunk_size(64, (4096, 4096)) == 1  # never below one sample

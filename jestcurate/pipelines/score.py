@@ -498,12 +498,16 @@ class Scorer:
         return result
 
 
-def _chunk_size(batch_size: int, image_size: tuple[int, int], budget: int = 64 << 20) -> int:
-    """Samples per worker chunk: a batch, unless that passes `budget` bytes of float32 pixels.
-    Chunks sit in shared memory (prefetched by every worker), which containers often keep
-    small; the encoder packs chunks back into full batches."""
+def _chunk_size(
+    batch_size: int, image_size: tuple[int, int], budget: int = 64 << 20, least: int = 256
+) -> int:
+    """Samples per worker chunk: a batch, or `least` if the batch is smaller (each chunk costs
+    a fixed few ms to hand over: the fd of each tensor goes through a socket handshake with
+    the worker), unless that passes `budget` bytes of float32 pixels. Chunks sit in shared
+    memory (prefetched by every worker), which containers often keep small; the encoder packs
+    chunks back into full batches."""
     per_sample = 3 * image_size[0] * image_size[1] * 4
-    return max(1, min(batch_size, budget // per_sample))
+    return max(1, min(max(batch_size, least), budget // per_sample))
 
 
 def _plan(
