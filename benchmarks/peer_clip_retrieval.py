@@ -2,7 +2,7 @@
 
     python benchmarks/peer_clip_retrieval.py [--models jc-tiny ViT-B-32:1] [--shards 4]
         [--samples 128] [--batch-size 64] [--workers 1] [--image-size 256] [--gpu]
-        [--peer-venv DIR] [--workdir DIR] [--check-import]
+        [--peer-venv DIR] [--workdir DIR] [--check-import] [--marginal]
 
 Each model in --models is run by both tools in turn, in one invocation: a decode-bound one
 (jc-tiny, a 64 px model, on 256 px images) and a model-bound one (ViT-B-32); a JSON line per
@@ -19,7 +19,10 @@ both compute image and text embeddings. clip-retrieval is installed from PyPI in
 virtual environment (--peer-venv, created if missing) so its pins cannot touch this one.
 Reported: wall-clock samples/s for each whole command (start-up included, as a user sees it)
 and each tool's start-up-free rate where it can be told (jestcurate's steady rate from its
-summary; clip-retrieval prints none, so only its wall clock).
+summary; clip-retrieval prints none, so only its wall clock). With --marginal each tool also
+runs on the first half of the shards, and the two runs give each tool's marginal rate (extra
+samples over extra seconds: what the next million samples cost) and its fixed start-up cost
+(the half run's seconds less its samples at the marginal rate), the same way for both tools.
 """
 
 from __future__ import annotations
@@ -75,6 +78,11 @@ def main() -> None:
         help="also import clip-retrieval's output with `jestcurate import` and compare its "
         "embeddings with jestcurate's own, sample by sample",
     )
+    parser.add_argument(
+        "--marginal",
+        action="store_true",
+        help="also run both tools on the first half of the shards: marginal rate and start-up",
+    )
     args = parser.parse_args()
 
     peer = ensure_peer(args.peer_venv)
@@ -107,33 +115,40 @@ def compare(
         torch.manual_seed(0)
         model = open_clip.create_model(model_name, pretrained=None)
         torch.save(model.state_dict(), checkpoint)
-    total = shards * args.samples
-    last = f"{shards - 1:05d}"
-    pattern = str(pool / f"{{00000..{last}}}.tar")
     device = "cuda" if args.gpu else "cpu"
+    peer_env = None if args.gpu else {"CUDA_VISIBLE_DEVICES": ""}
 
-    out = work / f"jc-{time.time_ns()}"
-    jc_cmd = [
-        sys.executable, "-m", "jestcurate", "score", pattern, "--out", str(out),
-        "-m", model_name, "--pretrained", str(checkpoint), "--batch-size", str(args.batch_size),
-        "--workers", str(args.workers), "--device", device,
-    ]  # fmt: skip
-    jc_seconds, jc_log = timed(jc_cmd)
-    steady = re.search(r"throughput\s+([\d,.]+) samples/s", jc_log)
-    peer_out = work / f"cr-{time.time_ns()}"
+    def pattern(n: int) -> str:
+        return str(pool / f"{{00000..{n - 1:05d}}}.tar")
+
+    def jc_cmd(n: int, out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "jestcurate", "score", pattern(n), "--out", str(out),
+            "-m", model_name, "--pretrained", str(checkpoint), "--batch-size",
+            str(args.batch_size), "--workers", str(args.workers), "--device", device,
+        ]  # fmt: skip
+
     launcher = (
         "import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
         "from clip_retrieval.cli import main; sys.exit(main())"
     )
-    cr_cmd = [
-        str(peer.parent / "python"), "-c", launcher, str(BUILTIN_CONFIG_DIR),
-        "inference", "--input_dataset", pattern, "--output_folder", str(peer_out),
-        "--input_format", "webdataset", "--clip_model", f"open_clip:{model_name}/{checkpoint}",
-        "--batch_size", str(args.batch_size), "--num_prepro_workers", str(args.workers),
-        "--enable_text", "True", "--enable_image", "True", "--enable_metadata", "False",
-        "--use_jit", "False", "--enable_wandb", "False",
-    ]  # fmt: skip
-    cr_seconds, cr_log = timed(cr_cmd, env=None if args.gpu else {"CUDA_VISIBLE_DEVICES": ""})
+
+    def cr_cmd(n: int, out: Path) -> list[str]:
+        return [
+            str(peer.parent / "python"), "-c", launcher, str(BUILTIN_CONFIG_DIR),
+            "inference", "--input_dataset", pattern(n), "--output_folder", str(out),
+            "--input_format", "webdataset", "--clip_model", f"open_clip:{model_name}/{checkpoint}",
+            "--batch_size", str(args.batch_size), "--num_prepro_workers", str(args.workers),
+            "--enable_text", "True", "--enable_image", "True", "--enable_metadata", "False",
+            "--use_jit", "False", "--enable_wandb", "False",
+        ]  # fmt: skip
+
+    total = shards * args.samples
+    out = work / f"jc-{time.time_ns()}"
+    jc_seconds, jc_log = timed(jc_cmd(shards, out))
+    steady = re.search(r"throughput\s+([\d,.]+) samples/s", jc_log)
+    peer_out = work / f"cr-{time.time_ns()}"
+    cr_seconds, cr_log = timed(cr_cmd(shards, peer_out), env=peer_env)
     embeddings = sorted((peer_out / "img_emb").glob("*.npy"))
     if not embeddings:
         sys.exit(f"clip-retrieval wrote no image embeddings:\n{cr_log[-3000:]}")
@@ -160,6 +175,22 @@ def compare(
         "clip_retrieval_wall_samples_per_s": round(total / cr_seconds, 2),
         "wall_ratio": round(cr_seconds / jc_seconds, 2),
     }
+    if args.marginal and shards >= 2:
+        half = shards // 2
+        jc_half, _ = timed(jc_cmd(half, work / f"jc-{time.time_ns()}"))
+        cr_half, _ = timed(cr_cmd(half, work / f"cr-{time.time_ns()}"), env=peer_env)
+        n_half = half * args.samples
+        runs = (("jestcurate", jc_seconds, jc_half), ("clip_retrieval", cr_seconds, cr_half))
+        for tool, full_s, half_s in runs:
+            rate = (total - n_half) / max(full_s - half_s, 1e-9)
+            result[f"{tool}_half_wall_s"] = round(half_s, 1)
+            result[f"{tool}_marginal_samples_per_s"] = round(rate, 1)
+            result[f"{tool}_startup_s"] = round(half_s - n_half / rate, 1)
+        result["marginal_ratio"] = round(
+            result["jestcurate_marginal_samples_per_s"]
+            / result["clip_retrieval_marginal_samples_per_s"],
+            2,
+        )
     if args.check_import:
         result.update(check_import(peer_out, out, model_name, checkpoint, work))
     return result
