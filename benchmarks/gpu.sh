@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default: ${OUT:-/tmp/jestcurate-gpu}
 #
 # 1. ViT-B-32 model-only vs `score` in bf16, --decode pil and --decode torch, on generated
-#    256 px and 512 px shards (benchmarks/throughput.py), with GPU utilisation sampled by
-#    nvidia-smi while each score runs;
+#    256 px and 512 px shards (benchmarks/throughput.py, two interleaved rounds), with GPU
+#    utilisation sampled by nvidia-smi through each step (model-only and score runs alike);
 # 2. clip-retrieval `inference` on the same kind of shards, if its virtual environment exists
 #    (benchmarks/peer_clip_retrieval.py; GPU machines here have no internet to install it);
 # 3. `select --method jest` at the paper's b = 32,768, ratio 0.2, on CUDA;
@@ -51,7 +51,7 @@ for px in 256 512; do
     for decode in pil torch; do
         step "score-vitb32-${px}px-${decode}" 100 "$py" benchmarks/throughput.py \
             --model ViT-B-32 --precision bf16 --device cuda --decode "$decode" \
-            --image-size "$px" --shards 8 --samples 1024 --batch-size 256
+            --image-size "$px" --shards 8 --samples 1024 --batch-size 256 --rounds 2
     done
 done
 peer="${PEER_VENV:-/tmp/jestcurate-peer-venv}"
@@ -76,7 +76,7 @@ print("| step | exit | seconds | GPU busy (mean %) | result |")
 print("| --- | --- | --- | --- | --- |")
 for r in rows:
     res = r.get("result") or {}
-    keys = ("model_only_samples_per_s", "score_steady_samples_per_s", "steady_ratio",
+    keys = ("model_only_samples_per_s", "score_steady_samples_per_s", "steady_ratio_of_medians",
             "jestcurate_wall_samples_per_s", "clip_retrieval_wall_samples_per_s",
             "candidates_per_s", "total_s", "peak_rss_mib")
     shown = ", ".join(f"{k}={res[k]}" for k in keys if k in res) or r.get("skipped", "")

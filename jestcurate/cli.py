@@ -131,7 +131,14 @@ Pretrained = Annotated[
         "{'state_dict': ...}). Without it the weights are random from a fixed seed.",
     ),
 ]
-BatchSize = Annotated[int, typer.Option(help="Samples per model batch.")]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Samples per model batch. Default: 256 on CUDA, 64 on a CPU, where shorter forward "
+        "passes leave the decoding workers more gaps (docs/benchmarks.md).",
+        show_default=False,
+    ),
+]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda (auto: cuda when present).")]
 Precision = Annotated[
     str | None,
@@ -139,7 +146,10 @@ Precision = Annotated[
 ]
 Workers = Annotated[
     int | None,
-    typer.Option(help="Decoding worker processes (0: decode in the main process). "),
+    typer.Option(
+        help="Decoding worker processes (0: decode in the main process). Default: every core "
+        "but one with CUDA, half the cores on a CPU, where they run niced beside the model."
+    ),
 ]
 Decode = Annotated[
     str,
@@ -180,7 +190,7 @@ def score(
     out: ScoreOut,
     model: Model,
     pretrained: Pretrained = None,
-    batch_size: BatchSize = 256,
+    batch_size: BatchSize = None,
     device: Device = "auto",
     precision: Precision = None,
     workers: Workers = None,
@@ -262,7 +272,7 @@ def slurm_score(
     out: ScoreOut,
     model: Model,
     pretrained: Pretrained = None,
-    batch_size: BatchSize = 256,
+    batch_size: BatchSize = None,
     device: Device = "auto",
     precision: Precision = None,
     workers: Workers = None,

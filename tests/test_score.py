@@ -431,3 +431,17 @@ def test_worker_chunks_hold_at_least_256_samples_within_the_pixel_budget() -> No
     assert score_mod._chunk_size(1024, (64, 64)) == 1024  # a batch, when larger
     assert score_mod._chunk_size(64, (224, 224)) == (64 << 20) // (3 * 224 * 224 * 4) == 111
     assert score_mod._chunk_size(64, (4096, 4096)) == 1  # never below one sample
+
+
+def test_batch_size_defaults_to_the_devices(corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    batches: list[int] = []
+    encoder = score_mod._Encoder
+
+    class Spy(encoder):  # type: ignore[misc, valid-type]
+        def __init__(self, model, batch_size: int) -> None:
+            batches.append(batch_size)
+            super().__init__(model, batch_size)
+
+    monkeypatch.setattr(score_mod, "_Encoder", Spy)
+    score([corpus], tmp_path / "cpu", batch_size=None)
+    assert batches == [score_mod.DEFAULT_BATCH["cpu"]] == [64]

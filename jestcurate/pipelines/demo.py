@@ -149,7 +149,6 @@ def run(
                 model=MODEL,
                 pretrained=str(out / checkpoint),
                 role=role,
-                batch_size=256,
             )
         )
 

@@ -82,6 +82,12 @@ def _cores() -> int:
         return os.cpu_count() or 2
 
 
+# Samples per forward pass. On a CPU, shorter passes leave the niced decoding workers more gaps
+# to run in: jc-tiny on 2 cores scored 1,069 samples/s at 64 against 747 at 256
+# (docs/benchmarks.md); the embeddings do not depend on it.
+DEFAULT_BATCH = {"cuda": 256, "cpu": 64}
+
+
 def default_workers(device_type: str = "cpu") -> int:
     """Decoding processes. With a GPU the CPU only decodes, so use all cores but one; on a CPU
     the model needs cores too, so decoding gets half."""
@@ -156,7 +162,7 @@ class ScoreConfig:
     out: Path
     model: str
     pretrained: str | None = None
-    batch_size: int = 256
+    batch_size: int | None = None  # None: DEFAULT_BATCH for the device
     device: str = "auto"
     precision: str | None = None
     workers: int | None = None
@@ -554,7 +560,7 @@ def _existing_decode(out: Path) -> str | None:
 def _validate(cfg: ScoreConfig) -> None:
     if cfg.role not in ROLES:
         raise JCError(f"unknown role {cfg.role!r}; use reference or learner")
-    if cfg.batch_size < 1:
+    if cfg.batch_size is not None and cfg.batch_size < 1:
         raise JCError("--batch-size must be at least 1")
     if cfg.decode not in DECODERS:
         raise JCError(f"--decode must be one of {', '.join(DECODERS)}, not {cfg.decode!r}")
@@ -582,7 +588,9 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     identity = {"schema_version": SCHEMA_VERSION, "role": cfg.role, **resolved.identity()}
     chosen = cfg.decode == "auto"
     cfg = dataclasses.replace(
-        cfg, decode=resolve_decode(cfg.decode, resolved.device, _existing_decode(cfg.out))
+        cfg,
+        decode=resolve_decode(cfg.decode, resolved.device, _existing_decode(cfg.out)),
+        batch_size=cfg.batch_size or DEFAULT_BATCH.get(resolved.device.type, 64),
     )
     if cfg.decode != "pil":  # absent means PIL, as in every score set made before the option
         identity["decode"] = cfg.decode
