@@ -1,8 +1,8 @@
 """Throughput of `jestcurate score` against the model-only ceiling, same model, batch and device.
 
     python benchmarks/throughput.py [--model jc-tiny] [--shards 16] [--samples 512]
-        [--batch-size 256] [--workers N] [--device auto] [--image-size 256]
-        [--decode auto|pil|pil-draft|torch] [--rounds 3]
+        [--batch-size B] [--workers N] [--device auto] [--image-size 256]
+        [--decode auto|pil|pil-draft|torch] [--rounds 3] [--baseline CHECKOUT]
 
 Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir, then, in
 each of --rounds rounds, one after the other so that a VM's drifting speed hits both alike:
@@ -11,6 +11,8 @@ each of --rounds rounds, one after the other so that a VM's drifting speed hits 
 2. score: the `jestcurate score` command, as a user runs it, in a fresh process (read tars,
    decode, preprocess, tokenize, encode, score, write Parquet). "Steady" is its own summary's
    throughput (from the first chunk on); "end to end" is the whole process, start-up included.
+3. with --baseline, the same `score` command from another checkout of jestcurate (a git
+   worktree of an earlier commit, run with PYTHONPATH set to it), in the same rounds.
 Prints samples/s for each round, the medians and the ratio of the medians.
 """
 
@@ -65,7 +67,9 @@ def _sync(device: object) -> None:
         torch.cuda.synchronize()
 
 
-def score_once(args: argparse.Namespace, pool: Path, out: Path) -> dict:
+def score_once(
+    args: argparse.Namespace, pool: Path, out: Path, checkout: Path | None = None
+) -> dict:
     cmd = [
         sys.executable, "-m", "jestcurate", "score", str(pool), "--out", str(out),
         "-m", args.model, "--batch-size", str(args.batch_size), "--device", args.device,
@@ -77,7 +81,10 @@ def score_once(args: argparse.Namespace, pool: Path, out: Path) -> dict:
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     began = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # `python -m` puts the working directory first on sys.path: run the baseline from inside its
+    # checkout, or this checkout's package would shadow it.
+    env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else None
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=checkout)
     seconds = time.perf_counter() - began
     if done.returncode != 0:
         sys.exit(f"score failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -100,15 +107,23 @@ def main() -> None:
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: score's own")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default=None)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--decode", default="auto", choices=["auto", "pil", "pil-draft", "torch"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time")
     parser.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch_size is None:  # score's default for the device, given to both measurements
+        import torch
+
+        from jestcurate.pipelines.score import DEFAULT_BATCH
+
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.batch_size = DEFAULT_BATCH["cuda" if cuda else "cpu"]
     if args.model_only:  # the child process of step 1
         print(model_only(args))
         return
@@ -117,6 +132,7 @@ def main() -> None:
 
     ceilings: list[float] = []
     runs: list[dict] = []
+    baseline: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         pool = Path(tmp) / "pool"
         spec = CorpusSpec(
@@ -131,12 +147,16 @@ def main() -> None:
             done = subprocess.run(child, capture_output=True, text=True, check=True)
             ceilings.append(float(done.stdout.strip().splitlines()[-1]))
             runs.append(score_once(args, pool, Path(tmp) / f"scores-{r}"))
-            print(
+            line = (
                 f"round {r + 1}: model only {ceilings[-1]:8.1f} samples/s | score "
                 f"{runs[-1]['steady']:8.1f} steady, {runs[-1]['end_to_end']:8.1f} end to end "
-                f"({runs[-1]['wall_s']:.1f} s)",
-                flush=True,
+                f"({runs[-1]['wall_s']:.1f} s)"
             )
+            if args.baseline:
+                old = score_once(args, pool, Path(tmp) / f"baseline-{r}", args.baseline)
+                baseline.append(old)
+                line += f" | baseline {old['steady']:8.1f} steady ({old['wall_s']:.1f} s)"
+            print(line, flush=True)
 
     import torch
 
@@ -163,6 +183,13 @@ def main() -> None:
         ],
         "steady_ratio_of_medians": round(steady / ceiling, 3),
     }
+    if baseline:
+        result["baseline"] = str(args.baseline)
+        result["baseline_steady_samples_per_s"] = [round(r["steady"], 1) for r in baseline]
+        result["baseline_end_to_end_samples_per_s"] = [round(r["end_to_end"], 1) for r in baseline]
+        result["baseline_steady_ratio_of_medians"] = round(
+            statistics.median(r["steady"] for r in baseline) / ceiling, 3
+        )
     print(f"model only : {ceiling:9.1f} samples/s (median of {args.rounds})")
     print(f"score      : {steady:9.1f} samples/s steady (median)")
     print(f"ratio      : {steady / ceiling:.3f} of model-only")
