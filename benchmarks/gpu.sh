@@ -47,11 +47,24 @@ print(json.dumps({
 EOF
 }
 
+# The corpora are written first, one shard per process, outside every step's time limit
+# (a 512 px synthetic sample takes tens of ms to draw on one core).
+for px in 256 512; do
+    if [ ! -f "$out/pool-$px/00007.tar" ]; then
+        for i in 0 1 2 3 4 5 6 7; do
+            "$py" -m jestcurate synth "$out/pool-$px" --shards 1 --samples 1024 \
+                --image-size "$px" --noise noisy --first-shard "$i" >/dev/null &
+        done
+        wait
+    fi
+done
+
 for px in 256 512; do
     for decode in pil torch; do
         step "score-vitb32-${px}px-${decode}" 100 "$py" benchmarks/throughput.py \
             --model ViT-B-32 --precision bf16 --device cuda --decode "$decode" \
-            --image-size "$px" --shards 8 --samples 1024 --batch-size 256 --rounds 2
+            --image-size "$px" --shards 8 --samples 1024 --batch-size 256 --rounds 2 \
+            --pool "$out/pool-$px"
     done
 done
 peer="${PEER_VENV:-/tmp/jestcurate-peer-venv}"

@@ -2,9 +2,10 @@
 
     python benchmarks/throughput.py [--model jc-tiny] [--shards 16] [--samples 512]
         [--batch-size B] [--workers N] [--device auto] [--image-size 256]
-        [--decode auto|pil|pil-draft|torch] [--rounds 3] [--baseline CHECKOUT]
+        [--decode auto|pil|pil-draft|torch] [--rounds 3] [--baseline CHECKOUT] [--pool DIR]
 
-Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir, then, in
+Writes a synthetic corpus (img2dataset-sized 256 px JPEGs by default) to a temp dir (or scores
+the shards in --pool, made beforehand, e.g. by `jestcurate synth`), then, in
 each of --rounds rounds, one after the other so that a VM's drifting speed hits both alike:
 1. model only: encode_image + encode_text on already-preprocessed batches held in memory, in a
    fresh process with this environment as it is (OpenMP's default wait policy: the best case);
@@ -115,6 +116,9 @@ def main() -> None:
     parser.add_argument("--decode", default="auto", choices=["auto", "pil", "pil-draft", "torch"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time")
+    parser.add_argument(
+        "--pool", type=Path, default=None, help="score these shards instead of new ones"
+    )
     parser.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.batch_size is None:  # score's default for the device, given to both measurements
@@ -134,14 +138,15 @@ def main() -> None:
     runs: list[dict] = []
     baseline: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        pool = Path(tmp) / "pool"
-        spec = CorpusSpec(
-            shards=args.shards,
-            samples_per_shard=args.samples,
-            image_size=args.image_size,
-            noise=PRESETS["noisy"],
-        )
-        write_corpus(pool, spec)
+        pool = args.pool or Path(tmp) / "pool"
+        if args.pool is None:
+            spec = CorpusSpec(
+                shards=args.shards,
+                samples_per_shard=args.samples,
+                image_size=args.image_size,
+                noise=PRESETS["noisy"],
+            )
+            write_corpus(pool, spec)
         child = [sys.executable, __file__, "--model-only", *sys.argv[1:]]
         for r in range(args.rounds):
             done = subprocess.run(child, capture_output=True, text=True, check=True)

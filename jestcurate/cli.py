@@ -148,7 +148,8 @@ Workers = Annotated[
     int | None,
     typer.Option(
         help="Decoding worker processes (0: decode in the main process). Default: every core "
-        "but one with CUDA, half the cores on a CPU, where they run niced beside the model."
+        "but one (at most 32) with CUDA, half the cores on a CPU, where they run niced beside "
+        "the model when its threads sleep (the default, docs/benchmarks.md)."
     ),
 ]
 Decode = Annotated[
@@ -213,7 +214,8 @@ def score(
     runs) claim shards, never score one twice, and each exits once every shard is settled.
 
     Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
-    sleeping_openmp()
+    if device != "cuda" and workers != 0:  # sleeping threads only pay where workers share CPUs
+        sleeping_openmp()
     from jestcurate.pipelines import score as score_mod
 
     local, upload_to = _score_out(out)
@@ -316,6 +318,8 @@ def slurm_score(
     opts = slurm.SlurmOptions(**settings, extra=tuple(sbatch or ()))
     local, upload_to = _score_out(out)
     args = [*inputs, "--out", upload_to or str(local.resolve()), "--model", model]
+    if batch_size is None:  # explicit in the script, so plans and --retry compare like with like
+        batch_size = 256 if gpus_per_task else 64
     for flag, value in (
         ("--pretrained", pretrained),
         ("--batch-size", batch_size),

@@ -393,13 +393,40 @@ def test_thread_trial_with_spinning_openmp_keeps_the_faster(monkeypatch) -> None
     assert _trial(monkeypatch, rates=[600.0, 400.0]) == 2
 
 
+def _policy(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
+    """Set or unset OMP_WAIT_POLICY so that monkeypatch restores the session's own value."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", value or "unset")
+    if value is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+
+
 def test_sleeping_openmp_keeps_all_threads_and_nices_the_workers(
-    corpus: Path, monkeypatch: pytest.MonkeyPatch
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(score_mod, "_cores", lambda: 2)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    assert not score_mod._CpuThreads("cpu", workers=1).deciding
-    # A worker lowers its priority before reading (simulated here in-process).
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _policy(monkeypatch, "passive")
+        assert not score_mod._CpuThreads("cpu", workers=1).deciding
+        _policy(monkeypatch, "ACTIVE")
+        assert score_mod._CpuThreads("cpu", workers=1).deciding
+    finally:
+        torch.set_num_threads(before)
+    # score asks for niced workers on a CPU only when the threads sleep ...
+    asked: list[bool] = []
+
+    class Spy(score_mod.ShardStream):
+        def __init__(self, *args, **kw) -> None:
+            asked.append(kw["nice"])
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(score_mod, "ShardStream", Spy)
+    for policy in ("PASSIVE", "ACTIVE"):
+        _policy(monkeypatch, policy)
+        score([corpus], tmp_path / policy)
+    assert asked == [True, False]
+    # ... and a worker then lowers its priority before reading (simulated here in-process).
     niced: list[int] = []
     monkeypatch.setattr(score_mod.os, "nice", niced.append)
     monkeypatch.setattr(score_mod, "default_sigterm", lambda: None)
@@ -408,16 +435,23 @@ def test_sleeping_openmp_keeps_all_threads_and_nices_the_workers(
     shard = score_mod.assign_names(score_mod.expand_inputs([str(corpus)]))[:1]
     for nice, want in ((False, []), (True, [19])):
         niced.clear()
-        stream = score_mod.ShardStream(shard, None, lambda c: torch.zeros(len(c), 4), 8, 10**9)
-        stream.defer_jpeg, stream.nice = True, nice
+        stream = score_mod.ShardStream(
+            shard, None, lambda c: torch.zeros(len(c), 4), 8, 10**9, defer_jpeg=True, nice=nice
+        )
         assert sum(len(chunk["rows"]) for chunk in stream) == 24
         assert niced == want
 
 
 def test_cli_makes_openmp_sleep_unless_told_otherwise(monkeypatch) -> None:
+    import subprocess
+    import sys
+
     from jestcurate import cli
 
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    # The CLI must be importable without torch, or the policy would come too late.
+    probe = "import sys, jestcurate.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+    _policy(monkeypatch, None)
     monkeypatch.delitem(cli.sys.modules, "torch")
     cli.sleeping_openmp()
     assert score_mod.openmp_sleeps()

@@ -114,6 +114,7 @@ def test_script_without_submit_and_errors(corpus: Path, tmp_path: Path) -> None:
     assert code == 0, output
     text = (out / "slurm" / "score.sbatch").read_text()
     assert "--num-tasks 2" in text and "gpus-per-task" not in text
+    assert "--batch-size 64" in text  # the CPU default, written out for --retry to compare
     assert "sbatch --array=0-1" in output
     code, output = run_cli(*slurm_args(tmp_path / "nope.tar", out))
     assert code == 2 and "input not found" in output, output
