@@ -122,12 +122,10 @@ def main() -> None:
     parser.add_argument("--model-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.batch_size is None:  # score's default for the device, given to both measurements
-        import torch
-
+        from jestcurate.model.openclip import resolve_device
         from jestcurate.pipelines.score import DEFAULT_BATCH
 
-        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        args.batch_size = DEFAULT_BATCH["cuda" if cuda else "cpu"]
+        args.batch_size = DEFAULT_BATCH.get(resolve_device(args.device).type, 64)
     if args.model_only:  # the child process of step 1
         print(model_only(args))
         return
