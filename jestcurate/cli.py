@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import logging
 import os
 import sys
@@ -29,15 +30,23 @@ log = logging.getLogger("jestcurate")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")]
+
+
 def _one_line_errors(func: F) -> F:
+    """Wrap a command: expected errors as one line with their exit status, and -v/--verbose
+    taken after the command's name as well as before it."""
+
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, verbose: bool = False, **kwargs: Any) -> Any:
         from jestcurate import ui
 
+        if verbose:
+            ui.setup_logging(True)
         try:
             return func(*args, **kwargs)
         except JCError as exc:
-            ui.stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _error(str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             ui.stderr.print("interrupted; rerun the same command to resume", highlight=False)
@@ -49,7 +58,7 @@ def _one_line_errors(func: F) -> F:
             # a worker process's error arrives re-raised without its errno, by its message
             if exc.errno not in NO_SPACE and not any(m in str(exc) for m in NO_SPACE_TEXT):
                 raise
-            ui.stderr.print(f"[red]error:[/red] {no_space(exc)}", highlight=False, soft_wrap=True)
+            _error(str(no_space(exc)))
             raise typer.Exit(2) from None
         except Exception:
             if errors.terminating:  # e.g. a decoding worker the same SIGTERM ended
@@ -57,7 +66,42 @@ def _one_line_errors(func: F) -> F:
                 raise typer.Exit(143) from None
             raise
 
+    # typer reads the options from the signature: the command's own, then --verbose
+    signature = inspect.signature(func, eval_str=True)
+    verbose = inspect.Parameter(
+        "verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOption
+    )
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), verbose]
+    )
+    wrapper.__annotations__ = {**func.__annotations__, "verbose": VerboseOption}
     return wrapper  # type: ignore[return-value]
+
+
+def _error(message: str) -> None:
+    """The one line every expected error prints, usage errors included."""
+    from jestcurate import ui
+
+    ui.stderr.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+
+
+def _flags_take_no_value() -> None:
+    """typer's help shows a flag's type (`--export <bool>`) as if it took a value; it takes
+    none, so its type column stays empty."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_jestcurate", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._jestcurate = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_take_no_value()
 
 
 def _version(value: bool) -> None:
@@ -68,7 +112,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
+    verbose: VerboseOption = False,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
@@ -311,6 +355,7 @@ def slurm_score(
     that still have shards to do."""
     from jestcurate import ui
     from jestcurate.io.shards import expand_inputs
+    from jestcurate.model.openclip import ModelSpec, check_fit, resolve_spec
     from jestcurate.scale import slurm
     from jestcurate.scale.status import unfinished_tasks
 
@@ -331,8 +376,9 @@ def slurm_score(
     ):
         if value is not None:
             args += [flag, str(value)]
-    urls = expand_inputs(inputs)  # bad inputs fail here, not in a thousand tasks
-    shards = len(urls)
+    urls = expand_inputs(inputs)  # bad inputs and a checkpoint that does not fit the model
+    shards = len(urls)  # fail here, not in a thousand tasks
+    check_fit(resolve_spec(ModelSpec(model, pretrained, device="cpu")))
     if retry:
         plan = slurm.read_plan(local)
         if plan["score_args"] != args:
@@ -432,9 +478,7 @@ def slurm_select(
     export = "--export" in args
     base = [a for a in args if a != "--export"]
     settings = {k: v for k, v in locals().items() if k in slurm.SlurmOptions.__dataclass_fields__}
-    # --chdir: the select options' relative paths resolve in the jobs as they do here
-    extra = (f"--chdir={Path.cwd()}", *(sbatch or ()))
-    opts = slurm.SlurmOptions(**settings, extra=extra, job_name="jestcurate-select")
+    opts = slurm.SlurmOptions(**settings, extra=tuple(sbatch or ()), job_name="jestcurate-select")
     out = Path(parsed["out"])
     scripts = slurm.write_select_scripts(out, base, num_tasks, opts, [] if export else None)
     written = [scripts.select, scripts.merge, *([scripts.export] if scripts.export else [])]
@@ -664,7 +708,12 @@ def select(
             "below independent top-k) or paper (the paper's Algorithm 1 as written)."
         ),
     ] = "refine",
-    chunks: Annotated[int, typer.Option(help="jest: chunks each batch is drawn in.")] = 16,
+    chunks: Annotated[
+        int | None,
+        typer.Option(
+            help="jest: chunks each batch is drawn in, at most b. Default: 16 (b if less)."
+        ),
+    ] = None,
     sweeps: Annotated[
         int, typer.Option(help="jest --sampler refine: passes over the batch's chunks.")
     ] = 1,
@@ -735,6 +784,14 @@ def select(
             "finish also does this by itself).",
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the selection OUT holds (its manifest, summary, uids, tasks and "
+            "exported shards) instead of refusing a different one. Not for array tasks.",
+        ),
+    ] = False,
 ) -> None:
     """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy
@@ -770,6 +827,7 @@ def select(
         task_index=task_index,
         num_tasks=num_tasks,
         merge=merge,
+        overwrite=overwrite,
     )
     if export:  # before choosing anything: a set without images has nothing to export
         from jestcurate.io.store import open_score_set
@@ -1030,12 +1088,36 @@ def synth(
     typer.echo(f"wrote {len(paths)} shards of {samples} samples to {out}")
 
 
+def _click_errors() -> Any:
+    """The exceptions module of the click that typer runs on: its own copy in recent typer."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # typer before it vendored click
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
     errors.handle_sigterm()  # Slurm's scancel and preemption: clean up and exit 143
+    click_errors = _click_errors()
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(prog_name="jestcurate", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:  # a bare command: its help, as click does
+        typer.echo(exc.ctx.get_help())
+        code = 0 if exc.ctx.parent is None else 2
+    except click_errors.UsageError as exc:  # a wrong option or argument: one line, as errors are
+        where = exc.ctx.command_path if exc.ctx else "jestcurate"
+        _error(f"{exc.format_message()} (see '{where} --help')")
+        code = exc.exit_code
+    except click_errors.ClickException as exc:
+        _error(exc.format_message())
+        code = exc.exit_code
+    except typer.Abort:
+        code = 130
     finally:
         # Interpreter shutdown collects every object still tracked, and importing torch and
         # open_clip leaves ~400k of them: 1.5 s at each exit on a 2-core VM. Frozen ones are
         # skipped; nothing is left unwritten (every file is closed, renamed, fsynced by now).
         gc.freeze()
+    sys.exit(code if isinstance(code, int) else 0)

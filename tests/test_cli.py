@@ -100,3 +100,36 @@ def test_synth_noise_kinds_follow_the_preset() -> None:
         assert abs(kinds.count(kind) / len(kinds) - share) < 0.04, kind
     dupes = [s for s in shard_samples(spec, 0) if s["json"]["jc_kind"] == "duplicate"]
     assert all(d["jpg"] for d in dupes) and "jc_duplicate_of" in dupes[0]["json"]
+
+
+def test_usage_errors_are_one_line_like_every_error(tmp_path: Path) -> None:
+    """The real entry point (typer's test runner formats usage errors its own way)."""
+    from conftest import run_subprocess
+
+    for args, message in (
+        (["select", tmp_path, "--out", tmp_path / "o", "--bogus"], "No such option: --bogus"),
+        (["select"], "Missing argument"),
+        (["select", tmp_path, "--out", tmp_path / "o", "--ratio", "abc"], "'--ratio'"),
+    ):
+        done = run_subprocess(*args)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr and "jestcurate select --help" in done.stderr
+    assert run_subprocess().returncode == 0  # no command: the help, as before
+
+
+def test_verbose_after_the_command_and_flags_in_help(tmp_path: Path) -> None:
+    import logging
+    import re
+
+    jc_log = logging.getLogger("jestcurate")
+    for args in (["-v", "synth", tmp_path / "a"], ["synth", tmp_path / "b", "-v"]):
+        run_cli("synth", tmp_path / "quiet", "--shards", 1, "--samples", 2)
+        assert jc_log.level == logging.INFO
+        code, output = run_cli(*args, "--shards", 1, "--samples", 2)
+        assert code == 0 and jc_log.level == logging.DEBUG, (args, output)
+    code, output = run_cli("select", "--help")
+    assert code == 0 and "--verbose" in output and "--overwrite" in output
+    flags = [line for line in output.splitlines() if re.search(r"│ +--(export|topk) ", line)]
+    assert len(flags) == 2 and not any("<bool>" in line for line in flags), flags
+    assert "<float>" in output  # options that take a value still show its type

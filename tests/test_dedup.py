@@ -132,7 +132,7 @@ def test_deterministic_for_a_seed_and_rerun_reuses(planted, tmp_path) -> None:
     assert again["reused"] and (tmp_path / "a" / dedup.OUTPUT).stat().st_mtime_ns == before
     assert not (tmp_path / "a" / ".cache").exists()
     code, output = run_cli("dedup", scores, "--out", tmp_path / "a", "--seed", "6")
-    assert code == 2 and "holds a different dedup (differs in params)" in output, output
+    assert code == 2 and "holds a different dedup (params.seed: 5 there, 6 now)" in output, output
 
 
 @pytest.mark.parametrize("by", ["text", "both"])

@@ -67,6 +67,7 @@ def test_export_round_trip(selection: Path) -> None:
         assert sample["jpg"] == original["jpg"] and sample["txt"] == original["txt"]
         meta = json.loads(sample["json"])
         assert meta["uid"] == json.loads(original["json"])["uid"]  # original fields kept
+        assert meta["key"] == sample["__key__"]  # as img2dataset keeps them
         extra = meta["jestcurate"]
         assert (extra["step"], extra["position"]) == (row["step"], row["position"])
         assert extra["source_key"] == row["key"] and extra["source_shard"] == row["shard"]

@@ -87,6 +87,8 @@ def test_contract_round_trip(corpus: Path, tmp_path: Path) -> None:
             torch.from_numpy(img), torch.from_numpy(txt), meta["logit_scale"], None, "softmax"
         )
         np.testing.assert_allclose(table.column("ref_loss").to_numpy(), loss.numpy(), atol=1e-4)
+    # parts/ is the dataset to hand to pyarrow (docs/scores.md): every row of every shard
+    assert pq.read_table(out / "parts").num_rows == 3 * 24
 
 
 def test_hostile_inputs_become_rows_and_failed_markers(
@@ -279,7 +281,7 @@ def test_checkpoint_loading_errors(corpus: Path, tmp_path: Path) -> None:
     cases = {
         "pickled.pt": "refusing to load",
         "garbage.pt": "cannot load",
-        "partial.pt": "cannot load",
+        "partial.pt": "does not fit jc-tiny",
         "missing.pt": "checkpoint not found",
     }
     for name, message in cases.items():

@@ -230,8 +230,28 @@ def test_rerun_reuses_and_refuses_a_different_selection(sets, tmp_path: Path) ->
     again = select(sets, out, method="easy-ref")
     assert again.reused and (out / "manifest.parquet").stat().st_mtime_ns == before
     code, output = run_cli("select", sets["ref"], "--out", out, "--method", "random", "-b", 20)
-    assert code == 2 and "holds a different selection (differs in method" in output, output
-    assert not (out / ".cache").exists()
+    assert (
+        code == 2
+        and 'holds a different selection (method: "easy-ref" there, "random" now' in output
+    ), output
+    assert "--overwrite" in output and not (out / ".cache").exists()
+    code, output = run_cli("select", sets["ref"], "--out", out, "--method", "easy-ref", "-b", 20,
+                           "--ratio", 0.25)  # fmt: skip
+    assert "parameters.ratio: 0.2 there, 0.25 now" in output, output
+
+    # --overwrite replaces it on purpose: the result is what a fresh --out would hold.
+    (out / "shards").mkdir()
+    (out / "shards" / "00000.tar").write_bytes(b"an old export")
+    (out / "notes.txt").write_text("not select's")
+    code, output = run_cli("select", sets["ref"], "--out", out, "--method", "random", "-b", 20,
+                           "--overwrite")  # fmt: skip
+    assert code == 0, output
+    fresh = select(sets, tmp_path / "fresh", method="random")
+    assert (out / "manifest.parquet").read_bytes() == (fresh.out / "manifest.parquet").read_bytes()
+    assert not (out / "shards").exists() and (out / "notes.txt").exists()
+    code, output = run_cli("select", sets["ref"], "--out", out, "-b", 20, "--overwrite",
+                           "--task-index", 0, "--num-tasks", 2)  # fmt: skip
+    assert code == 2 and "array tasks would remove each other's work" in output, output
 
 
 def test_bad_inputs_are_one_line_errors(sets, tmp_path: Path) -> None:
@@ -261,6 +281,8 @@ def test_bad_inputs_are_one_line_errors(sets, tmp_path: Path) -> None:
         ([ref, "--sampler", "gibbs"], "unknown --sampler 'gibbs'"),
         ([ref, "--sweeps", "-1"], "--sweeps must be 0 or more"),
         ([ref, "--temperature", "0"], "--temperature must be positive"),
+        ([ref, "--chunks", "100"], "--chunks 100 is more than the batch size 20"),
+        ([ref, "--min-clip-score", "2"], "--min-clip-score is a cosine similarity"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
@@ -271,6 +293,32 @@ def test_bad_inputs_are_one_line_errors(sets, tmp_path: Path) -> None:
         assert message in output and output.startswith("error: "), (args, output)
         assert output.count("\n") == 1, output
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_ratio_that_chooses_nothing_says_so(sets, tmp_path: Path) -> None:
+    for ratio in ("1", "0.99"):  # B = round(20 / 0.99) = 20 = b too
+        out = tmp_path / ratio
+        code, output = run_cli("select", sets["ref"], "--out", out, "-b", 20, "--ratio", ratio)
+        assert code == 0 and "keeps every candidate and chooses nothing" in output, output
+    code, output = run_cli("select", sets["ref"], "--out", tmp_path / "r", "-b", 20)
+    assert code == 0 and "chooses nothing" not in output, output
+
+
+def test_failed_shards_are_named_not_silently_missing(sets, tmp_path: Path) -> None:
+    copy = tmp_path / "ref"
+    shutil.copytree(sets["ref"], copy)
+    marker_path = copy / "done" / "00001.json"
+    marker = json.loads(marker_path.read_text())
+    marker.update(status="failed", error="truncated tar: unexpected end of data")
+    marker["counts"] = {"samples": 37, "ok": 37, "errors": 0}
+    marker_path.write_text(json.dumps(marker))
+    code, output = run_cli("select", copy, "--out", tmp_path / "s", "-b", 20)
+    assert code == 0, output
+    assert "1 of 6 shards failed when scored" in output, output
+    assert "00001 failed after 37 samples (truncated tar: unexpected end of data)" in output
+    assert f"jestcurate status {copy}" in output
+    code, output = run_cli("select", sets["ref"], "--out", tmp_path / "t", "-b", 20)
+    assert code == 0 and "failed when scored" not in output, output
 
 
 def test_cli_select_prints_a_summary(sets, tmp_path: Path) -> None:

@@ -187,3 +187,33 @@ def test_slurm_select_array_merge_and_export_jobs(tmp_path: Path, fake_sbatch: P
     assert "--export" in text and '--task-index "$task" --num-tasks 3' in text
     code, output = run_cli("slurm", "select", "--num-tasks", 3, "--", *select_args, "--bogus")
     assert code == 2 and "select options" in output and "--bogus" in output, output
+
+
+def test_the_score_script_runs_from_any_folder(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INPUTS and --pretrained stay relative as typed; the script's --chdir makes them mean the
+    same in a job submitted from elsewhere (what sbatch does with the directive, done here by
+    hand: bash ignores #SBATCH lines)."""
+    import re
+    import shutil
+
+    shutil.copytree(corpus, tmp_path / "pool")
+    monkeypatch.chdir(tmp_path)
+    code, output = run_cli(*slurm_args(Path("pool"), Path("scores"), "--num-tasks", "1"))
+    assert code == 0, output
+    script = tmp_path / "scores" / "slurm" / "score.sbatch"
+    found = re.search(r"^#SBATCH --chdir=(.+)$", script.read_text(), re.MULTILINE)
+    assert found and Path(found.group(1)) == tmp_path
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    without = subprocess.run(["bash", str(script)], cwd=elsewhere, capture_output=True,
+                             text=True, env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"})  # fmt: skip
+    assert without.returncode == 2 and "input not found: pool" in without.stderr  # why it's there
+    monkeypatch.chdir(elsewhere)
+    done = subprocess.run(["bash", str(script)], cwd=found.group(1), capture_output=True,
+                          text=True, env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.stem for p in (tmp_path / "scores" / "done").glob("*.json")) == [
+        "00000", "00001", "00002",
+    ]  # fmt: skip

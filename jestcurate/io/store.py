@@ -296,9 +296,20 @@ def identity_mismatches(existing: Mapping[str, Any], wanted: Mapping[str, Any]) 
     for field in IDENTITY_FIELDS:
         if field == "model" and existing.get("model_config_sha256"):
             continue  # a config file is identified by its content, not its name
-        if existing.get(field) != wanted.get(field):
+        if existing.get(field) == wanted.get(field):
+            continue
+        if field == "pretrained_sha256":  # the files (or tags), not only their hashes
+            there, now = (_weights(meta) for meta in (existing, wanted))
+            out.append(f"pretrained: {there} there, {now} now")
+        else:
             out.append(f"{field}: {existing.get(field)!r} there, {wanted.get(field)!r} now")
     return out
+
+
+def _weights(meta: Mapping[str, Any]) -> str:
+    if meta.get("pretrained") is None:
+        return "random weights"
+    return f"{meta['pretrained']} (sha256 {str(meta.get('pretrained_sha256'))[:12]})"
 
 
 def check_meta(out: Path, wanted: Mapping[str, Any]) -> None:
@@ -477,6 +488,18 @@ class ScoreSet:
                 f"`jestcurate verify {self.path}`"
             )
 
+    def failed_shards(self) -> list[str]:
+        """One line per shard whose scoring failed (a truncated tar, say): only its rows read
+        before the failure are in the set."""
+        found = []
+        for name, marker in sorted(read_markers(self.path).items()):
+            if marker.get("status") == "ok":
+                continue
+            rows = (marker.get("counts") or {}).get("samples")
+            after = f" after {rows} samples" if rows is not None else ""
+            found.append(f"{name} failed{after} ({marker.get('error') or 'no reason recorded'})")
+        return found
+
     @property
     def role(self) -> str:
         return str(self.meta.get("role"))
@@ -612,11 +635,17 @@ def fingerprint(s: ScoreSet) -> dict[str, Any]:
 
 
 def finished_output(
-    out: Path, summary_name: str, product: str, identity: Mapping[str, Any], what: str
+    out: Path,
+    summary_name: str,
+    product: str,
+    identity: Mapping[str, Any],
+    what: str,
+    instead: str = "use another --out",
 ) -> dict[str, Any] | None:
     """Rerun identity for a derived output (a selection, a dedup): the summary of a finished
     output made from the same inputs and parameters, None if there is none yet, and an error if
-    OUT holds a different one. `product` is the file whose presence means finished."""
+    OUT holds a different one, naming each differing field with both values and ending in
+    `instead`. `product` is the file whose presence means finished."""
     path = out / summary_name
     if not path.exists():
         return None
@@ -624,9 +653,31 @@ def finished_output(
         summary = read_json(path)
     except (OSError, ValueError) as exc:
         raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
-    differs = [k for k in identity if summary.get(k) != identity[k]]
+    differs = value_differences(summary, identity)
     if differs:
-        raise JCError(
-            f"{out} holds a different {what} (differs in {', '.join(differs)}); use another --out"
+        shown = "; ".join(differs[:3]) + (
+            f"; and {len(differs) - 3} more" if len(differs) > 3 else ""
         )
+        raise JCError(f"{out} holds a different {what} ({shown}); {instead}")
     return summary if (out / product).exists() else None
+
+
+def value_differences(
+    existing: Mapping[str, Any], wanted: Mapping[str, Any], at: str = ""
+) -> list[str]:
+    """Each field of `wanted` whose value `existing` does not share, named by its dotted path
+    with both values: "parameters.ratio: 0.2 there, 0.25 now"."""
+    found = []
+    for key, value in wanted.items():
+        old = existing.get(key) if isinstance(existing, Mapping) else None
+        name = f"{at}{key}"
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            found += value_differences(old, value, f"{name}.")
+        elif old != value:
+            found.append(f"{name}: {_shown(old)} there, {_shown(value)} now")
+    return found
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else f"{text[:77]}..."

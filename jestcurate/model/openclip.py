@@ -8,9 +8,11 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,7 @@ class ResolvedSpec:
             "pretrained_sha256": self.pretrained_sha256,
             "init_seed": self.init_seed,
             "precision": self.precision,
+            "pretrained": self.pretrained,  # not compared (the hash is), but named in refusals
         }
 
 
@@ -176,12 +179,22 @@ def _fetch_tag(open_clip: Any, name: str, tag: str) -> str:
         tags = open_clip.list_pretrained_tags_by_model(name)
         known = f"; known tags: {', '.join(tags)}" if tags else "; this model has no known tags"
         raise JCError(f"unknown pretrained tag {tag!r} for model {name}{known}")
+    # The hub logs each retry of each candidate file (twice, through its handler and ours):
+    # dozens of lines before the one that matters, the failure below.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    log.info("fetching pretrained weights %r for %s (or reading the cached copy)", tag, name)
     try:
         path = open_clip.download_pretrained(cfg)
     except Exception as exc:  # network, hub and cache errors all mean the same thing here
         raise JCError(
-            f"cannot fetch pretrained weights {tag!r} for {name}: {first_line(exc)}"
+            f"cannot fetch pretrained weights {tag!r} for {name} ({first_line(exc)}); without "
+            "a network, pass a checkpoint file to --pretrained, or set HF_HUB_OFFLINE=1 to "
+            "use only the local cache"
         ) from None
+    finally:
+        hub_log.setLevel(level)
     if not path or not os.path.isfile(path):
         raise JCError(f"cannot fetch pretrained weights {tag!r} for {name}")
     return sha256_file(path)
@@ -281,9 +294,13 @@ class LoadedModel:
         }
 
 
-def load_model(resolved: ResolvedSpec, warn_random: bool = True) -> LoadedModel:
+def load_model(
+    resolved: ResolvedSpec, warn_random: bool = True, allow_new_bias: bool = False
+) -> LoadedModel:
     """Build the model (weights from the checkpoint or tag, or from the fixed seed) in eval mode.
-    `warn_random`: say that random weights make meaningless scores (not when training)."""
+    `warn_random`: say that random weights make meaningless scores (not when training).
+    `allow_new_bias`: let a softmax checkpoint start a sigmoid model with a zero logit bias
+    (fine-tuning a CLIP as a SigLIP); scoring refuses it, as every score would be wrong."""
     open_clip = _open_clip()
     if resolved.pretrained is None and warn_random:
         log.warning(
@@ -294,26 +311,159 @@ def load_model(resolved: ResolvedSpec, warn_random: bool = True) -> LoadedModel:
         )
     if resolved.pretrained is None:
         torch.manual_seed(resolved.init_seed or 0)
-    # open_clip logs "No pretrained weights loaded" at WARNING; we said it once already.
-    quiet = logging.getLogger()
+    # A checkpoint file is checked against the built model before open_clip loads it: open_clip
+    # asserts on some mismatches and silently fills a missing logit bias with zero.
+    tag = None if resolved.pretrained_is_file else resolved.pretrained
+    with _open_clip_errors(resolved):
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            resolved.name, pretrained=tag, device="cpu", weights_only=True
+        )
+        if resolved.pretrained_is_file:
+            assert resolved.pretrained is not None
+            check_checkpoint(resolved.pretrained, model, resolved.name, allow_new_bias)
+            open_clip.load_checkpoint(model, resolved.pretrained, weights_only=True)
+    model = model.to(resolved.device).eval()
+    tokenizer = open_clip.get_tokenizer(resolved.name)
+    return LoadedModel(resolved, model, preprocess, tokenizer)
+
+
+def check_fit(resolved: ResolvedSpec) -> None:
+    """Build the model on the CPU and check the checkpoint file against it, loading no weights:
+    what `slurm score` runs before it writes a script that every task would fail in."""
+    if not resolved.pretrained_is_file:
+        return
+    assert resolved.pretrained is not None
+    with _open_clip_errors(resolved):
+        model = _open_clip().create_model(resolved.name, device="cpu")
+        check_checkpoint(resolved.pretrained, model, resolved.name)
+
+
+@contextlib.contextmanager
+def _open_clip_errors(resolved: ResolvedSpec) -> Iterator[None]:
+    """open_clip's errors while building a model and loading weights, as one line each."""
+    quiet = logging.getLogger()  # open_clip logs "No pretrained weights loaded" at WARNING
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    what = resolved.pretrained if resolved.pretrained else resolved.name
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            resolved.name,
-            pretrained=resolved.pretrained,
-            device="cpu",
-            weights_only=True,
-        )
+        yield
     except pickle.UnpicklingError as exc:
         raise JCError(_unpickling_message(resolved.pretrained, str(exc))) from None
-    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
-        what = resolved.pretrained if resolved.pretrained else resolved.name
-        raise JCError(f"cannot load {what} into {resolved.name}: {first_line(exc)}") from None
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, AssertionError) as exc:
+        raise JCError(f"cannot load {what} into {resolved.name}: {_reason(exc)}") from None
     except TypeError as exc:  # a config key open_clip's model classes do not take
         raise JCError(f"open_clip cannot build {resolved.name}: {first_line(exc)}") from None
     finally:
         quiet.setLevel(level)
-    model = model.to(resolved.device).eval()
-    tokenizer = open_clip.get_tokenizer(resolved.name)
-    return LoadedModel(resolved, model, preprocess, tokenizer)
+
+
+def _reason(exc: BaseException) -> str:
+    """A library error's first line, with the next one when the first only announces it
+    (torch's "Error(s) in loading state_dict for CLIP:")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return first_line(exc)
+
+
+def check_checkpoint(path: str, model: Any, name: str, allow_new_bias: bool = False) -> None:
+    """Refuse, in one line, a checkpoint file that does not fit `model` (open_clip `name`):
+    tensors missing, extra or of another shape (a positional embedding may differ in length
+    only: open_clip interpolates it), or a loss other than the model's (a logit bias present in
+    one and not the other). Only names and shapes are compared; no weights are read."""
+    tensors = _checkpoint_tensors(path, model)
+    if tensors is None:
+        return  # a format open_clip converts on its own (big_vision .npz)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    got.pop("text.transformer.embeddings.position_ids", None)  # open_clip drops it too
+    shapes = [k for k in want if k in got and not _shape_fits(k, want[k], got[k])]
+    missing = [k for k in want if k not in got and k != "logit_bias"]
+    extra = [k for k in got if k not in want and k != "logit_bias"]
+    trained_as = _trained_as(path)
+    if shapes or missing or extra:
+        counts = [
+            f"{len(shapes)} tensors differ in shape" if shapes else "",
+            f"{len(missing)} of the model's are missing" if missing else "",
+            f"{len(extra)} are not in the model" if extra else "",
+        ]
+        if shapes:
+            k = shapes[0]
+            first = f"{k} is {list(want[k])} in the model, {list(got[k])} in the checkpoint"
+        else:
+            first = f"{(missing or extra)[0]} is {'missing' if missing else 'extra'}"
+        raise JCError(
+            f"{path} does not fit {name}: {', '.join(c for c in counts if c)} (first: {first}); "
+            f"{trained_as}"
+        )
+    has_bias, wants_bias = "logit_bias" in got, "logit_bias" in want
+    if wants_bias and not has_bias and not allow_new_bias:
+        raise JCError(
+            f"{path} has no logit_bias: it was trained with CLIP's softmax loss, but {name} is "
+            f"a sigmoid (SigLIP) model and would score with a bias of 0; {trained_as}"
+        )
+    if has_bias and not wants_bias:
+        raise JCError(
+            f"{path} has a logit_bias: it was trained with the sigmoid (SigLIP) loss, but "
+            f"{name} is a softmax (CLIP) model; {trained_as}"
+        )
+
+
+def _checkpoint_tensors(path: str, model: Any) -> dict[str, Any] | None:
+    """A checkpoint's tensors by name as open_clip will see them, their data left on disk:
+    memory-mapped (torch's zip format), or shapes only (safetensors)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    if path.lower().endswith((".npz", ".npy")):
+        return None
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            found: Any = {
+                k: torch.empty(f.get_slice(k).get_shape(), device="meta")
+                for k in f.keys()  # noqa: SIM118 (not a dict)
+            }
+    else:
+        try:
+            found = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            found = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(found, dict) and "state_dict" in found:
+        found = found["state_dict"]
+    if not isinstance(found, dict) or not found:
+        raise ValueError("it holds no state_dict")
+    if next(iter(found)).startswith("module"):  # saved from DistributedDataParallel
+        found = {k[7:]: v for k, v in found.items()}
+    # The same conversions open_clip's load_checkpoint applies before loading.
+    found = convert_state_dict(model, found)
+    if "positional_embedding" in found and not hasattr(model, "positional_embedding"):
+        found = convert_to_custom_text_state_dict(found)
+    return dict(found)
+
+
+def _shape_fits(name: str, want: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    if want == got:
+        return True
+    if name.split(".")[-1] in ("logit_scale", "logit_bias"):  # scalar or 1-d: open_clip reshapes
+        return math.prod(want) == math.prod(got) == 1
+    # open_clip interpolates a positional embedding to the model's length, never its width
+    return name.endswith("positional_embedding") and want[-1:] == got[-1:]
+
+
+def _trained_as(path: str) -> str:
+    """The hint that ends a refusal: the model the checkpoint was trained as, where the
+    CKPT.json that `jestcurate train` writes beside it says."""
+    info_path = f"{path}.json"
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        model = info["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pass the --model it was trained as"
+    if info.get("model_config_sha256"):
+        return f"it was trained as the model config {model}.json ({info_path}): pass that config"
+    return f"it was trained as {model} ({info_path}): pass --model {model}"

@@ -93,10 +93,13 @@ def _read_spill(path: Path) -> list[tuple[int, dict[str, bytes]]]:
     return records
 
 
-def _extended_json(raw: bytes | None, extra: dict[str, Any]) -> bytes:
+def _extended_json(raw: bytes | None, key: str, extra: dict[str, Any]) -> bytes:
+    """The sample's json with the jestcurate object; its "key" is the exported sample's, as
+    img2dataset keeps them equal (the source key is jestcurate.source_key)."""
     meta = json.loads(raw) if raw else {}
     if not isinstance(meta, dict):
         meta = {"original": meta}
+    meta["key"] = key
     meta["jestcurate"] = extra
     return json.dumps(meta, sort_keys=True).encode("utf-8")
 
@@ -161,7 +164,7 @@ def export(
                             **{c: row[c] for c in _SCORE_COLUMNS if c in row},
                         }
                         sample = {"__key__": sample_key(p), **files}
-                        sample["json"] = _extended_json(files.get("json"), extra)
+                        sample["json"] = _extended_json(files.get("json"), sample_key(p), extra)
                         writer.write(sample)
                     writer.close()
 

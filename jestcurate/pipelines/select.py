@@ -71,6 +71,7 @@ UIDS = "uids.npy"
 TASKS_DIR = "tasks"
 SCATTER_DIR = "scatter"
 SELECTION_SCHEMA_VERSION = 1
+DEFAULT_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class SelectConfig:
     score: str | None = None  # jest's criterion; default learnability with a learner
     ratio: float = 0.2
     batch_size: int = 4096
-    chunks: int = 16
+    chunks: int | None = None  # jest: None draws each batch in 16 chunks, or b when smaller
     seed: int = 0
     temperature: float | None = None  # None: the sampler's default (jest.DEFAULT_TEMPERATURE)
     topk: bool = False
@@ -97,10 +98,16 @@ class SelectConfig:
     task_index: int | None = None  # array task I of N; None: from Slurm's variables, else 0 of 1
     num_tasks: int | None = None
     merge: bool = False  # only join finished task outputs into OUT
+    overwrite: bool = False  # replace whatever selection OUT holds
 
     @property
     def super_batch(self) -> int:
         return max(self.batch_size, round(self.batch_size / self.ratio))
+
+    @property
+    def n_chunks(self) -> int:
+        """jest's chunks per batch: as asked, else 16 (or b, when b is smaller)."""
+        return self.chunks if self.chunks is not None else min(DEFAULT_CHUNKS, self.batch_size)
 
     @property
     def resolved_temperature(self) -> float:
@@ -120,7 +127,7 @@ def _validate(cfg: SelectConfig) -> None:
         raise JCError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
     if not 0 < cfg.ratio <= 1:
         raise JCError(f"--ratio is the kept fraction and must be in (0, 1], got {cfg.ratio}")
-    if cfg.batch_size < 1 or cfg.chunks < 1:
+    if cfg.batch_size < 1 or (cfg.chunks is not None and cfg.chunks < 1):
         raise JCError("--batch-size and --chunks must be at least 1")
     if cfg.temperature is not None and cfg.temperature <= 0:
         raise JCError("--temperature must be positive (use --topk for deterministic choice)")
@@ -149,6 +156,21 @@ def _validate(cfg: SelectConfig) -> None:
         resolve_device(cfg.device)  # an unusable --device fails now, not after the cache pass
     if cfg.balance_clusters and cfg.dedup is None:
         raise JCError("--balance-clusters needs --dedup (the clusters come from jestcurate dedup)")
+    if cfg.min_clip_score is not None and not -1 <= cfg.min_clip_score <= 1:
+        raise JCError(
+            f"--min-clip-score is a cosine similarity, in [-1, 1]; got {cfg.min_clip_score}"
+        )
+    if cfg.method == "jest" and cfg.chunks is not None and cfg.chunks > cfg.batch_size:
+        raise JCError(
+            f"--chunks {cfg.chunks} is more than the batch size {cfg.batch_size}: each chunk "
+            f"draws at least one example; use at most {cfg.batch_size}"
+        )
+    if cfg.method in SUPER_BATCH_METHODS and cfg.super_batch == cfg.batch_size:
+        log.warning(
+            "--ratio %s makes each super-batch exactly one batch of %d: %s keeps every "
+            "candidate and chooses nothing (a ratio below %.3g chooses)",
+            cfg.ratio, cfg.batch_size, cfg.method, cfg.batch_size / (cfg.batch_size + 0.5),
+        )  # fmt: skip
 
 
 # --- choosing -------------------------------------------------------------------------------
@@ -262,7 +284,7 @@ def choose(
                 learner_e,
                 b,
                 sampler=cfg.sampler,
-                n_chunks=cfg.chunks,
+                n_chunks=cfg.n_chunks,
                 generator=generator,
                 temperature=cfg.temperature,
                 topk=cfg.topk,
@@ -435,7 +457,7 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
             "ratio": cfg.ratio,
             "batch_size": cfg.batch_size,
             "super_batch_size": cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None,
-            "chunks": cfg.chunks if jest else None,
+            "chunks": cfg.n_chunks if jest else None,
             "seed": cfg.seed,
             "sampler": cfg.sampler if jest else None,
             "sweeps": cfg.sweeps if jest and cfg.sampler == "refine" else None,
@@ -490,14 +512,27 @@ def run(cfg: SelectConfig) -> SelectReport:
     index, count = _task(cfg)
     ref = open_score_set(cfg.reference, role="reference")
     learner = open_score_set(cfg.learner, role="learner") if cfg.learner else None
+    for scores in (ref, learner):
+        _warn_failed_shards(scores)
     identity = _identity(cfg, ref, learner)
     if count > 1:
         identity["partition"] = partition_identity(count)
+    if cfg.overwrite:
+        if count > 1 or cfg.merge:
+            raise JCError(
+                "--overwrite replaces a selection made in one run; array tasks would remove "
+                f"each other's work: remove {cfg.out} first instead"
+            )
+        remove_selection(cfg.out)
     _refuse_other_task_counts(cfg.out, count)
-    done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection")
+    instead = "use another --out, or --overwrite to replace it"
+    done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection", instead)
     if done is not None and done.get("partition") != identity.get("partition"):
-        raise JCError(f"{cfg.out} holds a different selection (differs in partition); use "
-                      "another --out")  # fmt: skip
+        there, now = (_made_as(x.get("partition")) for x in (done, identity))
+        raise JCError(
+            f"{cfg.out} holds a different selection (partition: {there} there, {now} now); "
+            f"{instead}"
+        )
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         return SelectReport(cfg.out, done, reused=True, seconds=time.time() - began)
@@ -581,6 +616,36 @@ def _scatter(
         log.info("task %d scattered; %d tasks have still to scatter", index, len(missing))
         return None
     return [d for d in dones if d is not None]
+
+
+def _made_as(partition: dict[str, Any] | None) -> str:
+    return f"{partition.get('num_tasks')} array tasks" if partition else "one run"
+
+
+def _warn_failed_shards(scores: ScoreSet | None) -> None:
+    """Rows lost with a failed shard are missing from the pool: say so, once per run."""
+    failed = [] if scores is None else scores.failed_shards()
+    if not failed:
+        return
+    shown = "; ".join(failed[:3]) + (f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
+    assert scores is not None
+    log.warning(
+        "%s: %d of %d shards failed when scored, so their rows after each failure are not in "
+        "the pool: %s. `jestcurate status %s` lists them; rerunning `jestcurate score` with the "
+        "same options retries them",
+        scores.path, len(failed), len(scores.parts), shown, scores.path,
+    )  # fmt: skip
+
+
+def remove_selection(out: Path) -> None:
+    """What select (and its export) wrote into OUT, summary first: an interrupted removal
+    leaves an unfinished selection, which the next run redoes. Other files are left alone."""
+    if not out.is_dir():
+        return
+    for name in (SUMMARY, MANIFEST, UIDS, "shards.txt"):
+        (out / name).unlink(missing_ok=True)
+    for name in (TASKS_DIR, "shards", ".cache"):
+        shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _task(cfg: SelectConfig) -> tuple[int, int]:

@@ -103,6 +103,9 @@ def script_text(
         "--requeue",  # safe: every step resumes from what it finished and redoes the rest
         "--open-mode=append",  # a requeued task appends to its log
         f"--output={logs}/{log_name}.out",
+        # relative paths in the command (inputs, checkpoints) resolve in the job as they did
+        # where it was written, whichever folder sbatch is run from
+        f"--chdir={Path.cwd()}",
     ]
     if opts.gpus_per_task:
         sbatch.append(f"--gpus-per-task={opts.gpus_per_task}")
