@@ -871,7 +871,11 @@ def dedup(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for dedup.parquet.")],
     eps: Annotated[
-        float, typer.Option(help="Drop rows with cosine similarity above 1 - eps to a better row.")
+        float,
+        typer.Option(
+            help="Drop rows with cosine similarity above 1 - eps to a better row. When most rows "
+            "go, dedup warns that the embedding space looks collapsed and suggests an eps."
+        ),
     ] = 0.05,
     clusters: Annotated[
         int | None, typer.Option(help="k-means clusters (default: the square root of the rows).")
@@ -958,7 +962,8 @@ def info(
 ) -> None:
     """Summarise a score set (model, counts, errors, score quantiles, shard states), a
     selection (method, parameters, counts, mean scores kept vs dropped, export) or a dedup
-    output (parameters, kept and dropped counts, cluster sizes)."""
+    output (parameters, clusters used, kept and dropped counts, cluster sizes, nearest-neighbour
+    cosine and any collapsed-space warning)."""
     from jestcurate.pipelines import report as report_mod
 
     folder = _score_set(path)

@@ -11,8 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import rewrite_part, run_cli
 
+from jestcurate.io.store import embedding_column
 from jestcurate.pipelines import dedup
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines.synth import plant_duplicates, write_score_set
@@ -86,6 +87,9 @@ def test_planted_duplicates_are_found_and_the_best_of_each_group_kept(planted, t
                 assert r["reason"] == "semantic" and r["similarity"] > 0.95
     for r in found.values():
         assert (r["duplicate_of"] is None) == r["kept"] == (r["reason"] is None)
+    # A healthy space: nothing to warn about, and the neighbours are far from 1 - eps.
+    assert summary["warning"] is None and summary["suggested_eps"] is None, summary["warning"]
+    assert summary["nn_cosine"]["sample"] == len(ok) and summary["nn_cosine"]["median"] < 0.9
 
 
 def test_exact_duplicates_tie_to_the_first_in_shard_order(planted, tmp_path) -> None:
@@ -284,3 +288,99 @@ def test_neighbors_find_pairs_that_kmeans_split(tmp_path) -> None:
     assert len(found[1]) < len(found[2]), (len(found[1]), len(found[2]), len(want))
     code, output = run_cli("dedup", tmp_path / "ref", "--out", tmp_path / "x", "--neighbors", "9")
     assert code == 2 and "--neighbors must be between 1 and 8" in output
+
+
+def collapse(scores: Path, spread: float, seed: int = 0) -> None:
+    """Rewrite a score set's image embeddings as one direction plus a little noise: the
+    collapsed space of an untrained or tiny model, where every row is a near duplicate."""
+    rng = np.random.default_rng(seed)
+    for part in sorted((scores / "parts").glob("*.parquet")):
+        table = pq.read_table(part)
+        ok = np.array([s == "ok" for s in table.column("status").to_pylist()])
+        dim = table.column("img_emb").type.list_size
+        emb = np.eye(dim, dtype=np.float32)[0] + spread * rng.standard_normal((int(ok.sum()), dim))
+        index = table.schema.get_field_index("img_emb")
+        rewrite_part(part, table.set_column(index, "img_emb", embedding_column(emb, ok, dim)))
+
+
+@pytest.fixture(scope="module")
+def collapsed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,000 rows (5 % errors), their image embeddings within about 0.01 of one direction."""
+    root = tmp_path_factory.mktemp("collapsed")
+    write_score_set(root / "ref", shards=4, rows_per_shard=250, dim=32, seed=2, error_fraction=0.05)
+    collapse(root / "ref", spread=0.01)
+    return root / "ref"
+
+
+def test_a_collapsed_space_is_named_and_an_eps_suggested(collapsed, tmp_path) -> None:
+    """The default eps drops nearly everything; dedup says the space looks collapsed, with the
+    median neighbour cosine, and suggests an eps that, rerun, drops the ~5 % it promised."""
+    code, output = run_cli("dedup", collapsed, "--out", tmp_path / "d", "--device", "cpu")
+    assert code == 0, output
+    summary = json.loads((tmp_path / "d" / dedup.SUMMARY).read_text())
+    ok = summary["ok_rows"]
+    assert summary["dropped_semantic"] > 0.9 * ok  # the failure the warning is for
+    nn, suggested = summary["nn_cosine"], summary["suggested_eps"]
+    assert nn["sample"] == ok and 1 - 0.05 < nn["p1"] <= nn["median"] <= nn["p90"] <= 1.0001
+    assert 0 < suggested["eps"] < 0.05 and suggested["of"] == ok
+    assert 0.03 * ok <= suggested["drops"] <= 0.05 * ok, suggested
+    warning = summary["warning"]
+    assert warning and "\n" not in warning
+    for part in (
+        f"dropped {summary['dropped_semantic']:,} of {ok:,} ok rows",
+        "the embedding space looks collapsed",
+        f"median nearest-neighbour cosine {nn['median']:.6g}, above 1 - eps",
+        "an untrained or tiny model's embeddings do this",
+        f"Try --eps {suggested['eps']:g}, which drops {suggested['drops']:,}",
+    ):
+        assert part in warning, (part, warning)
+    assert f"WARNING {warning}" in output  # printed (logged to stderr), not only stored
+    code, output = run_cli("dedup", collapsed, "--out", tmp_path / "d", "--device", "cpu")
+    assert code == 0 and "already done, reused" in output and warning in output, output
+    # The suggestion's count is exact for the same clusters, and the rerun does not warn.
+    code, output = run_cli(
+        "dedup", collapsed, "--out", tmp_path / "s", "--device", "cpu", "--eps", suggested["eps"]
+    )
+    assert code == 0 and "WARNING" not in output, output
+    again = json.loads((tmp_path / "s" / dedup.SUMMARY).read_text())
+    assert again["dropped_semantic"] == suggested["drops"] and again["warning"] is None
+    assert again["nn_cosine"] == nn  # the neighbours do not depend on eps
+
+
+def test_collapse_warning_conditions() -> None:
+    """Most rows dropped, or the median neighbour above 1 - eps, each warn; neither, nothing."""
+    near, far = {"median": 0.97}, {"median": 0.8}
+    assert dedup.collapse_warning(0.05, 1000, 100, far, None) is None
+    assert dedup.collapse_warning(0.05, 1000, 500, far, None) is None  # half is not most
+    most = dedup.collapse_warning(0.05, 1000, 501, far, None)
+    assert most and "median nearest-neighbour cosine 0.8)" in most
+    close = dedup.collapse_warning(0.05, 1000, 100, near, {"eps": 0.01, "drops": 48, "of": 1000})
+    assert (
+        close
+        and "0.97, above 1 - eps" in close
+        and "Try --eps 0.01, which drops 48 (4.8%)" in close
+    )
+    # A suggestion no smaller than the eps used is no suggestion.
+    same = dedup.collapse_warning(0.05, 1000, 600, far, {"eps": 0.05, "drops": 50, "of": 1000})
+    assert same and "--eps" in same and "Try" not in same and "score with a trained model" in same
+    assert dedup._round_down(0.0001599) == 0.00015 and dedup._round_down(0.0999) == 0.099
+
+
+def test_select_says_when_the_dedup_took_the_rows(collapsed, tmp_path) -> None:
+    """Too few rows for one super-batch: the error counts what each filter removed and, when
+    the dedup took most, points at dedup --eps rather than only at --batch-size."""
+    dedup.run(dedup.DedupConfig(collapsed, tmp_path / "d", device="cpu"))
+    summary = json.loads((tmp_path / "d" / dedup.SUMMARY).read_text())
+    dropped = summary["dropped_exact"] + summary["dropped_semantic"]
+    rows, ok = summary["rows"], summary["ok_rows"]
+    base = ["select", collapsed, "--out", tmp_path / "s", "--method", "clip-score"]
+    code, output = run_cli(*base, "-b", 64, "--dedup", tmp_path / "d")
+    assert code == 2 and output.count("\n") == 1, output
+    assert f"{summary['kept']:,} eligible rows (of {rows:,}: {rows - ok:,} are errors, " in output
+    assert f"{dropped:,} were dropped by --dedup {tmp_path / 'd'})" in output, output
+    assert f"the dedup dropped most rows ({dropped:,} of {ok:,})" in output, output
+    assert "`jestcurate dedup` with a smaller --eps" in output and "--batch-size" in output
+    # Another filter that took most rows is named as the one to change.
+    code, output = run_cli(*base, "-b", 600, "--min-clip-score", 0.5)
+    assert code == 2 and "are below --min-clip-score)" in output, output
+    assert "lower --min-clip-score, or lower --batch-size" in output and "dedup" not in output

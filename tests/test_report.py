@@ -126,3 +126,24 @@ def test_info_on_score_sets_and_selections(scored: Path, tmp_path: Path) -> None
     assert code == 0 and "clip-score" in output and "kept" in output, output
     code, output = run_cli("info", tmp_path)
     assert code == 2 and "is not a score set (meta.json), a selection or a dedup" in output
+
+
+def test_info_on_a_dedup_output_shows_the_clusters_used(scored: Path, tmp_path: Path) -> None:
+    """--clusters defaults to None (the square root of the rows): info shows the number used,
+    and the nearest-neighbour cosine dedup measured."""
+    import json
+
+    code, output = run_cli("dedup", scored / "scores", "--out", tmp_path / "d", "--device", "cpu")
+    assert code == 0, output
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["params"]["clusters"] is None and summary["clusters_used"] > 1
+    code, output = run_cli("info", tmp_path / "d")
+    assert code == 0, output
+    assert re.search(rf"clusters +{summary['clusters_used']} \(default: sqrt of rows\)", output)
+    assert "None" not in output and "cluster sizes" in output, output
+    assert "nearest-neighbour cosine" in output, output
+    assert f"median {summary['nn_cosine']['median']:.6g}" in output, output
+    code, output = run_cli("dedup", scored / "scores", "--out", tmp_path / "c", "--clusters", 4)
+    assert code == 0, output
+    code, output = run_cli("info", tmp_path / "c")
+    assert code == 0 and re.search(r"clusters +4 *\n", output), output

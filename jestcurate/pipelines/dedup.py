@@ -13,6 +13,13 @@ cluster, kept, duplicate_of (the key of the kept row it duplicates) and duplicat
 similarity (cosine to the better row that made it a duplicate; 1 for exact duplicates), reason
 ("exact" | "semantic" | null); and DEDUP_DIR/summary.json. Rerunning with the same inputs and
 options reuses a finished output.
+
+A collapsed embedding space (an untrained or tiny model's: every row near every other) makes
+most rows "near duplicates". The summary records the nearest-neighbour cosine of a seeded sample
+of rows (within the rows each is compared with), and when more than half the rows are dropped as
+near duplicates or the median neighbour is closer than 1 - eps, a warning is logged with an eps
+that would drop about 5 % (exact for these clusters: it is read off each row's cosine to its most
+similar better row, which the dedup computes anyway).
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ OUTPUT = "dedup.parquet"
 SUMMARY = "summary.json"
 EXACT, SEMANTIC = 1, 2
 REASONS = {EXACT: "exact", SEMANTIC: "semantic"}
+NN_SAMPLE = 10_000  # rows whose nearest-neighbour cosine the summary describes
+COLLAPSED_DROP = 0.5  # warn when more than this fraction of the ok rows are near duplicates
+SUGGEST_DROP = 0.05  # the warning suggests an eps that drops about this fraction
+MIN_SUGGESTED_EPS = 1e-6  # below this, float16 embeddings' rounding decides, not the images
 
 
 @dataclass(frozen=True)
@@ -238,10 +249,12 @@ def _semantic(
     reason: np.ndarray,
     similarity: np.ndarray,
     members: np.ndarray | None = None,
+    better: np.ndarray | None = None,
 ) -> None:
     """`x` holds one cluster's candidate rows in priority order (best first). A member row
     (default: every row) whose similarity to any better candidate exceeds `threshold` is a
-    duplicate of the most similar such row."""
+    duplicate of the most similar such row. `better`, when given, receives each member's
+    similarity to its most similar better candidate, duplicate or not."""
     where = np.arange(len(rows)) if members is None else np.flatnonzero(members)
     where = where[where > 0]  # the best candidate has nothing better to duplicate
     block = 1024
@@ -253,12 +266,92 @@ def _semantic(
         sims[np.arange(stop)[:, None] >= positions[None, :]] = -np.inf
         best = sims.argmax(0)
         top = sims[best, np.arange(len(positions))]
+        if better is not None:
+            better[rows[positions]] = top
         hit = np.flatnonzero(top > threshold)
         mine = rows[positions[hit]]
         fresh = reason[mine] == 0  # exact duplicates keep their reason
         dup_of[mine[fresh]] = rows[best[hit[fresh]]]
         reason[mine[fresh]] = SEMANTIC
         similarity[mine[fresh]] = top[hit[fresh]]
+
+
+def _nearest(x: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """For the candidates at positions `where` of a cluster's `x`: the cosine to the most
+    similar other candidate."""
+    out = np.empty(len(where), dtype=np.float32)
+    block = 1024
+    for first in range(0, len(where), block):
+        positions = where[first : first + block]
+        sims = x @ x[positions].T
+        sims[positions, np.arange(len(positions))] = -np.inf
+        out[first : first + len(positions)] = sims.max(0)
+    return out
+
+
+def _nn_cosine(nearest: np.ndarray) -> dict[str, Any] | None:
+    """Quantiles of the sampled rows' nearest-neighbour cosine (None with no sampled row in a
+    cluster of two or more)."""
+    values = nearest[np.isfinite(nearest)].astype(np.float64)
+    if not len(values):
+        return None
+    qs = np.quantile(values, [0.01, 0.1, 0.5, 0.9])
+    named = zip(("p1", "p10", "median", "p90"), qs.tolist(), strict=True)
+    return {"sample": len(values), **{k: round(v, 6) for k, v in named}}
+
+
+def _round_down(value: float) -> float:
+    """To two significant digits, never up."""
+    step = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return float(f"{math.floor(value / step) * step:.2g}")
+
+
+def suggest_eps(
+    better: np.ndarray, reason: np.ndarray, fraction: float = SUGGEST_DROP
+) -> dict[str, Any] | None:
+    """An eps that would drop about `fraction` of the rows as near duplicates (rounded down to
+    two digits) and how many it drops: exact for the same clusters, because a row is a near
+    duplicate when its cosine to its most similar better row (`better`) exceeds 1 - eps. None
+    when no eps of at least MIN_SUGGESTED_EPS drops so few."""
+    candidates = better[reason != EXACT]  # exact duplicates go whatever eps is
+    target = int(fraction * len(reason))
+    gaps = np.sort(1 - candidates.astype(np.float64))
+    if target >= len(gaps) or not MIN_SUGGESTED_EPS <= gaps[target] < math.inf:
+        return None
+    eps = _round_down(float(gaps[target]))
+    # The comparison _semantic makes (float32 against 1 - eps), so the count is the one a run
+    # with this eps and the same clusters gets.
+    drops = int(np.count_nonzero(candidates > 1 - eps))
+    return {"eps": eps, "drops": drops, "of": len(reason)}
+
+
+def collapse_warning(
+    eps: float, ok_rows: int, semantic: int, nn: dict[str, Any] | None, suggested: Any
+) -> str | None:
+    """One line when the near duplicates look like a collapsed embedding space rather than
+    duplicates: more than COLLAPSED_DROP of the rows dropped as near duplicates, or the median
+    nearest-neighbour cosine above 1 - eps. None otherwise."""
+    median = nn["median"] if nn else None
+    close = median is not None and median > 1 - eps
+    if semantic <= COLLAPSED_DROP * ok_rows and not close:
+        return None
+    seen = (
+        f"median nearest-neighbour cosine {median:.6g}"
+        if median is not None
+        else "no neighbours sampled"
+    )
+    line = (
+        f"dedup dropped {semantic:,} of {ok_rows:,} ok rows ({semantic / ok_rows:.0%}) as near "
+        f"duplicates at --eps {eps:g}: the embedding space looks collapsed ({seen}"
+        f"{', above 1 - eps' if close else ''}); an untrained or tiny model's embeddings do this"
+    )
+    if suggested and suggested["eps"] < eps:
+        share = suggested["drops"] / suggested["of"]
+        return (
+            f"{line}. Try --eps {suggested['eps']:g}, which drops {suggested['drops']:,} "
+            f"({share:.1%}) here, or score with a trained model"
+        )
+    return f"{line}. No --eps separates the rows much here: score with a trained model"
 
 
 def _roots(dup_of: np.ndarray) -> np.ndarray:
@@ -309,6 +402,8 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     identity = _identity(cfg, scores)
     done = finished_output(cfg.out, SUMMARY, OUTPUT, identity, "dedup")
     if done is not None:
+        if done.get("warning"):
+            log.warning("%s", done["warning"])
         return {**done, "seconds": time.time() - began, "reused": True}
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache_dir = cfg.out / ".cache"
@@ -339,6 +434,11 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         dup_of = np.full(n, -1, dtype=np.int64)
         reason = np.zeros(n, dtype=np.int8)
         similarity = np.full(n, np.nan, dtype=np.float32)
+        better = np.full(n, -np.inf, dtype=np.float32)  # cosine to the most similar better row
+        # A seeded sample of rows, and each one's cosine to its nearest neighbour.
+        picks = np.random.default_rng([cfg.seed, 1]).choice(n, min(n, NN_SAMPLE), replace=False)
+        picks.sort()
+        nearest = np.full(len(picks), np.nan, dtype=np.float32)
         _exact(cache, priority, dup_of, reason, similarity)
         lap("copy_and_exact")
 
@@ -358,7 +458,10 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
             for rows, members in groups:
                 if len(rows) > 1 and members.any():
                     x = _vectors(cache, columns, rows)
-                    _semantic(x, threshold, rows, dup_of, reason, similarity, members)
+                    _semantic(x, threshold, rows, dup_of, reason, similarity, members, better)
+                    slot = np.minimum(np.searchsorted(picks, rows), len(picks) - 1)
+                    where = np.flatnonzero(members & (picks[slot] == rows))
+                    nearest[slot[where]] = _nearest(x, where)
                 tick()
         lap("semantic")
         with ui.stage("writing dedup.parquet"):
@@ -367,6 +470,12 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     sizes = np.bincount(cluster, minlength=k)
+    semantic = int((reason == SEMANTIC).sum())
+    nn = _nn_cosine(nearest)
+    suggested = suggest_eps(better, reason)
+    warning = collapse_warning(cfg.eps, n, semantic, nn, suggested)
+    if warning:
+        log.warning("%s", warning)
     summary = {
         **identity,
         "rows": int(part_rows.sum()),
@@ -374,9 +483,12 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         "clusters_used": int(k),
         "kept": int((reason == 0).sum()),
         "dropped_exact": int((reason == EXACT).sum()),
-        "dropped_semantic": int((reason == SEMANTIC).sum()),
+        "dropped_semantic": semantic,
         "largest_cluster": int(sizes.max()),
         "median_cluster": float(np.median(sizes)),
+        "nn_cosine": nn,
+        "suggested_eps": suggested if warning else None,
+        "warning": warning,
         "device": "cuda" if gpu else "cpu",
         "tool_version": __version__,
         "seconds": round(time.time() - began, 3),

@@ -445,15 +445,29 @@ def print_info(path: Any, info: dict[str, Any], console: Console = ui.stdout) ->
         s = info["summary"]
         table.add_row("scores", f"{s['scores']['path']} ({s['scores']['rows']:,} rows)")
         for key, value in s["params"].items():
+            if key == "clusters":  # the clusters used; the option is None by default
+                used = f"{s['clusters_used']:,}"
+                if value is None:
+                    value = f"{used} (default: sqrt of rows)"
+                else:
+                    value = used if value == s["clusters_used"] else f"{used} (asked {value:,})"
             table.add_row(f"  {key}", str(value))
         table.add_row("ok rows", f"{s['ok_rows']:,}")
         table.add_row("kept", f"{s['kept']:,}")
         table.add_row("dropped", f"{s['dropped_exact']:,} exact, {s['dropped_semantic']:,} near")
         table.add_row(
-            "clusters",
-            f"{s['clusters_used']:,} (largest {s['largest_cluster']:,}, "
-            f"median {s['median_cluster']:,.0f} rows)",
+            "cluster sizes",
+            f"largest {s['largest_cluster']:,}, median {s['median_cluster']:,.0f} rows",
         )
+        nn = s.get("nn_cosine")  # older dedup outputs have none
+        if nn:
+            table.add_row(
+                "nearest-neighbour cosine",
+                f"p1 {nn['p1']:.6g}  p10 {nn['p10']:.6g}  median {nn['median']:.6g}  "
+                f"p90 {nn['p90']:.6g} ({nn['sample']:,} rows sampled)",
+            )
+        if s.get("warning"):
+            table.add_row("warning", s["warning"])
         table.add_row("took", f"{s['seconds']:.1f} s on {s['device']}")
         console.print(table)
         return

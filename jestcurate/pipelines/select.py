@@ -694,6 +694,32 @@ def _tasks_in(out: Path) -> int:
     return counts.pop()
 
 
+def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
+    """Why there is no super-batch: the eligible rows, what the filters took out of the rows and
+    the option to change (the filter's own when one took most of what it was given)."""
+    removed = [
+        (counts.errors, "are errors"),
+        (counts.below_min_clip_score, "are below --min-clip-score"),
+        (counts.duplicates, f"were dropped by --dedup {cfg.dedup}"),
+    ]
+    said = ", ".join(f"{n:,} {what}" for n, what in removed if n)
+    line = (
+        f"{counts.eligible:,} eligible rows{f' (of {counts.rows:,}: {said})' if said else ''} are "
+        f"fewer than one super-batch of B = round(b / ratio) = {cfg.super_batch:,}; "
+    )
+    ok = counts.rows - counts.errors
+    offered = ok - counts.below_min_clip_score  # what dedup's verdicts applied to
+    if counts.duplicates > offered / 2:
+        line += (
+            f"the dedup dropped most rows ({counts.duplicates:,} of {offered:,}): rerun "
+            "`jestcurate dedup` with a smaller --eps (its warning suggests one when the embedding "
+            "space looks collapsed), or "
+        )
+    elif counts.below_min_clip_score > ok / 2:
+        line += "lower --min-clip-score, or "
+    return f"{line}lower --batch-size or raise --ratio"
+
+
 def _select_into(
     cfg: SelectConfig,
     out: Path,
@@ -711,10 +737,7 @@ def _select_into(
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
     if steps == 0 and not where:
-        raise JCError(
-            f"{counts.eligible} eligible rows{where} are fewer than one super-batch of "
-            f"B = round(b / ratio) = {cfg.super_batch}; lower --batch-size or raise --ratio"
-        )
+        raise JCError(_too_few_rows(cfg, counts))
     if steps == 0:  # a task's partition too small: its rows are tail, the other tasks go on
         log.warning("%d eligible rows%s: less than one super-batch", counts.eligible, where)
     out.mkdir(parents=True, exist_ok=True)
