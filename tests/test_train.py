@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -123,3 +124,114 @@ def test_unusable_inputs_are_one_line_errors(tmp_path: Path) -> None:
         "train", tmp_path / "empty.tar", "-m", "jc-tiny", "--out", tmp_path / "x.pt"
     )
     assert code == 2 and "exactly one of --steps and --epochs" in output
+
+
+@pytest.fixture(scope="module")
+def little(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 valid samples (three batches of 8 an epoch) and a shard of two undecodable ones."""
+    out = tmp_path_factory.mktemp("little")
+    write_corpus(out, CorpusSpec(shards=1, samples_per_shard=24, seed=6, image_size=32))
+    with tarfile.open(out / "00001.tar", "w") as tar:
+        for i in range(2):
+            for ext, data in (("jpg", b"not a jpeg"), ("txt", b"a photo of a red square")):
+                member = tarfile.TarInfo(f"broken{i}.{ext}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    return out
+
+
+def little_config(little: Path, out: Path, **kw) -> train_mod.TrainConfig:
+    kw.setdefault("model", "jc-tiny")
+    kw.setdefault("workers", 0)
+    return train_mod.TrainConfig(
+        inputs=(str(little),), out=out, steps=8, batch_size=8, save_every=4, **kw
+    )
+
+
+def interrupt(cfg: train_mod.TrainConfig, at: int) -> None:
+    """Run until Ctrl-C just after step `at`."""
+
+    def stop(step: int, total: int, loss: float) -> None:
+        if step == at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.run(cfg, stop)
+    assert not cfg.out.exists()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa = torch.load(a, weights_only=True)["state_dict"]
+    sb = torch.load(b, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, differ
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(little: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "ref.pt"
+    train_mod.run(little_config(little, out))
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_run_is_the_uninterrupted_run(
+    little: Path, uninterrupted: Path, tmp_path: Path, workers: int
+) -> None:
+    # Saved at step 4, one batch into epoch 1; stopped at 6, so steps 5 and 6 are redone and the
+    # rerun passes over epoch 1's first batch, then crosses into epoch 2. --workers 0 and 1
+    # augment alike, so both match the one uninterrupted run (made with --workers 0).
+    out = tmp_path / "ref.pt"
+    interrupt(little_config(little, out, workers=workers), at=6)
+    report = train_mod.run(little_config(little, out, workers=workers))
+    assert report.resumed_from == 4 and report.steps == 8 and report.epochs == 3
+    assert_same_weights(out, uninterrupted)
+    info = json.loads(out.with_name("ref.pt.json").read_text())
+    reference = json.loads(uninterrupted.with_name("ref.pt.json").read_text())
+    assert info["resumed_from"] == [{"step": 4, "exact": True}] and not reference["resumed_from"]
+    assert info["final_loss"] == reference["final_loss"]
+    # the undecodable pair, counted in each of the three epochs, across the resume and workers
+    assert info["data"]["skipped"] == reference["data"]["skipped"] == {"image decode failed": 6}
+
+
+def test_a_resume_restores_the_training_rng_and_the_loss_scaler(
+    little: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Patch dropout draws from the main RNG at every step; a CPU GradScaler stands in for fp16
+    # on CUDA (growing its scale at every step, which a fresh scaler would restart).
+    config = json.loads((BUILTIN_CONFIG_DIR / "jc-tiny.json").read_text())
+    config["vision_cfg"]["patch_dropout"] = 0.5
+    (tmp_path / "jc-drop.json").write_text(json.dumps(config))
+    scalers: list[torch.amp.GradScaler] = []
+    trainer_init = train_mod.Trainer.__init__
+
+    def with_scaler(self: train_mod.Trainer, *args, **kw) -> None:
+        trainer_init(self, *args, **kw)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+        scalers.append(self.scaler)
+
+    monkeypatch.setattr(train_mod.Trainer, "__init__", with_scaler)
+    model = str(tmp_path / "jc-drop.json")
+    train_mod.run(little_config(little, tmp_path / "a.pt", model=model))
+    interrupt(little_config(little, tmp_path / "b.pt", model=model), at=6)
+    train_mod.run(little_config(little, tmp_path / "b.pt", model=model))
+    assert_same_weights(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert scalers[0].get_scale() == scalers[-1].get_scale() == 2.0 ** (10 + 8)
+
+
+def test_an_old_resume_file_resumes_but_says_it_is_not_exact(
+    little: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "ref.pt"
+    cfg = little_config(little, out)
+    interrupt(cfg, at=6)
+    resume = tmp_path / "ref.pt.resume.pt"
+    state = torch.load(resume, weights_only=True)
+    old = ("state_dict", "optimizer", "step", "epoch", "samples", "config")
+    torch.save({k: state[k] for k in old}, resume)
+    report = train_mod.run(cfg)
+    assert report.resumed_from == 4 and report.steps == 8
+    assert "not exactly" in caplog.text and "older jestcurate" in caplog.text
+    (resumed,) = json.loads((tmp_path / "ref.pt.json").read_text())["resumed_from"]
+    assert resumed["step"] == 4 and not resumed["exact"] and "older" in resumed["why"]

@@ -8,19 +8,30 @@ jestcurate's own reader, so remote URLs and damaged shards behave as in `score`.
 
 Outputs: CKPT ({"state_dict": ...}, which `score --pretrained` and open_clip's
 create_model_and_transforms(..., pretrained=CKPT) both load), CKPT.json (what was trained on
-what) and, while training, CKPT.resume.pt (model, optimizer and step, every --save-every steps)
-from which a rerun continues.
+what) and, while training, CKPT.resume.pt, every --save-every steps, from which a rerun
+continues.
+
+A rerun after an interruption trains as the uninterrupted run would (bit for bit on a CPU,
+tested): CKPT.resume.pt holds the model, the optimizer, the fp16 loss scaler, the main process's
+RNG (training's own, e.g. dropout), the step and the step at which the current epoch began. An
+epoch's data order and augmentation follow from (--seed, epoch) alone, so the rerun rebuilds
+the epoch's stream and passes over the batches already trained on. The augmentation draws from
+an RNG of its own (the worker's, or with --workers 0 a private one), which leaves the main RNG
+to training and makes --workers 0 and 1 train alike. CKPT.json's "resumed_from" lists the
+steps a run was resumed from and whether each resume was exact: one from an older jestcurate's
+resume file, or with another --workers above 1, is not (a warning says why).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +117,40 @@ def _samples(urls: Iterator[dict[str, Any]], stats: Counter[str]) -> Iterator[di
             log.warning("cannot read %s: %s", url, exc)
 
 
+def _augment_seed(seed: int, worker: int) -> int:
+    """The torch seed of the augmentation in `worker` (0 for --workers 0) of the epoch whose data
+    seed is `seed`."""
+    return random.Random(f"augment {seed} {worker}").getrandbits(63)
+
+
+class _PrivateRNG:
+    """With --workers 0: a torch RNG state of its own, swapped in around each batch's
+    augmentation and seeded as a worker 0's, so that the main process's RNG is left to training
+    and --workers 0 draws as --workers 1 does."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = torch.Generator().manual_seed(_augment_seed(seed, 0)).get_state()
+
+    def run(self, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if torch.utils.data.get_worker_info() is not None:
+            return make()  # a worker: its own RNG, seeded by _worker_init
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.state)
+            out = make()
+            self.state = torch.get_rng_state()
+        return out
+
+
+def _with_counts(src: Iterator[Any], stats: Counter[str]) -> Iterator[Any]:
+    """Each batch with (worker, sample counts so far), then, after the last, (None, None, counts):
+    with --workers the counts live in the worker, so they travel with the batches."""
+    info = torch.utils.data.get_worker_info()
+    worker = info.id if info is not None else 0
+    for images, tokens in src:
+        yield images, tokens, (worker, dict(stats))
+    yield None, None, (worker, dict(stats))
+
+
 def batches(
     urls: list[str],
     preprocess: Callable[[Any], torch.Tensor],
@@ -113,13 +158,18 @@ def batches(
     batch_size: int,
     shuffle_buffer: int,
     seed: int,
-    stats: Counter[str],
 ) -> Any:
-    """One epoch of shuffled (images, tokens) batches; full batches only."""
+    """One epoch of shuffled (images, tokens, (worker, counts)) batches, full batches only,
+    ending with a (None, None, (worker, counts)) from each worker; `counts` are the worker's
+    sample counts by outcome ("ok" or why a sample or shard was skipped) so far this epoch. The
+    order and the augmentation follow from `seed` alone (see _augment_seed)."""
     import webdataset as wds
 
+    stats: Counter[str] = Counter()
+    rng = _PrivateRNG(seed)
+
     def collate(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([preprocess(s["image"]) for s in samples])
+        images = rng.run(lambda: torch.stack([preprocess(s["image"]) for s in samples]))
         return images, tokenizer([s["caption"] for s in samples])
 
     return wds.DataPipeline(
@@ -128,6 +178,7 @@ def batches(
         lambda src: _samples(src, stats),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
         wds.batched(batch_size, collation_fn=collate, partial=False),
+        lambda src: _with_counts(src, stats),
     )
 
 
@@ -226,23 +277,41 @@ def count_samples(urls: list[str], stop_at: int | None = None) -> int:
     return count
 
 
-def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = None) -> TrainReport:
-    """Train, saving resume state every cfg.save_every steps; rerunning a finished run is a
-    no-op and rerunning an interrupted one continues from its last save."""
-    _validate(cfg)
+@dataclass
+class _Position:
+    """Where a run stands; what the resume file holds besides the model and optimizer state."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    epoch_step: int = 0  # the step at which the current epoch began
+    stats: Counter[str] = field(default_factory=Counter)  # sample counts before this epoch
+    skip: int = 0  # batches of the current epoch trained on before a resume
+    resumed_from: list[dict[str, Any]] = field(default_factory=list)
+
+    def end_epoch(self, counts: dict[int, dict[str, int]]) -> None:
+        for worker_counts in counts.values():
+            self.stats.update(worker_counts)
+        self.epoch += 1
+        self.epoch_step = self.step
+        self.skip = 0
+
+
+def _already_trained(cfg: TrainConfig) -> TrainReport | None:
     info_path = _info_path(cfg.out)
-    if cfg.out.exists():
-        info = read_json(info_path) if info_path.exists() else {}
-        if info.get("config") == cfg.identity():
-            log.info("%s is already trained with these settings", cfg.out)
-            return TrainReport(
-                cfg.out, info["steps"], info["epochs"], info["samples"], info["final_loss"],
-                0.0, 0, info["data"]["skipped"], already_done=True,
-            )  # fmt: skip
-        raise JCError(
-            f"{cfg.out} exists and was not trained with these settings; use another --out"
-        )
-    urls = expand_inputs(cfg.inputs)
+    if not cfg.out.exists():
+        return None
+    info = read_json(info_path) if info_path.exists() else {}
+    if info.get("config") == cfg.identity():
+        log.info("%s is already trained with these settings", cfg.out)
+        return TrainReport(
+            cfg.out, info["steps"], info["epochs"], info["samples"], info["final_loss"],
+            0.0, 0, info["data"]["skipped"], already_done=True,
+        )  # fmt: skip
+    raise JCError(f"{cfg.out} exists and was not trained with these settings; use another --out")
+
+
+def _count_steps(cfg: TrainConfig, urls: list[str]) -> int:
     if cfg.steps is not None:
         enough = count_samples(urls, stop_at=cfg.batch_size) >= cfg.batch_size
         steps_total = cfg.steps if enough else 0
@@ -252,6 +321,139 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
         log.info("%d full batches per epoch: %d steps", per_epoch, steps_total)
     if steps_total < 1:
         raise JCError(f"the inputs hold less than one batch of {cfg.batch_size} samples")
+    return steps_total
+
+
+def _save_resume(path: Path, cfg: TrainConfig, trainer: Trainer, pos: _Position) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if trainer.model.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(trainer.model.device)
+    state = {
+        "state_dict": trainer.net.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "rng": rng,
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "samples": pos.samples,
+        "epoch_step": pos.epoch_step,
+        "epoch_stats": dict(pos.stats),
+        "resumed_from": pos.resumed_from,
+        "workers": cfg.workers,
+        "config": cfg.identity(),
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_resume(path: Path, cfg: TrainConfig, trainer: Trainer) -> _Position:
+    """Restore the model, optimizer, scaler and RNG from `path` and return the position, with
+    the batches of the current epoch to pass over; warn where the rerun cannot be exact."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: say so rather than guess
+        raise JCError(f"cannot resume from {path}: {exc}; delete it to start over") from None
+    if state.get("config") != cfg.identity():
+        raise JCError(f"{path} was saved by a run with other settings; delete it or match them")
+    trainer.net.load_state_dict(state["state_dict"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    pos = _Position(state["step"], state["epoch"], state["samples"], epoch_step=state["step"])
+    pos.resumed_from = list(state.get("resumed_from", []))
+    why = []
+    if "epoch_step" in state:
+        pos.epoch_step, pos.stats = state["epoch_step"], Counter(state["epoch_stats"])
+        pos.skip = pos.step - pos.epoch_step
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and trainer.model.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], trainer.model.device)
+    else:
+        why.append(
+            f"it was saved by an older jestcurate, so epoch {pos.epoch}'s data starts again from "
+            "its beginning, with other augmentations, and earlier skipped-sample counts are lost"
+        )
+    if trainer.scaler.is_enabled():
+        if state.get("scaler"):
+            trainer.scaler.load_state_dict(state["scaler"])
+        else:
+            why.append("it holds no fp16 loss-scaler state, so the loss scale starts afresh")
+    saved_workers = state.get("workers", cfg.workers)
+    if max(saved_workers, 1) != max(cfg.workers, 1):
+        why.append(f"it was saved with --workers {saved_workers}, which orders batches otherwise")
+    resumed: dict[str, Any] = {"step": pos.step, "exact": not why}
+    if why:
+        resumed["why"] = "; ".join(why)
+        log.warning("resuming %s from step %d, not exactly: %s", cfg.out, pos.step, resumed["why"])
+    else:
+        log.info("resuming %s from step %d (epoch %d, batch %d)", cfg.out, pos.step, pos.epoch,
+                 pos.skip)  # fmt: skip
+    pos.resumed_from.append(resumed)
+    return pos
+
+
+def _loader(
+    cfg: TrainConfig, urls: list[str], model: LoadedModel, preprocess: Any, epoch: int
+) -> Any:
+    seed = cfg.seed + epoch
+    stream = batches(urls, preprocess, model.tokenizer, cfg.batch_size, cfg.shuffle_buffer, seed)
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.workers,
+        pin_memory=model.device.type == "cuda",
+        # SIGTERM ends a worker at once (the main cleans up); the worker seeds its augmentation.
+        worker_init_fn=functools.partial(_worker_init, seed),
+        generator=torch.Generator().manual_seed(seed),  # not the main RNG: that is training's
+    )
+
+
+def _train(
+    cfg: TrainConfig,
+    trainer: Trainer,
+    loader: Callable[[int], Any],
+    pos: _Position,
+    steps_total: int,
+    on_step: Callable[[int, int, float], None] | None,
+    save: Callable[[], None],
+) -> float:
+    """Train from `pos` to `steps_total`, epoch after epoch, passing over the first `pos.skip`
+    batches (trained on before a resume); returns the last loss."""
+    last_loss = math.nan
+    while pos.step < steps_total:
+        counts: dict[int, dict[str, int]] = {}  # this epoch's, by worker
+        batches_seen = 0
+        for images, tokens, (worker, worker_counts) in loader(pos.epoch):
+            counts[worker] = worker_counts
+            if images is None:  # a worker's end of the epoch
+                continue
+            batches_seen += 1
+            if batches_seen <= pos.skip:
+                continue
+            last_loss = trainer.step(pos.step, images, tokens)
+            pos.step += 1
+            pos.samples += len(images)
+            if on_step:
+                on_step(pos.step, steps_total, last_loss)
+            if pos.step % cfg.save_every == 0:
+                save()
+            if pos.step >= steps_total:
+                break
+        pos.end_epoch(counts)
+        if batches_seen == 0:
+            found = ", ".join(f"{k}: {v}" for k, v in pos.stats.most_common()) or "no samples"
+            raise JCError(
+                f"not one full batch of {cfg.batch_size} valid samples in the inputs ({found})"
+            )
+    return last_loss
+
+
+def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = None) -> TrainReport:
+    """Train, saving resume state every cfg.save_every steps; rerunning a finished run is a
+    no-op and rerunning an interrupted one continues from its last save as if uninterrupted."""
+    _validate(cfg)
+    done = _already_trained(cfg)
+    if done is not None:
+        return done
+    urls = expand_inputs(cfg.inputs)
+    steps_total = _count_steps(cfg, urls)
     resolved = resolve_spec(
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, init_seed=cfg.seed)
     )
@@ -260,94 +462,43 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
     if cfg.pretrained is None:
         log.info("training %s from scratch (initial weights from seed %d)", resolved.name, cfg.seed)
     trainer = Trainer(model, cfg.lr, cfg.weight_decay, cfg.warmup, steps_total)
-    net, optimizer = trainer.net, trainer.optimizer
     preprocess = model.train_transform()
-
-    step = epoch = samples = 0
     resume = _resume_path(cfg.out)
-    if resume.exists():
-        try:
-            state = torch.load(resume, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a torn or foreign file: say so rather than guess
-            raise JCError(f"cannot resume from {resume}: {exc}; delete it to start over") from None
-        if state.get("config") != cfg.identity():
-            raise JCError(
-                f"{resume} was saved by a run with other settings; delete it or match them"
-            )
-        net.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, epoch, samples = state["step"], state["epoch"], state["samples"]
-        log.info("resuming %s from step %d", cfg.out, step)
-    resumed_from = step
+    pos = _load_resume(resume, cfg, trainer) if resume.exists() else _Position()
+    resumed_from = pos.step
 
-    def save_resume() -> None:
-        state = {
-            "state_dict": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "samples": samples,
-            "config": cfg.identity(),
-        }
-        atomic_write(resume, lambda tmp: torch.save(state, tmp))
-
-    stats: Counter[str] = Counter()
-    last_loss = math.nan
     began = time.time()
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    while step < steps_total:
-        stream = batches(
-            urls, preprocess, model.tokenizer, cfg.batch_size, cfg.shuffle_buffer,
-            cfg.seed + epoch, stats,
-        )  # fmt: skip
-        loader = torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=cfg.workers,
-            pin_memory=model.device.type == "cuda",
-            worker_init_fn=_worker_init,  # SIGTERM ends a worker at once; the main cleans up
-        )
-        produced = 0
-        for images, tokens in loader:
-            last_loss = trainer.step(step, images, tokens)
-            step += 1
-            produced += 1
-            samples += len(images)
-            if on_step:
-                on_step(step, steps_total, last_loss)
-            if step % cfg.save_every == 0:
-                save_resume()
-            if step >= steps_total:
-                break
-        epoch += 1
-        if produced == 0:
-            found = ", ".join(f"{k}: {v}" for k, v in stats.most_common()) or "no samples"
-            raise JCError(
-                f"not one full batch of {cfg.batch_size} valid samples in the inputs ({found})"
-            )
+    last_loss = _train(
+        cfg, trainer, lambda epoch: _loader(cfg, urls, model, preprocess, epoch), pos,
+        steps_total, on_step, lambda: _save_resume(resume, cfg, trainer, pos),
+    )  # fmt: skip
 
-    state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    state_dict = {k: v.detach().cpu() for k, v in trainer.net.state_dict().items()}
     atomic_write(cfg.out, lambda tmp: torch.save({"state_dict": state_dict}, tmp))
-    skipped = {k: v for k, v in stats.items() if k != "ok"}
+    skipped = {k: v for k, v in pos.stats.items() if k != "ok"}
     info = {
         "model": resolved.name,
         "model_config_sha256": resolved.config_sha256,
         "init": cfg.pretrained,
         "data": {"inputs": list(cfg.inputs), "shards": len(urls), "skipped": skipped},
-        "steps": step,
-        "epochs": epoch,
-        "samples": samples,
+        "steps": pos.step,
+        "epochs": pos.epoch,
+        "samples": pos.samples,
         "final_loss": last_loss,
         "loss": model.loss_kind,
         "config": cfg.identity(),
+        "resumed_from": pos.resumed_from,
         "tool_version": __version__,
     }
-    write_json_atomic(info_path, info)
+    write_json_atomic(_info_path(cfg.out), info)
     resume.unlink(missing_ok=True)
     return TrainReport(
-        cfg.out, step, epoch, samples, last_loss, time.time() - began, resumed_from, skipped
-    )
+        cfg.out, pos.step, pos.epoch, pos.samples, last_loss, time.time() - began, resumed_from,
+        skipped,
+    )  # fmt: skip
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(seed: int, worker_id: int) -> None:
     default_sigterm()
+    torch.manual_seed(_augment_seed(seed, worker_id))
