@@ -383,4 +383,5 @@ def test_select_says_when_the_dedup_took_the_rows(collapsed, tmp_path) -> None:
     # Another filter that took most rows is named as the one to change.
     code, output = run_cli(*base, "-b", 600, "--min-clip-score", 0.5)
     assert code == 2 and "are below --min-clip-score)" in output, output
-    assert "lower --min-clip-score, or lower --batch-size" in output and "dedup" not in output
+    assert "lower --min-clip-score, or pass --batch-size 92 or less" in output
+    assert "dedup" not in output

@@ -283,6 +283,8 @@ def test_bad_inputs_are_one_line_errors(sets, tmp_path: Path) -> None:
         ([ref, "--temperature", "0"], "--temperature must be positive"),
         ([ref, "--chunks", "100"], "--chunks 100 is more than the batch size 20"),
         ([ref, "--min-clip-score", "2"], "--min-clip-score is a cosine similarity"),
+        ([ref, "--min-clip-score", "1"], "no row passes --min-clip-score 1.0: all 572 scored"),
+        ([ref, "-b", "4096"], "pass --batch-size 114 or less (at --ratio 0.2)"),
     ]
     for args, message in cases:
         out = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -235,3 +236,15 @@ def test_an_old_resume_file_resumes_but_says_it_is_not_exact(
     assert "not exactly" in caplog.text and "older jestcurate" in caplog.text
     (resumed,) = json.loads((tmp_path / "ref.pt.json").read_text())["resumed_from"]
     assert resumed["step"] == 4 and not resumed["exact"] and "older" in resumed["why"]
+
+
+def test_a_sigmoid_model_may_start_from_a_softmax_checkpoint(
+    little: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    """Scoring refuses the pair (tests/test_checkpoints.py); training a SigLIP from a CLIP
+    checkpoint is open_clip's documented fine-tuning path, its bias starting at 0."""
+    out = tmp_path / "siglip.pt"
+    cfg = little_config(little, out, model="jc-tiny-sigmoid", pretrained=str(uninterrupted))
+    report = train_mod.run(dataclasses.replace(cfg, steps=2))
+    assert report.steps == 2
+    assert "logit_bias" in torch.load(out, weights_only=True)["state_dict"]

@@ -397,7 +397,9 @@ def check_checkpoint(path: str, model: Any, name: str, allow_new_bias: bool = Fa
             f"{trained_as}"
         )
     has_bias, wants_bias = "logit_bias" in got, "logit_bias" in want
-    if wants_bias and not has_bias and not allow_new_bias:
+    if wants_bias and not has_bias and allow_new_bias:
+        log.info("%s has no logit_bias (a softmax checkpoint): %s starts it at 0", path, name)
+    elif wants_bias and not has_bias:
         raise JCError(
             f"{path} has no logit_bias: it was trained with CLIP's softmax loss, but {name} is "
             f"a sigmoid (SigLIP) model and would score with a bias of 0; {trained_as}"

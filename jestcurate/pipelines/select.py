@@ -715,9 +715,25 @@ def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
             "`jestcurate dedup` with a smaller --eps (its warning suggests one when the embedding "
             "space looks collapsed), or "
         )
+    elif counts.below_min_clip_score and counts.below_min_clip_score == ok:
+        return (
+            f"no row passes --min-clip-score {cfg.min_clip_score}: all {ok:,} scored rows are "
+            "below it (`jestcurate info` on the score set shows its clip_score quantiles)"
+        )
     elif counts.below_min_clip_score > ok / 2:
         line += "lower --min-clip-score, or "
-    return f"{line}lower --batch-size or raise --ratio"
+    fits = _largest_batch(counts.eligible, cfg.ratio)
+    if fits < 1:
+        return f"{line}raise --ratio"
+    return f"{line}pass --batch-size {fits:,} or less (at --ratio {cfg.ratio:g}), or raise --ratio"
+
+
+def _largest_batch(rows: int, ratio: float) -> int:
+    """The largest b whose super-batch max(b, round(b / ratio)) fits in `rows`."""
+    b = int(rows * ratio) + 1
+    while b > 0 and max(b, round(b / ratio)) > rows:
+        b -= 1
+    return b
 
 
 def _select_into(

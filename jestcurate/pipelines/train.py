@@ -458,7 +458,8 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, init_seed=cfg.seed)
     )
     torch.manual_seed(cfg.seed)
-    model = load_model(resolved, warn_random=False)
+    # Fine-tuning a CLIP checkpoint as a SigLIP (open_clip's own path) starts the bias at 0.
+    model = load_model(resolved, warn_random=False, allow_new_bias=True)
     if cfg.pretrained is None:
         log.info("training %s from scratch (initial weights from seed %d)", resolved.name, cfg.seed)
     trainer = Trainer(model, cfg.lr, cfg.weight_decay, cfg.warmup, steps_total)
