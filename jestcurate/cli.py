@@ -80,9 +80,11 @@ def _one_line_errors(func: F) -> F:
 
 def _error(message: str) -> None:
     """The one line every expected error prints, usage errors included."""
+    from rich.markup import escape
+
     from jestcurate import ui
 
-    ui.stderr.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    ui.stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _flags_take_no_value() -> None:
@@ -90,9 +92,9 @@ def _flags_take_no_value() -> None:
     none, so its type column stays empty."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "_jestcurate", False):
-        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_jestcurate", False):
+        return  # a typer that shows no types, or patched already
 
     def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
         return None if self.is_flag and self.metavar is None else shown(self, ctx)
@@ -378,7 +380,7 @@ def slurm_score(
             args += [flag, str(value)]
     urls = expand_inputs(inputs)  # bad inputs and a checkpoint that does not fit the model
     shards = len(urls)  # fail here, not in a thousand tasks
-    check_fit(resolve_spec(ModelSpec(model, pretrained, device="cpu")))
+    check_fit(resolve_spec(ModelSpec(model, pretrained, device="cpu"), fetch=False))
     if retry:
         plan = slurm.read_plan(local)
         if plan["score_args"] != args:
@@ -469,6 +471,8 @@ def slurm_select(
             "--task-index, --num-tasks and --merge are the scripts' to set: give --num-tasks "
             "to slurm select, not among the select options"
         )
+    if "--overwrite" in args:
+        raise JCError("--overwrite is for one run, not array tasks: remove OUT first instead")
     command = typer.main.get_command(app)
     try:  # bad select options fail now, not in every task
         parsed = command.commands["select"].make_context("select", list(args)).params
@@ -1108,9 +1112,11 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="jestcurate", standalone_mode=False)
-    except click_errors.NoArgsIsHelpError as exc:  # a bare command: its help, as click does
-        typer.echo(exc.ctx.get_help())
-        code = 0 if exc.ctx.parent is None else 2
+    except click_errors.NoArgsIsHelpError as exc:  # a bare command: its help, as click shows it
+        help_text = exc.format_message()  # empty where typer's rich help printed itself
+        if help_text.strip():
+            typer.echo(help_text, err=True)
+        code = exc.exit_code
     except click_errors.UsageError as exc:  # a wrong option or argument: one line, as errors are
         where = exc.ctx.command_path if exc.ctx else "jestcurate"
         _error(f"{exc.format_message()} (see '{where} --help')")

@@ -12,9 +12,21 @@ class JCError(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's first non-blank line (library messages run to many), else its type."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__
+    """An exception's first non-blank line (library messages run to many), else its type; with
+    the next line too when the first only announces it (torch's "Error(s) in loading
+    state_dict for CLIP:")."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
+
+
+def some(items: list[str], shown: int = 3, sep: str = "; ") -> str:
+    """The first few of a list for a one-line message, and how many more there are."""
+    more = f"{sep}and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
 
 
 class Terminated(BaseException):

@@ -147,3 +147,51 @@ def test_a_score_set_made_with_another_checkpoint_names_both_files(
     assert code == 0, output
     output = refusal("score", corpus, "-m", "jc-tiny", "--pretrained", second, "--out", out)
     assert "made differently" in output and str(first) in output and str(second) in output
+
+
+def test_files_that_hold_no_state_dict_are_one_line(corpus: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = _open_clip().create_model("jc-tiny").state_dict()
+    cases = {
+        "trainer.pt": ({"model": state, "epoch": 3}, "its keys: model, epoch"),
+        "scalar.pt": ({"a": 1}, "no state_dict of tensors by name"),
+        "numbered.pt": ({0: torch.zeros(1)}, "no state_dict of tensors by name"),
+    }
+    for name, (content, _) in cases.items():
+        torch.save(content, tmp_path / name)
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)
+    cases["bad.safetensors"] = (None, "not a safetensors file")
+    for name, (_, message) in cases.items():
+        output = refusal("score", corpus, "-m", "jc-tiny", "--pretrained", tmp_path / name,
+                         "--out", tmp_path / "o")  # fmt: skip
+        assert message in output, (name, output)
+
+
+def test_slurm_score_checks_a_tag_without_fetching_it(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tasks fetch a tag's weights where they run; the login node need not."""
+    import open_clip
+
+    def fetch(*args: object, **kw: object) -> str:
+        raise AssertionError("slurm score fetched the weights")
+
+    registry = {"jc-tiny": {"web": {"hf_hub": "someone/jc-tiny/"}}}
+    monkeypatch.setattr(open_clip.pretrained, "_PRETRAINED", registry)
+    monkeypatch.setattr(open_clip, "download_pretrained", fetch)
+    out = tmp_path / "scores"
+    code, output = run_cli("slurm", "score", corpus, "-m", "jc-tiny", "--pretrained", "web",
+                           "--out", out)  # fmt: skip
+    assert code == 0 and (out / "slurm" / "score.sbatch").is_file(), output
+    output = refusal("slurm", "score", corpus, "-m", "jc-tiny", "--pretrained", "nope",
+                     "--out", tmp_path / "o")  # fmt: skip
+    assert "unknown pretrained tag 'nope'" in output
+
+
+def test_a_library_error_that_announces_its_reason_keeps_it() -> None:
+    from jestcurate.errors import first_line
+
+    torch_style = RuntimeError("Error(s) in loading state_dict for CLIP:\n\tsize mismatch for x")
+    assert first_line(torch_style) == "Error(s) in loading state_dict for CLIP: size mismatch for x"
+    assert first_line(ValueError("one line\nand detail")) == "one line"
+    assert first_line(KeyError()) == "KeyError"

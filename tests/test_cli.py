@@ -110,12 +110,14 @@ def test_usage_errors_are_one_line_like_every_error(tmp_path: Path) -> None:
         (["select", tmp_path, "--out", tmp_path / "o", "--bogus"], "No such option: --bogus"),
         (["select"], "Missing argument"),
         (["select", tmp_path, "--out", tmp_path / "o", "--ratio", "abc"], "'--ratio'"),
+        (["select", tmp_path, "--out", tmp_path / "o", "--[/b]"], "No such option: --[/b]"),
     ):
         done = run_subprocess(*args)
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-        assert message in done.stderr and "jestcurate select --help" in done.stderr
-    assert run_subprocess().returncode == 0  # no command: the help, as before
+        assert message in done.stderr and "jestcurate select --help" in done.stderr, done.stderr
+    bare = run_subprocess()  # no command: the help once, exit 2, as before
+    assert bare.returncode == 2 and (bare.stdout + bare.stderr).count("Usage:") == 1, bare
 
 
 def test_verbose_after_the_command_and_flags_in_help(tmp_path: Path) -> None:

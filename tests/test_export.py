@@ -15,6 +15,7 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
+from jestcurate.errors import JCError
 from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
 from jestcurate.pipelines.export import export
 from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
@@ -241,3 +242,20 @@ def test_open_clip_train_reads_the_export(
         "--out", tmp_path / "rescored",
     )  # fmt: skip
     assert code == 0, output
+
+
+def test_an_export_begun_by_an_older_version_is_not_finished_in_the_new_format(
+    selection: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(selection, old)
+    meta_path = old / "shards" / "export.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == 2
+    del meta["format"]  # as an export begun before the json key was the exported key
+    meta_path.write_text(json.dumps(meta))
+    (old / "shards" / "00004.tar").unlink()
+    with pytest.raises(JCError, match="begun by an older jestcurate"):
+        export(old, 24)

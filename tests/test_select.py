@@ -297,6 +297,32 @@ def test_bad_inputs_are_one_line_errors(sets, tmp_path: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def test_overwrite_replaces_only_a_selection_and_only_when_the_new_one_is_possible(
+    sets, tmp_path: Path
+) -> None:
+    out = tmp_path / "sel"
+    select(sets, out, method="random")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # refused (too few rows for b = 4096): the old selection is still whole
+    code, output = run_cli("select", sets["ref"], "--out", out, "-b", 4096, "--overwrite")
+    assert code == 2 and "fewer than one super-batch" in output, output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    # what is not a selection is never removed, with or without --overwrite
+    mine = tmp_path / "mine"
+    (mine / "shards").mkdir(parents=True)
+    (mine / "shards" / "00000.tar").write_bytes(b"my own tar")
+    (mine / "summary.json").write_text('{"experiment": 7}')
+    for folder, message in ((mine, "is not a selection's summary"), (sets["ref"], "score set")):
+        code, output = run_cli("select", sets["ref"], "--out", folder, "-b", 20, "--overwrite")
+        assert code == 2 and message in output, output
+    assert (mine / "shards" / "00000.tar").read_bytes() == b"my own tar"
+    assert (sets["ref"] / "meta.json").is_file()
+    code, output = run_cli("slurm", "select", "--num-tasks", 2, "--", sets["ref"], "--out", out,
+                           "--overwrite")  # fmt: skip
+    assert code == 2 and "--overwrite is for one run" in output, output
+
+
 def test_a_ratio_that_chooses_nothing_says_so(sets, tmp_path: Path) -> None:
     for ratio in ("1", "0.99"):  # B = round(20 / 0.99) = 20 = b too
         out = tmp_path / ratio
@@ -312,12 +338,11 @@ def test_failed_shards_are_named_not_silently_missing(sets, tmp_path: Path) -> N
     marker_path = copy / "done" / "00001.json"
     marker = json.loads(marker_path.read_text())
     marker.update(status="failed", error="truncated tar: unexpected end of data")
-    marker["counts"] = {"samples": 37, "ok": 37, "errors": 0}
     marker_path.write_text(json.dumps(marker))
     code, output = run_cli("select", copy, "--out", tmp_path / "s", "-b", 20)
     assert code == 0, output
     assert "1 of 6 shards failed when scored" in output, output
-    assert "00001 failed after 37 samples (truncated tar: unexpected end of data)" in output
+    assert "00001: truncated tar: unexpected end of data" in output
     assert f"jestcurate status {copy}" in output
     code, output = run_cli("select", sets["ref"], "--out", tmp_path / "t", "-b", 20)
     assert code == 0 and "failed when scored" not in output, output

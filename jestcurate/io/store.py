@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jestcurate.errors import NO_SPACE, JCError, first_line, no_space
+from jestcurate.errors import NO_SPACE, JCError, first_line, no_space, some
 
 SCHEMA_VERSION = 1
 META_NAME = "meta.json"
@@ -495,9 +495,7 @@ class ScoreSet:
         for name, marker in sorted(read_markers(self.path).items()):
             if marker.get("status") == "ok":
                 continue
-            rows = (marker.get("counts") or {}).get("samples")
-            after = f" after {rows} samples" if rows is not None else ""
-            found.append(f"{name} failed{after} ({marker.get('error') or 'no reason recorded'})")
+            found.append(f"{name}: {marker.get('error') or 'failed, no reason recorded'}")
         return found
 
     @property
@@ -655,10 +653,7 @@ def finished_output(
         raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
     differs = value_differences(summary, identity)
     if differs:
-        shown = "; ".join(differs[:3]) + (
-            f"; and {len(differs) - 3} more" if len(differs) > 3 else ""
-        )
-        raise JCError(f"{out} holds a different {what} ({shown}); {instead}")
+        raise JCError(f"{out} holds a different {what} ({some(differs)}); {instead}")
     return summary if (out / product).exists() else None
 
 
@@ -666,15 +661,17 @@ def value_differences(
     existing: Mapping[str, Any], wanted: Mapping[str, Any], at: str = ""
 ) -> list[str]:
     """Each field of `wanted` whose value `existing` does not share, named by its dotted path
-    with both values: "parameters.ratio: 0.2 there, 0.25 now"."""
+    with both values: "parameters.ratio: 0.2 there, 0.25 now". Below the top level (whose
+    other fields are the output's own: counts, files) a field either side lacks differs too."""
+    keys = list(wanted) + ([k for k in existing if k not in wanted] if at else [])
     found = []
-    for key, value in wanted.items():
-        old = existing.get(key) if isinstance(existing, Mapping) else None
+    for key in keys:
+        old, new = existing.get(key), wanted.get(key)
         name = f"{at}{key}"
-        if isinstance(value, Mapping) and isinstance(old, Mapping):
-            found += value_differences(old, value, f"{name}.")
-        elif old != value:
-            found.append(f"{name}: {_shown(old)} there, {_shown(value)} now")
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            found += value_differences(old, new, f"{name}.")
+        elif old != new:
+            found.append(f"{name}: {_shown(old)} there, {_shown(new)} now")
     return found
 
 

@@ -47,6 +47,7 @@ SAMPLERS = ("refine", "paper")
 DEFAULT_TEMPERATURE = {"refine": 0.1, "paper": 1.0}
 # refine re-draws from the best DEFAULT_POOL · b candidates by independent score (docs/select.md).
 DEFAULT_POOL = 3.0
+DEFAULT_CHUNKS = 16  # chunks a batch is drawn in (at most b: chunk_sizes clamps)
 
 
 @dataclass(frozen=True)
@@ -411,7 +412,7 @@ def _check(terms: Sequence[tuple[float, BatchLoss]], batch_size: int) -> int:
 def joint_select(
     terms: Sequence[tuple[float, BatchLoss]],
     batch_size: int,
-    n_chunks: int = 16,
+    n_chunks: int = DEFAULT_CHUNKS,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
     topk: bool = False,
@@ -471,7 +472,7 @@ def refine_select(
     terms: Sequence[tuple[float, BatchLoss]],
     start: torch.Tensor,
     start_scores: torch.Tensor,
-    n_chunks: int = 16,
+    n_chunks: int = DEFAULT_CHUNKS,
     generator: torch.Generator | None = None,
     temperature: float = DEFAULT_TEMPERATURE["refine"],
     topk: bool = False,
@@ -555,7 +556,7 @@ def select_batch(
     learner: Embeddings | None,
     batch_size: int,
     sampler: str = "refine",
-    n_chunks: int = 16,
+    n_chunks: int = DEFAULT_CHUNKS,
     generator: torch.Generator | None = None,
     temperature: float | None = None,
     topk: bool = False,

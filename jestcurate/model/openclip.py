@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jestcurate.errors import JCError, first_line
+from jestcurate.errors import JCError, first_line, some
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def _looks_like_path(text: str) -> bool:
     return os.sep in text or text.startswith(".") or text.lower().endswith(_CHECKPOINT_SUFFIXES)
 
 
-def resolve_spec(spec: ModelSpec) -> ResolvedSpec:
+def resolve_spec(spec: ModelSpec, fetch: bool = True) -> ResolvedSpec:
+    """Names resolved and files hashed. `fetch`: download (or find in the cache) a pretrained
+    tag's weights to pin their sha256; without it a tag is only checked against the registry."""
     open_clip = _open_clip()
     config_path = config_sha = None
     name = spec.model
@@ -156,8 +158,10 @@ def resolve_spec(spec: ModelSpec) -> ResolvedSpec:
             sha = sha256_file(pretrained)
         elif _looks_like_path(pretrained):
             raise JCError(f"checkpoint not found: {pretrained}")
-        else:
+        elif fetch:
             sha = _fetch_tag(open_clip, name, pretrained)
+        else:
+            _known_tag(open_clip, name, pretrained)
     return ResolvedSpec(
         name=name,
         config_path=config_path,
@@ -174,30 +178,33 @@ def resolve_spec(spec: ModelSpec) -> ResolvedSpec:
 def _fetch_tag(open_clip: Any, name: str, tag: str) -> str:
     """Download (or find in the cache) the file behind a pretrained tag and return its sha256, so
     meta.json pins the exact weights."""
-    cfg = open_clip.get_pretrained_cfg(name, tag)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        known = f"; known tags: {', '.join(tags)}" if tags else "; this model has no known tags"
-        raise JCError(f"unknown pretrained tag {tag!r} for model {name}{known}")
-    # The hub logs each retry of each candidate file (twice, through its handler and ours):
-    # dozens of lines before the one that matters, the failure below.
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)
+    cfg = _known_tag(open_clip, name, tag)
     log.info("fetching pretrained weights %r for %s (or reading the cached copy)", tag, name)
     try:
-        path = open_clip.download_pretrained(cfg)
+        # The hub logs each retry of each candidate file (twice, through its handler and
+        # ours): dozens of lines before the one that matters, the failure below.
+        with _quiet("huggingface_hub"):
+            path = open_clip.download_pretrained(cfg)
     except Exception as exc:  # network, hub and cache errors all mean the same thing here
         raise JCError(
             f"cannot fetch pretrained weights {tag!r} for {name} ({first_line(exc)}); without "
             "a network, pass a checkpoint file to --pretrained, or set HF_HUB_OFFLINE=1 to "
             "use only the local cache"
         ) from None
-    finally:
-        hub_log.setLevel(level)
     if not path or not os.path.isfile(path):
         raise JCError(f"cannot fetch pretrained weights {tag!r} for {name}")
     return sha256_file(path)
+
+
+def _known_tag(open_clip: Any, name: str, tag: str) -> dict[str, Any]:
+    """open_clip's registry entry for a pretrained tag, or a one-line refusal listing the
+    model's tags."""
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"; known tags: {', '.join(tags)}" if tags else "; this model has no known tags"
+        raise JCError(f"unknown pretrained tag {tag!r} for model {name}{known}")
+    return dict(cfg)
 
 
 def _unpickling_message(path: str | None, text: str) -> str:
@@ -339,31 +346,31 @@ def check_fit(resolved: ResolvedSpec) -> None:
 
 
 @contextlib.contextmanager
-def _open_clip_errors(resolved: ResolvedSpec) -> Iterator[None]:
-    """open_clip's errors while building a model and loading weights, as one line each."""
-    quiet = logging.getLogger()  # open_clip logs "No pretrained weights loaded" at WARNING
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    what = resolved.pretrained if resolved.pretrained else resolved.name
+def _quiet(logger: str = "", level: int = logging.ERROR) -> Iterator[None]:
+    """Raise a logger's level for a while: libraries' chatter the user has no use for."""
+    chatty = logging.getLogger(logger)
+    before = chatty.level
+    chatty.setLevel(level)
     try:
         yield
+    finally:
+        chatty.setLevel(before)
+
+
+@contextlib.contextmanager
+def _open_clip_errors(resolved: ResolvedSpec) -> Iterator[None]:
+    """open_clip's errors while building a model and loading weights, as one line each (and
+    its "No pretrained weights loaded" warning, which we said already, unsaid)."""
+    what = resolved.pretrained if resolved.pretrained else resolved.name
+    try:
+        with _quiet():
+            yield
     except pickle.UnpicklingError as exc:
         raise JCError(_unpickling_message(resolved.pretrained, str(exc))) from None
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, AssertionError) as exc:
-        raise JCError(f"cannot load {what} into {resolved.name}: {_reason(exc)}") from None
+        raise JCError(f"cannot load {what} into {resolved.name}: {first_line(exc)}") from None
     except TypeError as exc:  # a config key open_clip's model classes do not take
         raise JCError(f"open_clip cannot build {resolved.name}: {first_line(exc)}") from None
-    finally:
-        quiet.setLevel(level)
-
-
-def _reason(exc: BaseException) -> str:
-    """A library error's first line, with the next one when the first only announces it
-    (torch's "Error(s) in loading state_dict for CLIP:")."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} {lines[1]}"
-    return first_line(exc)
 
 
 def check_checkpoint(path: str, model: Any, name: str, allow_new_bias: bool = False) -> None:
@@ -422,11 +429,14 @@ def _checkpoint_tensors(path: str, model: Any) -> dict[str, Any] | None:
     if path.lower().endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            found: Any = {
-                k: torch.empty(f.get_slice(k).get_shape(), device="meta")
-                for k in f.keys()  # noqa: SIM118 (not a dict)
-            }
+        try:
+            with safe_open(path, framework="pt") as f:
+                found: Any = {
+                    k: torch.empty(f.get_slice(k).get_shape(), device="meta")
+                    for k in f.keys()  # noqa: SIM118 (not a dict)
+                }
+        except Exception as exc:  # safetensors' own error type: a damaged or foreign file
+            raise ValueError(f"not a safetensors file ({first_line(exc)})") from None
     else:
         try:
             found = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -436,8 +446,9 @@ def _checkpoint_tensors(path: str, model: Any) -> dict[str, Any] | None:
             found = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(found, dict) and "state_dict" in found:
         found = found["state_dict"]
-    if not isinstance(found, dict) or not found:
-        raise ValueError("it holds no state_dict")
+    if not _is_state_dict(found):
+        keys = f" (its keys: {some([str(k) for k in found], 5, ', ')})" if found else ""
+        raise ValueError(f"it holds no state_dict of tensors by name{keys}")
     if next(iter(found)).startswith("module"):  # saved from DistributedDataParallel
         found = {k[7:]: v for k, v in found.items()}
     # The same conversions open_clip's load_checkpoint applies before loading.
@@ -445,6 +456,14 @@ def _checkpoint_tensors(path: str, model: Any) -> dict[str, Any] | None:
     if "positional_embedding" in found and not hasattr(model, "positional_embedding"):
         found = convert_to_custom_text_state_dict(found)
     return dict(found)
+
+
+def _is_state_dict(found: Any) -> bool:
+    return (
+        isinstance(found, dict)
+        and bool(found)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in found.items())
+    )
 
 
 def _shape_fits(name: str, want: tuple[int, ...], got: tuple[int, ...]) -> bool:

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 SHARD_LIST = "shards.txt"
 EXPORT_META = "export.json"
+# 2: each sample's json "key" is the exported key (1, recorded as no "format": the source key)
+EXPORT_FORMAT = 2
 DEFAULT_SAMPLES_PER_SHARD = 10_000
 _SCORE_COLUMNS = ("clip_score", "ref_loss", "learner_loss", "score")
 
@@ -121,9 +123,19 @@ def export(
     shards_dir = out / SHARDS_DIR
     shards_dir.mkdir(exist_ok=True)
     meta_path = shards_dir / EXPORT_META
-    wanted_meta = {"samples_per_shard": chosen.samples_per_shard, "samples": chosen.samples}
+    wanted_meta = {
+        "samples_per_shard": chosen.samples_per_shard,
+        "samples": chosen.samples,
+        "format": EXPORT_FORMAT,
+    }
     if meta_path.exists():
         existing = read_json(meta_path)
+        if existing.get("format", 1) != EXPORT_FORMAT:
+            raise JCError(
+                f'{shards_dir} was begun by an older jestcurate, whose samples\' json "key" '
+                "held the source key (now the exported key, as img2dataset keeps them); remove "
+                "that folder to export again"
+            )
         if {k: existing.get(k) for k in wanted_meta} != wanted_meta:
             raise JCError(
                 f"{shards_dir} was exported with {existing.get('samples_per_shard')} samples per "

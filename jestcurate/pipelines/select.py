@@ -32,12 +32,13 @@ import torch
 from rich.console import Console
 
 from jestcurate import __version__, ui
-from jestcurate.errors import JCError
+from jestcurate.errors import JCError, some
 from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.eligible import Counts, Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.shards import resolve_task
 from jestcurate.io.store import (
+    META_NAME,
     ScoreSet,
     atomic_write,
     file_digests,
@@ -49,6 +50,7 @@ from jestcurate.io.store import (
 )
 from jestcurate.math.jest import (
     CRITERIA,
+    DEFAULT_CHUNKS,
     DEFAULT_POOL,
     DEFAULT_TEMPERATURE,
     SAMPLERS,
@@ -71,7 +73,6 @@ UIDS = "uids.npy"
 TASKS_DIR = "tasks"
 SCATTER_DIR = "scatter"
 SELECTION_SCHEMA_VERSION = 1
-DEFAULT_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ class SelectConfig:
 
     @property
     def n_chunks(self) -> int:
-        """jest's chunks per batch: as asked, else 16 (or b, when b is smaller)."""
-        return self.chunks if self.chunks is not None else min(DEFAULT_CHUNKS, self.batch_size)
+        """jest's chunks per batch, as asked or the default (the sampler draws at most b)."""
+        return self.chunks if self.chunks is not None else DEFAULT_CHUNKS
 
     @property
     def resolved_temperature(self) -> float:
@@ -166,10 +167,12 @@ def _validate(cfg: SelectConfig) -> None:
             f"draws at least one example; use at most {cfg.batch_size}"
         )
     if cfg.method in SUPER_BATCH_METHODS and cfg.super_batch == cfg.batch_size:
+        # B = round(b / ratio) exceeds b from b / ratio >= b + 0.5 on: shown rounded down
+        most = math.floor(cfg.batch_size / (cfg.batch_size + 0.5) * 1e4) / 1e4
         log.warning(
             "--ratio %s makes each super-batch exactly one batch of %d: %s keeps every "
-            "candidate and chooses nothing (a ratio below %.3g chooses)",
-            cfg.ratio, cfg.batch_size, cfg.method, cfg.batch_size / (cfg.batch_size + 0.5),
+            "candidate and chooses nothing (--ratio %s or less chooses)",
+            cfg.ratio, cfg.batch_size, cfg.method, most,
         )  # fmt: skip
 
 
@@ -517,22 +520,7 @@ def run(cfg: SelectConfig) -> SelectReport:
     identity = _identity(cfg, ref, learner)
     if count > 1:
         identity["partition"] = partition_identity(count)
-    if cfg.overwrite:
-        if count > 1 or cfg.merge:
-            raise JCError(
-                "--overwrite replaces a selection made in one run; array tasks would remove "
-                f"each other's work: remove {cfg.out} first instead"
-            )
-        remove_selection(cfg.out)
-    _refuse_other_task_counts(cfg.out, count)
-    instead = "use another --out, or --overwrite to replace it"
-    done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection", instead)
-    if done is not None and done.get("partition") != identity.get("partition"):
-        there, now = (_made_as(x.get("partition")) for x in (done, identity))
-        raise JCError(
-            f"{cfg.out} holds a different selection (partition: {there} there, {now} now); "
-            f"{instead}"
-        )
+    done = _existing(cfg, identity, count)
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         return SelectReport(cfg.out, done, reused=True, seconds=time.time() - began)
@@ -618,6 +606,46 @@ def _scatter(
     return [d for d in dones if d is not None]
 
 
+def _existing(cfg: SelectConfig, identity: dict[str, Any], count: int) -> dict[str, Any] | None:
+    """The summary of the finished selection OUT holds with this identity (to reuse), or None
+    (to select); a refusal for anything else OUT holds, unless --overwrite replaces it."""
+    _refuse_other_outputs(cfg.out)
+    if cfg.overwrite:
+        if count > 1 or cfg.merge:
+            raise JCError(
+                "--overwrite replaces a selection made in one run; array tasks would remove "
+                f"each other's work: remove {cfg.out} first instead"
+            )
+        return None  # removed once the new selection is known to be possible (_select_into)
+    _refuse_other_task_counts(cfg.out, count)
+    instead = "use another --out, or --overwrite to replace it"
+    done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection", instead)
+    if done is not None and done.get("partition") != identity.get("partition"):
+        there, now = (_made_as(x.get("partition")) for x in (done, identity))
+        raise JCError(
+            f"{cfg.out} holds a different selection (partition: {there} there, {now} now); "
+            f"{instead}"
+        )
+    return done
+
+
+def _refuse_other_outputs(out: Path) -> None:
+    """A score set or a dedup output in OUT is not a selection, to reuse or to replace."""
+    from jestcurate.pipelines.dedup import OUTPUT as DEDUP_OUTPUT
+
+    for name, what in ((META_NAME, "a score set"), (DEDUP_OUTPUT, "a dedup output")):
+        if (out / name).exists():
+            raise JCError(f"{out} is {what}, not a selection; use another --out")
+    summary = out / SUMMARY
+    if summary.is_file():
+        try:
+            found = read_json(summary)
+        except (OSError, ValueError):
+            return  # finished_output reports it; --overwrite replaces it
+        if "method" not in found:
+            raise JCError(f"{summary} is not a selection's summary; use another --out")
+
+
 def _made_as(partition: dict[str, Any] | None) -> str:
     return f"{partition.get('num_tasks')} array tasks" if partition else "one run"
 
@@ -627,7 +655,7 @@ def _warn_failed_shards(scores: ScoreSet | None) -> None:
     failed = [] if scores is None else scores.failed_shards()
     if not failed:
         return
-    shown = "; ".join(failed[:3]) + (f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
+    shown = some(failed)
     assert scores is not None
     log.warning(
         "%s: %d of %d shards failed when scored, so their rows after each failure are not in "
@@ -640,11 +668,13 @@ def _warn_failed_shards(scores: ScoreSet | None) -> None:
 def remove_selection(out: Path) -> None:
     """What select (and its export) wrote into OUT, summary first: an interrupted removal
     leaves an unfinished selection, which the next run redoes. Other files are left alone."""
+    from jestcurate.pipelines.export import SHARD_LIST, SHARDS_DIR
+
     if not out.is_dir():
         return
-    for name in (SUMMARY, MANIFEST, UIDS, "shards.txt"):
+    for name in (SUMMARY, MANIFEST, UIDS, SHARD_LIST):
         (out / name).unlink(missing_ok=True)
-    for name in (TASKS_DIR, "shards", ".cache"):
+    for name in (TASKS_DIR, SHARDS_DIR, ".cache"):
         shutil.rmtree(out / name, ignore_errors=True)
 
 
@@ -756,6 +786,8 @@ def _select_into(
         raise JCError(_too_few_rows(cfg, counts))
     if steps == 0:  # a task's partition too small: its rows are tail, the other tasks go on
         log.warning("%d eligible rows%s: less than one super-batch", counts.eligible, where)
+    if cfg.overwrite:  # the new selection is possible: now the old one goes
+        remove_selection(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / ".cache"
     try:

@@ -46,6 +46,7 @@ from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_output
 from jestcurate.math.jest import (
     CRITERIA,
+    DEFAULT_CHUNKS,
     DEFAULT_POOL,
     SAMPLERS,
     Embeddings,
@@ -241,7 +242,7 @@ class OnlineSelector:
         reference: ScoreSet,
         batch_size: int,
         criterion: str = "learnability",
-        chunks: int = 16,
+        chunks: int = DEFAULT_CHUNKS,
         temperature: float | None = None,
         topk: bool = False,
         seed: int = 0,
