@@ -1,0 +1,261 @@
+"""Unit tests of scale/status.py: where a score set stands from its markers, parts and claims,
+and which array tasks still have work. Tiny sets built here; no scoring runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from jestcurate.errors import JCError
+from jestcurate.io.store import part_table, write_json_atomic, write_part
+from jestcurate.scale.status import export_status, print_status, score_status, unfinished_tasks
+
+DIM = 2
+META = {
+    "schema_version": 1,
+    "role": "reference",
+    "model": "jc-tiny",
+    "embed_dim": DIM,
+    "logit_scale": 10.0,
+    "loss": "softmax",
+    "precision": "fp32",
+}
+
+
+def inputs(tmp_path: Path, count: int) -> list[str]:
+    """`count` input tars (empty: status never opens them), as expand_inputs names them."""
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        (folder / f"{i:05d}.tar").write_bytes(b"")
+    return [str((folder / f"{i:05d}.tar").resolve()) for i in range(count)]
+
+
+def write_ok(out: Path, name: str, shard: str, n: int = 2) -> None:
+    """A part and its ok marker, as score leaves them."""
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    (out / "done").mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "key": f"{name}{i}",
+            "index": i,
+            "uid": None,
+            "url": None,
+            "caption": None,
+            "sha256": None,
+            "status": "ok",
+            "error": None,
+        }
+        for i in range(n)
+    ]
+    emb = np.ones((n, DIM), dtype=np.float16)
+    table = part_table(shard, rows, emb, emb, np.zeros(n), np.zeros(n), DIM)
+    digest = write_part(out / "parts" / f"{name}.parquet", table)
+    marker = {
+        "shard": shard,
+        "name": name,
+        "status": "ok",
+        "error": None,
+        "counts": {"samples": n},
+        **digest,
+    }
+    write_json_atomic(out / "done" / f"{name}.json", marker)
+
+
+def write_failed(out: Path, name: str, shard: str, error: str) -> None:
+    (out / "done").mkdir(parents=True, exist_ok=True)
+    marker = {"shard": shard, "name": name, "status": "failed", "error": error}
+    write_json_atomic(out / "done" / f"{name}.json", marker)
+
+
+def new_set(tmp_path: Path) -> Path:
+    out = tmp_path / "scores"
+    out.mkdir()
+    write_json_atomic(out / "meta.json", META)
+    return out
+
+
+def claim(out: Path, name: str, expires_in: float, host: str = "elsewhere.invalid") -> None:
+    """A claim by a run on another host: live until its lease runs out."""
+    (out / "claims").mkdir(exist_ok=True)
+    now = time.time()
+    (out / "claims" / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "host": host,
+                "pid": 4242,
+                "pid_start": None,
+                "token": "another-run",
+                "job": None,
+                "claimed": now,
+                "expires": now + expires_in,
+            }
+        )
+    )
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_not_a_score_set(tmp_path: Path) -> None:
+    with pytest.raises(JCError) as caught:
+        score_status(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path} is not a score set or an export (no meta.json, no shards/)"
+    )
+
+
+def test_done_failed_and_damaged_without_inputs(tmp_path: Path) -> None:
+    out = new_set(tmp_path)
+    write_ok(out, "00000", "/d/00000.tar")
+    write_ok(out, "00001", "/d/00001.tar")
+    write_failed(out, "00002", "/d/00002.tar", "truncated tar")
+    part = out / "parts" / "00001.parquet"
+    size = part.stat().st_size
+    part.write_bytes(part.read_bytes()[:-7])
+    (out / "parts" / "stray.parquet").write_bytes((out / "parts" / "00000.parquet").read_bytes())
+    status = score_status(out)
+    assert status.done == ["/d/00000.tar"]
+    assert status.failed == [("/d/00002.tar", "truncated tar")]
+    assert status.damaged == [
+        ("/d/00001.tar", f"damaged ({size - 7:,} bytes; its marker says {size:,})"),
+        ("stray", "orphaned (a part with no marker in done/)"),
+    ]
+    assert status.pending is None and status.running == [] and status.outside == 0
+    assert not status.complete
+    assert status.as_dict() == {
+        "kind": "score set",
+        "out": str(out),
+        "done": 1,
+        "failed": [{"shard": "/d/00002.tar", "error": "truncated tar"}],
+        "damaged": [{"shard": s, "problem": p} for s, p in status.damaged],
+        "running": [],
+        "pending": None,
+        "outside_inputs": 0,
+    }
+
+
+def test_pending_and_outside_with_inputs(tmp_path: Path) -> None:
+    urls = inputs(tmp_path, 4)
+    out = new_set(tmp_path)
+    write_ok(out, "00000", urls[0])
+    write_failed(out, "00001", urls[1], "decode error")
+    write_ok(out, "other", "/elsewhere/other.tar")  # from a run over other INPUTS
+    (out / "parts" / "unrelated.parquet").write_bytes(b"x")  # not an input's: not shown
+    (out / "parts" / "00003.parquet").write_bytes(b"x")  # an input's part with no marker
+    status = score_status(out, [str(tmp_path / "in")])
+    assert status.done == [urls[0]] and status.failed == [(urls[1], "decode error")]
+    assert status.pending == [urls[2], urls[3]]
+    assert status.outside == 1
+    assert status.damaged == [("00003", "orphaned (a part with no marker in done/)")]
+    assert not status.complete
+
+
+def test_inputs_sharing_a_stem_keep_the_names_their_markers_hold(tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "00000.tar").write_bytes(b"")
+    first, second = (str((tmp_path / f / "00000.tar").resolve()) for f in ("a", "b"))
+    out = new_set(tmp_path)
+    write_ok(out, "00000", first)  # scored before b/00000.tar was among the inputs
+    status = score_status(out, [first, second])
+    assert status.done == [first] and status.pending == [second] and status.outside == 0
+
+
+def test_a_live_claim_is_running_not_pending(tmp_path: Path) -> None:
+    urls = inputs(tmp_path, 3)
+    out = new_set(tmp_path)
+    write_ok(out, "00000", urls[0])
+    claim(out, "00001", expires_in=3600)
+    claim(out, "00002", expires_in=-10)  # its lease ran out: stale, so still pending
+    status = score_status(out, urls)
+    assert status.running == [(urls[1], "elsewhere.invalid:4242")]
+    assert status.pending == [urls[2]]
+    # without INPUTS a claim is named by its shard name
+    assert score_status(out).running == [("00001", "elsewhere.invalid:4242")]
+
+
+def test_a_same_size_change_needs_full(tmp_path: Path) -> None:
+    urls = inputs(tmp_path, 1)
+    out = new_set(tmp_path)
+    write_ok(out, "00000", urls[0])
+    assert score_status(out, urls).complete
+    flip_byte(out / "parts" / "00000.parquet")
+    quick = score_status(out, urls)
+    assert quick.done == urls and quick.complete
+    full = score_status(out, urls, full=True)
+    assert full.done == [] and not full.complete
+    assert full.damaged == [(urls[0], "damaged (its sha256 differs from its marker's)")]
+
+
+def test_missing_meta_is_damage(tmp_path: Path) -> None:
+    out = new_set(tmp_path)
+    write_ok(out, "00000", "/d/00000.tar")
+    (out / "meta.json").unlink()
+    status = score_status(out)
+    assert status.done == ["/d/00000.tar"]
+    assert status.damaged == [("meta.json", "missing (a score rerun writes it again)")]
+
+
+def test_unfinished_tasks(tmp_path: Path) -> None:
+    urls = inputs(tmp_path, 4)  # 2 tasks: task 0 has 00000 and 00002, task 1 00001 and 00003
+    out = new_set(tmp_path)
+    assert unfinished_tasks(out, urls, 2) == ([0, 1], 0)
+    write_ok(out, "00000", urls[0])
+    write_ok(out, "00002", urls[2])
+    assert unfinished_tasks(out, urls, 2) == ([1], 0)
+    assert unfinished_tasks(out, urls, 3) == ([0, 1], 0)  # 3 tasks: [0, 3], [1], [2] (done)
+    write_ok(out, "00001", urls[1])
+    write_ok(out, "00003", urls[3])
+    assert unfinished_tasks(out, urls, 2) == ([], 0)
+    part = out / "parts" / "00001.parquet"
+    part.write_bytes(part.read_bytes()[:-3])  # a damaged part is work again
+    assert unfinished_tasks(out, urls, 2) == ([1], 0)
+    write_ok(out, "00001", urls[1])
+    write_failed(out, "00003", urls[3], "timeout")  # a failed shard is work again ...
+    assert unfinished_tasks(out, urls, 2) == ([1], 0)
+    claim(out, "00003", expires_in=3600)  # ... unless a live run is on it now
+    assert unfinished_tasks(out, urls, 2) == ([], 1)
+    claim(out, "00003", expires_in=-1)
+    assert unfinished_tasks(out, urls, 2) == ([1], 0)
+
+
+def test_export_status(tmp_path: Path) -> None:
+    with pytest.raises(JCError, match=r"has no export \(no shards/export\.json\); run select"):
+        export_status(tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    meta = {"samples": 10, "samples_per_shard": 4, "pattern": "shards/{00000..00002}.tar"}
+    write_json_atomic(shards / "export.json", meta)
+    (shards / "00000.tar").write_bytes(b"")
+    (shards / "00002.tar").write_bytes(b"")
+    found = export_status(tmp_path)
+    assert (found["shards"], found["written"], found["missing"]) == (3, 2, ["00001.tar"])
+    assert not found["finished"]
+    (shards / "00001.tar").write_bytes(b"")
+    assert export_status(tmp_path)["finished"]
+    del meta["pattern"]  # the pattern is written last: an export still under way
+    write_json_atomic(shards / "export.json", meta)
+    assert not export_status(tmp_path)["finished"]
+
+
+def test_print_status_lists_shards_unwrapped(tmp_path: Path) -> None:
+    urls = inputs(tmp_path, 5)
+    out = new_set(tmp_path)
+    long_error = "a decoding error " * 10
+    write_failed(out, "00000", urls[0], long_error.strip())
+    console = Console(record=True, width=60)
+    print_status(score_status(out, urls).as_dict(), console=console, listed=2)
+    lines = console.export_text().splitlines()
+    assert lines[0] == f"{out} (score set)"
+    assert f"failed {urls[0]}: {long_error.strip()}" in lines  # one line, wider than 60
+    assert f"pending {urls[1]}" in lines and f"pending {urls[2]}" in lines
+    assert f"pending {urls[3]}" not in lines and "pending ... and 2 more" in lines
