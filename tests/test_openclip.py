@@ -333,12 +333,6 @@ def test_check_fit_errors_are_one_line(tmp_path: Path, state: dict) -> None:
     check_fit(resolve_spec(ModelSpec("jc-tiny", device="cpu")))  # no file: nothing to check
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="openclip.py:204 _unpickling_message: torch reads a leading 'c' as pickle's GLOBAL "
-    "opcode, so any non-checkpoint file starting with 'c' is said to pickle a class named "
-    "after its text",
-)
 def test_a_text_file_is_not_said_to_pickle_a_class(tmp_path: Path) -> None:
     text = tmp_path / "notes.pt"
     text.write_bytes(b"checkpoint to come")

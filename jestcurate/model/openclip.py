@@ -208,7 +208,9 @@ def _known_tag(open_clip: Any, name: str, tag: str) -> dict[str, Any]:
 
 
 def _unpickling_message(path: str | None, text: str) -> str:
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # A class pickled by name ("argparse.Namespace"); a text file beginning with "c" reads as
+    # the same opcode, followed by words that name no class.
+    found = re.search(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+) was not an allowed", text)
     if found:
         return (
             f"refusing to load {path}: it pickles {found.group(1)}, not only tensors; "
