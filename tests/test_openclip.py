@@ -319,9 +319,12 @@ def test_check_fit_errors_are_one_line(tmp_path: Path, state: dict) -> None:
         return str(caught.value)
 
     assert fit(Path(save(tmp_path / "list.pt", [1, 2]))) == (
-        f"cannot load {tmp_path / 'list.pt'} into jc-tiny: it holds no state_dict"
+        f"cannot load {tmp_path / 'list.pt'} into jc-tiny: "
+        "it holds no state_dict of tensors by name"
     )
-    assert fit(Path(save(tmp_path / "empty.pt", {}))).endswith(": it holds no state_dict")
+    assert fit(Path(save(tmp_path / "empty.pt", {}))).endswith(
+        ": it holds no state_dict of tensors by name"
+    )
     pickled = Path(save(tmp_path / "ns.pt", {**state, "args": argparse.Namespace(lr=1)}))
     assert fit(pickled) == (
         f"refusing to load {pickled}: it pickles argparse.Namespace, not only tensors; "

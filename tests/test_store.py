@@ -637,8 +637,8 @@ def test_failed_shards_lines(tmp_path: Path) -> None:
     write_json_atomic(out / "done" / "00001.json", {"status": "failed", "error": None})
     s = ScoreSet(out, META, [])
     assert s.failed_shards() == [
-        "00001 failed (no reason recorded)",
-        "00002 failed after 5 samples (truncated tar)",
+        "00001: failed, no reason recorded",
+        "00002: truncated tar",
     ]
 
 

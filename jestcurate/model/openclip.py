@@ -449,8 +449,10 @@ def _checkpoint_tensors(path: str, model: Any) -> dict[str, Any] | None:
     if isinstance(found, dict) and "state_dict" in found:
         found = found["state_dict"]
     if not _is_state_dict(found):
-        keys = f" (its keys: {some([str(k) for k in found], 5, ', ')})" if found else ""
-        raise ValueError(f"it holds no state_dict of tensors by name{keys}")
+        keys = some([str(k) for k in found], 5, ", ") if isinstance(found, dict) else ""
+        raise ValueError(
+            f"it holds no state_dict of tensors by name{f' (its keys: {keys})' if keys else ''}"
+        )
     if next(iter(found)).startswith("module"):  # saved from DistributedDataParallel
         found = {k[7:]: v for k, v in found.items()}
     # The same conversions open_clip's load_checkpoint applies before loading.
