@@ -3,11 +3,11 @@ expected errors print one line and exit 2, failed shards exit 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import inspect
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 log = logging.getLogger("jestcurate")
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C")
 
 
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")]
@@ -222,12 +223,10 @@ NumTasks = Annotated[
 ]
 
 
-def sleeping_openmp() -> None:
-    """Make torch's OpenMP threads sleep when idle rather than spin (read once, when torch
-    loads; a user's own OMP_WAIT_POLICY stands). On a CPU, score's decoding workers then get
-    every moment the model's threads are not computing (pipelines/score.py, _CpuThreads)."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def _config(cls: type[C], given: dict[str, Any], **fixed: Any) -> C:
+    """A command's config: each of its options named like a field of `cls`, then `fixed`."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in given.items() if k in names and k not in fixed}, **fixed)
 
 
 @app.command(short_help="Score shards with a frozen open_clip model into a Parquet score set.")
@@ -260,27 +259,14 @@ def score(
     runs) claim shards, never score one twice, and each exits once every shard is settled.
 
     Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
-    if device != "cuda" and workers != 0:  # sleeping threads only pay where workers share CPUs
-        sleeping_openmp()
+    given = dict(locals())
+    from jestcurate.pipelines.score.cpu import sleeping_openmp
+
+    sleeping_openmp(device, workers)  # before torch loads
     from jestcurate.pipelines import score as score_mod
 
-    local, upload_to = _score_out(out)
-    cfg = score_mod.ScoreConfig(
-        inputs=tuple(inputs),
-        out=local,
-        upload_to=upload_to,
-        model=model,
-        pretrained=pretrained,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        workers=workers,
-        task_index=task_index,
-        num_tasks=num_tasks,
-        role=role,
-        decode=decode,
-        verify=verify,
-    )
+    local, url = _score_out(out)
+    cfg = _config(score_mod.ScoreConfig, given, inputs=tuple(inputs), out=local, upload_to=url)
     with score_mod.ScoreProgress() as progress:
         report = score_mod.run(cfg, progress)
     score_mod.print_summary(report)

@@ -168,13 +168,13 @@ def test_auto_uses_the_device_decoder_only_where_it_works(monkeypatch) -> None:
 def test_auto_decodes_with_torch_on_a_cpu_and_falls_back_to_pil(
     corpus, tmp_path, monkeypatch
 ) -> None:
-    from jestcurate.pipelines.score import loop
+    from jestcurate.pipelines.score import decoding
 
     code, output = run_cli("score", corpus, "--out", tmp_path / "auto", "-m", "jc-tiny")
     assert code == 0, output
     assert json.loads((tmp_path / "auto" / "meta.json").read_text())["decode"] == "torch"
     # A transform torch does not reproduce (say, a squashing resize): auto decodes with PIL.
-    monkeypatch.setattr(loop, "supports_torch_decode", lambda transform: False)
+    monkeypatch.setattr(decoding, "supports_torch_decode", lambda transform: False)
     code, output = run_cli("score", corpus, "--out", tmp_path / "pil", "-m", "jc-tiny")
     assert code == 0, output
     assert "decode" not in json.loads((tmp_path / "pil" / "meta.json").read_text())

@@ -17,6 +17,7 @@ from jestcurate.io.shards import Shard
 from jestcurate.io.store import DONE_DIR, PARTS_DIR, part_table, write_json_atomic, write_part
 from jestcurate.math.scoring import clip_scores, example_losses
 from jestcurate.model.openclip import LoadedModel
+from jestcurate.pipelines.score.stream import Chunk
 from jestcurate.scale.claims import Claims
 
 
@@ -50,7 +51,7 @@ class ShardResult:
 
 
 @dataclass
-class _Pending:
+class Pending:
     """A shard whose chunks are still arriving; its embeddings stay on the model's device."""
 
     started: float
@@ -58,24 +59,24 @@ class _Pending:
     img: list[torch.Tensor] = field(default_factory=list)
     txt: list[torch.Tensor] = field(default_factory=list)
     waiting: int = 0  # samples queued for encoding but not yet encoded
-    last: dict[str, Any] | None = None  # the shard's last chunk, once it has arrived
+    last: Chunk | None = None  # the shard's last chunk, once it has arrived
 
     @property
     def complete(self) -> bool:
         return self.last is not None and self.waiting == 0
 
 
-class _Encoder:
+class Encoder:
     """Packs the valid samples of incoming chunks, whatever their shard, into full model
     batches, so short shards and shard ends do not leave the device with small batches."""
 
     def __init__(self, model: LoadedModel, batch_size: int) -> None:
         self.model = model
         self.batch_size = batch_size
-        self.queue: list[tuple[_Pending, torch.Tensor, torch.Tensor]] = []
+        self.queue: list[tuple[Pending, torch.Tensor, torch.Tensor]] = []
         self.queued = 0
 
-    def add(self, state: _Pending, images: torch.Tensor, tokens: torch.Tensor) -> None:
+    def add(self, state: Pending, images: torch.Tensor, tokens: torch.Tensor) -> None:
         device = self.model.device
         # Copy now: the chunk is in pinned memory, so this overlaps with the work below.
         images = images.to(device, non_blocking=True)
@@ -91,7 +92,7 @@ class _Encoder:
             self._encode_one_batch()
 
     def _encode_one_batch(self) -> None:
-        parts: list[tuple[_Pending, torch.Tensor, torch.Tensor]] = []
+        parts: list[tuple[Pending, torch.Tensor, torch.Tensor]] = []
         taken = 0
         while self.queue and taken < self.batch_size:
             state, images, tokens = self.queue[0]
@@ -133,7 +134,7 @@ class Scorer:
         self.bias = model.logit_bias
         self.kind = model.loss_kind
 
-    def finish(self, shard: Shard, state: _Pending) -> ShardResult:
+    def finish(self, shard: Shard, state: Pending) -> ShardResult:
         dim, device = self.dim, self.model.device
         img = torch.cat(state.img) if state.img else torch.empty(0, dim, device=device)
         txt = torch.cat(state.txt) if state.txt else torch.empty(0, dim, device=device)
@@ -152,8 +153,7 @@ class Scorer:
         )
         part = write_part(self.out / PARTS_DIR / f"{shard.name}.parquet", table)
         reasons = Counter(error_reason(r["error"]) for r in state.rows if r["status"] != "ok")
-        last = state.last or {}
-        failure = last.get("failure")
+        failure = state.last.failure if state.last else None
         result = ShardResult(
             name=shard.name,
             shard=shard.url,
@@ -164,7 +164,7 @@ class Scorer:
             errors=sum(reasons.values()),
             error_reasons=dict(sorted(reasons.items())),
             seconds=time.time() - state.started,
-            input_bytes=last.get("size"),
+            input_bytes=state.last.size if state.last else None,
             part=part,
         )
         # The marker comes last: a crash before it leaves the shard to be redone.

@@ -11,11 +11,11 @@ from jestcurate.io.reader import DEFAULT_MAX_PIXELS
 from jestcurate.io.remote import Mirror, RemoteParts
 from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task, resolve_task
 from jestcurate.io.store import (
+    DONE_DIR,
     META_NAME,
     ORPHANED_DIR,
     PartFiles,
     forget_unmatched,
-    read_json,
     read_markers,
     set_aside_strays,
 )
@@ -49,10 +49,27 @@ class ScoreConfig:
     poll: float = 10.0  # seconds between looks at shards that other runs are scoring
 
 
-def _plan(
-    cfg: ScoreConfig, mirror: Mirror | None = None
-) -> tuple[list[Shard], list[Shard], int, int]:
-    """(this task's shards, those still to do, task index, task count)."""
+@dataclass(frozen=True)
+class Plan:
+    mine: list[Shard]  # this task's shards
+    todo: list[Shard]  # those of them without an ok marker
+    task_index: int
+    num_tasks: int
+
+
+def open_mirror(cfg: ScoreConfig) -> Mirror | None:
+    """For a remote OUT (--out URL): its local mirror, holding its meta.json and markers."""
+    if cfg.upload_to is None:
+        return None
+    mirror = Mirror(cfg.upload_to, local=cfg.out)
+    mirror.pull((META_NAME,))
+    mirror.sync_markers(DONE_DIR)
+    return mirror
+
+
+def plan_shards(cfg: ScoreConfig, mirror: Mirror | None = None) -> Plan:
+    """This task's shards and those still to do; parts that no longer match their markers are
+    forgotten, and parts of no input shard set aside."""
     urls = expand_inputs(cfg.inputs)
     index, count = resolve_task(cfg.task_index, cfg.num_tasks)
     markers = read_markers(cfg.out)
@@ -77,20 +94,10 @@ def _plan(
                 name, cfg.out, ORPHANED_DIR,
             )  # fmt: skip
     todo = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
-    return mine, todo, index, count
+    return Plan(mine, todo, index, count)
 
 
-def _existing_decode(out: Path) -> str | None:
-    """The decoder of the score set at `out`, if there is one (absent from meta.json: pil), so
-    that `--decode auto` carries on as the set was begun, whatever the default is now."""
-    try:
-        meta = read_json(out / META_NAME)
-    except (OSError, ValueError):  # none yet; an unreadable one is check_meta's to report
-        return None
-    return str(meta.get("decode", "pil"))
-
-
-def _validate(cfg: ScoreConfig) -> None:
+def validate(cfg: ScoreConfig) -> None:
     if cfg.role not in ROLES:
         raise JCError(f"unknown role {cfg.role!r}; use reference or learner")
     if cfg.batch_size is not None and cfg.batch_size < 1:

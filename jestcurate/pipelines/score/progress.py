@@ -51,7 +51,7 @@ class Progress(Protocol):
     def shard_done(self, result: ShardResult) -> None: ...
 
 
-class _NoProgress:
+class NoProgress:
     def start(self, total: int, skipped: int) -> None:
         pass
 
