@@ -61,7 +61,7 @@ def main() -> None:
             return len(captions)
 
         def stream(decode: str) -> int:
-            decoding = choose_decoding(decode, model, workers=1)  # torch: as a worker runs it
+            decoding = choose_decoding(decode, decode, model, workers=1)  # as a worker runs it
             it = score.ShardStream(shards, model.preprocess, model.tokenizer, 256, 10**9, decoding)
             return sum(len(chunk.rows) for chunk in it)
 

@@ -1,6 +1,7 @@
 """score's decoding choice, made once per run and passed on as one Decoding: the decoder the
 score set records (pil, pil-draft or torch, model/devicedecode.py) and, for torch, whether the
-decoding workers or the main process runs the batched decode."""
+decoding workers or the main process runs the batched decode. It is planned before the model
+loads (to refuse a mismatched score set in seconds) and settled once the model is loaded."""
 
 from __future__ import annotations
 
@@ -56,17 +57,14 @@ def planned_decoder(requested: str, device: torch.device, out: Path) -> str:
     return resolve_decode(requested, device, existing_decoder(out))
 
 
-def usable_decoder(requested: str, planned: str, model: LoadedModel) -> str:
-    """The planned decoder once the model is loaded: auto falls back to PIL for a transform the
-    torch decoding does not reproduce (an explicit --decode torch is refused instead)."""
+def choose_decoding(requested: str, planned: str, model: LoadedModel, workers: int) -> Decoding:
+    """The run's Decoding once its model is loaded, before anything is written: auto falls back
+    to PIL for a transform the torch decoding does not reproduce; an explicit --decode torch or
+    pil-draft that cannot follow the transform is refused."""
+    name = planned
     if requested == "auto" and planned == "torch" and not supports_torch_decode(model.preprocess):
         log.info("this model's transform has no torch equivalent here: decoding with PIL")
-        return "pil"
-    return planned
-
-
-def choose_decoding(name: str, model: LoadedModel, workers: int) -> Decoding:
-    """The run's Decoding for decoder `name`; refuses a transform it cannot follow."""
+        name = "pil"
     if name == "pil-draft":
         return Decoding(name, draft=draft_size(model.preprocess))
     if name == "torch":

@@ -27,12 +27,7 @@ from jestcurate.io.store import (
 )
 from jestcurate.model.openclip import LoadedModel, ModelSpec, ResolvedSpec, load_model, resolve_spec
 from jestcurate.pipelines.score.cpu import DEFAULT_BATCH, CpuThreads, default_workers, nice_workers
-from jestcurate.pipelines.score.decoding import (
-    Decoding,
-    choose_decoding,
-    planned_decoder,
-    usable_decoder,
-)
+from jestcurate.pipelines.score.decoding import Decoding, choose_decoding, planned_decoder
 from jestcurate.pipelines.score.encode import Encoder, Pending, Scorer
 from jestcurate.pipelines.score.plan import ScoreConfig, open_mirror, plan_shards, validate
 from jestcurate.pipelines.score.progress import NoProgress, Progress, ScoreReport
@@ -72,13 +67,12 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
         return report
 
     model = load_model(resolved)
-    usable = usable_decoder(cfg.decode, decoder, model)
-    if usable != decoder:
-        check_meta(cfg.out, _identity(cfg, resolved, usable))
-    _write_meta(cfg, _identity(cfg, resolved, usable), model, mirror)
+    workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
+    decoding = choose_decoding(cfg.decode, decoder, model, workers)
+    if decoding.name != decoder:  # auto fell back to PIL
+        check_meta(cfg.out, _identity(cfg, resolved, decoding.name))
+    _write_meta(cfg, _identity(cfg, resolved, decoding.name), model, mirror)
     if plan.todo:  # else only meta.json was missing: written again from the model, as it was
-        workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
-        decoding = choose_decoding(usable, model, workers)
         claims = Claims(cfg.out, Owner.this_process(), cfg.lease)
         scoring = _Scoring(cfg, model, decoding, workers, claims, report, progress, began, mirror)
         with claims.heartbeat():
