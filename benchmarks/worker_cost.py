@@ -20,9 +20,9 @@ import torch
 
 from jestcurate.io.reader import iter_raw_samples, parse_sample
 from jestcurate.io.shards import assign_names, expand_inputs, open_shard
-from jestcurate.model.devicedecode import DevicePreprocess, draft_size
 from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
 from jestcurate.pipelines import score
+from jestcurate.pipelines.score.decoding import choose_decoding
 from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
 
 
@@ -61,13 +61,9 @@ def main() -> None:
             return len(captions)
 
         def stream(decode: str) -> int:
-            extra: dict = {}
-            if decode == "torch":
-                extra["decode_here"] = DevicePreprocess.from_transform(model.preprocess)
-            if decode == "pil-draft":
-                extra["draft"] = draft_size(model.preprocess)
-            it = score.ShardStream(shards, model.preprocess, model.tokenizer, 256, 10**9, **extra)
-            return sum(len(chunk["rows"]) for chunk in it)
+            decoding = choose_decoding(decode, decode, model, workers=1)  # as a worker runs it
+            it = score.ShardStream(shards, model.preprocess, model.tokenizer, 256, 10**9, decoding)
+            return sum(len(chunk.rows) for chunk in it)
 
         stages = {
             "read tars": lambda: samples(None),

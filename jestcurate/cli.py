@@ -3,11 +3,11 @@ expected errors print one line and exit 2, failed shards exit 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import inspect
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +28,7 @@ app = typer.Typer(
 )
 log = logging.getLogger("jestcurate")
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C")
 
 
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")]
@@ -222,12 +223,10 @@ NumTasks = Annotated[
 ]
 
 
-def sleeping_openmp() -> None:
-    """Make torch's OpenMP threads sleep when idle rather than spin (read once, when torch
-    loads; a user's own OMP_WAIT_POLICY stands). On a CPU, score's decoding workers then get
-    every moment the model's threads are not computing (pipelines/score.py, _CpuThreads)."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def _config(cls: type[C], given: dict[str, Any], **fixed: Any) -> C:
+    """A command's config: each of its options named like a field of `cls`, then `fixed`."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in given.items() if k in names and k not in fixed}, **fixed)
 
 
 @app.command(short_help="Score shards with a frozen open_clip model into a Parquet score set.")
@@ -260,27 +259,14 @@ def score(
     runs) claim shards, never score one twice, and each exits once every shard is settled.
 
     Exit status: 0 all shards ok, 1 some shards failed (the rest are written), 2 bad input."""
-    if device != "cuda" and workers != 0:  # sleeping threads only pay where workers share CPUs
-        sleeping_openmp()
+    given = dict(locals())
+    from jestcurate.pipelines.score.cpu import sleeping_openmp
+
+    sleeping_openmp(device, workers)  # before torch loads
     from jestcurate.pipelines import score as score_mod
 
-    local, upload_to = _score_out(out)
-    cfg = score_mod.ScoreConfig(
-        inputs=tuple(inputs),
-        out=local,
-        upload_to=upload_to,
-        model=model,
-        pretrained=pretrained,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        workers=workers,
-        task_index=task_index,
-        num_tasks=num_tasks,
-        role=role,
-        decode=decode,
-        verify=verify,
-    )
+    local, url = _score_out(out)
+    cfg = _config(score_mod.ScoreConfig, given, inputs=tuple(inputs), out=local, upload_to=url)
     with score_mod.ScoreProgress() as progress:
         report = score_mod.run(cfg, progress)
     score_mod.print_summary(report)
@@ -355,75 +341,16 @@ def slurm_score(
     its path; with --submit, submit it (as several array jobs if the tasks pass the cluster's
     MaxArraySize). Tasks requeue safely after node failures; --retry resubmits only the tasks
     that still have shards to do."""
+    given = dict(locals())
     from jestcurate import ui
-    from jestcurate.io.shards import expand_inputs
-    from jestcurate.model.openclip import ModelSpec, check_fit, resolve_spec
     from jestcurate.scale import slurm
-    from jestcurate.scale.status import unfinished_tasks
 
-    settings = {k: v for k, v in locals().items() if k in slurm.SlurmOptions.__dataclass_fields__}
-    opts = slurm.SlurmOptions(**settings, extra=tuple(sbatch or ()))
-    local, upload_to = _score_out(out)
-    args = [*inputs, "--out", upload_to or str(local.resolve()), "--model", model]
-    if batch_size is None:  # explicit in the script, so plans and --retry compare like with like
-        batch_size = 256 if gpus_per_task else 64
-    for flag, value in (
-        ("--pretrained", pretrained),
-        ("--batch-size", batch_size),
-        ("--device", device),
-        ("--precision", precision),
-        ("--workers", workers),
-        ("--role", role),
-        ("--decode", decode if decode != "auto" else None),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
-    urls = expand_inputs(inputs)  # bad inputs and a checkpoint that does not fit the model
-    shards = len(urls)  # fail here, not in a thousand tasks
-    check_fit(resolve_spec(ModelSpec(model, pretrained, device="cpu"), fetch=False))
-    if retry:
-        plan = slurm.read_plan(local)
-        if plan["score_args"] != args:
-            raise JCError(
-                f"these options differ from the plan in {local / slurm.SLURM_DIR / slurm.PLAN}; "
-                "--retry needs the same inputs and score options"
-            )
-        count = int(plan["num_tasks"])
-        files = None
-        if upload_to:
-            from jestcurate.io.remote import Mirror, RemoteParts
-
-            mirror = Mirror(upload_to, local=local)
-            mirror.sync_markers()
-            files = RemoteParts(mirror)
-        tasks, busy = unfinished_tasks(local, urls, count, files)
-        note = f" ({busy} more are running now)" if busy else ""
-        if not tasks:
-            ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")
-            return
-        script = slurm.write_script(local, args, count, opts)
-        jobs = slurm.submit(script, tasks, opts)
-        ui.say(
-            f"resubmitted {len(tasks)} of {count} tasks{note} as job(s) "
-            f"{', '.join(jobs)}: {script}",
-        )
-        return
-    if shards_per_task < 1:
-        raise JCError("--shards-per-task must be at least 1")
-    count = num_tasks or -(-shards // shards_per_task)
-    if count < 1:
-        raise JCError("--num-tasks must be at least 1")
-    count = min(count, shards)
-    script = slurm.write_script(local, args, count, opts)
-    ui.say(str(script))
-    if submit:
-        jobs = slurm.submit(script, range(count), opts)
-        ui.say(f"submitted {count} tasks over {shards} shards as job(s) {', '.join(jobs)}")
-    else:
-        ui.note(
-            f"{count} tasks over {shards} shards; submit with --submit, or sbatch "
-            f"--array=0-{count - 1} {script} 0",
-        )
+    local, url = _score_out(out)
+    opts = _config(slurm.SlurmOptions, given, extra=tuple(sbatch or ()))
+    fixed = {"inputs": tuple(inputs), "out": local, "upload_to": url, "slurm": opts}
+    cfg = _config(slurm.ScoreArrayConfig, given, **fixed)
+    array = slurm.score_array(cfg, written=ui.say)
+    slurm.print_score_array(array)
 
 
 @slurm_app.command(

@@ -168,13 +168,31 @@ def test_auto_uses_the_device_decoder_only_where_it_works(monkeypatch) -> None:
 def test_auto_decodes_with_torch_on_a_cpu_and_falls_back_to_pil(
     corpus, tmp_path, monkeypatch
 ) -> None:
-    from jestcurate.pipelines import score
+    from jestcurate.pipelines.score import decoding
 
     code, output = run_cli("score", corpus, "--out", tmp_path / "auto", "-m", "jc-tiny")
     assert code == 0, output
     assert json.loads((tmp_path / "auto" / "meta.json").read_text())["decode"] == "torch"
     # A transform torch does not reproduce (say, a squashing resize): auto decodes with PIL.
-    monkeypatch.setattr(score, "supports_torch_decode", lambda transform: False)
+    monkeypatch.setattr(decoding, "supports_torch_decode", lambda transform: False)
     code, output = run_cli("score", corpus, "--out", tmp_path / "pil", "-m", "jc-tiny")
     assert code == 0, output
     assert "decode" not in json.loads((tmp_path / "pil" / "meta.json").read_text())
+
+
+def test_a_decoder_that_cannot_follow_the_transform_is_refused_before_meta_json(
+    corpus, tmp_path, monkeypatch
+) -> None:
+    """An explicit --decode torch the model's transform rules out leaves OUT unwritten, so
+    the advice to use --decode pil works on the same OUT."""
+
+    def refuse(transform):
+        raise JCError("--decode torch reproduces open_clip's ... transform; use --decode pil")
+
+    monkeypatch.setattr(DevicePreprocess, "from_transform", refuse)
+    out = tmp_path / "out"
+    code, output = run_cli("score", corpus, "--out", out, "-m", "jc-tiny", "--decode", "torch")
+    assert code == 2 and "use --decode pil" in output, output
+    assert not (out / "meta.json").exists()
+    code, output = run_cli("score", corpus, "--out", out, "-m", "jc-tiny", "--decode", "pil")
+    assert code == 0, output

@@ -18,10 +18,14 @@ from conftest import read_parts, run_cli
 from PIL import Image
 
 from jestcurate.io.reader import error_reason
+from jestcurate.io.shards import assign_names, expand_inputs
 from jestcurate.io.store import embedding_matrix, score_schema
 from jestcurate.math.scoring import example_losses
 from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
 from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines.score import cpu, loop, stream
+from jestcurate.pipelines.score.decoding import Decoding
+from jestcurate.pipelines.score.stream import Chunk
 from jestcurate.pipelines.synth import CorpusSpec, shard_samples, write_tar
 
 
@@ -370,14 +374,14 @@ def test_fsspec_url_inputs_are_scored(tmp_path: Path) -> None:
 
 
 def _trial(monkeypatch: pytest.MonkeyPatch, rates: list[float]) -> int:
-    """Feed _CpuThreads chunks of 64 samples, window w at `rates[w]` samples/s, with spinning
+    """Feed CpuThreads chunks of 64 samples, window w at `rates[w]` samples/s, with spinning
     OpenMP threads. Returns the threads it settles on (2 cores, 1 worker)."""
-    monkeypatch.setattr(score_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "cores", lambda: 2)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        trial = score_mod._CpuThreads("cpu", workers=1)
+        trial = cpu.CpuThreads("cpu", workers=1)
         assert trial.deciding and trial.options == [2, 1]
         for _ in range(trial.WARMUP):
             trial.record(64, 10.0)  # start-up chunks: ignored whatever they show
@@ -405,14 +409,14 @@ def _policy(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
 def test_sleeping_openmp_keeps_all_threads_and_nices_the_workers(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(score_mod, "_cores", lambda: 2)
+    monkeypatch.setattr(cpu, "cores", lambda: 2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         _policy(monkeypatch, "passive")
-        assert not score_mod._CpuThreads("cpu", workers=1).deciding
+        assert not cpu.CpuThreads("cpu", workers=1).deciding
         _policy(monkeypatch, "ACTIVE")
-        assert score_mod._CpuThreads("cpu", workers=1).deciding
+        assert cpu.CpuThreads("cpu", workers=1).deciding
     finally:
         torch.set_num_threads(before)
     # score asks for niced workers on a CPU only when the threads sleep ...
@@ -423,24 +427,24 @@ def test_sleeping_openmp_keeps_all_threads_and_nices_the_workers(
             asked.append(kw["nice"])
             super().__init__(*args, **kw)
 
-    monkeypatch.setattr(score_mod, "ShardStream", Spy)
+    monkeypatch.setattr(loop, "ShardStream", Spy)
     for policy in ("PASSIVE", "ACTIVE"):
         _policy(monkeypatch, policy)
         score([corpus], tmp_path / policy)
     assert asked == [True, False]
     # ... and a worker then lowers its priority before reading (simulated here in-process).
     niced: list[int] = []
-    monkeypatch.setattr(score_mod.os, "nice", niced.append)
-    monkeypatch.setattr(score_mod, "default_sigterm", lambda: None)
+    monkeypatch.setattr(cpu.os, "nice", niced.append)
+    monkeypatch.setattr(stream, "default_sigterm", lambda: None)
     worker = type("Info", (), {"id": 0, "num_workers": 1})()
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: worker)
-    shard = score_mod.assign_names(score_mod.expand_inputs([str(corpus)]))[:1]
+    shard = assign_names(expand_inputs([str(corpus)]))[:1]
     for nice, want in ((False, []), (True, [19])):
         niced.clear()
-        stream = score_mod.ShardStream(
-            shard, None, lambda c: torch.zeros(len(c), 4), 8, 10**9, defer_jpeg=True, nice=nice
+        shards = score_mod.ShardStream(
+            shard, None, lambda c: torch.zeros(len(c), 4), 8, 10**9, Decoding("torch"), nice=nice
         )
-        assert sum(len(chunk["rows"]) for chunk in stream) == 24
+        assert sum(len(chunk.rows) for chunk in shards) == 24
         assert niced == want
 
 
@@ -448,36 +452,69 @@ def test_cli_makes_openmp_sleep_unless_told_otherwise(monkeypatch) -> None:
     import subprocess
     import sys
 
-    from jestcurate import cli
-
-    # The CLI must be importable without torch, or the policy would come too late.
-    probe = "import sys, jestcurate.cli; sys.exit('torch' in sys.modules)"
+    # The CLI and the policy must be importable without torch, or the policy would come too late.
+    probe = "import sys, jestcurate.cli, jestcurate.pipelines.score.cpu as c; "
+    probe += "sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
     _policy(monkeypatch, None)
-    monkeypatch.delitem(cli.sys.modules, "torch")
-    cli.sleeping_openmp()
-    assert score_mod.openmp_sleeps()
+    monkeypatch.delitem(sys.modules, "torch")
+    cpu.sleeping_openmp(device="cuda")  # no decoding workers beside the model's threads
+    cpu.sleeping_openmp(workers=0)
+    assert not cpu.openmp_sleeps()
+    cpu.sleeping_openmp()
+    assert cpu.openmp_sleeps()
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice stands
-    cli.sleeping_openmp()
-    assert not score_mod.openmp_sleeps()
+    cpu.sleeping_openmp()
+    assert not cpu.openmp_sleeps()
+
+
+def test_a_chunk_pickles_and_pins_its_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Chunk crosses from a DataLoader worker (pickled) and, on CUDA, through torch's
+    pin_memory, which calls Chunk.pin_memory since it does not look inside dataclasses."""
+    import pickle
+
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    deferred = [b"\xff\xd8jpeg", torch.zeros(3, 2, 2)]  # JPEG bytes and a worker-made tensor
+    chunk = Chunk(3, 1.5, [{"key": "a"}, {"key": "b"}], [1], deferred=deferred)
+    chunk.tokens, chunk.last, chunk.size = torch.ones(1, 4, dtype=torch.long), True, 10
+    back = pickle.loads(pickle.dumps(chunk))
+    assert (back.pos, back.started, back.rows, back.valid, back.last, back.size) == (
+        3, 1.5, chunk.rows, [1], True, 10
+    )  # fmt: skip
+    assert torch.equal(back.tokens, chunk.tokens) and back.deferred[0] == deferred[0]
+    pinned: list[torch.Tensor] = []
+
+    def pin(tensor: torch.Tensor, *args: object, **kw: object) -> torch.Tensor:
+        pinned.append(tensor)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)  # no CUDA needed to see what is pinned
+    out = pin_memory(chunk)
+    assert isinstance(out, Chunk) and out.rows == chunk.rows and out.pos == 3
+    assert {id(t) for t in pinned} == {id(chunk.tokens), id(deferred[1])}
+    assert out.tokens is not chunk.tokens and out.deferred[0] is deferred[0]
+    monkeypatch.undo()
+    if torch.cuda.is_available():
+        assert pin_memory(chunk).tokens.is_pinned()
 
 
 def test_worker_chunks_hold_at_least_256_samples_within_the_pixel_budget() -> None:
-    assert score_mod._chunk_size(16, (64, 64)) == 256  # small batches: chunks still large
-    assert score_mod._chunk_size(1024, (64, 64)) == 1024  # a batch, when larger
-    assert score_mod._chunk_size(64, (224, 224)) == (64 << 20) // (3 * 224 * 224 * 4) == 111
-    assert score_mod._chunk_size(64, (4096, 4096)) == 1  # never below one sample
+    assert stream.chunk_size(16, (64, 64)) == 256  # small batches: chunks still large
+    assert stream.chunk_size(1024, (64, 64)) == 1024  # a batch, when larger
+    assert stream.chunk_size(64, (224, 224)) == (64 << 20) // (3 * 224 * 224 * 4) == 111
+    assert stream.chunk_size(64, (4096, 4096)) == 1  # never below one sample
 
 
 def test_batch_size_defaults_to_the_devices(corpus: Path, tmp_path: Path, monkeypatch) -> None:
     batches: list[int] = []
-    encoder = score_mod._Encoder
+    encoder = loop.Encoder
 
     class Spy(encoder):  # type: ignore[misc, valid-type]
         def __init__(self, model, batch_size: int) -> None:
             batches.append(batch_size)
             super().__init__(model, batch_size)
 
-    monkeypatch.setattr(score_mod, "_Encoder", Spy)
+    monkeypatch.setattr(loop, "Encoder", Spy)
     score([corpus], tmp_path / "cpu", batch_size=None)
     assert batches == [score_mod.DEFAULT_BATCH["cpu"]] == [64]

@@ -15,12 +15,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from jestcurate import __version__
+from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io.store import read_json, write_json_atomic
 
@@ -242,3 +242,132 @@ def _sbatch(script: Path, flags: list[str], after: Sequence[str], offset: int | 
             f"sbatch failed for {script.name}: {done.stderr.strip() or done.stdout.strip()}"
         )
     return done.stdout.strip().split(";")[0]
+
+
+@dataclass(frozen=True)
+class ScoreArrayConfig:
+    """`slurm score`: the `score` options every task runs with, and how to split the shards."""
+
+    inputs: tuple[str, ...]
+    out: Path  # the local folder (for a URL, its mirror)
+    model: str
+    upload_to: str | None = None  # --out as an fsspec URL
+    pretrained: str | None = None
+    batch_size: int | None = None  # None: 256 with GPUs, else 64 (written into the script)
+    device: str = "auto"
+    precision: str | None = None
+    workers: int | None = None
+    role: str = "reference"
+    decode: str = "auto"
+    num_tasks: int | None = None  # None: shards / shards_per_task
+    shards_per_task: int = 16
+    retry: bool = False  # resubmit the tasks of the written plan that have shards left
+    submit: bool = False
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+    def score_args(self) -> list[str]:
+        """Each task's `score` arguments. The batch size is explicit, so that plans (and
+        --retry's comparison with the written one) compare like with like."""
+        batch_size = self.batch_size
+        if batch_size is None:
+            batch_size = 256 if self.slurm.gpus_per_task else 64
+        out = self.upload_to or str(self.out.resolve())
+        args = [*self.inputs, "--out", out, "--model", self.model]
+        for flag, value in (
+            ("--pretrained", self.pretrained),
+            ("--batch-size", batch_size),
+            ("--device", self.device),
+            ("--precision", self.precision),
+            ("--workers", self.workers),
+            ("--role", self.role),
+            ("--decode", self.decode if self.decode != "auto" else None),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        return args
+
+
+@dataclass(frozen=True)
+class ScoreArray:
+    """What `slurm score` wrote and submitted."""
+
+    script: Path | None  # None: --retry found no task with shards left to do
+    num_tasks: int
+    shards: int
+    tasks: list[int]  # the tasks submitted (without --submit: to submit)
+    jobs: list[str]  # sbatch's job ids; none without --submit
+    busy: int = 0  # --retry: tasks not counted because other runs are scoring their shards
+    retry: bool = False
+
+
+def score_array(cfg: ScoreArrayConfig, written: Callable[[str], None] | None = None) -> ScoreArray:
+    """Write OUT/slurm/score.sbatch and its plan, and submit it with --submit; with --retry,
+    resubmit the plan's tasks that have shards left. Bad inputs and a checkpoint that does not
+    fit the model fail here, not in a thousand tasks. `written` hears of a new script before it
+    is submitted, so that a failed sbatch leaves its path known."""
+    from jestcurate.io.shards import expand_inputs
+    from jestcurate.model.openclip import ModelSpec, check_fit, resolve_spec
+
+    args = cfg.score_args()
+    urls = expand_inputs(cfg.inputs)
+    shards = len(urls)
+    check_fit(resolve_spec(ModelSpec(cfg.model, cfg.pretrained, device="cpu"), fetch=False))
+    if cfg.retry:
+        return _retry_score_array(cfg, args, urls)
+    if cfg.shards_per_task < 1:
+        raise JCError("--shards-per-task must be at least 1")
+    count = cfg.num_tasks or -(-shards // cfg.shards_per_task)
+    if count < 1:
+        raise JCError("--num-tasks must be at least 1")
+    count = min(count, shards)
+    script = write_script(cfg.out, args, count, cfg.slurm)
+    if written is not None:
+        written(str(script))
+    jobs = submit(script, range(count), cfg.slurm) if cfg.submit else []
+    return ScoreArray(script, count, shards, list(range(count)), jobs)
+
+
+def _retry_score_array(cfg: ScoreArrayConfig, args: list[str], urls: list[str]) -> ScoreArray:
+    """--retry: the written plan's tasks that still have shards to do, resubmitted."""
+    from jestcurate.scale.status import unfinished_tasks
+
+    plan = read_plan(cfg.out)
+    if plan["score_args"] != args:
+        raise JCError(
+            f"these options differ from the plan in {cfg.out / SLURM_DIR / PLAN}; "
+            "--retry needs the same inputs and score options"
+        )
+    count = int(plan["num_tasks"])
+    files = None
+    if cfg.upload_to:
+        from jestcurate.io.remote import Mirror, RemoteParts
+
+        mirror = Mirror(cfg.upload_to, local=cfg.out)
+        mirror.sync_markers()
+        files = RemoteParts(mirror)
+    tasks, busy = unfinished_tasks(cfg.out, urls, count, files)
+    if not tasks:
+        return ScoreArray(None, count, len(urls), [], [], busy, retry=True)
+    script = write_script(cfg.out, args, count, cfg.slurm)
+    jobs = submit(script, tasks, cfg.slurm)
+    return ScoreArray(script, count, len(urls), tasks, jobs, busy, retry=True)
+
+
+def print_score_array(array: ScoreArray) -> None:
+    """What `slurm score` did (a new script's path is printed as it is written)."""
+    note = f" ({array.busy} more are running now)" if array.busy else ""
+    jobs = ", ".join(array.jobs)
+    if array.retry and array.script is None:
+        ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")
+    elif array.retry:
+        ui.say(
+            f"resubmitted {len(array.tasks)} of {array.num_tasks} tasks{note} as job(s) "
+            f"{jobs}: {array.script}"
+        )
+    elif array.jobs:
+        ui.say(f"submitted {array.num_tasks} tasks over {array.shards} shards as job(s) {jobs}")
+    else:
+        ui.note(
+            f"{array.num_tasks} tasks over {array.shards} shards; submit with --submit, or "
+            f"sbatch --array=0-{array.num_tasks - 1} {array.script} 0"
+        )
