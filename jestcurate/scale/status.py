@@ -17,8 +17,10 @@ from rich.console import Console
 
 from jestcurate import ui
 from jestcurate.errors import JCError
+from jestcurate.io.files import read_json
+from jestcurate.io.integrity import PartFiles, part_problem, read_markers
+from jestcurate.io.schema import DONE_DIR
 from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task
-from jestcurate.io.store import DONE_DIR, PartFiles, part_problem, read_json, read_markers
 from jestcurate.scale.claims import CLAIMS_DIR, Claims, Owner
 
 
