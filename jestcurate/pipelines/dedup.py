@@ -391,6 +391,140 @@ def _identity(cfg: DedupConfig, scores: ScoreSet) -> dict[str, Any]:
     }
 
 
+class NeighbourSample:
+    """A seeded sample of rows and each one's cosine to its nearest neighbour among the rows it
+    is compared with: how close together the embedding space is, for the summary."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.picks = np.random.default_rng([seed, 1]).choice(n, min(n, NN_SAMPLE), replace=False)
+        self.picks.sort()
+        self.nearest = np.full(len(self.picks), np.nan, dtype=np.float32)
+
+    def measure(self, x: np.ndarray, rows: np.ndarray, members: np.ndarray) -> None:
+        """The sampled members among one cluster's candidates `rows`, whose vectors are `x`."""
+        slot = np.minimum(np.searchsorted(self.picks, rows), len(self.picks) - 1)
+        where = np.flatnonzero(members & (self.picks[slot] == rows))
+        self.nearest[slot[where]] = _nearest(x, where)
+
+    def cosine(self) -> dict[str, Any] | None:
+        return _nn_cosine(self.nearest)
+
+
+@dataclass
+class Duplicates:
+    """What the passes found, one entry per status-ok row in the cache's (part) order."""
+
+    part: np.ndarray  # the row's part id
+    index: np.ndarray  # its row in the part
+    dup_of: np.ndarray  # the better row it duplicates, -1 if kept
+    reason: np.ndarray  # 0 (kept), EXACT or SEMANTIC
+    similarity: np.ndarray  # cosine to the better row that made it a duplicate
+    better: np.ndarray  # cosine to the most similar better row, duplicate or not
+    part_rows: np.ndarray  # rows of each part, whatever their status
+    clusters: int
+    cluster: np.ndarray | None = None  # the row's nearest centroid
+
+    @classmethod
+    def none_yet(
+        cls, part: np.ndarray, index: np.ndarray, part_rows: np.ndarray, k: int
+    ) -> Duplicates:
+        n = len(part)
+        return cls(
+            part, index, np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int8),
+            np.full(n, np.nan, dtype=np.float32), np.full(n, -np.inf, dtype=np.float32),
+            part_rows, k,
+        )  # fmt: skip
+
+
+class _Laps:
+    """Seconds taken by each phase; with -v logged with the peak memory so far."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.mark = time.time()
+
+    def __call__(self, name: str) -> None:
+        self.phases[name] = round(time.time() - self.mark, 3)
+        self.mark = time.time()
+        log.debug("%s: %.1f s, peak RSS so far %.0f MiB", name, self.phases[name], _peak_rss_mib())
+
+
+def find_duplicates(
+    cfg: DedupConfig,
+    scores: ScoreSet,
+    cache_dir: Path,
+    gpu: bool,
+    lap: Callable[[str], None],
+) -> tuple[Duplicates, NeighbourSample]:
+    """The exact pass, k-means, then the near-duplicate pass cluster by cluster, over the
+    status-ok rows copied to a row cache in `cache_dir`; and the neighbour sample."""
+    with ui.step_progress("copying embeddings", len(scores.parts), "parts") as tick:
+        cache, part_rows = build_cache(scores, cfg.by, cache_dir, on_part=tick)
+    n = cache.size
+    if n == 0:
+        raise JCError(f"{cfg.scores} has no rows with status ok")
+    k = min(n, cfg.clusters or max(1, round(math.sqrt(n))))
+    part = cache.read_range("part", 0, n)
+    index = cache.read_range("index", 0, n)
+    clip = cache.read_range("clip", 0, n)
+    # Priority: higher clip_score first, then (shard, index) order; rank 0 is the best.
+    order = np.lexsort((index, part, -clip))
+    priority = np.empty(n, dtype=np.int64)
+    priority[order] = np.arange(n)
+    found = Duplicates.none_yet(part, index, part_rows, k)
+    sample = NeighbourSample(n, cfg.seed)
+    _exact(cache, priority, found.dup_of, found.reason, found.similarity)
+    lap("copy_and_exact")
+    columns = _columns(cfg.by)
+    # faiss trains on at most 256 points per centroid anyway; sampling first keeps the
+    # training set, not the corpus, in memory.
+    rng = np.random.default_rng(cfg.seed)
+    training = np.sort(rng.choice(n, size=min(n, k * 256), replace=False))
+    with ui.stage(f"k-means, {k:,} clusters"):
+        centroids = _kmeans(_vectors(cache, columns, training), k, cfg.seed, cfg.iterations, gpu)
+        lap("kmeans")
+        assigned = _assign(cache, columns, centroids, cfg.neighbors)
+        found.cluster = assigned[:, 0]
+        lap("assign")
+    groups = _groups(assigned, priority)
+    threshold = 1 - cfg.eps
+    with ui.step_progress("deduplicating clusters", len(groups), "clusters") as tick:
+        for rows, members in groups:
+            if len(rows) > 1 and members.any():
+                x = _vectors(cache, columns, rows)
+                _semantic(x, threshold, rows, found.dup_of, found.reason, found.similarity,
+                          members, found.better)  # fmt: skip
+                sample.measure(x, rows, members)
+            tick()
+    lap("semantic")
+    return found, sample
+
+
+def _summary(cfg: DedupConfig, found: Duplicates, sample: NeighbourSample) -> dict[str, Any]:
+    """The counts, cluster sizes, neighbour cosines and any collapsed-space warning."""
+    reason = found.reason
+    sizes = np.bincount(found.cluster, minlength=found.clusters)
+    semantic = int((reason == SEMANTIC).sum())
+    nn = sample.cosine()
+    suggested = suggest_eps(found.better, reason)
+    warning = collapse_warning(cfg.eps, len(reason), semantic, nn, suggested)
+    if warning:
+        log.warning("%s", warning)
+    return {
+        "rows": int(found.part_rows.sum()),
+        "ok_rows": len(reason),
+        "clusters_used": int(found.clusters),
+        "kept": int((reason == 0).sum()),
+        "dropped_exact": int((reason == EXACT).sum()),
+        "dropped_semantic": semantic,
+        "largest_cluster": int(sizes.max()),
+        "median_cluster": float(np.median(sizes)),
+        "nn_cosine": nn,
+        "suggested_eps": suggested if warning else None,
+        "warning": warning,
+    }
+
+
 def run(cfg: DedupConfig) -> dict[str, Any]:
     """Deduplicate and write the outputs; returns the summary (with "seconds" and "reused")."""
     _validate(cfg)
@@ -407,92 +541,22 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
         return {**done, "seconds": time.time() - began, "reused": True}
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache_dir = cfg.out / ".cache"
-    columns = _columns(cfg.by)
-    phases: dict[str, float] = {}
-    mark = time.time()
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        phases[name] = round(time.time() - mark, 3)
-        mark = time.time()
-        log.debug("%s: %.1f s, peak RSS so far %.0f MiB", name, phases[name], _peak_rss_mib())
-
+    lap = _Laps()
     try:
-        with ui.step_progress("copying embeddings", len(scores.parts), "parts") as tick:
-            cache, part_rows = build_cache(scores, cfg.by, cache_dir, on_part=tick)
-        n = cache.size
-        if n == 0:
-            raise JCError(f"{cfg.scores} has no rows with status ok")
-        k = min(n, cfg.clusters or max(1, round(math.sqrt(n))))
-        part = cache.read_range("part", 0, n)
-        index = cache.read_range("index", 0, n)
-        clip = cache.read_range("clip", 0, n)
-        # Priority: higher clip_score first, then (shard, index) order; rank 0 is the best.
-        order = np.lexsort((index, part, -clip))
-        priority = np.empty(n, dtype=np.int64)
-        priority[order] = np.arange(n)
-        dup_of = np.full(n, -1, dtype=np.int64)
-        reason = np.zeros(n, dtype=np.int8)
-        similarity = np.full(n, np.nan, dtype=np.float32)
-        better = np.full(n, -np.inf, dtype=np.float32)  # cosine to the most similar better row
-        # A seeded sample of rows, and each one's cosine to its nearest neighbour.
-        picks = np.random.default_rng([cfg.seed, 1]).choice(n, min(n, NN_SAMPLE), replace=False)
-        picks.sort()
-        nearest = np.full(len(picks), np.nan, dtype=np.float32)
-        _exact(cache, priority, dup_of, reason, similarity)
-        lap("copy_and_exact")
-
-        # faiss trains on at most 256 points per centroid anyway; sampling first keeps the
-        # training set, not the corpus, in memory.
-        rng = np.random.default_rng(cfg.seed)
-        sample = np.sort(rng.choice(n, size=min(n, k * 256), replace=False))
-        with ui.stage(f"k-means, {k:,} clusters"):
-            centroids = _kmeans(_vectors(cache, columns, sample), k, cfg.seed, cfg.iterations, gpu)
-            lap("kmeans")
-            assigned = _assign(cache, columns, centroids, cfg.neighbors)
-            cluster = assigned[:, 0]
-            lap("assign")
-        groups = _groups(assigned, priority)
-        threshold = 1 - cfg.eps
-        with ui.step_progress("deduplicating clusters", len(groups), "clusters") as tick:
-            for rows, members in groups:
-                if len(rows) > 1 and members.any():
-                    x = _vectors(cache, columns, rows)
-                    _semantic(x, threshold, rows, dup_of, reason, similarity, members, better)
-                    slot = np.minimum(np.searchsorted(picks, rows), len(picks) - 1)
-                    where = np.flatnonzero(members & (picks[slot] == rows))
-                    nearest[slot[where]] = _nearest(x, where)
-                tick()
-        lap("semantic")
+        found, sample = find_duplicates(cfg, scores, cache_dir, gpu, lap)
         with ui.stage("writing dedup.parquet"):
-            _write(cfg, scores, part, index, cluster, _roots(dup_of), reason, similarity)
+            _write(cfg, scores, found.part, found.index, found.cluster, _roots(found.dup_of),
+                   found.reason, found.similarity)  # fmt: skip
         lap("write")
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    sizes = np.bincount(cluster, minlength=k)
-    semantic = int((reason == SEMANTIC).sum())
-    nn = _nn_cosine(nearest)
-    suggested = suggest_eps(better, reason)
-    warning = collapse_warning(cfg.eps, n, semantic, nn, suggested)
-    if warning:
-        log.warning("%s", warning)
     summary = {
         **identity,
-        "rows": int(part_rows.sum()),
-        "ok_rows": int(n),
-        "clusters_used": int(k),
-        "kept": int((reason == 0).sum()),
-        "dropped_exact": int((reason == EXACT).sum()),
-        "dropped_semantic": semantic,
-        "largest_cluster": int(sizes.max()),
-        "median_cluster": float(np.median(sizes)),
-        "nn_cosine": nn,
-        "suggested_eps": suggested if warning else None,
-        "warning": warning,
+        **_summary(cfg, found, sample),
         "device": "cuda" if gpu else "cpu",
         "tool_version": __version__,
         "seconds": round(time.time() - began, 3),
-        "seconds_by_phase": phases,
+        "seconds_by_phase": lap.phases,
         "peak_rss_mib": round(_peak_rss_mib()),
         "files": file_digests(cfg.out, [OUTPUT]),  # what `jestcurate verify` checks
     }
