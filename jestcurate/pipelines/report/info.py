@@ -56,67 +56,73 @@ def print_info(path: Any, info: dict[str, Any], console: Console = ui.stdout) ->
     )
     table.add_column(style="bold")
     table.add_column()
-    if info["kind"] == "dedup":
-        s = info["summary"]
-        table.add_row("scores", f"{s['scores']['path']} ({s['scores']['rows']:,} rows)")
-        for key, value in s["params"].items():
-            if key == "clusters":  # the clusters used; the option is None by default
-                used = f"{s['clusters_used']:,}"
-                if value is None:
-                    value = f"{used} (default: sqrt of rows)"
-                else:
-                    value = used if value == s["clusters_used"] else f"{used} (asked {value:,})"
+    rows = {"dedup": _dedup_rows, "selection": _selection_rows, "score set": _score_set_rows}
+    rows[info["kind"]](table, info)
+    console.print(table)
+
+
+def _dedup_rows(table: Table, info: dict[str, Any]) -> None:
+    s = info["summary"]
+    table.add_row("scores", f"{s['scores']['path']} ({s['scores']['rows']:,} rows)")
+    for key, value in s["params"].items():
+        if key == "clusters":  # the clusters used; the option is None by default
+            used = f"{s['clusters_used']:,}"
+            if value is None:
+                value = f"{used} (default: sqrt of rows)"
+            else:
+                value = used if value == s["clusters_used"] else f"{used} (asked {value:,})"
+        table.add_row(f"  {key}", str(value))
+    table.add_row("ok rows", f"{s['ok_rows']:,}")
+    table.add_row("kept", f"{s['kept']:,}")
+    table.add_row("dropped", f"{s['dropped_exact']:,} exact, {s['dropped_semantic']:,} near")
+    table.add_row(
+        "cluster sizes",
+        f"largest {s['largest_cluster']:,}, median {s['median_cluster']:,.0f} rows",
+    )
+    nn = s.get("nn_cosine")  # older dedup outputs have none
+    if nn:
+        table.add_row(
+            "nearest-neighbour cosine",
+            f"p1 {nn['p1']:.6g}  p10 {nn['p10']:.6g}  median {nn['median']:.6g}  "
+            f"p90 {nn['p90']:.6g} ({nn['sample']:,} rows sampled)",
+        )
+    if s.get("warning"):
+        table.add_row("warning", s["warning"])
+    table.add_row("took", f"{s['seconds']:.1f} s on {s['device']}")
+
+
+def _selection_rows(table: Table, info: dict[str, Any]) -> None:
+    s = info["summary"]
+    table.add_row("method", s["method"] + (f" ({s['score']})" if s.get("score") else ""))
+    for key, value in s["parameters"].items():
+        if value is not None:
             table.add_row(f"  {key}", str(value))
-        table.add_row("ok rows", f"{s['ok_rows']:,}")
-        table.add_row("kept", f"{s['kept']:,}")
-        table.add_row("dropped", f"{s['dropped_exact']:,} exact, {s['dropped_semantic']:,} near")
-        table.add_row(
-            "cluster sizes",
-            f"largest {s['largest_cluster']:,}, median {s['median_cluster']:,.0f} rows",
-        )
-        nn = s.get("nn_cosine")  # older dedup outputs have none
-        if nn:
-            table.add_row(
-                "nearest-neighbour cosine",
-                f"p1 {nn['p1']:.6g}  p10 {nn['p10']:.6g}  median {nn['median']:.6g}  "
-                f"p90 {nn['p90']:.6g} ({nn['sample']:,} rows sampled)",
-            )
-        if s.get("warning"):
-            table.add_row("warning", s["warning"])
-        table.add_row("took", f"{s['seconds']:.1f} s on {s['device']}")
-        console.print(table)
-        return
-    if info["kind"] == "selection":
-        s = info["summary"]
-        table.add_row("method", s["method"] + (f" ({s['score']})" if s.get("score") else ""))
-        for key, value in s["parameters"].items():
-            if value is not None:
-                table.add_row(f"  {key}", str(value))
-        ref = s["inputs"]["reference"]
-        table.add_row("reference", f"{ref['path']} ({ref['model']}, {ref['rows']:,} rows)")
-        if s["inputs"].get("learner"):
-            learner = s["inputs"]["learner"]
-            table.add_row("learner", f"{learner['path']} ({learner['model']})")
-        if s.get("partition"):
-            steps = [t["steps"] for t in s.get("tasks", [])]
-            spread = f" ({min(steps):,}-{max(steps):,} batches each)" if steps else ""
-            table.add_row("array tasks", f"{s['partition']['num_tasks']:,}, merged{spread}")
-        for key, value in s["counts"].items():
-            if value is not None:
-                table.add_row(key.replace("_", " "), f"{value:,}")
-        for name, kept in s["means"]["kept"].items():
-            dropped = s["means"]["dropped"].get(name)
-            if kept is not None and dropped is not None:
-                table.add_row(f"mean {name}", f"{kept:.4f} kept, {dropped:.4f} dropped")
-        export = info.get("export")
-        table.add_row(
-            "export",
-            f"{export['shards']} shards: {export['pattern']}"
-            if export and "shards" in export
-            else "none",
-        )
-        console.print(table)
-        return
+    ref = s["inputs"]["reference"]
+    table.add_row("reference", f"{ref['path']} ({ref['model']}, {ref['rows']:,} rows)")
+    if s["inputs"].get("learner"):
+        learner = s["inputs"]["learner"]
+        table.add_row("learner", f"{learner['path']} ({learner['model']})")
+    if s.get("partition"):
+        steps = [t["steps"] for t in s.get("tasks", [])]
+        spread = f" ({min(steps):,}-{max(steps):,} batches each)" if steps else ""
+        table.add_row("array tasks", f"{s['partition']['num_tasks']:,}, merged{spread}")
+    for key, value in s["counts"].items():
+        if value is not None:
+            table.add_row(key.replace("_", " "), f"{value:,}")
+    for name, kept in s["means"]["kept"].items():
+        dropped = s["means"]["dropped"].get(name)
+        if kept is not None and dropped is not None:
+            table.add_row(f"mean {name}", f"{kept:.4f} kept, {dropped:.4f} dropped")
+    export = info.get("export")
+    table.add_row(
+        "export",
+        f"{export['shards']} shards: {export['pattern']}"
+        if export and "shards" in export
+        else "none",
+    )
+
+
+def _score_set_rows(table: Table, info: dict[str, Any]) -> None:
     meta = info["meta"]
     table.add_row(
         "model", f"{meta.get('model')} ({meta.get('loss')} loss, {meta.get('precision')})"
@@ -139,4 +145,3 @@ def print_info(path: Any, info: dict[str, Any], console: Console = ui.stdout) ->
             table.add_row(column, "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
     if info["failed"]:
         table.add_row("failed shards", ", ".join(info["failed"][:10]))
-    console.print(table)
