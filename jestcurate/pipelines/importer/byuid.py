@@ -18,6 +18,7 @@ from jestcurate import ui
 from jestcurate.errors import JCError, first_line
 from jestcurate.io.reader import ShardReadError, iter_raw_samples, split_member
 from jestcurate.io.shards import Shard, is_url, open_shard, shard_size
+from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.pipelines.importer.scoring import score_and_write
 from jestcurate.pipelines.importer.sources import Unit, checked_arrays, read_metadata
 
@@ -163,7 +164,7 @@ def shard_samples(shard: Shard) -> list[dict[str, Any]]:
 
 
 def import_shard(
-    shard: Shard, source: SourceIndex, params: dict[str, Any], out: Path
+    shard: Shard, source: SourceIndex, params: dict[str, Any], writer: ScoreSetWriter
 ) -> dict[str, Any]:
     """One WebDataset shard's part: a row per sample, its embeddings found by uid in the
     source. A sample without a uid, or whose uid the source lacks, is an error row."""
@@ -190,5 +191,5 @@ def import_shard(
              "status": "ok" if error is None else "error", "error": error}
         )  # fmt: skip
     matched = int((found[:, 0] >= 0).sum())
-    return score_and_write(shard.name, shard.url, rows, img, txt, params, out, began,
+    return score_and_write(writer, shard.name, shard.url, rows, img, txt, params, began,
                        shard_size(shard.url), {"matched": matched})  # fmt: skip

@@ -3,6 +3,7 @@ to a part, into a score set whose meta.json says how the embeddings were made.""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -14,11 +15,10 @@ from rich.console import Console
 
 from jestcurate import __version__, ui
 from jestcurate.errors import JCError
-from jestcurate.io.files import read_json, remove_stale_temps, write_json_atomic
-from jestcurate.io.identity import check_meta, create_meta
-from jestcurate.io.integrity import forget_unmatched, read_markers
-from jestcurate.io.schema import DONE_DIR, META_NAME, PARTS_DIR, SCHEMA_VERSION
-from jestcurate.io.shards import assign_names, expand_inputs, for_task, resolve_task
+from jestcurate.io.files import read_json
+from jestcurate.io.schema import META_NAME, SCHEMA_VERSION
+from jestcurate.io.shards import expand_inputs, for_task, resolve_task
+from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.math.scoring import LOSS_KINDS
 from jestcurate.pipelines.importer.byuid import SourceIndex, import_shard
 from jestcurate.pipelines.importer.config import DATACOMP_EMBEDDINGS, FORMATS, ImportConfig
@@ -104,48 +104,41 @@ def _import_one(
     target: Any,
     source: SourceIndex | None,
     meta: dict[str, Any],
+    writer: ScoreSetWriter,
     report: ImportReport,
     reasons: Counter[str],
 ) -> None:
     """Import one source file (or, with --shards, one tar); a bad one gets a failed marker."""
     try:
         if source is not None:
-            marker = import_shard(target, source, meta, cfg.out)
+            marker = import_shard(target, source, meta, writer)
         else:
-            marker = import_unit(target, meta, cfg.out)
+            marker = import_unit(target, meta, writer)
         report.rows += marker["counts"]["samples"]
         report.errors += marker["counts"]["errors"]
         reasons.update(marker["error_reasons"])
     except ValueError as exc:
         where = target.url if cfg.shards else str(target.metadata.resolve())
-        write_json_atomic(
-            cfg.out / DONE_DIR / f"{target.name}.json",
+        writer.mark(
+            target.name,
             {"shard": where, "name": target.name, "status": "failed",
              "error": str(exc), "counts": None, "tool_version": __version__},
         )  # fmt: skip
         report.failed.append(f"{target.name}: {exc}")
 
 
-def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
-    """Import every unit of this task that has no ok marker yet; safe to rerun."""
+def _validate(cfg: ImportConfig) -> None:
     if cfg.format not in FORMATS:
         raise JCError(f"unknown --format {cfg.format!r}; use one of {', '.join(FORMATS)}")
     if cfg.format == "datacomp" and cfg.embeddings not in DATACOMP_EMBEDDINGS:
         raise JCError(f"--embeddings is one of {', '.join(DATACOMP_EMBEDDINGS)}")
     if cfg.role not in ("reference", "learner"):
         raise JCError(f"--role is reference or learner, got {cfg.role!r}")
-    began = time.time()
-    units = list_units(cfg)
-    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
-    targets: list[Any] = units
-    if cfg.shards:  # names as `score` gives them, keeping those earlier runs' markers hold
-        owners = {name: m.get("shard") for name, m in read_markers(cfg.out).items()}
-        targets = assign_names(expand_inputs(cfg.shards), owners)
-    mine = for_task(targets, index, count)
-    params = _model_params(cfg)
-    if params["embed_dim"] is None:
-        params["embed_dim"] = width(units)
-    identity = {
+
+
+def _identity(cfg: ImportConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """meta.json's identity fields, as `score` writes them, for embeddings made elsewhere."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "role": cfg.role,
         "model": params["model"],
@@ -155,8 +148,10 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
         "precision": "imported",
         "decode": "imported",
     }
-    check_meta(cfg.out, identity)
-    meta = {
+
+
+def _meta(cfg: ImportConfig, identity: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    return {
         **identity,
         **{k: params[k] for k in ("pretrained", "logit_scale", "logit_bias", "loss", "embed_dim")},
         "images": bool(cfg.shards),
@@ -173,30 +168,41 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
         "tool": "jestcurate",
         "tool_version": __version__,
     }
-    _check_import(cfg.out, meta)
-    for sub in (PARTS_DIR, DONE_DIR):
-        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(cfg.out / sub)
-    create_meta(cfg.out, meta)
-    _check_import(cfg.out, meta)  # a concurrent task may have created it first
-    markers = read_markers(cfg.out)
-    # a part that no longer matches its marker is not done
-    for name, problem in forget_unmatched(cfg.out, markers, [t.name for t in mine]):
+
+
+def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
+    """Import every unit of this task that has no ok marker yet; safe to rerun."""
+    _validate(cfg)
+    began = time.time()
+    units = list_units(cfg)
+    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
+    writer = ScoreSetWriter(cfg.out)
+    # with --shards, names as `score` gives them, keeping those earlier runs' markers hold
+    targets: list[Any] = writer.names(expand_inputs(cfg.shards)) if cfg.shards else units
+    mine = for_task(targets, index, count)
+    params = _model_params(cfg)
+    if params["embed_dim"] is None:
+        params["embed_dim"] = width(units)
+    identity = _identity(cfg, params)
+    writer.check(identity)
+    meta = _meta(cfg, identity, params)
+    writer.open(meta, agrees=functools.partial(_check_import, cfg.out))
+    plan = writer.plan(mine)  # a part that no longer matches its marker is not done
+    for name, problem in plan.forgotten:
         log.warning("part %s is %s: importing it again", name, problem)
-    todo = [u for u in mine if markers.get(u.name, {}).get("status") != "ok"]
-    report = ImportReport(cfg.out, len(mine), len(mine) - len(todo))
+    report = ImportReport(cfg.out, len(mine), len(mine) - len(plan.todo))
     report.tied = bool(cfg.shards)
-    source = SourceIndex(units, meta["embed_dim"]) if cfg.shards and todo else None
+    source = SourceIndex(units, meta["embed_dim"]) if cfg.shards and plan.todo else None
     reasons: Counter[str] = Counter()
     label, unit = ("importing shards", "shards") if cfg.shards else ("importing files", "files")
-    with ui.step_progress(label, len(todo), unit) as tick:
-        for target in todo:
-            _import_one(cfg, target, source, meta, report, reasons)
+    with ui.step_progress(label, len(plan.todo), unit) as tick:
+        for target in plan.todo:
+            _import_one(cfg, target, source, meta, writer, report, reasons)
             tick()
             if on_unit:
                 on_unit()
     if cfg.shards:
-        done = read_markers(cfg.out).values()
+        done = writer.markers().values()
         report.matched = sum(m.get("matched", 0) for m in done if m.get("status") == "ok")
         report.source_rows = source.rows if source else source_rows(units)
     report.seconds = time.time() - began

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from jestcurate import __version__
-from jestcurate.io.files import write_json_atomic
-from jestcurate.io.schema import DONE_DIR, PARTS_DIR, part_table, write_part
+from jestcurate.io.schema import part_table
+from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.math.scoring import clip_scores, example_losses
 
 
@@ -27,13 +26,13 @@ def _normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_and_write(
+    writer: ScoreSetWriter,
     name: str,
     shard: str,
     rows: list[dict[str, Any]],
     img: np.ndarray,
     txt: np.ndarray,
     params: dict[str, Any],
-    out: Path,
     began: float,
     input_bytes: int | None,
     extra: dict[str, Any] | None = None,
@@ -52,7 +51,7 @@ def score_and_write(
     loss = example_losses(img16, txt16, params["logit_scale"], params["logit_bias"], params["loss"])
     dim = params["embed_dim"]
     part = part_table(shard, rows, img16.numpy(), txt16.numpy(), clip.numpy(), loss.numpy(), dim)
-    digest = write_part(out / PARTS_DIR / f"{name}.parquet", part)
+    digest = writer.write_part(name, part)
     reasons = Counter(r["error"].split(":")[0] for r in rows if r["status"] != "ok")
     errors = int((~ok).sum())
     marker = {
@@ -68,5 +67,5 @@ def score_and_write(
         **(extra or {}),
         "tool_version": __version__,
     }
-    write_json_atomic(out / DONE_DIR / f"{name}.json", marker)  # last: the part is whole
+    writer.mark(name, marker)  # last: the part is whole
     return marker

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jestcurate.errors import JCError, first_line
+from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.pipelines.importer.config import ImportConfig
 from jestcurate.pipelines.importer.scoring import score_and_write
 
@@ -124,7 +125,7 @@ def read_metadata(unit: Unit, columns: list[str] | None = None) -> pa.Table:
         raise ValueError(f"{unit.metadata.name}: {first_line(exc)}") from None
 
 
-def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]:
+def import_unit(unit: Unit, params: dict[str, Any], writer: ScoreSetWriter) -> dict[str, Any]:
     """Write one unit's part and marker; returns the marker. A bad unit raises ValueError."""
     began = time.time()
     table = read_metadata(unit)
@@ -148,7 +149,7 @@ def import_unit(unit: Unit, params: dict[str, Any], out: Path) -> dict[str, Any]
         for i in range(n)
     ]
     shard = str(unit.metadata.resolve())
-    return score_and_write(unit.name, shard, rows, img, txt, params, out, began,
+    return score_and_write(writer, unit.name, shard, rows, img, txt, params, began,
                        unit.metadata.stat().st_size)  # fmt: skip
 
 
