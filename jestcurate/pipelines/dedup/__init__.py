@@ -24,7 +24,7 @@ similar better row, which the dedup computes anyway).
 
 from jestcurate.pipelines.dedup.collapse import _round_down, collapse_warning, suggest_eps
 from jestcurate.pipelines.dedup.config import BY, EXACT, REASONS, SEMANTIC, DedupConfig
-from jestcurate.pipelines.dedup.job import run
+from jestcurate.pipelines.dedup.job import print_summary, run
 from jestcurate.pipelines.dedup.output import OUTPUT, SCHEMA, SUMMARY, load_clusters, load_dropped
 from jestcurate.pipelines.dedup.passes import build_cache, find_duplicates
 
@@ -43,6 +43,7 @@ __all__ = [
     "find_duplicates",
     "load_clusters",
     "load_dropped",
+    "print_summary",
     "run",
     "suggest_eps",
 ]

@@ -7,6 +7,7 @@ import logging
 import resource
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,3 +138,13 @@ def run(cfg: DedupConfig) -> dict[str, Any]:
     }
     write_json_atomic(cfg.out / SUMMARY, summary)
     return {**summary, "reused": False}
+
+
+def print_summary(done: dict[str, Any], out: Path) -> None:
+    """The one line `jestcurate dedup` prints: counts, time (or reuse) and the output."""
+    how = "already done, reused" if done["reused"] else f"{done['seconds']:.1f} s"
+    ui.say(
+        f"{done['ok_rows']:,} rows in {done['clusters_used']:,} clusters: kept {done['kept']:,}, "
+        f"dropped {done['dropped_exact']:,} exact and {done['dropped_semantic']:,} near "
+        f"duplicates ({how}): {out / OUTPUT}",
+    )

@@ -8,7 +8,7 @@ few samples shown, by position (a header scan of a local tar) or by streaming a 
 """
 
 from jestcurate.pipelines.report.info import describe, print_info
-from jestcurate.pipelines.report.page import choose_groups, render, write_report
+from jestcurate.pipelines.report.page import choose_groups, print_written, render, write_report
 from jestcurate.pipelines.report.stats import Stats, gather, kept_mask, quantiles
 from jestcurate.pipelines.report.thumbnails import fetch_samples
 
@@ -20,6 +20,7 @@ __all__ = [
     "gather",
     "kept_mask",
     "print_info",
+    "print_written",
     "quantiles",
     "render",
     "write_report",

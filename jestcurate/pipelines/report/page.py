@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from jestcurate import __version__
+from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io.store import open_score_set
 from jestcurate.pipelines.report.stats import Stats, gather, kept_mask
@@ -226,3 +226,14 @@ def write_report(
         "bytes": out.stat().st_size,
         "seconds": time.time() - began,
     }
+
+
+def print_written(done: dict[str, Any], out: Path) -> None:
+    """The one line `jestcurate report` prints: the page, its size, thumbnails and time."""
+    missing = (
+        f", {done['missing_thumbnails']} images unavailable" if done["missing_thumbnails"] else ""
+    )
+    ui.say(
+        f"wrote {out} ({done['bytes'] / 1024:,.0f} KiB, {done['thumbnails']} thumbnails{missing}, "
+        f"{done['seconds']:.1f} s)",
+    )

@@ -23,8 +23,16 @@ resume file, or with another --workers above 1, is not (a warning says why).
 """
 
 from jestcurate.pipelines.train.config import TrainConfig, TrainReport
-from jestcurate.pipelines.train.loop import run
+from jestcurate.pipelines.train.loop import print_summary, run
 from jestcurate.pipelines.train.stream import batches, count_samples
 from jestcurate.pipelines.train.trainer import Trainer
 
-__all__ = ["TrainConfig", "TrainReport", "Trainer", "batches", "count_samples", "run"]
+__all__ = [
+    "TrainConfig",
+    "TrainReport",
+    "Trainer",
+    "batches",
+    "count_samples",
+    "print_summary",
+    "run",
+]

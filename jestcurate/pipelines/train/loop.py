@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from jestcurate import __version__
+from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io.files import atomic_write, write_json_atomic
 from jestcurate.io.shards import expand_inputs
@@ -150,3 +150,14 @@ def run(cfg: TrainConfig, on_step: Callable[[int, int, float], None] | None = No
         cfg.out, pos.step, pos.epoch, pos.samples, last_loss, time.time() - began, resumed_from,
         skipped,
     )  # fmt: skip
+
+
+def print_summary(report: TrainReport) -> None:
+    """What `jestcurate train` prints once done: the steps, samples, time and final loss."""
+    if report.already_done:
+        ui.stdout.print(f"{report.out} is already trained ({report.steps} steps); nothing to do")
+        return
+    ui.say(
+        f"trained {report.steps} steps ({report.samples:,} samples) in {report.seconds:.0f} s, "
+        f"final loss {report.final_loss:.4f}: {report.out}",
+    )
