@@ -495,21 +495,7 @@ def import_(
     Exit status: 0 all files imported, 1 some failed (the rest are written), 2 bad input."""
     from jestcurate.pipelines import importer
 
-    cfg = importer.ImportConfig(
-        source=source,
-        out=out,
-        format=format,
-        model=model,
-        pretrained=pretrained,
-        embeddings=embeddings,
-        role=role,
-        logit_scale=logit_scale,
-        logit_bias=logit_bias,
-        loss=loss,
-        task_index=task_index,
-        num_tasks=num_tasks,
-        shards=tuple(shards or ()),
-    )
+    cfg = _config(importer.ImportConfig, locals(), shards=tuple(shards or ()))
     report = importer.run(cfg)
     importer.print_summary(report)
     if report.failed:
@@ -542,20 +528,9 @@ def status(
     import json as json_mod
 
     from jestcurate import ui
-    from jestcurate.io.remote import is_url, local_dir, remote_score_set
     from jestcurate.scale import status as status_mod
 
-    files = None
-    if is_url(path):  # the mirror gets the markers; the parts are checked where they are
-        folder, files = remote_score_set(path)
-    else:
-        folder = local_dir(path)
-    if (folder / "shards" / "export.json").is_file():
-        found = status_mod.export_status(folder)
-        complete = found["finished"]
-    else:
-        state = status_mod.score_status(folder, inputs or (), full=verify, files=files)
-        found, complete = state.as_dict(), state.complete
+    found, complete = status_mod.read_status(path, inputs or (), full=verify)
     if json_out:
         ui.stdout.print_json(json_mod.dumps(found))
     else:
@@ -832,19 +807,11 @@ def dedup(
     with faiss, then cosine > 1 - eps within each cluster); keep the best of each group by
     clip_score. Writes OUT/dedup.parquet (shard, key, index, cluster, kept, duplicate_of,
     duplicate_of_shard, similarity, reason) for `select --dedup OUT`."""
-    from jestcurate import ui
     from jestcurate.pipelines import dedup as dedup_mod
 
-    cfg = dedup_mod.DedupConfig(
-        _score_set(scores), out, eps, clusters, by, seed, device=device, neighbors=neighbors
-    )
+    cfg = _config(dedup_mod.DedupConfig, locals(), scores=_score_set(scores))
     done = dedup_mod.run(cfg)
-    how = "already done, reused" if done["reused"] else f"{done['seconds']:.1f} s"
-    ui.say(
-        f"{done['ok_rows']:,} rows in {done['clusters_used']:,} clusters: kept {done['kept']:,}, "
-        f"dropped {done['dropped_exact']:,} exact and {done['dropped_semantic']:,} near "
-        f"duplicates ({how}): {out / dedup_mod.OUTPUT}",
-    )
+    dedup_mod.print_summary(done, out)
 
 
 @app.command(short_help="Write a self-contained HTML report of a score set (and a selection).")
@@ -868,17 +835,10 @@ def report(
     """Write one self-contained HTML page (opens from disk, no network): counts per shard and
     status, errors by reason, score histograms (kept vs dropped with --selection) and thumbnail
     grids with captions and scores, read back from the source shards."""
-    from jestcurate import ui
     from jestcurate.pipelines import report as report_mod
 
     done = report_mod.write_report(_score_set(scores), out, selection, thumbnails, seed)
-    missing = (
-        f", {done['missing_thumbnails']} images unavailable" if done["missing_thumbnails"] else ""
-    )
-    ui.say(
-        f"wrote {out} ({done['bytes'] / 1024:,.0f} KiB, {done['thumbnails']} thumbnails{missing}, "
-        f"{done['seconds']:.1f} s)",
-    )
+    report_mod.print_written(done, out)
 
 
 @app.command(short_help="Summarise a score set, a selection or a dedup output.")
@@ -899,6 +859,24 @@ def info(
 
     folder = _score_set(path)
     report_mod.print_info(path, report_mod.describe(folder))
+
+
+C = TypeVar("C")
+
+
+def _config(cls: type[C], options: dict[str, Any], **converted: Any) -> C:
+    """A pipeline's config from a command's options: each field of `cls` takes the option of
+    the same name (typer's parameters are named as the config's fields), or its value in
+    `converted` where the option needs converting first; fields no option names keep their
+    defaults. `options` is the command's locals(), taken before it assigns any name a field
+    has (the imports above it name modules, which no field is named as)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(converted) - fields
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    return cls(**{k: v for k, v in {**options, **converted}.items() if k in fields})
 
 
 @app.command(short_help="Train an open_clip reference or proxy learner into a checkpoint.")
@@ -941,31 +919,10 @@ def train(
     from jestcurate import ui
     from jestcurate.pipelines import train as train_mod
 
-    cfg = train_mod.TrainConfig(
-        inputs=tuple(inputs),
-        out=out,
-        model=model,
-        pretrained=pretrained,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=warmup,
-        device=device,
-        precision=precision,
-        workers=workers,
-        seed=seed,
-        save_every=save_every,
-    )
+    cfg = _config(train_mod.TrainConfig, locals(), inputs=tuple(inputs))
     with ui.training_progress() as on_step:
         report = train_mod.run(cfg, on_step)
-    if report.already_done:
-        ui.stdout.print(f"{out} is already trained ({report.steps} steps); nothing to do")
-        return
-    ui.say(
-        f"trained {report.steps} steps ({report.samples:,} samples) in {report.seconds:.0f} s, "
-        f"final loss {report.final_loss:.4f}: {out}",
-    )
+    train_mod.print_summary(report)
 
 
 @app.command(short_help="Run the whole JEST loop offline on a built-in synthetic corpus.")
@@ -1012,14 +969,8 @@ def synth(
         raise JCError(f"unknown noise preset {noise!r}; use {', '.join(synth_mod.PRESETS)}")
     if shards < 1 or samples < 1 or image_size < 8:
         raise JCError("--shards and --samples must be at least 1, --image-size at least 8")
-    spec = synth_mod.CorpusSpec(
-        shards=shards,
-        samples_per_shard=samples,
-        seed=seed,
-        image_size=image_size,
-        noise=synth_mod.PRESETS[noise],
-        first_shard=first_shard,
-    )
+    noise_mix = synth_mod.PRESETS[noise]
+    spec = synth_mod.CorpusSpec(shards, samples, seed, image_size, noise_mix, first_shard)
     paths = synth_mod.write_corpus(out, spec)
     typer.echo(f"wrote {len(paths)} shards of {samples} samples to {out}")
 

@@ -36,13 +36,13 @@ class Disk:
             with open(self.filler, "wb") as f:
                 f.write(b"\0" * max(0, free - leave))
             return
+        import jestcurate.io.files as files
         import jestcurate.io.rowcache as rowcache
-        import jestcurate.io.store as store
 
         def full(*args: object, **kwargs: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.monkeypatch.setattr(store.os, "fsync", full)
+        self.monkeypatch.setattr(files.os, "fsync", full)
         self.monkeypatch.setattr(rowcache.ColumnWriter, "append", full)
 
     def free(self) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from jestcurate.errors import NO_SPACE
-from jestcurate.io.store import PARTS_DIR, PartFiles
+from jestcurate.io.integrity import PartFiles
+from jestcurate.io.schema import PARTS_DIR
 
 log = logging.getLogger(__name__)
 

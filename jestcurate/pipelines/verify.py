@@ -20,19 +20,17 @@ from rich.console import Console
 
 from jestcurate import ui
 from jestcurate.errors import JCError, first_line
-from jestcurate.io.remote import RemoteParts, is_url, remote_score_set
-from jestcurate.io.store import (
-    DONE_DIR,
-    META_NAME,
-    PARTS_DIR,
+from jestcurate.io.derived import digest_problem
+from jestcurate.io.files import read_json
+from jestcurate.io.integrity import (
     PartFiles,
-    digest_problem,
     part_problem,
-    read_json,
     read_markers,
     repair_hint,
     unhashed_problem,
 )
+from jestcurate.io.remote import RemoteParts, is_url, remote_score_set
+from jestcurate.io.schema import DONE_DIR, META_NAME, PARTS_DIR
 
 
 def _readable(path: Path) -> str | None:

@@ -17,8 +17,11 @@ from rich.console import Console
 
 from jestcurate import ui
 from jestcurate.errors import JCError
+from jestcurate.io.files import read_json
+from jestcurate.io.integrity import PartFiles, part_problem, read_markers
+from jestcurate.io.remote import is_url, local_dir, remote_score_set
+from jestcurate.io.schema import DONE_DIR
 from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task
-from jestcurate.io.store import DONE_DIR, PartFiles, part_problem, read_json, read_markers
 from jestcurate.scale.claims import CLAIMS_DIR, Claims, Owner
 
 
@@ -148,6 +151,23 @@ def export_status(selection: Path) -> dict[str, Any]:
         "missing": missing,
         "finished": "pattern" in meta and not missing,
     }
+
+
+def read_status(
+    location: str, inputs: Sequence[str] = (), full: bool = False
+) -> tuple[dict[str, Any], bool]:
+    """Where the score set (a path or URL) or the export at `location` stands, as `status`
+    shows it, and whether everything is done. `full`: check each part's sha256, not its size."""
+    files = None
+    if is_url(location):  # the mirror gets the markers; the parts are checked where they are
+        folder, files = remote_score_set(location)
+    else:
+        folder = local_dir(location)
+    if (folder / "shards" / "export.json").is_file():
+        found = export_status(folder)
+        return found, found["finished"]
+    state = score_status(folder, inputs, full=full, files=files)
+    return state.as_dict(), state.complete
 
 
 def print_status(found: dict[str, Any], console: Console = ui.stdout, listed: int = 20) -> None:
