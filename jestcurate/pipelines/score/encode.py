@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from jestcurate import __version__
 from jestcurate.io.reader import error_reason
-from jestcurate.io.remote import Mirror
 from jestcurate.io.shards import Shard
-from jestcurate.io.store import DONE_DIR, PARTS_DIR, part_table, write_json_atomic, write_part
+from jestcurate.io.store import part_table
+from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.math.scoring import clip_scores, example_losses
 from jestcurate.model.openclip import LoadedModel
 from jestcurate.pipelines.score.stream import Chunk
@@ -121,14 +120,12 @@ class Scorer:
     def __init__(
         self,
         model: LoadedModel,
-        out: Path,
+        writer: ScoreSetWriter,
         claims: Claims | None = None,
-        mirror: Mirror | None = None,
     ) -> None:
         self.model = model
-        self.out = out
+        self.writer = writer
         self.claims = claims
-        self.mirror = mirror
         self.dim = model.embed_dim
         self.scale = model.logit_scale
         self.bias = model.logit_bias
@@ -151,7 +148,7 @@ class Scorer:
             loss.cpu().numpy(),
             dim,
         )
-        part = write_part(self.out / PARTS_DIR / f"{shard.name}.parquet", table)
+        part = self.writer.write_part(shard.name, table)
         reasons = Counter(error_reason(r["error"]) for r in state.rows if r["status"] != "ok")
         failure = state.last.failure if state.last else None
         result = ShardResult(
@@ -168,10 +165,7 @@ class Scorer:
             part=part,
         )
         # The marker comes last: a crash before it leaves the shard to be redone.
-        write_json_atomic(self.out / DONE_DIR / f"{shard.name}.json", result.marker())
-        if self.mirror is not None:  # the same order remotely: the part, then its marker
-            self.mirror.push(f"{PARTS_DIR}/{shard.name}.parquet")
-            self.mirror.push(f"{DONE_DIR}/{shard.name}.json")
+        self.writer.mark(shard.name, result.marker())  # with a mirror: the part, then the marker
         if self.claims is not None:
             self.claims.release(shard.name)
         return result

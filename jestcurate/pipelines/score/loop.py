@@ -13,18 +13,13 @@ from typing import Any
 import torch
 
 from jestcurate import __version__
-from jestcurate.io.remote import Mirror
 from jestcurate.io.shards import Shard
 from jestcurate.io.store import (
-    DONE_DIR,
     META_NAME,
-    PARTS_DIR,
     SCHEMA_VERSION,
-    check_meta,
-    create_meta,
     marker_settles,
-    remove_stale_temps,
 )
+from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.model.openclip import LoadedModel, ModelSpec, ResolvedSpec, load_model, resolve_spec
 from jestcurate.pipelines.score.cpu import DEFAULT_BATCH, CpuThreads, default_workers, nice_workers
 from jestcurate.pipelines.score.decoding import Decoding, choose_decoding, planned_decoder
@@ -43,8 +38,8 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     progress = progress or NoProgress()
     validate(cfg)
     began = time.time()
-    mirror = open_mirror(cfg)
-    plan = plan_shards(cfg, mirror)
+    writer = ScoreSetWriter(cfg.out, open_mirror(cfg))
+    plan = plan_shards(cfg, writer)
     resolved = resolve_spec(
         ModelSpec(cfg.model, cfg.pretrained, cfg.device, cfg.precision, cfg.init_seed)
     )
@@ -52,7 +47,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     batch_size = cfg.batch_size or DEFAULT_BATCH.get(resolved.device.type, 64)
     cfg = dataclasses.replace(cfg, batch_size=batch_size)
     # Cheap refusal before any weights load: a mismatched DIR fails in seconds, not minutes.
-    check_meta(cfg.out, _identity(cfg, resolved, decoder))
+    writer.check(_identity(cfg, resolved, decoder))
     report = ScoreReport(
         out=cfg.out,
         task_index=plan.task_index,
@@ -70,11 +65,11 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     workers = default_workers(model.device.type) if cfg.workers is None else cfg.workers
     decoding = choose_decoding(cfg.decode, decoder, model, workers)
     if decoding.name != decoder:  # auto fell back to PIL
-        check_meta(cfg.out, _identity(cfg, resolved, decoding.name))
-    _write_meta(cfg, _identity(cfg, resolved, decoding.name), model, mirror)
+        writer.check(_identity(cfg, resolved, decoding.name))
+    writer.open(_meta(cfg, _identity(cfg, resolved, decoding.name), model))
     if plan.todo:  # else only meta.json was missing: written again from the model, as it was
         claims = Claims(cfg.out, Owner.this_process(), cfg.lease)
-        scoring = _Scoring(cfg, model, decoding, workers, claims, report, progress, began, mirror)
+        scoring = _Scoring(cfg, model, decoding, workers, claims, report, progress, began, writer)
         with claims.heartbeat():
             scoring.until_settled(plan.mine)
     report.seconds = time.time() - began
@@ -89,12 +84,9 @@ def _identity(cfg: ScoreConfig, resolved: ResolvedSpec, decoder: str) -> dict[st
     return identity
 
 
-def _write_meta(
-    cfg: ScoreConfig, identity: dict[str, Any], model: LoadedModel, mirror: Mirror | None
-) -> None:
-    """The score set's folders (stale temporary files cleared) and meta.json, or a check that
-    the meta.json another task wrote agrees."""
-    meta = {
+def _meta(cfg: ScoreConfig, identity: dict[str, Any], model: LoadedModel) -> dict[str, Any]:
+    """The score set's meta.json: its identity and what the model says of itself."""
+    return {
         **identity,
         **model.describe(),
         "role": cfg.role,
@@ -103,12 +95,6 @@ def _write_meta(
         "tool": "jestcurate",
         "tool_version": __version__,
     }
-    for sub in (PARTS_DIR, DONE_DIR):
-        (cfg.out / sub).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(cfg.out / sub)
-    create_meta(cfg.out, meta)
-    if mirror is not None:
-        mirror.push(META_NAME)
 
 
 @dataclass
@@ -123,7 +109,7 @@ class _Scoring:
     report: ScoreReport
     progress: Progress
     began: float
-    mirror: Mirror | None
+    writer: ScoreSetWriter
     attempted: set[str] = field(default_factory=set)  # shards this run finished or failed
 
     def until_settled(self, mine: list[Shard]) -> None:
@@ -163,7 +149,7 @@ class _Scoring:
         """One DataLoader pass over `todo`; each shard is claimed by the worker that reads it."""
         workers = min(self.workers, len(todo))
         loader = self._loader(todo, workers)
-        scorer = Scorer(self.model, self.cfg.out, self.claims, self.mirror)
+        scorer = Scorer(self.model, self.writer, self.claims)
         encoder = Encoder(self.model, self.cfg.batch_size)
         pending: dict[int, Pending] = {}
         threads = CpuThreads(self.model.device.type, workers)

@@ -8,17 +8,14 @@ from pathlib import Path
 
 from jestcurate.errors import JCError
 from jestcurate.io.reader import DEFAULT_MAX_PIXELS
-from jestcurate.io.remote import Mirror, RemoteParts
-from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task, resolve_task
+from jestcurate.io.remote import Mirror
+from jestcurate.io.shards import Shard, expand_inputs, for_task, resolve_task
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
     ORPHANED_DIR,
-    PartFiles,
-    forget_unmatched,
-    read_markers,
-    set_aside_strays,
 )
+from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.model.devicedecode import DECODERS
 from jestcurate.scale.claims import DEFAULT_LEASE, Claims, Owner
 
@@ -67,34 +64,29 @@ def open_mirror(cfg: ScoreConfig) -> Mirror | None:
     return mirror
 
 
-def plan_shards(cfg: ScoreConfig, mirror: Mirror | None = None) -> Plan:
+def plan_shards(cfg: ScoreConfig, writer: ScoreSetWriter) -> Plan:
     """This task's shards and those still to do; parts that no longer match their markers are
     forgotten, and parts of no input shard set aside."""
     urls = expand_inputs(cfg.inputs)
     index, count = resolve_task(cfg.task_index, cfg.num_tasks)
-    markers = read_markers(cfg.out)
-    owners = {name: m.get("shard") for name, m in markers.items()}
-    everyone = assign_names(urls, owners)
+    everyone = writer.names(urls)
     mine = for_task(everyone, index, count)
-    # A part that no longer matches its marker is not done. (A remote set's local mirror holds
-    # the markers only: its parts are checked in one listing of the URL.)
-    files = RemoteParts(mirror) if mirror is not None else PartFiles(cfg.out)
+    found = writer.plan(mine, cfg.verify)  # a part that no longer matches its marker is not done
     urls_of = {s.name: s.url for s in mine}
-    for name, problem in forget_unmatched(cfg.out, markers, list(urls_of), cfg.verify, files):
+    for name, problem in found.forgotten:
         log.warning("part %s is %s: scoring %s again", name, problem, urls_of[name])
-    if mirror is None:  # a part no input shard would redo, and no run is writing
+    if writer.mirror is None:  # a part no input shard would redo, and no run is writing
         owner = Owner.this_process()
 
         def live(name: str) -> bool:  # only asked when there are strays: no claims/ otherwise
             return Claims(cfg.out, owner).held_by_other(name) is not None
 
-        for name in set_aside_strays(cfg.out, markers, {s.name for s in everyone}, live):
+        for name in writer.set_aside(found, (s.name for s in everyone), live):
             log.warning(
                 "part %s has no marker and is none of the INPUTS' shards: moved to %s/%s/",
                 name, cfg.out, ORPHANED_DIR,
             )  # fmt: skip
-    todo = [s for s in mine if markers.get(s.name, {}).get("status") != "ok"]
-    return Plan(mine, todo, index, count)
+    return Plan(mine, found.todo, index, count)
 
 
 def validate(cfg: ScoreConfig) -> None:
