@@ -161,11 +161,6 @@ def test_parts_under_old_markers_are_read_in_full(tmp_path: Path) -> None:
     assert len(found) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py:371 unhashed_problem reads only the key column, not the part in full: "
-    "damaged pages of other columns pass verify when the marker predates recorded hashes",
-)
 @pytest.mark.parametrize("column", ["caption", "img_emb.list.element"])
 def test_parts_under_old_markers_have_every_columns_pages_checked(
     tmp_path: Path, column: str
