@@ -1,0 +1,213 @@
+"""What a selection writes into OUT: manifest.parquet in step order, uids.npy (DataComp's
+subset format) and the means summary.json reports; and how it is shown."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from jestcurate import ui
+from jestcurate.io.rowcache import RowCache
+from jestcurate.io.store import (
+    atomic_write,
+)
+from jestcurate.pipelines.select.config import MANIFEST, SUMMARY, TASKS_DIR, UIDS
+
+
+def manifest_schema(learner: bool) -> pa.Schema:
+    fields = [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("uid", pa.string()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("ref_loss", pa.float32()),
+    ]
+    if learner:
+        fields.append(pa.field("learner_loss", pa.float32()))
+    fields.append(pa.field("score", pa.float32()))
+    return pa.schema(fields, metadata={"jestcurate.selection_schema_version": "1"})
+
+
+class _Means:
+    """Running sums of the stored scores, to report means of kept vs dropped rows."""
+
+    COLUMNS = ("clip_score", "ref_loss", "learner_loss", "learnability")
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(self.COLUMNS, 0.0)
+        self.count = 0
+
+    def add(self, columns: dict[str, np.ndarray]) -> None:
+        if "learner_loss" in columns:
+            columns = {**columns, "learnability": columns["learner_loss"] - columns["ref_loss"]}
+        for name, values in columns.items():
+            if name in self.sums:
+                self.sums[name] += float(np.asarray(values, dtype=np.float64).sum())
+        self.count += len(columns["clip_score"])
+
+    def state(self) -> dict[str, Any]:
+        return {"count": self.count, "sums": dict(self.sums)}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        self.count += int(state["count"])
+        for name, value in state["sums"].items():
+            self.sums[name] += float(value)
+
+    def means(self, learner: bool, minus: _Means | None = None) -> dict[str, float | None]:
+        count = self.count - (minus.count if minus else 0)
+        out: dict[str, float | None] = {}
+        for name in self.COLUMNS:
+            if not learner and name in ("learner_loss", "learnability"):
+                continue
+            total = self.sums[name] - (minus.sums[name] if minus else 0.0)
+            out[name] = round(total / count, 6) if count else None
+        return out
+
+
+def _score_columns(cache: RowCache, ids: np.ndarray, learner: bool) -> dict[str, np.ndarray]:
+    names = ["clip_score", "ref_loss", *(["learner_loss"] if learner else [])]
+    return {name: cache.read(name, ids) for name in names}
+
+
+def _uid_halves(uids: np.ndarray) -> np.ndarray | None:
+    """128-bit hex uids (bytes) as an (n, 2) array of their high and low 64-bit halves, or None
+    if any uid is not 32 hex digits."""
+    if uids.dtype.itemsize < 32 or any(len(u) != 32 for u in uids.tolist()):
+        return None
+    try:
+        raw = bytes.fromhex(b"".join(uids.tolist()).decode("ascii"))
+    except ValueError:
+        return None
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+
+
+def write_manifest(
+    path: Path,
+    cache: RowCache,
+    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    learner: bool,
+) -> tuple[_Means, np.ndarray | None]:
+    """Write the manifest in step order, one row group per step; returns the kept rows' score
+    sums and, when every kept row has a 128-bit hex uid, their uid halves."""
+    schema = manifest_schema(learner)
+    kept = _Means()
+    halves: list[np.ndarray] | None = []
+    shard_names = pa.array(cache.shards, type=pa.string())
+
+    def write(tmp: Path) -> None:
+        nonlocal halves
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as writer:
+            for step, (ids, scores) in enumerate(batches):
+                n = len(ids)
+                columns = _score_columns(cache, ids, learner)
+                kept.add(columns)
+                uid = cache.read("uid", ids)
+                if halves is not None:
+                    pairs = _uid_halves(uid)
+                    halves = None if pairs is None else [*halves, pairs]
+                arrays = {
+                    "step": pa.array(np.full(n, step, dtype=np.int64)),
+                    "position": pa.array(np.arange(n, dtype=np.int32)),
+                    "shard": shard_names.take(pa.array(cache.read("part", ids))),
+                    "key": pa.array(np.char.decode(cache.read("key", ids), "utf-8")),
+                    "index": pa.array(cache.read("index", ids)),
+                    "uid": pa.array(
+                        [u.decode("utf-8") if u else None for u in uid.tolist()], pa.string()
+                    ),
+                    **{k: pa.array(v, pa.float32()) for k, v in columns.items()},
+                    "score": pa.array(scores, pa.float32(), from_pandas=True),
+                }
+                writer.write_table(pa.table(arrays, schema=schema), row_group_size=max(n, 1))
+
+    atomic_write(path, write)
+    return kept, (np.concatenate(halves) if halves else None)
+
+
+def datacomp_uids(halves: np.ndarray) -> np.ndarray:
+    """DataComp's subset format: a sorted structured array of the uids' two 64-bit halves."""
+    array = np.empty(len(halves), dtype=np.dtype("u8,u8"))
+    array["f0"], array["f1"] = halves[:, 0], halves[:, 1]
+    array.sort()
+    return array
+
+
+def _outputs(uids: bool, images: bool) -> dict[str, Any]:
+    return {
+        "manifest": MANIFEST,
+        "uids": UIDS if uids else None,
+        # false for a set imported from embeddings: nothing to export or load (kept here, so
+        # the check holds after the score set moves)
+        "images": images,
+    }
+
+
+def _write_uids(out: Path, subset: np.ndarray | None) -> None:
+    if subset is not None:
+        atomic_write(out / UIDS, lambda tmp: _save_npy(tmp, subset))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            (out / UIDS).unlink()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def remove_selection(out: Path) -> None:
+    """What select (and its export) wrote into OUT, summary first: an interrupted removal
+    leaves an unfinished selection, which the next run redoes. Other files are left alone."""
+    from jestcurate.pipelines.export import SHARD_LIST, SHARDS_DIR
+
+    if not out.is_dir():
+        return
+    for name in (SUMMARY, MANIFEST, UIDS, SHARD_LIST):
+        (out / name).unlink(missing_ok=True)
+    for name in (TASKS_DIR, SHARDS_DIR, ".cache"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def print_summary(report: Any, console: Console = ui.stdout) -> None:
+    summary = report.summary
+    counts = summary["counts"]
+    table = ui.facts(f"jestcurate select: {summary['method']}")
+    if summary.get("score"):
+        table.add_row("batch score", summary["score"])
+    table.add_row("rows in score set", f"{counts['rows']:,}")
+    table.add_row("  errors (never selected)", f"{counts['errors']:,}")
+    if counts["below_min_clip_score"]:
+        table.add_row("  below --min-clip-score", f"{counts['below_min_clip_score']:,}")
+    table.add_row("eligible", f"{counts['eligible']:,}")
+    if counts["tail_dropped"]:
+        table.add_row("  tail (no full super-batch)", f"{counts['tail_dropped']:,}")
+    batch = summary["parameters"]["batch_size"]
+    table.add_row("batches", f"{counts['steps']:,} x {batch:,}")
+    table.add_row("kept", f"{counts['kept']:,}")
+    for name, value in summary["means"]["kept"].items():
+        dropped = summary["means"]["dropped"].get(name)
+        if value is not None and dropped is not None:
+            table.add_row(f"  mean {name}", f"{value:.4f} kept, {dropped:.4f} dropped")
+    partition = summary.get("partition")
+    if report.task is not None:
+        count = partition["num_tasks"]
+        table.add_row("array task", f"{report.task} of {count} (its partition only)")
+        table.add_row("", "the last task to finish merges them")
+    elif partition:
+        table.add_row("array tasks", f"{partition['num_tasks']:,}, merged")
+    if report.reused:
+        table.add_row("", "already selected (reused)")
+    else:
+        table.add_row("elapsed", f"{report.seconds:,.1f} s")
+    console.print(table)
+    console.print(f"selection: {report.out}", highlight=False, soft_wrap=True)
