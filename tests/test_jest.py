@@ -12,12 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jestcurate.math.jest import (
-    Embeddings,
-    MatrixLoss,
     Quota,
-    SigmoidLoss,
-    SoftmaxLoss,
-    batch_loss,
     chunk_sizes,
     criterion_terms,
     independent_scores,
@@ -25,6 +20,7 @@ from jestcurate.math.jest import (
     refine_select,
     select_batch,
 )
+from jestcurate.math.losses import Embeddings, MatrixLoss, SigmoidLoss, SoftmaxLoss, batch_loss
 
 
 def gen(seed: int) -> torch.Generator:
