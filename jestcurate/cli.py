@@ -806,23 +806,27 @@ def select(
     to finish merges them (their batches interleaved into one step order); with --export each
     task then writes its share of the exported shards."""
     from jestcurate import ui
+    from jestcurate.math.sampling import SamplerOptions
     from jestcurate.pipelines import select as select_mod
 
+    sampling = SamplerOptions(
+        batch_size=batch_size,
+        ratio=ratio,
+        criterion=score,
+        sampler=sampler,
+        chunks=chunks,
+        temperature=temperature,
+        topk=topk,
+        sweeps=sweeps,
+        pool=pool,
+    )
     cfg = select_mod.SelectConfig(
         reference=_score_set(reference),
         out=out,
         learner=_score_set(learner) if learner else None,
         method=method,
-        score=score,
-        ratio=ratio,
-        batch_size=batch_size,
-        chunks=chunks,
-        sampler=sampler,
-        sweeps=sweeps,
-        pool=pool,
+        sampling=sampling,
         seed=seed,
-        temperature=temperature,
-        topk=topk,
         min_clip_score=min_clip_score,
         max_steps=max_steps,
         device=device,

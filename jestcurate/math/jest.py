@@ -27,13 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from jestcurate.math.losses import BatchLoss, Embeddings, batch_loss
-from jestcurate.math.sampling import (
-    CRITERIA,
-    DEFAULT_CHUNKS,
-    DEFAULT_POOL,
-    DEFAULT_TEMPERATURE,
-    SAMPLERS,
-)
+from jestcurate.math.sampling import CRITERIA, DEFAULT_CHUNKS, DEFAULT_TEMPERATURE, SamplerOptions
 from jestcurate.math.scoring import example_losses
 
 
@@ -315,56 +309,45 @@ def _subset(e: Embeddings | None, keep: torch.Tensor) -> Embeddings | None:
 
 
 def select_batch(
-    criterion: str,
+    options: SamplerOptions,
     reference: Embeddings | None,
     learner: Embeddings | None,
-    batch_size: int,
-    sampler: str = "refine",
-    n_chunks: int = DEFAULT_CHUNKS,
     generator: torch.Generator | None = None,
-    temperature: float | None = None,
-    topk: bool = False,
     quota: Quota | None = None,
-    sweeps: int = 1,
     cache_rows: bool = True,
-    pool: float = DEFAULT_POOL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One JEST batch of a super-batch, as `select --method jest` and the online selector both
-    choose it: (indices into the super-batch, each one's conditional score). `quota`, a fresh
-    one per super-batch, caps each group's picks.
+    """One JEST batch of b = options.batch_size from a super-batch, as `select --method jest`
+    and the online selector both choose it: (indices into the super-batch, each one's
+    conditional score). `quota`, a fresh one per super-batch, caps each group's picks.
 
     refine re-draws chunks from the start and the best of the other candidates by independent
     score, `pool` · b of them in all (all B when that is more): conditional scores stay exact
     (they depend on the batch, not on the candidates considered), a sweep costs
     O(chunks · pool · b²) instead of O(chunks · B · b), and candidates that the independent
     score ranks lower are not reconsidered (docs/select.md measures what that costs)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-    t = DEFAULT_TEMPERATURE[sampler] if temperature is None else temperature
-    if sampler == "paper":
+    criterion = options.criterion_for(learner is not None)
+    b, chunks, t = options.batch_size, options.n_chunks, options.resolved_temperature
+    if options.sampler == "paper":
         terms = criterion_terms(criterion, reference, learner, cache_rows=cache_rows)
-        return joint_select(terms, batch_size, n_chunks, generator, t, topk, quota)
-    if pool < 1:
-        raise ValueError(f"pool is a multiple of the batch size, at least 1; got {pool}")
+        return joint_select(terms, b, chunks, generator, t, options.topk, quota)
     own = independent_scores(criterion, reference, learner)
     order = torch.sort(own.double(), descending=True, stable=True).indices
-    if quota is None:
-        start = order[:batch_size]
-    else:
-        start = torch.as_tensor(quota.take(order.tolist(), batch_size)).to(order)
-    size = min(len(order), max(batch_size, math.ceil(pool * batch_size)))
+    start = order[:b]
+    if quota is not None:
+        start = torch.as_tensor(quota.take(order.tolist(), b)).to(order)
+    size = min(len(order), max(b, math.ceil(options.pool * b)))
     outside = torch.ones(len(order), dtype=torch.bool, device=order.device)
     outside[start] = False
     rest = order[outside[order]]
-    keep = torch.cat([start, rest[: size - batch_size]])  # the start first, in its order
+    keep = torch.cat([start, rest[: size - b]])  # the start first, in its order
     if quota is not None:  # the same caps and counts, by position in `keep`
         groups = [quota.groups[i] for i in keep.tolist()]
         quota = Quota(groups, quota.cap, dict(quota.used))
     terms = criterion_terms(
         criterion, _subset(reference, keep), _subset(learner, keep), cache_rows=cache_rows
     )
-    first = torch.arange(batch_size, device=keep.device)
+    first = torch.arange(b, device=keep.device)
     picked, scores = refine_select(
-        terms, first, own[start], n_chunks, generator, t, topk, quota, sweeps
+        terms, first, own[start], chunks, generator, t, options.topk, quota, options.sweeps
     )
     return keep[picked], scores

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jestcurate import ui
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import export as export_mod
 from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
@@ -163,8 +164,7 @@ def run(
                 learner=out / "scores" / "learner",
                 out=target,
                 method=method,
-                ratio=size.ratio,
-                batch_size=size.select_batch,
+                sampling=SamplerOptions(size.select_batch, size.ratio),
             )
         )
         export_mod.export(target, None)

@@ -59,7 +59,8 @@ def _cap(items: int, clusters: int) -> int:
 
 def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
     """random and clip-score: a kept set chosen over all eligible rows at once."""
-    n, kept = cache.size, steps * cfg.batch_size
+    b = cfg.sampling.batch_size
+    n, kept = cache.size, steps * b
     if cfg.method == "random":
         order = np.random.default_rng([cfg.seed, 2]).permutation(n)
     else:
@@ -75,7 +76,7 @@ def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
         scores = np.full(kept, np.nan, dtype=np.float32)
     else:
         scores = cache.read("clip_score", ids)
-    yield from _shuffled(ids, scores, steps, cfg.batch_size, cfg.seed)
+    yield from _shuffled(ids, scores, steps, b, cfg.seed)
 
 
 def _super_batches(
@@ -84,7 +85,7 @@ def _super_batches(
     """Consecutive slices of B rows of a global seeded permutation, with their embeddings."""
     device = resolve_device(cfg.device)
     perm = np.random.default_rng([cfg.seed, 0]).permutation(cache.size)
-    big = cfg.super_batch
+    big = cfg.sampling.super_batch
     for s in range(steps):
         ids = perm[s * big : (s + 1) * big]
         ref_e = _embeddings(cache, ids, "ref", ref, device)
@@ -102,7 +103,7 @@ def choose(
 ) -> Iterator[Batch]:
     """Yield (row ids, selection scores) of each training batch, in step order."""
     tick = on_batch or (lambda: None)
-    b = cfg.batch_size
+    b = cfg.sampling.batch_size
     if cfg.method in ("random", "clip-score"):
         for batch in _global(cfg, cache, steps):
             yield batch
@@ -118,27 +119,13 @@ def choose(
         return Quota(cluster[ids].tolist(), _cap(b, count))
 
     if cfg.method == "jest":
-        criterion = cfg.criterion or "easy-ref"
         generator = torch.Generator().manual_seed(cfg.seed)  # CPU: same draws on any device
         models = 2 if learner else 1
-        cache_rows = row_cache_fits(
-            cfg.batch_size, cfg.super_batch, models, resolve_device(cfg.device)
-        )
+        big, device = cfg.sampling.super_batch, resolve_device(cfg.device)
+        cache_rows = row_cache_fits(b, big, models, device)
         for ids, ref_e, learner_e in rows:
             picked, score = select_batch(
-                criterion,
-                ref_e,
-                learner_e,
-                b,
-                sampler=cfg.sampler,
-                n_chunks=cfg.n_chunks,
-                generator=generator,
-                temperature=cfg.temperature,
-                topk=cfg.topk,
-                quota=quota(ids),
-                sweeps=cfg.sweeps,
-                cache_rows=cache_rows,
-                pool=cfg.pool,
+                cfg.sampling, ref_e, learner_e, generator, quota(ids), cache_rows
             )
             yield ids[picked.cpu().numpy()], score.cpu().numpy()
             tick()

@@ -4,43 +4,22 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jestcurate.errors import JCError
-from jestcurate.math.jest import (
-    CRITERIA,
-    DEFAULT_CHUNKS,
-    DEFAULT_POOL,
-    DEFAULT_TEMPERATURE,
-    SAMPLERS,
-)
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.model.openclip import resolve_device
 
 log = logging.getLogger(__name__)
 
-
 METHODS = ("random", "clip-score", "easy-ref", "learnability", "jest")
-
-
 SUPER_BATCH_METHODS = ("easy-ref", "learnability", "jest")
-
-
 MANIFEST = "manifest.parquet"
-
-
 SUMMARY = "summary.json"
-
-
 UIDS = "uids.npy"
-
-
 TASKS_DIR = "tasks"
-
-
 SCATTER_DIR = "scatter"
-
-
 SELECTION_SCHEMA_VERSION = 1
 
 
@@ -50,16 +29,9 @@ class SelectConfig:
     out: Path
     learner: Path | None = None
     method: str = "jest"
-    score: str | None = None  # jest's criterion; default learnability with a learner
-    ratio: float = 0.2
-    batch_size: int = 4096
-    chunks: int | None = None  # jest: None draws each batch in 16 chunks, or b when smaller
+    # b, the ratio and jest's sampler (its criterion is --score)
+    sampling: SamplerOptions = field(default_factory=lambda: SamplerOptions(4096))
     seed: int = 0
-    temperature: float | None = None  # None: the sampler's default (jest.DEFAULT_TEMPERATURE)
-    topk: bool = False
-    sampler: str = "refine"  # jest: refine (the default) or paper (Algorithm 1 as written)
-    sweeps: int = 1  # jest --sampler refine: refinement sweeps over the batch's chunks
-    pool: float = DEFAULT_POOL  # jest --sampler refine: re-draw from the best pool x b candidates
     min_clip_score: float | None = None
     max_steps: int | None = None
     device: str = "auto"
@@ -71,48 +43,21 @@ class SelectConfig:
     overwrite: bool = False  # replace whatever selection OUT holds
 
     @property
-    def super_batch(self) -> int:
-        return max(self.batch_size, round(self.batch_size / self.ratio))
-
-    @property
-    def n_chunks(self) -> int:
-        """jest's chunks per batch, as asked or the default (the sampler draws at most b)."""
-        return self.chunks if self.chunks is not None else DEFAULT_CHUNKS
-
-    @property
-    def resolved_temperature(self) -> float:
-        return (
-            self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.sampler]
-        )
-
-    @property
     def criterion(self) -> str | None:
+        """jest's batch score (None for the other methods)."""
         if self.method != "jest":
             return None
-        return self.score or ("learnability" if self.learner else "easy-ref")
+        return self.sampling.criterion_for(self.learner is not None)
 
 
 def _validate(cfg: SelectConfig) -> None:
+    """select's own checks (the sampler options checked themselves when made)."""
     if cfg.method not in METHODS:
         raise JCError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
-    if not 0 < cfg.ratio <= 1:
-        raise JCError(f"--ratio is the kept fraction and must be in (0, 1], got {cfg.ratio}")
-    if cfg.batch_size < 1 or (cfg.chunks is not None and cfg.chunks < 1):
-        raise JCError("--batch-size and --chunks must be at least 1")
-    if cfg.temperature is not None and cfg.temperature <= 0:
-        raise JCError("--temperature must be positive (use --topk for deterministic choice)")
-    if cfg.sampler not in SAMPLERS:
-        raise JCError(f"unknown --sampler {cfg.sampler!r}; use one of {', '.join(SAMPLERS)}")
-    if cfg.sweeps < 0:
-        raise JCError("--sweeps must be 0 or more")
-    if cfg.pool < 1:
-        raise JCError(f"--pool is a multiple of the batch size, at least 1; got {cfg.pool}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise JCError("--max-steps must be at least 1")
-    if cfg.score is not None and cfg.method != "jest":
+    if cfg.sampling.criterion is not None and cfg.method != "jest":
         raise JCError("--score chooses jest's criterion; other methods have their own")
-    if cfg.criterion is not None and cfg.criterion not in CRITERIA:
-        raise JCError(f"unknown --score {cfg.criterion!r}; use one of {', '.join(CRITERIA)}")
     needs_learner = cfg.method == "learnability" or cfg.criterion in (
         "learnability",
         "hard-learner",
@@ -130,16 +75,12 @@ def _validate(cfg: SelectConfig) -> None:
         raise JCError(
             f"--min-clip-score is a cosine similarity, in [-1, 1]; got {cfg.min_clip_score}"
         )
-    if cfg.method == "jest" and cfg.chunks is not None and cfg.chunks > cfg.batch_size:
-        raise JCError(
-            f"--chunks {cfg.chunks} is more than the batch size {cfg.batch_size}: each chunk "
-            f"draws at least one example; use at most {cfg.batch_size}"
-        )
-    if cfg.method in SUPER_BATCH_METHODS and cfg.super_batch == cfg.batch_size:
+    b = cfg.sampling.batch_size
+    if cfg.method in SUPER_BATCH_METHODS and cfg.sampling.super_batch == b:
         # B = round(b / ratio) exceeds b from b / ratio >= b + 0.5 on: shown rounded down
-        most = math.floor(cfg.batch_size / (cfg.batch_size + 0.5) * 1e4) / 1e4
+        most = math.floor(b / (b + 0.5) * 1e4) / 1e4
         log.warning(
             "--ratio %s makes each super-batch exactly one batch of %d: %s keeps every "
             "candidate and chooses nothing (--ratio %s or less chooses)",
-            cfg.ratio, cfg.batch_size, cfg.method, most,
+            cfg.sampling.ratio, b, cfg.method, most,
         )  # fmt: skip

@@ -31,7 +31,8 @@ def _dedup_fingerprint(dedup: Path | None) -> dict[str, Any] | None:
 
 
 def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dict[str, Any]:
-    jest = cfg.method == "jest"
+    sampling = cfg.sampling
+    jest = sampling.applied()
     return {
         "inputs": {
             "reference": fingerprint(ref),
@@ -40,16 +41,13 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
         "method": cfg.method,
         "score": cfg.criterion,
         "parameters": {
-            "ratio": cfg.ratio,
-            "batch_size": cfg.batch_size,
-            "super_batch_size": cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None,
-            "chunks": cfg.n_chunks if jest else None,
+            "ratio": sampling.ratio,
+            "batch_size": sampling.batch_size,
+            "super_batch_size": (
+                sampling.super_batch if cfg.method in SUPER_BATCH_METHODS else None
+            ),
+            **(jest if cfg.method == "jest" else dict.fromkeys(jest)),  # jest's options
             "seed": cfg.seed,
-            "sampler": cfg.sampler if jest else None,
-            "sweeps": cfg.sweeps if jest and cfg.sampler == "refine" else None,
-            "pool": cfg.pool if jest and cfg.sampler == "refine" else None,
-            "temperature": cfg.resolved_temperature if jest and not cfg.topk else None,
-            "topk": cfg.topk if jest else None,
             "min_clip_score": cfg.min_clip_score,
             "max_steps": cfg.max_steps,
             "dedup": _dedup_fingerprint(cfg.dedup),

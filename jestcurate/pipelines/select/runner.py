@@ -25,6 +25,7 @@ from jestcurate.io.store import (
     read_json,
     write_json_atomic,
 )
+from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.choosing import choose
 from jestcurate.pipelines.select.config import (
     MANIFEST,
@@ -189,7 +190,7 @@ def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
     said = ", ".join(f"{n:,} {what}" for n, what in removed if n)
     line = (
         f"{counts.eligible:,} eligible rows{f' (of {counts.rows:,}: {said})' if said else ''} are "
-        f"fewer than one super-batch of B = round(b / ratio) = {cfg.super_batch:,}; "
+        f"fewer than one super-batch of B = round(b / ratio) = {cfg.sampling.super_batch:,}; "
     )
     ok = counts.rows - counts.errors
     offered = ok - counts.below_min_clip_score  # what dedup's verdicts applied to
@@ -206,16 +207,17 @@ def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
         )
     elif counts.below_min_clip_score > ok / 2:
         line += "lower --min-clip-score, or "
-    fits = _largest_batch(counts.eligible, cfg.ratio)
+    ratio = cfg.sampling.ratio
+    fits = _largest_batch(counts.eligible, ratio)
     if fits < 1:
         return f"{line}raise --ratio"
-    return f"{line}pass --batch-size {fits:,} or less (at --ratio {cfg.ratio:g}), or raise --ratio"
+    return f"{line}pass --batch-size {fits:,} or less (at --ratio {ratio:g}), or raise --ratio"
 
 
 def _largest_batch(rows: int, ratio: float) -> int:
-    """The largest b whose super-batch max(b, round(b / ratio)) fits in `rows`."""
+    """The largest b whose super-batch fits in `rows`."""
     b = int(rows * ratio) + 1
-    while b > 0 and max(b, round(b / ratio)) > rows:
+    while b > 0 and super_batch_size(b, ratio) > rows:
         b -= 1
     return b
 
@@ -232,8 +234,8 @@ def _select_into(
 ) -> dict[str, Any]:
     """Choose from the eligible rows `build` copies into a cache, and write manifest, uids and
     (last) summary into `out`."""
-    big = cfg.super_batch if cfg.method in SUPER_BATCH_METHODS else None
-    steps = counts.eligible // cfg.super_batch
+    big = cfg.sampling.super_batch if cfg.method in SUPER_BATCH_METHODS else None
+    steps = counts.eligible // cfg.sampling.super_batch
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
     if steps == 0 and not where:
@@ -260,7 +262,7 @@ def _select_into(
 
     subset = None if halves is None else datacomp_uids(halves)
     _write_uids(out, subset)
-    candidates = steps * cfg.super_batch if big else counts.eligible
+    candidates = steps * cfg.sampling.super_batch if big else counts.eligible
     summary = {
         **identity,
         "schema_version": SELECTION_SCHEMA_VERSION,

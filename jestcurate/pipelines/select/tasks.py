@@ -25,6 +25,7 @@ from jestcurate.io.store import (
     write_json_atomic,
 )
 from jestcurate.math.partition import PARTITION_BY, PARTITION_HASH, interleave
+from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.config import (
     MANIFEST,
     SCATTER_DIR,
@@ -161,7 +162,7 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
         eligible = sum(int(s["counts"]["eligible"]) for s in tasks)
         b, ratio = identity["parameters"]["batch_size"], identity["parameters"]["ratio"]
         raise JCError(
-            f"no task's partition holds one super-batch of B = {max(b, round(b / ratio))} rows "
+            f"no task's partition holds one super-batch of B = {super_batch_size(b, ratio)} rows "
             f"({eligible} eligible in all, about {eligible // count} per task); use fewer "
             "tasks, a lower --batch-size or a higher --ratio"
         )
