@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Filters, fill_cache, scan
+from jestcurate.io.eligible import INDEX, KEY, PART, REF_IMG, REF_TXT, Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_output
 from jestcurate.math.jest import Embeddings, row_cache_fits, select_batch
@@ -135,8 +135,8 @@ class SuperBatches(torch.utils.data.IterableDataset):
                 self.reference, None, found, directory, filters, embeddings=True
             )
             ready.write_text(json.dumps(identity))
-        self.part = self.cache.read_range("part", 0, self.cache.size)
-        self.index = self.cache.read_range("index", 0, self.cache.size)
+        self.part = self.cache.read_range(PART, 0, self.cache.size)
+        self.index = self.cache.read_range(INDEX, 0, self.cache.size)
         rows = np.arange(self.cache.size)
         self.export: dict[str, Any] | None = None
         if export is not None:
@@ -193,7 +193,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         own = slice(self.rank * share, (self.rank + 1) * share)
         shards = [self.cache.shards[p] for p in self.part[ids].tolist()]
         index = self.index[ids].astype(np.int64)
-        keys = np.char.decode(self.cache.read("key", ids), "utf-8").tolist()
+        keys = np.char.decode(self.cache.read(KEY, ids), "utf-8").tolist()
         if self.export is not None:  # the export's copy, at its manifest position and key
             per = self.export["per_shard"]
             where = self.export["position"][ids]
@@ -204,8 +204,8 @@ class SuperBatches(torch.utils.data.IterableDataset):
         return SuperBatch(
             step=step,
             ids=ids,
-            ref_img=torch.from_numpy(self.cache.read("ref_img", ids)),
-            ref_txt=torch.from_numpy(self.cache.read("ref_txt", ids)),
+            ref_img=torch.from_numpy(self.cache.read(REF_IMG, ids)),
+            ref_txt=torch.from_numpy(self.cache.read(REF_TXT, ids)),
             own=own,
             samples=self.transform(samples) if self.transform else samples,
             shards=shards,

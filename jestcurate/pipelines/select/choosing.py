@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from jestcurate.io.eligible import CLIP_SCORE, CLUSTER, EMBEDDINGS
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import (
     ScoreSet,
@@ -27,10 +28,11 @@ Batch = tuple[np.ndarray, np.ndarray]  # (row ids, selection scores) of one trai
 
 
 def _embeddings(
-    cache: RowCache, ids: np.ndarray, prefix: str, s: ScoreSet, device: torch.device
+    cache: RowCache, ids: np.ndarray, model: str, s: ScoreSet, device: torch.device
 ) -> Embeddings:
-    img = torch.from_numpy(cache.read(f"{prefix}_img", ids)).to(device).float()
-    txt = torch.from_numpy(cache.read(f"{prefix}_txt", ids)).to(device).float()
+    img_column, txt_column = EMBEDDINGS[model]
+    img = torch.from_numpy(cache.read(img_column, ids)).to(device).float()
+    txt = torch.from_numpy(cache.read(txt_column, ids)).to(device).float()
     return Embeddings(img, txt, s.scale, s.bias, s.kind)
 
 
@@ -48,7 +50,7 @@ def _clusters(cfg: SelectConfig, cache: RowCache) -> tuple[np.ndarray, int] | No
     """With --balance-clusters: each eligible row's cluster, and how many clusters there are."""
     if not cfg.balance_clusters:
         return None
-    cluster = cache.read_range("cluster", 0, cache.size)
+    cluster = cache.read_range(CLUSTER, 0, cache.size)
     return cluster, max(1, len(np.unique(cluster[cluster >= 0])))
 
 
@@ -64,7 +66,7 @@ def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
     if cfg.method == "random":
         order = np.random.default_rng([cfg.seed, 2]).permutation(n)
     else:
-        order = np.argsort(-cache.read_range("clip_score", 0, n), kind="stable")
+        order = np.argsort(-cache.read_range(CLIP_SCORE, 0, n), kind="stable")
     balance = _clusters(cfg, cache)
     if balance is None:
         ids = order[:kept]
@@ -75,7 +77,7 @@ def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
     if cfg.method == "random":
         scores = np.full(kept, np.nan, dtype=np.float32)
     else:
-        scores = cache.read("clip_score", ids)
+        scores = cache.read(CLIP_SCORE, ids)
     yield from _shuffled(ids, scores, steps, b, cfg.seed)
 
 

@@ -15,6 +15,16 @@ import pyarrow.parquet as pq
 from rich.console import Console
 
 from jestcurate import ui
+from jestcurate.io.eligible import (
+    CLIP_SCORE,
+    INDEX,
+    KEY,
+    LEARNER_LOSS,
+    PART,
+    REF_LOSS,
+    UID,
+    score_columns,
+)
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import (
     atomic_write,
@@ -42,19 +52,19 @@ def manifest_schema(learner: bool) -> pa.Schema:
 class _Means:
     """Running sums of the stored scores, to report means of kept vs dropped rows."""
 
-    COLUMNS = ("clip_score", "ref_loss", "learner_loss", "learnability")
+    COLUMNS = (*score_columns(learner=True), "learnability")
 
     def __init__(self) -> None:
         self.sums = dict.fromkeys(self.COLUMNS, 0.0)
         self.count = 0
 
     def add(self, columns: dict[str, np.ndarray]) -> None:
-        if "learner_loss" in columns:
-            columns = {**columns, "learnability": columns["learner_loss"] - columns["ref_loss"]}
+        if LEARNER_LOSS in columns:
+            columns = {**columns, "learnability": columns[LEARNER_LOSS] - columns[REF_LOSS]}
         for name, values in columns.items():
             if name in self.sums:
                 self.sums[name] += float(np.asarray(values, dtype=np.float64).sum())
-        self.count += len(columns["clip_score"])
+        self.count += len(columns[CLIP_SCORE])
 
     def state(self) -> dict[str, Any]:
         return {"count": self.count, "sums": dict(self.sums)}
@@ -68,7 +78,7 @@ class _Means:
         count = self.count - (minus.count if minus else 0)
         out: dict[str, float | None] = {}
         for name in self.COLUMNS:
-            if not learner and name in ("learner_loss", "learnability"):
+            if not learner and name in (LEARNER_LOSS, "learnability"):
                 continue
             total = self.sums[name] - (minus.sums[name] if minus else 0.0)
             out[name] = round(total / count, 6) if count else None
@@ -76,8 +86,7 @@ class _Means:
 
 
 def _score_columns(cache: RowCache, ids: np.ndarray, learner: bool) -> dict[str, np.ndarray]:
-    names = ["clip_score", "ref_loss", *(["learner_loss"] if learner else [])]
-    return {name: cache.read(name, ids) for name in names}
+    return {name: cache.read(name, ids) for name in score_columns(learner)}
 
 
 def _uid_halves(uids: np.ndarray) -> np.ndarray | None:
@@ -112,16 +121,16 @@ def write_manifest(
                 n = len(ids)
                 columns = _score_columns(cache, ids, learner)
                 kept.add(columns)
-                uid = cache.read("uid", ids)
+                uid = cache.read(UID, ids)
                 if halves is not None:
                     pairs = _uid_halves(uid)
                     halves = None if pairs is None else [*halves, pairs]
                 arrays = {
                     "step": pa.array(np.full(n, step, dtype=np.int64)),
                     "position": pa.array(np.arange(n, dtype=np.int32)),
-                    "shard": shard_names.take(pa.array(cache.read("part", ids))),
-                    "key": pa.array(np.char.decode(cache.read("key", ids), "utf-8")),
-                    "index": pa.array(cache.read("index", ids)),
+                    "shard": shard_names.take(pa.array(cache.read(PART, ids))),
+                    "key": pa.array(np.char.decode(cache.read(KEY, ids), "utf-8")),
+                    "index": pa.array(cache.read(INDEX, ids)),
                     "uid": pa.array(
                         [u.decode("utf-8") if u else None for u in uid.tolist()], pa.string()
                     ),

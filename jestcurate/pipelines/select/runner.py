@@ -14,7 +14,7 @@ from typing import Any
 from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
-from jestcurate.io.eligible import Counts, fill_cache, scan
+from jestcurate.io.eligible import Counts, fill_cache, scan, score_columns
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import (
     META_NAME,
@@ -249,10 +249,10 @@ def _select_into(
     try:
         cache = build(cache_dir)
         everything = _Means()
-        score_names = ["clip_score", "ref_loss", *(["learner_loss"] if learner else [])]
         for start in range(0, cache.size, 1 << 20):
             stop = min(start + (1 << 20), cache.size)
-            everything.add({c: cache.read_range(c, start, stop) for c in score_names})
+            columns = score_columns(learner is not None)
+            everything.add({c: cache.read_range(c, start, stop) for c in columns})
         label = f"selecting ({cfg.method})"
         with ui.step_progress(label, steps, "batches") as tick:
             batches = choose(cfg, cache, ref, learner, steps, on_batch=tick)
