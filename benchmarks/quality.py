@@ -295,8 +295,8 @@ def diagnostic(
     }
     for s in range(min(setup.diagnostic_super_batches, cache.size // big)):
         ids = perm[s * big : (s + 1) * big]
-        r = select_mod._embeddings(cache, ids, "ref", ref, torch.device("cpu"))
-        m = select_mod._embeddings(cache, ids, "learner", learner, torch.device("cpu"))
+        r = select_mod.embeddings(cache, ids, "ref", ref, torch.device("cpu"))
+        m = select_mod.embeddings(cache, ids, "learner", learner, torch.device("cpu"))
 
         def batch_learnability(rows: torch.Tensor, r: Embeddings = r, m: Embeddings = m) -> float:
             terms = criterion_terms("learnability", r, m)

@@ -206,7 +206,7 @@ def test_samplers_are_recorded_and_refine_beats_top_k_on_every_batch(sets, tmp_p
     cache = fill_cache(ref, learner, scan(ref, learner, None), tmp_path / "c", None, True)
     steps = cache.size // cfg.sampling.super_batch
     chosen = [ids for ids, _ in select_mod.choose(cfg, cache, ref, learner, steps)]
-    supers = select_mod._super_batches(cfg, cache, ref, learner, steps)
+    supers = select_mod.super_batches(cfg, cache, ref, learner, steps)
     for picked, (ids, r, m) in zip(chosen, supers, strict=True):
         where = {row: i for i, row in enumerate(ids.tolist())}
 

@@ -9,11 +9,16 @@ Flow:
    B = round(b / ratio) for jest, easy-ref and learnability; global rankings for random and
    clip-score. Every method yields the same number of full batches of b.
 4. Write manifest.parquet (step order), uids.npy and, last, summary.json.
+5. With --export, write the kept samples to OUT/shards/ (pipelines/export.py).
+
+The package, by job: config (SelectConfig and its checks), inputs (score sets, identity,
+eligible rows), choosing (the methods), outputs (manifest, uids, summary), tasks (array tasks:
+scatter, gather, merge), runner (run), report (what a run reports and how it is printed).
 """
 
 from __future__ import annotations
 
-from jestcurate.pipelines.select.choosing import Batch, _embeddings, _super_batches, choose
+from jestcurate.pipelines.select.choosing import Batch, choose, embeddings, super_batches
 from jestcurate.pipelines.select.config import (
     MANIFEST,
     METHODS,
@@ -25,20 +30,16 @@ from jestcurate.pipelines.select.config import (
     UIDS,
     SelectConfig,
 )
+from jestcurate.pipelines.select.inputs import partition_identity
 from jestcurate.pipelines.select.outputs import (
     datacomp_uids,
     manifest_schema,
-    print_summary,
     remove_selection,
     write_manifest,
 )
-from jestcurate.pipelines.select.runner import SelectReport, run
-from jestcurate.pipelines.select.tasks import (
-    merge,
-    partition_identity,
-    task_directory,
-    unfinished_tasks,
-)
+from jestcurate.pipelines.select.report import SelectReport, print_report, print_summary
+from jestcurate.pipelines.select.runner import run
+from jestcurate.pipelines.select.tasks import merge, task_directory, unfinished_tasks
 
 __all__ = [
     "MANIFEST",
@@ -52,16 +53,17 @@ __all__ = [
     "Batch",
     "SelectConfig",
     "SelectReport",
-    "_embeddings",
-    "_super_batches",
     "choose",
     "datacomp_uids",
+    "embeddings",
     "manifest_schema",
     "merge",
     "partition_identity",
+    "print_report",
     "print_summary",
     "remove_selection",
     "run",
+    "super_batches",
     "task_directory",
     "unfinished_tasks",
     "write_manifest",

@@ -27,7 +27,7 @@ from jestcurate.pipelines.select.config import SelectConfig
 Batch = tuple[np.ndarray, np.ndarray]  # (row ids, selection scores) of one training batch
 
 
-def _embeddings(
+def embeddings(
     cache: RowCache, ids: np.ndarray, model: str, s: ScoreSet, device: torch.device
 ) -> Embeddings:
     img_column, txt_column = EMBEDDINGS[model]
@@ -81,7 +81,7 @@ def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
     yield from _shuffled(ids, scores, steps, b, cfg.seed)
 
 
-def _super_batches(
+def super_batches(
     cfg: SelectConfig, cache: RowCache, ref: ScoreSet, learner: ScoreSet | None, steps: int
 ) -> Iterator[tuple[np.ndarray, Embeddings, Embeddings | None]]:
     """Consecutive slices of B rows of a global seeded permutation, with their embeddings."""
@@ -90,8 +90,8 @@ def _super_batches(
     big = cfg.sampling.super_batch
     for s in range(steps):
         ids = perm[s * big : (s + 1) * big]
-        ref_e = _embeddings(cache, ids, "ref", ref, device)
-        learner_e = _embeddings(cache, ids, "learner", learner, device) if learner else None
+        ref_e = embeddings(cache, ids, "ref", ref, device)
+        learner_e = embeddings(cache, ids, "learner", learner, device) if learner else None
         yield ids, ref_e, learner_e
 
 
@@ -111,7 +111,7 @@ def choose(
             yield batch
             tick()
         return
-    rows = _super_batches(cfg, cache, ref, learner, steps)
+    rows = super_batches(cfg, cache, ref, learner, steps)
     balance = _clusters(cfg, cache)
 
     def quota(ids: np.ndarray) -> Quota | None:

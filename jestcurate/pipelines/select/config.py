@@ -41,6 +41,8 @@ class SelectConfig:
     num_tasks: int | None = None
     merge: bool = False  # only join finished task outputs into OUT
     overwrite: bool = False  # replace whatever selection OUT holds
+    export: bool = False  # then write the kept samples to OUT/shards (pipelines/export.py)
+    samples_per_shard: int | None = None  # with export; None: export's default
 
     @property
     def criterion(self) -> str | None:
@@ -50,7 +52,7 @@ class SelectConfig:
         return self.sampling.criterion_for(self.learner is not None)
 
 
-def _validate(cfg: SelectConfig) -> None:
+def validate(cfg: SelectConfig) -> None:
     """select's own checks (the sampler options checked themselves when made)."""
     if cfg.method not in METHODS:
         raise JCError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")

@@ -1,5 +1,5 @@
 """What a selection writes into OUT: manifest.parquet in step order, uids.npy (DataComp's
-subset format) and the means summary.json reports; and how it is shown."""
+subset format) and, last, summary.json (built here once, for a run, a task and a merge)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rich.console import Console
 
-from jestcurate import ui
+from jestcurate import __version__
 from jestcurate.io.eligible import (
     CLIP_SCORE,
     INDEX,
@@ -26,10 +25,14 @@ from jestcurate.io.eligible import (
     score_columns,
 )
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.store import (
-    atomic_write,
+from jestcurate.io.store import atomic_write, file_digests, write_json_atomic
+from jestcurate.pipelines.select.config import (
+    MANIFEST,
+    SELECTION_SCHEMA_VERSION,
+    SUMMARY,
+    TASKS_DIR,
+    UIDS,
 )
-from jestcurate.pipelines.select.config import MANIFEST, SUMMARY, TASKS_DIR, UIDS
 
 
 def manifest_schema(learner: bool) -> pa.Schema:
@@ -46,10 +49,11 @@ def manifest_schema(learner: bool) -> pa.Schema:
     if learner:
         fields.append(pa.field("learner_loss", pa.float32()))
     fields.append(pa.field("score", pa.float32()))
-    return pa.schema(fields, metadata={"jestcurate.selection_schema_version": "1"})
+    version = str(SELECTION_SCHEMA_VERSION)
+    return pa.schema(fields, metadata={"jestcurate.selection_schema_version": version})
 
 
-class _Means:
+class Means:
     """Running sums of the stored scores, to report means of kept vs dropped rows."""
 
     COLUMNS = (*score_columns(learner=True), "learnability")
@@ -74,7 +78,7 @@ class _Means:
         for name, value in state["sums"].items():
             self.sums[name] += float(value)
 
-    def means(self, learner: bool, minus: _Means | None = None) -> dict[str, float | None]:
+    def means(self, learner: bool, minus: Means | None = None) -> dict[str, float | None]:
         count = self.count - (minus.count if minus else 0)
         out: dict[str, float | None] = {}
         for name in self.COLUMNS:
@@ -106,11 +110,11 @@ def write_manifest(
     cache: RowCache,
     batches: Iterator[tuple[np.ndarray, np.ndarray]],
     learner: bool,
-) -> tuple[_Means, np.ndarray | None]:
+) -> tuple[Means, np.ndarray | None]:
     """Write the manifest in step order, one row group per step; returns the kept rows' score
     sums and, when every kept row has a 128-bit hex uid, their uid halves."""
     schema = manifest_schema(learner)
-    kept = _Means()
+    kept = Means()
     halves: list[np.ndarray] | None = []
     shard_names = pa.array(cache.shards, type=pa.string())
 
@@ -151,22 +155,42 @@ def datacomp_uids(halves: np.ndarray) -> np.ndarray:
     return array
 
 
-def _outputs(uids: bool, images: bool) -> dict[str, Any]:
-    return {
-        "manifest": MANIFEST,
-        "uids": UIDS if uids else None,
-        # false for a set imported from embeddings: nothing to export or load (kept here, so
-        # the check holds after the score set moves)
-        "images": images,
-    }
-
-
-def _write_uids(out: Path, subset: np.ndarray | None) -> None:
+def write_summary(
+    out: Path,
+    identity: dict[str, Any],
+    counts: dict[str, Any],
+    kept: Means,
+    eligible: Means,
+    subset: np.ndarray | None,
+    images: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write uids.npy (`subset`, or none) and, last, summary.json: its presence means the
+    selection is whole. `eligible` holds every eligible row's sums: dropped = eligible - kept.
+    `images` is false for a set imported from embeddings: nothing to export or load (recorded
+    here, so the check holds after the score set moves)."""
     if subset is not None:
         atomic_write(out / UIDS, lambda tmp: _save_npy(tmp, subset))
     else:
         with contextlib.suppress(FileNotFoundError):
             (out / UIDS).unlink()
+    learner = identity["inputs"]["learner"] is not None
+    summary = {
+        **identity,
+        "schema_version": SELECTION_SCHEMA_VERSION,
+        "tool_version": __version__,
+        "counts": counts,
+        "means": {"kept": kept.means(learner), "dropped": eligible.means(learner, minus=kept)},
+        "outputs": {
+            "manifest": MANIFEST,
+            "uids": UIDS if subset is not None else None,
+            "images": images,
+        },
+        **extra,
+        "files": file_digests(out, [MANIFEST, UIDS]),  # what `jestcurate verify` checks
+    }
+    write_json_atomic(out / SUMMARY, summary)
+    return summary
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -185,38 +209,3 @@ def remove_selection(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for name in (TASKS_DIR, SHARDS_DIR, ".cache"):
         shutil.rmtree(out / name, ignore_errors=True)
-
-
-def print_summary(report: Any, console: Console = ui.stdout) -> None:
-    summary = report.summary
-    counts = summary["counts"]
-    table = ui.facts(f"jestcurate select: {summary['method']}")
-    if summary.get("score"):
-        table.add_row("batch score", summary["score"])
-    table.add_row("rows in score set", f"{counts['rows']:,}")
-    table.add_row("  errors (never selected)", f"{counts['errors']:,}")
-    if counts["below_min_clip_score"]:
-        table.add_row("  below --min-clip-score", f"{counts['below_min_clip_score']:,}")
-    table.add_row("eligible", f"{counts['eligible']:,}")
-    if counts["tail_dropped"]:
-        table.add_row("  tail (no full super-batch)", f"{counts['tail_dropped']:,}")
-    batch = summary["parameters"]["batch_size"]
-    table.add_row("batches", f"{counts['steps']:,} x {batch:,}")
-    table.add_row("kept", f"{counts['kept']:,}")
-    for name, value in summary["means"]["kept"].items():
-        dropped = summary["means"]["dropped"].get(name)
-        if value is not None and dropped is not None:
-            table.add_row(f"  mean {name}", f"{value:.4f} kept, {dropped:.4f} dropped")
-    partition = summary.get("partition")
-    if report.task is not None:
-        count = partition["num_tasks"]
-        table.add_row("array task", f"{report.task} of {count} (its partition only)")
-        table.add_row("", "the last task to finish merges them")
-    elif partition:
-        table.add_row("array tasks", f"{partition['num_tasks']:,}, merged")
-    if report.reused:
-        table.add_row("", "already selected (reused)")
-    else:
-        table.add_row("elapsed", f"{report.seconds:,.1f} s")
-    console.print(table)
-    console.print(f"selection: {report.out}", highlight=False, soft_wrap=True)

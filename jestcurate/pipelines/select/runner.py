@@ -1,152 +1,130 @@
 """`select`'s run: reuse a finished selection, or choose and write a new one (in one run, as
-an array task, or by merging tasks)."""
+an array task, or by merging the tasks), then export it if asked."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from jestcurate import __version__, ui
+from jestcurate import ui
 from jestcurate.errors import JCError
-from jestcurate.io import scatter as scatter_mod
-from jestcurate.io.eligible import Counts, fill_cache, scan, score_columns
-from jestcurate.io.rowcache import RowCache
-from jestcurate.io.store import (
-    META_NAME,
-    ScoreSet,
-    file_digests,
-    finished_output,
-    open_score_set,
-    read_json,
-    write_json_atomic,
-)
+from jestcurate.io.eligible import Counts, score_columns
+from jestcurate.io.store import META_NAME, finished_output, read_json
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.choosing import choose
 from jestcurate.pipelines.select.config import (
     MANIFEST,
-    SCATTER_DIR,
-    SELECTION_SCHEMA_VERSION,
     SUMMARY,
     SUPER_BATCH_METHODS,
-    TASKS_DIR,
-    UIDS,
     SelectConfig,
-    _validate,
+    validate,
 )
-from jestcurate.pipelines.select.inputs import _filters, _identity, _warn_failed_shards
+from jestcurate.pipelines.select.inputs import Inputs, Rows, eligible_rows, open_inputs
 from jestcurate.pipelines.select.outputs import (
-    _Means,
-    _outputs,
-    _write_uids,
+    Means,
     datacomp_uids,
     remove_selection,
     write_manifest,
+    write_summary,
 )
+from jestcurate.pipelines.select.report import Exported, SelectReport
 from jestcurate.pipelines.select.tasks import (
-    _refuse_other_task_counts,
-    _scatter,
-    _task,
+    Task,
+    drop_buckets,
+    gathered_rows,
     merge,
-    partition_identity,
+    refuse_other_task_counts,
+    scatter_round,
     task_directory,
+    this_task,
     unfinished_tasks,
 )
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SelectReport:
-    out: Path
-    summary: dict[str, Any]
-    reused: bool
-    seconds: float
-    task: int | None = None  # set when this was an array task whose merge is still to come
-    waiting: str | None = None  # "scatter": this task bucketed its rows; others have still to
-
-
 def run(cfg: SelectConfig) -> SelectReport:
     """Select and write the outputs; rerunning with the same inputs reuses a finished selection.
+    With cfg.export, then export the kept samples (pipelines/export.py).
 
     As array task I of N (--task-index/--num-tasks, or Slurm's variables) it selects from its
     own partition into OUT/tasks/ and, when it is the last task to finish, merges all of them;
     with --merge it only merges."""
     began = time.time()
-    _validate(cfg)
-    index, count = _task(cfg)
-    ref = open_score_set(cfg.reference, role="reference")
-    learner = open_score_set(cfg.learner, role="learner") if cfg.learner else None
-    for scores in (ref, learner):
-        _warn_failed_shards(scores)
-    identity = _identity(cfg, ref, learner)
-    if count > 1:
-        identity["partition"] = partition_identity(count)
-    done = _existing(cfg, identity, count)
+    validate(cfg)
+    task = this_task(cfg)
+    inputs = open_inputs(cfg, task.count)
+    done = _existing(cfg, inputs.identity, task)
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
-        return SelectReport(cfg.out, done, reused=True, seconds=time.time() - began)
-    if cfg.merge:
-        summary = merge(cfg.out, identity, count)
-        return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
-    if count == 1:
-        filters = _filters(cfg, ref)
-        with ui.step_progress("checking score sets", len(ref.parts), "parts") as tick:
-            found = scan(ref, learner, filters, on_part=tick)
+        report = SelectReport(cfg.out, done, reused=True)
+    elif task.merge:
+        report = SelectReport(cfg.out, merge(cfg.out, inputs.identity, task.count))
+    elif not task.partitioned:
+        rows = eligible_rows(cfg, inputs)
+        summary = _select_into(cfg, cfg.out, inputs, inputs.identity, rows, task)
+        report = SelectReport(cfg.out, summary)
+    else:
+        report = _array_task(cfg, inputs, task)
+    report.seconds = time.time() - began
+    return _export(cfg, report, task)
 
-        def build(cache_dir: Path) -> RowCache:
-            embeddings = cfg.method in SUPER_BATCH_METHODS
-            with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
-                return fill_cache(ref, learner, found, cache_dir, filters, embeddings, tick)
 
-        summary = _select_into(cfg, cfg.out, ref, learner, identity, found.counts, build)
-        return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
-
-    task_dir = task_directory(cfg.out, index, count)
-    task_identity = {**identity, "task": index}
+def _array_task(cfg: SelectConfig, inputs: Inputs, task: Task) -> SelectReport:
+    """Task I of N: scatter (round 1), then select from its partition (round 2); the last task
+    to finish merges."""
+    identity = inputs.identity
+    task_dir = task_directory(cfg.out, task.index, task.count)
+    task_identity = {**identity, "task": task.index}
     mine = finished_output(task_dir, SUMMARY, MANIFEST, task_identity, "task selection")
     if mine is None:
-        dones = _scatter(cfg, ref, learner, identity, index, count)
+        dones = scatter_round(cfg, inputs, task)
         if dones is None:  # round 2 waits for every task's round 1
-            return SelectReport(task_dir, {}, reused=False, seconds=time.time() - began,
-                                task=index, waiting="scatter")  # fmt: skip
-        root = cfg.out / TASKS_DIR / SCATTER_DIR
-        counts = scatter_mod.counts_for(root, count, index)
-
-        def build(cache_dir: Path) -> RowCache:
-            label = "gathering this task's rows"
-            with ui.step_progress(label, len(ref.parts), "parts") as tick:
-                return scatter_mod.gather(ref, learner, root, dones, index, cache_dir, tick)
-
-        where = f" in task {index}'s partition"
-        mine = _select_into(cfg, task_dir, ref, learner, task_identity, counts, build, where)
-        scatter_mod.drop_buckets(root, index, count)
+            return SelectReport(task_dir, {}, task=task.index, waiting="scatter")
+        rows = gathered_rows(cfg, inputs, task, dones)
+        mine = _select_into(cfg, task_dir, inputs, task_identity, rows, task)
+        drop_buckets(cfg, task)
     else:
-        log.info("task %d of %d already finished in %s", index, count, task_dir)
-    waiting = unfinished_tasks(cfg.out, identity, count)
+        log.info("task %d of %d already finished in %s", task.index, task.count, task_dir)
+    waiting = unfinished_tasks(cfg.out, identity, task.count)
     if waiting:  # another task merges when it finishes last
-        log.info("task %d of %d done; %d tasks still to finish", index, count, len(waiting))
-        return SelectReport(task_dir, mine, reused=False, seconds=time.time() - began, task=index)
-    summary = merge(cfg.out, identity, count)
-    return SelectReport(cfg.out, summary, reused=False, seconds=time.time() - began)
+        log.info("task %d of %d done; %d tasks still to finish", task.index, task.count,
+                 len(waiting))  # fmt: skip
+        return SelectReport(task_dir, mine, task=task.index)
+    return SelectReport(cfg.out, merge(cfg.out, identity, task.count))
 
 
-def _existing(cfg: SelectConfig, identity: dict[str, Any], count: int) -> dict[str, Any] | None:
+def _export(cfg: SelectConfig, report: SelectReport, task: Task) -> SelectReport:
+    """With --export, export a whole selection (this task's share of its shards, as an array
+    task); an array task whose merge is still to come leaves it to the last task."""
+    if not cfg.export or report.waiting:
+        return report
+    if report.task is not None:
+        return dataclasses.replace(report, export_waits=True)
+    from jestcurate.pipelines import export as export_mod
+
+    share = None if task.merge else (task.index, task.count)
+    done = export_mod.export(cfg.out, cfg.samples_per_shard, share=share)
+    return dataclasses.replace(report, exported=Exported.of(done))
+
+
+def _existing(cfg: SelectConfig, identity: dict[str, Any], task: Task) -> dict[str, Any] | None:
     """The summary of the finished selection OUT holds with this identity (to reuse), or None
     (to select); a refusal for anything else OUT holds, unless --overwrite replaces it."""
     _refuse_other_outputs(cfg.out)
     if cfg.overwrite:
-        if count > 1 or cfg.merge:
+        if task.count > 1 or task.merge:
             raise JCError(
                 "--overwrite replaces a selection made in one run; array tasks would remove "
                 f"each other's work: remove {cfg.out} first instead"
             )
-        return None  # removed once the new selection is known to be possible (_select_into)
-    _refuse_other_task_counts(cfg.out, count)
+        return None  # removed once the new selection is known to be possible (in _select_into)
+    refuse_other_task_counts(cfg.out, task.count)
     instead = "use another --out, or --overwrite to replace it"
     done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection", instead)
     if done is not None and done.get("partition") != identity.get("partition"):
@@ -225,65 +203,52 @@ def _largest_batch(rows: int, ratio: float) -> int:
 def _select_into(
     cfg: SelectConfig,
     out: Path,
-    ref: ScoreSet,
-    learner: ScoreSet | None,
+    inputs: Inputs,
     identity: dict[str, Any],
-    counts: Counts,
-    build: Callable[[Path], RowCache],
-    where: str = "",
+    rows: Rows,
+    task: Task,
 ) -> dict[str, Any]:
-    """Choose from the eligible rows `build` copies into a cache, and write manifest, uids and
-    (last) summary into `out`."""
+    """Choose from the eligible `rows` (copied into a cache first), and write manifest, uids and
+    (last) summary into `out`. For an array task's partition, having too few rows to choose
+    from is not an error, and the summary keeps the exact sums the merge needs."""
+    counts, learner = rows.counts, inputs.learner
     big = cfg.sampling.super_batch if cfg.method in SUPER_BATCH_METHODS else None
     steps = counts.eligible // cfg.sampling.super_batch
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    if steps == 0 and not where:
+    if steps == 0 and not task.partitioned:
         raise JCError(_too_few_rows(cfg, counts))
     if steps == 0:  # a task's partition too small: its rows are tail, the other tasks go on
-        log.warning("%d eligible rows%s: less than one super-batch", counts.eligible, where)
+        log.warning("%d eligible rows%s: less than one super-batch", counts.eligible, task.where)
     if cfg.overwrite:  # the new selection is possible: now the old one goes
         remove_selection(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / ".cache"
     try:
-        cache = build(cache_dir)
-        everything = _Means()
+        cache = rows.build(cache_dir)
+        everything = Means()
         for start in range(0, cache.size, 1 << 20):
             stop = min(start + (1 << 20), cache.size)
             columns = score_columns(learner is not None)
             everything.add({c: cache.read_range(c, start, stop) for c in columns})
-        label = f"selecting ({cfg.method})"
-        with ui.step_progress(label, steps, "batches") as tick:
-            batches = choose(cfg, cache, ref, learner, steps, on_batch=tick)
+        with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:
+            batches = choose(cfg, cache, inputs.ref, learner, steps, on_batch=tick)
             kept, halves = write_manifest(out / MANIFEST, cache, batches, learner is not None)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-
-    subset = None if halves is None else datacomp_uids(halves)
-    _write_uids(out, subset)
     candidates = steps * cfg.sampling.super_batch if big else counts.eligible
-    summary = {
-        **identity,
-        "schema_version": SELECTION_SCHEMA_VERSION,
-        "tool_version": __version__,
-        "counts": {
-            **asdict(counts),
-            "steps": steps,
-            "super_batches": steps if big else None,
-            "candidates": candidates,
-            "tail_dropped": counts.eligible - candidates,
-            "kept": kept.count,
-            "dropped": counts.eligible - kept.count,
-        },
-        "means": {
-            "kept": kept.means(learner is not None),
-            "dropped": everything.means(learner is not None, minus=kept),
-        },
-        "outputs": _outputs(subset is not None, ref.has_images),
-        "files": file_digests(out, [MANIFEST, UIDS]),  # what `jestcurate verify` checks
+    totals = {
+        **asdict(counts),
+        "steps": steps,
+        "super_batches": steps if big else None,
+        "candidates": candidates,
+        "tail_dropped": counts.eligible - candidates,
+        "kept": kept.count,
+        "dropped": counts.eligible - kept.count,
     }
-    if where:  # an array task's: the merge needs exact sums, not rounded means
-        summary["sums"] = {"kept": kept.state(), "eligible": everything.state()}
-    write_json_atomic(out / SUMMARY, summary)  # last: its presence means the selection is whole
-    return summary
+    subset = None if halves is None else datacomp_uids(halves)
+    # an array task's summary keeps exact sums for the merge, not only rounded means
+    sums = {"kept": kept.state(), "eligible": everything.state()}
+    extra = {"sums": sums} if task.partitioned else {}
+    images = inputs.ref.has_images
+    return write_summary(out, identity, totals, kept, everything, subset, images, **extra)

@@ -1,11 +1,12 @@
-"""select as array tasks: task folders, the scatter round, and the merge of the tasks'
-selections into one."""
+"""select as array tasks: which task this run is, the task folders, the scatter round, and
+the merge of the tasks' selections into one."""
 
 from __future__ import annotations
 
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,44 +14,58 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jestcurate import __version__, ui
+from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
+from jestcurate.io.rowcache import RowCache
 from jestcurate.io.shards import resolve_task
-from jestcurate.io.store import (
-    ScoreSet,
-    atomic_write,
-    file_digests,
-    finished_output,
-    write_json_atomic,
-)
-from jestcurate.math.partition import PARTITION_BY, PARTITION_HASH, interleave
+from jestcurate.io.store import atomic_write, finished_output
+from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.config import (
     MANIFEST,
     SCATTER_DIR,
-    SELECTION_SCHEMA_VERSION,
     SUMMARY,
     SUPER_BATCH_METHODS,
     TASKS_DIR,
     UIDS,
     SelectConfig,
 )
-from jestcurate.pipelines.select.inputs import _filters
-from jestcurate.pipelines.select.outputs import _Means, _outputs, _write_uids, manifest_schema
+from jestcurate.pipelines.select.inputs import Inputs, Rows, filters
+from jestcurate.pipelines.select.outputs import Means, manifest_schema, write_summary
 
 log = logging.getLogger(__name__)
 
 
-def _task(cfg: SelectConfig) -> tuple[int, int]:
-    """(index, count) of this array task; --merge needs only the count."""
+@dataclass(frozen=True)
+class Task:
+    """What this run does: array task `index` of `count` (0 of 1: one run over every row), or,
+    with `merge`, only the join of the `count` tasks' finished selections."""
+
+    index: int
+    count: int
+    merge: bool = False
+
+    @property
+    def partitioned(self) -> bool:
+        """A share of the rows, not all of them: its own folder, and a merge to come."""
+        return self.count > 1 and not self.merge
+
+    @property
+    def where(self) -> str:
+        """Where the rows come from, for messages ("" for one run)."""
+        return f" in task {self.index}'s partition" if self.partitioned else ""
+
+
+def this_task(cfg: SelectConfig) -> Task:
+    """This run's task; --merge needs only the count."""
     if cfg.merge:
         count = cfg.num_tasks or _tasks_in(cfg.out)
         if count < 2:
             raise JCError("--merge joins the outputs of 2 or more array tasks (--num-tasks N)")
-        return 0, count
+        return Task(0, count, merge=True)
     if cfg.task_index is None and cfg.num_tasks == 1:
-        return 0, 1  # --num-tasks 1: one selection over every row, whatever Slurm says
+        return Task(0, 1)  # --num-tasks 1: one selection over every row, whatever Slurm says
     index, count = resolve_task(cfg.task_index, cfg.num_tasks)
     if cfg.task_index is None and count > 1:
         log.warning(
@@ -60,10 +75,10 @@ def _task(cfg: SelectConfig) -> tuple[int, int]:
             count,
             count,
         )
-    return index, count
+    return Task(index, count)
 
 
-def _refuse_other_task_counts(out: Path, count: int) -> None:
+def refuse_other_task_counts(out: Path, count: int) -> None:
     """Array-task outputs of another N (or any, for a single run) in OUT are another selection."""
     found = _task_counts(out)
     if found and found != {count}:
@@ -88,10 +103,6 @@ def _tasks_in(out: Path) -> int:
     return counts.pop()
 
 
-def partition_identity(count: int) -> dict[str, Any]:
-    return {"num_tasks": count, "by": PARTITION_BY, "hash": PARTITION_HASH}
-
-
 def task_directory(out: Path, index: int, count: int) -> Path:
     return out / TASKS_DIR / f"{index:05d}-of-{count:05d}"
 
@@ -107,34 +118,20 @@ def unfinished_tasks(out: Path, identity: dict[str, Any], count: int) -> list[in
     return [i for i in range(count) if _task_summary(out, identity, i) is None]
 
 
-def _scatter(
-    cfg: SelectConfig,
-    ref: ScoreSet,
-    learner: ScoreSet | None,
-    identity: dict[str, Any],
-    index: int,
-    count: int,
-) -> list[dict[str, Any]] | None:
+def scatter_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> list[dict[str, Any]] | None:
     """Round 1 (io/scatter.py): bucket this task's share of the parts, unless done; then every
     task's done.json, or None while some task has still to scatter."""
+    index, count, identity = task.index, task.count, inputs.identity
     root = cfg.out / TASKS_DIR / SCATTER_DIR
-    parts = len(range(index, len(ref.parts), count))
+    parts = len(range(index, len(inputs.ref.parts), count))
     mine = scatter_mod.scatter_directory(root, index, count)
     if scatter_mod.read_done(mine, identity) is not None:
         log.info("task %d of %d already scattered its rows", index, count)
     else:
+        embeddings = cfg.method in SUPER_BATCH_METHODS
         with ui.step_progress("scattering rows to tasks", parts, "parts") as tick:
-            scatter_mod.scatter(
-                ref,
-                learner,
-                _filters(cfg, ref),
-                cfg.method in SUPER_BATCH_METHODS,
-                root,
-                index,
-                count,
-                identity,
-                on_part=tick,
-            )
+            scatter_mod.scatter(inputs.ref, inputs.learner, filters(cfg, inputs.ref), embeddings,
+                                root, index, count, identity, on_part=tick)  # fmt: skip
     dones = [scatter_mod.read_done(scatter_mod.scatter_directory(root, s, count), identity)
              for s in range(count)]  # fmt: skip
     missing = [s for s, d in enumerate(dones) if d is None]
@@ -142,6 +139,25 @@ def _scatter(
         log.info("task %d scattered; %d tasks have still to scatter", index, len(missing))
         return None
     return [d for d in dones if d is not None]
+
+
+def gathered_rows(
+    cfg: SelectConfig, inputs: Inputs, task: Task, dones: list[dict[str, Any]]
+) -> Rows:
+    """Round 2: this task's rows, from every task's buckets."""
+    root = cfg.out / TASKS_DIR / SCATTER_DIR
+    ref, learner = inputs.ref, inputs.learner
+
+    def build(cache_dir: Path) -> RowCache:
+        with ui.step_progress("gathering this task's rows", len(ref.parts), "parts") as tick:
+            return scatter_mod.gather(ref, learner, root, dones, task.index, cache_dir, tick)
+
+    return Rows(scatter_mod.counts_for(root, task.count, task.index), build)
+
+
+def drop_buckets(cfg: SelectConfig, task: Task) -> None:
+    """A task that selected no longer needs the rows bucketed for it."""
+    scatter_mod.drop_buckets(cfg.out / TASKS_DIR / SCATTER_DIR, task.index, task.count)
 
 
 def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
@@ -184,36 +200,21 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
                 tick()
 
     atomic_write(out / MANIFEST, write)
-    with_uids = all(s["outputs"]["uids"] for s in tasks)
     subset = None
-    if with_uids:
+    if all(s["outputs"]["uids"] for s in tasks):
         parts = [np.load(task_directory(out, i, count) / UIDS) for i in range(count)]
         subset = np.sort(np.concatenate(parts))
-    _write_uids(out, subset)
     counts: dict[str, Any] = {}
     for s in tasks:
         for name, value in s["counts"].items():
             counts[name] = None if value is None else counts.get(name, 0) + value
-    kept, eligible = _Means(), _Means()
+    kept, eligible = Means(), Means()
     for s in tasks:
         kept.merge(s["sums"]["kept"])
         eligible.merge(s["sums"]["eligible"])
-    summary = {
-        **identity,
-        "schema_version": SELECTION_SCHEMA_VERSION,
-        "tool_version": __version__,
-        "counts": counts,
-        "means": {
-            "kept": kept.means(learner),
-            "dropped": eligible.means(learner, minus=kept),
-        },
-        "outputs": _outputs(subset is not None, all(s["outputs"]["images"] for s in tasks)),
-        "tasks": [
-            {"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
-            for i, s in enumerate(tasks)
-        ],
-        "files": file_digests(out, [MANIFEST, UIDS]),
-    }
-    write_json_atomic(out / SUMMARY, summary)
+    images = all(s["outputs"]["images"] for s in tasks)
+    shares = [{"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
+              for i, s in enumerate(tasks)]  # fmt: skip
+    summary = write_summary(out, identity, counts, kept, eligible, subset, images, tasks=shares)
     shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # every task has its rows
     return summary
