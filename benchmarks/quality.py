@@ -41,6 +41,7 @@ from jestcurate.math.jest import (
     independent_scores,
     select_batch,
 )
+from jestcurate.math.sampling import SamplerOptions, super_batch_size
 from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
 from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
@@ -174,8 +175,9 @@ def train_online(
     model = load_model(resolve_spec(ModelSpec(setup.model, device="cpu", init_seed=seed)), False)
     trainer = train_mod.Trainer(model, setup.lr, 0.1, 20, setup.steps)
     net = trainer.net
-    selector = OnlineSelector(ref, setup.batch, "learnability", setup.chunks, seed=seed)
-    big = max(setup.batch, round(setup.batch / setup.ratio))
+    options = SamplerOptions(setup.batch, setup.ratio, "learnability", chunks=setup.chunks)
+    selector = OnlineSelector(ref, options, seed=seed)
+    big = options.super_batch
     curve = [zero_shot(net, *env["eval"])]
     step, epoch = 0, 0
     while step < setup.steps:
@@ -232,14 +234,18 @@ def selection_stream(
             reference=ref.path,
             learner=learner.path,
             out=env["work"] / "unused",
-            batch_size=setup.batch,
-            ratio=kw.get("ratio", setup.ratio),
-            chunks=kw.get("chunks", setup.chunks),
+            sampling=SamplerOptions(
+                setup.batch,
+                kw.get("ratio", setup.ratio),
+                criterion=kw.get("score"),
+                chunks=kw.get("chunks", setup.chunks),
+                **{k: v for k, v in kw.items() if k in ("sampler", "sweeps")},
+            ),
             seed=seed * 1000 + epoch,
             device="cpu",
-            **{k: v for k, v in kw.items() if k in ("method", "score", "sampler", "sweeps")},
+            **{k: v for k, v in kw.items() if k == "method"},
         )
-        steps = cache.size // cfg.super_batch
+        steps = cache.size // cfg.sampling.super_batch
         for ids, _ in select_mod.choose(cfg, cache, ref, learner, steps):
             stream.append(rows_of[ids])
         epoch += 1
@@ -281,7 +287,7 @@ def diagnostic(
     top-k and random batches; and the share of noisy pairs (mismatched, junk, blank) kept."""
     cache, ref, learner = env["cache"], env["ref"], env["learner"]
     b = batch or setup.batch
-    big = round(b / (ratio or setup.ratio))
+    big = super_batch_size(b, ratio or setup.ratio)
     kinds = env["kinds"]
     perm = np.random.default_rng([0, 0]).permutation(cache.size)
     out: dict[str, dict[str, list[float]]] = {
@@ -289,8 +295,8 @@ def diagnostic(
     }
     for s in range(min(setup.diagnostic_super_batches, cache.size // big)):
         ids = perm[s * big : (s + 1) * big]
-        r = select_mod._embeddings(cache, ids, "ref", ref, torch.device("cpu"))
-        m = select_mod._embeddings(cache, ids, "learner", learner, torch.device("cpu"))
+        r = select_mod.embeddings(cache, ids, "ref", ref, torch.device("cpu"))
+        m = select_mod.embeddings(cache, ids, "learner", learner, torch.device("cpu"))
 
         def batch_learnability(rows: torch.Tensor, r: Embeddings = r, m: Embeddings = m) -> float:
             terms = criterion_terms("learnability", r, m)
@@ -308,9 +314,8 @@ def diagnostic(
             else:
                 assert kw is not None
                 generator = torch.Generator().manual_seed(s)
-                rows, _ = select_batch(
-                    "learnability", r, m, b, n_chunks=setup.chunks, generator=generator, **kw
-                )
+                options = SamplerOptions(b, criterion="learnability", chunks=setup.chunks, **kw)
+                rows, _ = select_batch(options, r, m, generator)
             out[name]["seconds"].append(time.perf_counter() - began)
             out[name]["learnability"].append(batch_learnability(rows))
             kept = kinds[env["rows_of"][ids[rows.numpy()]]]

@@ -30,6 +30,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.model.openclip import BUILTIN_CONFIG_DIR
 from jestcurate.trainer.loader import SelectionBatches
 from jestcurate.trainer.online import (
@@ -75,7 +76,7 @@ def offline_batches(scores: Path, workdir: Path, b: int, ratio: float, seed: int
 
     out = workdir / f"offline-b{b}-r{ratio}-s{seed}"
     cfg = select_mod.SelectConfig(
-        reference=scores, out=out, method="jest", batch_size=b, ratio=ratio, seed=seed
+        reference=scores, out=out, method="jest", sampling=SamplerOptions(b, ratio), seed=seed
     )
     select_mod.run(cfg)
     return SelectionBatches(out, source="original")
@@ -109,7 +110,8 @@ def main() -> None:
         args.scores, b, args.ratio, seed=args.seed, cache_dir=args.workdir / "cache"
     )
     ledger = ComputeLedger(reference_samples=candidates.cache.size)
-    selector = OnlineSelector(candidates.reference, b, criterion="learnability", seed=args.seed)
+    options = SamplerOptions(b, args.ratio, criterion="learnability")
+    selector = OnlineSelector(candidates.reference, options, seed=args.seed)
     steps = min(args.steps, len(candidates))
     if args.mode == "offline":
         stream = iter(offline_batches(args.scores, args.workdir, b, args.ratio, args.seed))

@@ -385,51 +385,24 @@ def slurm_select(
 
     The select options follow `--`, exactly as `select` takes them: jestcurate slurm select
     --num-tasks 64 --submit -- scores/ --learner learner/ --out curated/"""
-    from jestcurate import ui
+    options = dict(locals())
     from jestcurate.scale import slurm
+    from jestcurate.scale import slurm_select as slurm_select_mod
 
-    args = list(ctx.args)
-    if "--" in args:
-        args.remove("--")
-    if num_tasks < 2:
-        raise JCError("--num-tasks must be at least 2 (with one task, run select itself)")
-    if any(a.split("=")[0] in ("--task-index", "--num-tasks", "--merge") for a in args):
-        raise JCError(
-            "--task-index, --num-tasks and --merge are the scripts' to set: give --num-tasks "
-            "to slurm select, not among the select options"
-        )
-    if "--overwrite" in args:
-        raise JCError("--overwrite is for one run, not array tasks: remove OUT first instead")
+    extra = tuple(sbatch or ())
+    opts = _config(slurm.SlurmOptions, options, extra=extra, job_name="jestcurate-select")
+    plan = slurm_select_mod.plan(ctx.args, num_tasks, _select_options)
+    slurm_select_mod.print_report(slurm_select_mod.run(plan, opts, submit))
+
+
+def _select_options(args: list[str]) -> dict[str, Any]:
+    """select's options, parsed as `select` parses them; bad ones are one JCError."""
     command = typer.main.get_command(app)
-    try:  # bad select options fail now, not in every task
-        parsed = command.commands["select"].make_context("select", list(args)).params
+    try:
+        return command.commands["select"].make_context("select", list(args)).params
     except typer.TyperException as exc:  # typer's own click: usage errors derive from this
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         raise JCError(f"select options: {message}") from None
-    export = "--export" in args
-    base = [a for a in args if a != "--export"]
-    settings = {k: v for k, v in locals().items() if k in slurm.SlurmOptions.__dataclass_fields__}
-    opts = slurm.SlurmOptions(**settings, extra=tuple(sbatch or ()), job_name="jestcurate-select")
-    out = Path(parsed["out"])
-    scripts = slurm.write_select_scripts(out, base, num_tasks, opts, [] if export else None)
-    written = [scripts.select, scripts.merge, *([scripts.export] if scripts.export else [])]
-    for path in written:
-        ui.say(str(path))
-    if not submit:
-        ui.note(
-            f"{num_tasks} tasks; submit with --submit, or by hand: sbatch --array=0-"
-            f"{num_tasks - 1} {scripts.select} 0 twice (the second with --dependency=afterok:"
-            f"FIRST), then {scripts.merge.name} after the second"
-        )
-        return
-    scatter = slurm.submit(scripts.select, range(num_tasks), opts)  # round 1: bucket the rows
-    tasks = slurm.submit(scripts.select, range(num_tasks), opts, after=scatter)  # round 2
-    merge_job = slurm.submit_one(scripts.merge, after=tasks)
-    jobs = [*scatter, *tasks, merge_job]
-    if scripts.export is not None:
-        jobs += slurm.submit(scripts.export, range(num_tasks), opts, after=[merge_job])
-    then = "the merge and the export" if export else "the merge"
-    ui.say(f"submitted {num_tasks} select tasks (two rounds), then {then}: {', '.join(jobs)}")
 
 
 @app.command(
@@ -707,66 +680,30 @@ def select(
     As array task I of N, it selects from its own partition into OUT/tasks/ and the last task
     to finish merges them (their batches interleaved into one step order); with --export each
     task then writes its share of the exported shards."""
-    from jestcurate import ui
+    options = dict(locals())
+    from jestcurate.math.sampling import SamplerOptions
     from jestcurate.pipelines import select as select_mod
 
-    cfg = select_mod.SelectConfig(
+    cfg = _config(
+        select_mod.SelectConfig,
+        options,
         reference=_score_set(reference),
-        out=out,
         learner=_score_set(learner) if learner else None,
-        method=method,
-        score=score,
-        ratio=ratio,
-        batch_size=batch_size,
-        chunks=chunks,
-        sampler=sampler,
-        sweeps=sweeps,
-        pool=pool,
-        seed=seed,
-        temperature=temperature,
-        topk=topk,
-        min_clip_score=min_clip_score,
-        max_steps=max_steps,
-        device=device,
-        dedup=dedup,
-        balance_clusters=balance_clusters,
-        task_index=task_index,
-        num_tasks=num_tasks,
-        merge=merge,
-        overwrite=overwrite,
+        sampling=_config(SamplerOptions, options, criterion=score),
     )
-    if export:  # before choosing anything: a set without images has nothing to export
-        from jestcurate.io.store import open_score_set
+    select_mod.print_report(select_mod.run(cfg))
 
-        open_score_set(cfg.reference).require_images("select --export")
-    report = select_mod.run(cfg)
-    if report.waiting:
-        ui.say(
-            f"task {report.task}: its rows are scattered to the tasks' buckets; rerun every "
-            "task once all have done this (the second round selects)"
-        )
-        return
-    select_mod.print_summary(report)
-    if not export:
-        return
-    if report.task is not None:
-        ui.note(f"task {report.task}: the export waits for the merge (the last task to finish)")
-        return
-    from jestcurate.io.shards import resolve_task
-    from jestcurate.pipelines import export as export_mod
 
-    share = None if merge else resolve_task(task_index, num_tasks)
-    done = export_mod.export(out, samples_per_shard, share=share)
-    if done.get("pattern"):
-        ui.say(
-            f"exported {report.summary['counts']['kept']:,} samples to {done['shards']} shards: "
-            f"{done['pattern']}",
-        )
-    else:
-        ui.say(
-            f"exported {done['written']} of {done['shards']} shards (this task's share); "
-            f"{done['missing']} are left to the other tasks"
-        )
+C = TypeVar("C")
+
+
+def _config(cls: type[C], options: dict[str, Any], **given: Any) -> C:
+    """A config dataclass from a command's options, matched by field name; `given` sets the
+    fields whose option has another name or needs converting."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{**{k: v for k, v in options.items() if k in names}, **given})
 
 
 @app.command(short_help="Find exact and near-duplicate samples (SemDeDup with faiss).")

@@ -2,6 +2,7 @@
 
 The code lives in jestcurate.trainer.online; this name stays so user scripts keep working."""
 
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.trainer.online import (
     ComputeLedger,
     OnlineSelector,
@@ -15,6 +16,7 @@ from jestcurate.trainer.online import (
 __all__ = [
     "ComputeLedger",
     "OnlineSelector",
+    "SamplerOptions",
     "SuperBatch",
     "SuperBatches",
     "downsample",

@@ -14,6 +14,7 @@ import pytest
 from conftest import rewrite_part, run_cli
 
 from jestcurate.io.store import embedding_column
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import dedup
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines.synth import plant_duplicates, write_score_set
@@ -183,8 +184,7 @@ def test_select_dedup_excludes_dropped_rows(planted, tmp_path) -> None:
         reference=scores,
         out=tmp_path / "s",
         method="clip-score",
-        ratio=0.9,
-        batch_size=10,
+        sampling=SamplerOptions(10, 0.9),
         dedup=tmp_path / "d",
     )
     report = select_mod.run(cfg)
@@ -198,7 +198,7 @@ def test_select_dedup_excludes_dropped_rows(planted, tmp_path) -> None:
     assert counts["eligible"] == len(found) - len(dropped)
     # Without --dedup some duplicates do get selected: the filter is doing the work.
     plain = select_mod.SelectConfig(
-        reference=scores, out=tmp_path / "p", method="clip-score", ratio=0.9, batch_size=10
+        reference=scores, out=tmp_path / "p", method="clip-score", sampling=SamplerOptions(10, 0.9)
     )
     select_mod.run(plain)
     everything = {
@@ -255,8 +255,7 @@ def test_balance_clusters_caps_each_clusters_share(planted, tmp_path, method: st
             reference=scores,
             out=out,
             method=method,
-            ratio=0.25,
-            batch_size=40,
+            sampling=SamplerOptions(40, 0.25),
             dedup=tmp_path / "d",
             balance_clusters=balance,
         )

@@ -11,13 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jestcurate.errors import JCError
 from jestcurate.math.jest import (
-    Embeddings,
-    MatrixLoss,
     Quota,
-    SigmoidLoss,
-    SoftmaxLoss,
-    batch_loss,
     chunk_sizes,
     criterion_terms,
     independent_scores,
@@ -25,6 +21,8 @@ from jestcurate.math.jest import (
     refine_select,
     select_batch,
 )
+from jestcurate.math.losses import Embeddings, MatrixLoss, SigmoidLoss, SoftmaxLoss, batch_loss
+from jestcurate.math.sampling import SamplerOptions
 
 
 def gen(seed: int) -> torch.Generator:
@@ -311,9 +309,8 @@ def test_refine_is_never_below_independent_top_k(kind: str, criterion: str) -> N
         lrn = learner if criterion == "learnability" else None
         baseline = criterion_total(criterion, ref, learner, top_k(criterion, ref, learner, 12))
         for topk, gaps in ((True, gaps_topk), (False, gaps_sampled)):
-            picked, _ = select_batch(
-                criterion, ref, lrn, 12, n_chunks=4, generator=gen(seed), topk=topk
-            )
+            options = SamplerOptions(12, criterion=criterion, chunks=4, topk=topk)
+            picked, _ = select_batch(options, ref, lrn, gen(seed))
             value = criterion_total(criterion, ref, learner, picked.tolist())
             gaps.append(value - baseline)
             assert value >= baseline - 1e-9, (seed, topk, value, baseline)
@@ -327,9 +324,8 @@ def test_more_sweeps_never_lower_the_batch_score(kind: str) -> None:
         ref, learner = pair(kind, seed, n=80)
         values = []
         for sweeps in range(4):
-            picked, _ = select_batch(
-                "learnability", ref, learner, 16, n_chunks=4, topk=True, sweeps=sweeps
-            )
+            options = SamplerOptions(16, chunks=4, topk=True, sweeps=sweeps)  # learnability
+            picked, _ = select_batch(options, ref, learner)
             values.append(criterion_total("learnability", ref, learner, picked.tolist()))
         assert values[0] == pytest.approx(
             criterion_total("learnability", ref, learner, top_k("learnability", ref, learner, 16))
@@ -421,13 +417,13 @@ def test_refine_keeps_cluster_quotas() -> None:
 
 def test_sampler_choice_and_bad_arguments() -> None:
     ref, learner = pair("softmax", 3)
-    paper, _ = select_batch("learnability", ref, learner, 10, sampler="paper", generator=gen(1))
+    paper, _ = select_batch(SamplerOptions(10, sampler="paper"), ref, learner, gen(1))
     direct, _ = joint_select(criterion_terms("learnability", ref, learner), 10, 16, gen(1))
     assert paper.tolist() == direct.tolist()  # Algorithm 1 as it always was
-    with pytest.raises(ValueError, match="unknown sampler"):
-        select_batch("learnability", ref, learner, 10, sampler="gibbs")
-    with pytest.raises(ValueError, match="sweeps"):
-        select_batch("learnability", ref, learner, 10, sweeps=-1)
+    with pytest.raises(JCError, match="unknown --sampler"):
+        SamplerOptions(10, sampler="gibbs")
+    with pytest.raises(JCError, match="sweeps"):
+        SamplerOptions(10, sweeps=-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -440,7 +436,7 @@ def test_cpu_and_gpu_choose_the_same_examples() -> None:
                 e.img.float().to(device), e.txt.float().to(device), e.scale, e.bias, e.kind
             )
 
-        picked, _ = select_batch("learnability", move(ref), move(learner), 40, generator=gen(2))
+        picked, _ = select_batch(SamplerOptions(40), move(ref), move(learner), gen(2))
         return picked.cpu().tolist()
 
     assert on("cpu") == on("cuda")
@@ -470,7 +466,7 @@ def test_ties_keep_the_start_in_float32() -> None:
     ]
     own = independent_scores("learnability", *as32)
     for seed in range(5):
-        picked, _ = select_batch("learnability", *as32, 1, generator=gen(seed))
+        picked, _ = select_batch(SamplerOptions(1, criterion="learnability"), *as32, gen(seed))
         assert picked.tolist() == [int(own.argmax())]
     flat = torch.ones(30, 30)
     start = torch.arange(10, 20)

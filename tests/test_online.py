@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jestcurate.io.store import embedding_matrix, open_score_set
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
 from jestcurate.trainer.online import OnlineSelector, SuperBatches
@@ -56,9 +57,7 @@ def test_online_selection_equals_select_jest(scored, tmp_path: Path, criterion: 
             out=out,
             learner=scored["learner"],
             method="jest",
-            score=criterion,
-            batch_size=b,
-            ratio=ratio,
+            sampling=SamplerOptions(b, ratio, criterion=criterion),
             seed=seed,
             device="cpu",
         )
@@ -70,7 +69,7 @@ def test_online_selection_equals_select_jest(scored, tmp_path: Path, criterion: 
 
     batches = SuperBatches(scored["reference"], b, ratio, seed=seed, cache_dir=tmp_path / "cache")
     learner_set = open_score_set(scored["learner"])
-    selector = OnlineSelector(batches.reference, b, criterion=criterion, seed=seed)
+    selector = OnlineSelector(batches.reference, SamplerOptions(b, criterion=criterion), seed=seed)
     lookup = learner_rows(scored["learner"])
     assert len(batches) == len(offline) > 1
     for sb in batches:
@@ -91,7 +90,7 @@ def test_ranks_and_workers_cover_each_super_batch_once(scored, tmp_path: Path) -
         batches = SuperBatches(
             scored["reference"], b, ratio, cache_dir=tmp_path / "c", rank=rank, world_size=world
         )
-        selector = OnlineSelector(batches.reference, b, criterion="easy-ref")
+        selector = OnlineSelector(batches.reference, SamplerOptions(b, criterion="easy-ref"))
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=2)
         steps = []
         for sb in loader:
@@ -183,8 +182,8 @@ def test_super_batches_from_an_export(scored, tmp_path: Path) -> None:
     sel = tmp_path / "sel"
     select_mod.run(
         select_mod.SelectConfig(
-            reference=scored["reference"], out=sel, method="clip-score", batch_size=4,
-            ratio=0.5, device="cpu",
+            reference=scored["reference"], out=sel, method="clip-score",
+            sampling=SamplerOptions(4, 0.5), device="cpu",
         )
     )  # fmt: skip
     export(sel, 8)

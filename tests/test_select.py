@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import rewrite_part, run_cli
 
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines.synth import write_score_set
 
 SHARDS, ROWS = 6, 100
+SAMPLER_FIELDS = set(SamplerOptions.__dataclass_fields__)
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +32,16 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | set[str]]
 
 
 def select(sets, out: Path, **kw) -> select_mod.SelectReport:
+    """select_mod.run with the CLI's option names (--score is the criterion)."""
     kw.setdefault("batch_size", 20)
     kw.setdefault("device", "cpu")
+    kw["criterion"] = kw.pop("score", None)
     learner = kw.pop("learner", None)
+    sampling = SamplerOptions(**{k: kw.pop(k) for k in list(kw) if k in SAMPLER_FIELDS})
     cfg = select_mod.SelectConfig(
-        reference=kw.pop("reference", sets["ref"]), out=out, learner=learner, **kw
-    )
+        reference=kw.pop("reference", sets["ref"]), out=out, learner=learner, sampling=sampling,
+        **kw,
+    )  # fmt: skip
     return select_mod.run(cfg)
 
 
@@ -192,15 +198,15 @@ def test_samplers_are_recorded_and_refine_beats_top_k_on_every_batch(sets, tmp_p
     assert manifest(tmp_path / "refine") != manifest(tmp_path / "paper")
 
     cfg = select_mod.SelectConfig(
-        reference=sets["ref"], learner=sets["learner"], out=tmp_path / "x", batch_size=20,
-        device="cpu",
+        reference=sets["ref"], learner=sets["learner"], out=tmp_path / "x",
+        sampling=SamplerOptions(20), device="cpu",
     )  # fmt: skip
     ref = open_score_set(sets["ref"], role="reference")
     learner = open_score_set(sets["learner"], role="learner")
     cache = fill_cache(ref, learner, scan(ref, learner, None), tmp_path / "c", None, True)
-    steps = cache.size // cfg.super_batch
+    steps = cache.size // cfg.sampling.super_batch
     chosen = [ids for ids, _ in select_mod.choose(cfg, cache, ref, learner, steps)]
-    supers = select_mod._super_batches(cfg, cache, ref, learner, steps)
+    supers = select_mod.super_batches(cfg, cache, ref, learner, steps)
     for picked, (ids, r, m) in zip(chosen, supers, strict=True):
         where = {row: i for i, row in enumerate(ids.tolist())}
 

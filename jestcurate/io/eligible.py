@@ -4,13 +4,14 @@ does not grow with the corpus (docs/architecture.md says why not Arrow or memory
 
 Two passes over the parts: `scan` reads the small columns (join check, eligibility counts,
 text column widths), `fill_cache` copies the eligible rows. select and the online selector
-share both, so they see the same rows under the same ids.
+share both, so they see the same rows under the same ids. The cache's columns are declared
+here once (`layout`), for the cache and for select's scatter buckets (io/scatter.py) alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,49 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jestcurate.errors import JCError
-from jestcurate.io.rowcache import ColumnWriter, RowCache, embedding_rows, fixed_bytes
+from jestcurate.io.rowcache import RowCache, column_writers, embedding_rows, fixed_bytes
 from jestcurate.io.store import ScoreSet
+
+# The row cache's columns: where each row is (part id, index and key in its shard), its uid, its
+# scores, its dedup cluster (with --balance-clusters) and each model's embeddings.
+PART, INDEX, KEY, UID = "part", "index", "key", "uid"
+CLIP_SCORE, REF_LOSS, LEARNER_LOSS, CLUSTER = "clip_score", "ref_loss", "learner_loss", "cluster"
+REF_IMG, REF_TXT, LEARNER_IMG, LEARNER_TXT = "ref_img", "ref_txt", "learner_img", "learner_txt"
+EMBEDDINGS = {"ref": (REF_IMG, REF_TXT), "learner": (LEARNER_IMG, LEARNER_TXT)}
+
+
+def score_columns(learner: bool) -> list[str]:
+    """The cache's score columns: clip_score, ref_loss and, with a learner, learner_loss."""
+    return [CLIP_SCORE, REF_LOSS, *([LEARNER_LOSS] if learner else [])]
+
+
+def layout(
+    key_width: int,
+    uid_width: int,
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    cluster: bool,
+    embeddings: bool,
+) -> np.dtype:
+    """The cache's columns as one record: the cache holds one .npy per field, a scatter bucket
+    whole records."""
+    columns: list[tuple[str, str] | tuple[str, str, tuple[int]]] = [
+        (PART, "<i4"),
+        (INDEX, "<i4"),
+        (KEY, f"S{key_width}"),
+        (UID, f"S{uid_width}"),
+        (CLIP_SCORE, "<f4"),
+        (REF_LOSS, "<f4"),
+    ]
+    if learner is not None:
+        columns.append((LEARNER_LOSS, "<f4"))
+    if cluster:
+        columns.append((CLUSTER, "<i4"))
+    if embeddings:
+        columns += [(name, "<f2", (ref.dim,)) for name in EMBEDDINGS["ref"]]
+        if learner is not None:
+            columns += [(name, "<f2", (learner.dim,)) for name in EMBEDDINGS["learner"]]
+    return np.dtype(columns)
 
 
 @dataclass
@@ -29,6 +71,14 @@ class Counts:
     below_min_clip_score: int = 0
     duplicates: int = 0
     eligible: int = 0
+
+
+COUNTS = tuple(f.name for f in fields(Counts))
+
+
+def count_masks(ok: np.ndarray, low: np.ndarray, duplicate: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The rows each Counts field counts, in COUNTS order; the last is the eligible rows."""
+    return (np.ones_like(ok), ~ok, low, duplicate, ok & ~low & ~duplicate)
 
 
 @dataclass(frozen=True)
@@ -48,7 +98,23 @@ def identities(part: str, table: pa.Table) -> np.ndarray:
     return np.array(values, dtype=bytes) if values else np.zeros(0, dtype="S1")
 
 
-def _join_learner(name: str, ref: pa.Table, learner: pa.Table) -> None:
+def check_same_parts(ref: ScoreSet, learner: ScoreSet | None) -> None:
+    """The learner joins the reference part by part: both must cover the same shards."""
+    if learner is None:
+        return
+    ours, theirs = set(ref.part_names()), set(learner.part_names())
+    if ours != theirs:
+        raise JCError(
+            f"learner and reference cover different shards ({len(ours - theirs)} only in "
+            f"the reference, {len(theirs - ours)} only in the learner): score both from "
+            "the same inputs"
+        )
+
+
+def join_learner(name: str, ref: pa.Table, learner: pa.Table | None) -> None:
+    """...and row by row: the same samples in the same order in each part."""
+    if learner is None:
+        return
     if ref.num_rows != learner.num_rows or not ref.column("key").equals(learner.column("key")):
         raise JCError(
             f"learner and reference differ in part {name} (other samples or order): "
@@ -84,14 +150,10 @@ def _eligible(
     counts: Counts,
     shard: str,
 ) -> np.ndarray:
-    ok, low, duplicate = eligible_masks(ref, learner, filters, shard)
-    keep = ok & ~low & ~duplicate
-    counts.rows += len(ok)
-    counts.errors += int((~ok).sum())
-    counts.below_min_clip_score += int(low.sum())
-    counts.duplicates += int(duplicate.sum())
-    counts.eligible += int(keep.sum())
-    return keep
+    masks = count_masks(*eligible_masks(ref, learner, filters, shard))
+    for name, mask in zip(COUNTS, masks, strict=True):
+        setattr(counts, name, getattr(counts, name) + int(mask.sum()))
+    return masks[-1]
 
 
 @dataclass
@@ -111,21 +173,12 @@ def scan(
     on_part: Callable[[], None] | None = None,
 ) -> Scan:
     """First pass, small columns only: join check, eligibility counts, column widths."""
-    names = ref.part_names()
-    if learner is not None:
-        ours, theirs = set(names), set(learner.part_names())
-        if ours != theirs:
-            raise JCError(
-                f"learner and reference cover different shards ({len(ours - theirs)} only in "
-                f"the reference, {len(theirs - ours)} only in the learner): score both from "
-                "the same inputs"
-            )
+    check_same_parts(ref, learner)
     result = Scan(Counts(), [], 1, 1)
-    for name in names:
+    for name in ref.part_names():
         table = ref.read_part(name, ["key", "shard", "status", "clip_score", "uid"])
         other = learner.read_part(name, ["key", "status"]) if learner else None
-        if other is not None:
-            _join_learner(name, table, other)
+        join_learner(name, table, other)
         shard = table.column("shard")
         result.shards.append(shard[0].as_py() if len(shard) else name)
         ok = pa.array(_eligible(table, other, filters, result.counts, result.shards[-1]))
@@ -140,6 +193,20 @@ def scan(
     return result
 
 
+def read_rows(
+    ref: ScoreSet, learner: ScoreSet | None, name: str, embeddings: bool
+) -> tuple[pa.Table, pa.Table | None]:
+    """One part's columns that the cache is filled from, of the reference and the learner
+    (joined: the same rows in the same order)."""
+    emb = ["img_emb", "txt_emb"] if embeddings else []
+    table = ref.read_part(
+        name, ["key", "shard", "status", "clip_score", "index", "uid", "ref_loss", *emb]
+    )
+    other = learner.read_part(name, ["key", "status", "ref_loss", *emb]) if learner else None
+    join_learner(name, table, other)
+    return table, other
+
+
 def row_values(
     table: pa.Table,
     other: pa.Table | None,
@@ -147,33 +214,36 @@ def row_values(
     part_id: int,
     shard: str,
     clusters: dict[str, np.ndarray] | None,
+    widths: tuple[int, int],
 ) -> dict[str, np.ndarray]:
-    """The cache's numeric columns of one part's kept rows (embeddings when the tables hold
-    them; the dedup cluster when `clusters` is given); key and uid are left to the caller."""
+    """The cache's columns of one part's kept rows (key and uid `widths` bytes wide;
+    embeddings when the tables hold them; the dedup cluster when `clusters` is given)."""
     rows = table.filter(keep)
     values = {
-        "part": np.full(rows.num_rows, part_id, dtype=np.int32),
-        "index": rows.column("index").to_numpy(),
-        "clip_score": rows.column("clip_score").to_numpy(),
-        "ref_loss": rows.column("ref_loss").to_numpy(),
+        PART: np.full(rows.num_rows, part_id, dtype=np.int32),
+        INDEX: rows.column("index").to_numpy(),
+        KEY: fixed_bytes(rows.column("key"), widths[0]),
+        UID: fixed_bytes(rows.column("uid"), widths[1]),
+        CLIP_SCORE: rows.column("clip_score").to_numpy(),
+        REF_LOSS: rows.column("ref_loss").to_numpy(),
     }
     if clusters is not None:
         known = clusters.get(shard)
-        index = values["index"]
+        index = values[INDEX]
         cluster = np.full(len(index), -1, dtype=np.int32)
         if known is not None:
             inside = index < len(known)
             cluster[inside] = known[index[inside]]
-        values["cluster"] = cluster
+        values[CLUSTER] = cluster
     if "img_emb" in table.column_names:
-        values["ref_img"] = embedding_rows(rows.column("img_emb"))
-        values["ref_txt"] = embedding_rows(rows.column("txt_emb"))
+        values[REF_IMG] = embedding_rows(rows.column("img_emb"))
+        values[REF_TXT] = embedding_rows(rows.column("txt_emb"))
     if other is not None:
         theirs = other.filter(keep)
-        values["learner_loss"] = theirs.column("ref_loss").to_numpy()
+        values[LEARNER_LOSS] = theirs.column("ref_loss").to_numpy()
         if "img_emb" in other.column_names:
-            values["learner_img"] = embedding_rows(theirs.column("img_emb"))
-            values["learner_txt"] = embedding_rows(theirs.column("txt_emb"))
+            values[LEARNER_IMG] = embedding_rows(theirs.column("img_emb"))
+            values[LEARNER_TXT] = embedding_rows(theirs.column("txt_emb"))
     return values
 
 
@@ -188,39 +258,17 @@ def fill_cache(
 ) -> RowCache:
     """Second pass: copy the eligible rows' columns into the flat cache."""
     n = found.counts.eligible
-    columns: dict[str, tuple[str, tuple[int, ...]]] = {
-        "part": ("<i4", ()),
-        "index": ("<i4", ()),
-        "key": (f"S{found.key_width}", ()),
-        "uid": (f"S{found.uid_width}", ()),
-        "clip_score": ("<f4", ()),
-        "ref_loss": ("<f4", ()),
-    }
-    if learner is not None:
-        columns["learner_loss"] = ("<f4", ())
-    if filters is not None and filters.clusters is not None:
-        columns["cluster"] = ("<i4", ())
-    if embeddings:
-        columns["ref_img"] = columns["ref_txt"] = ("<f2", (ref.dim,))
-        if learner is not None:
-            columns["learner_img"] = columns["learner_txt"] = ("<f2", (learner.dim,))
+    clusters = filters.clusters if filters is not None else None
+    widths = (found.key_width, found.uid_width)
+    record = layout(*widths, ref, learner, clusters is not None, embeddings)
     directory.mkdir(parents=True, exist_ok=True)
-    writers = {
-        name: ColumnWriter(directory / f"{name}.npy", dtype, (n, *shape))
-        for name, (dtype, shape) in columns.items()
-    }
-    emb_cols = ["img_emb", "txt_emb"] if embeddings else []
+    writers = column_writers(directory, record, n)
     try:
         for part_id, name in enumerate(ref.part_names()):
-            table = ref.read_part(
-                name, ["status", "clip_score", "key", "index", "uid", "ref_loss", *emb_cols]
-            )
-            other = learner.read_part(name, ["status", "ref_loss", *emb_cols]) if learner else None
-            ok = pa.array(_eligible(table, other, filters, Counts(), found.shards[part_id]))
-            clusters = filters.clusters if filters and "cluster" in writers else None
-            values = row_values(table, other, ok, part_id, found.shards[part_id], clusters)
-            values["key"] = fixed_bytes(table.column("key").filter(ok), found.key_width)
-            values["uid"] = fixed_bytes(table.column("uid").filter(ok), found.uid_width)
+            table, other = read_rows(ref, learner, name, embeddings)
+            shard = found.shards[part_id]
+            ok = pa.array(_eligible(table, other, filters, Counts(), shard))
+            values = row_values(table, other, ok, part_id, shard, clusters, widths)
             for column, data in values.items():
                 writers[column].append(data)
             if on_part:

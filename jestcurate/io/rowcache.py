@@ -13,6 +13,10 @@ import numpy as np
 import pyarrow as pa
 
 
+def column_file(directory: Path, column: str) -> Path:
+    return directory / f"{column}.npy"
+
+
 class RowCache:
     """Rows as fixed-width .npy columns, addressed by row id 0..N-1 in part order.
 
@@ -27,7 +31,7 @@ class RowCache:
         self._layout: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
 
     def path(self, column: str) -> Path:
-        return self.dir / f"{column}.npy"
+        return column_file(self.dir, column)
 
     def _column(self, column: str) -> tuple[int, np.dtype, tuple[int, ...]]:
         if column not in self._layout:
@@ -81,6 +85,16 @@ class ColumnWriter:
 
     def close(self) -> None:
         self.file.close()
+
+
+def column_writers(directory: Path, record: np.dtype, rows: int) -> dict[str, ColumnWriter]:
+    """One ColumnWriter per field of a record dtype, for `rows` rows: a RowCache in the making."""
+    return {
+        name: ColumnWriter(
+            column_file(directory, name), record[name].base.str, (rows, *record[name].shape)
+        )
+        for name in record.names or ()
+    }
 
 
 def fixed_bytes(column: pa.ChunkedArray, width: int) -> np.ndarray:

@@ -35,15 +35,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Counts, Filters, eligible_masks, identities, row_values
-from jestcurate.io.rowcache import ColumnWriter, RowCache, fixed_bytes
+from jestcurate.io.eligible import (
+    COUNTS,
+    Counts,
+    Filters,
+    check_same_parts,
+    count_masks,
+    eligible_masks,
+    identities,
+    layout,
+    read_rows,
+    row_values,
+)
+from jestcurate.io.rowcache import RowCache, column_writers
 from jestcurate.io.store import ScoreSet, dead_local_writer, finished_output, write_json_atomic
 from jestcurate.math.partition import task_of
 
 DONE = "done.json"
 INDEX = "index.npy"  # (tasks x parts of this scatter): rows of each part bucketed per task
-COUNTS = "counts.npy"  # (tasks x 5): the Counts of each task's rows among this scatter's parts
-_COUNTS = ("rows", "errors", "below_min_clip_score", "duplicates", "eligible")
+COUNTS_FILE = "counts.npy"  # (tasks x Counts fields): each task's Counts among these parts
 
 
 def scatter_directory(root: Path, task: int, count: int) -> Path:
@@ -54,29 +64,11 @@ def bucket(directory: Path, destination: int) -> Path:
     return directory / f"to-{destination:05d}.rec"
 
 
-def _record_dtype(
+def _record(
     key_width: int, uid_width: int, ref: ScoreSet, learner: ScoreSet | None, columns: set[str]
 ) -> np.dtype:
-    fields: list[tuple[Any, ...]] = [
-        ("part", "<i4"),
-        ("index", "<i4"),
-        ("key", f"S{key_width}"),
-        ("uid", f"S{uid_width}"),
-        ("clip_score", "<f4"),
-        ("ref_loss", "<f4"),
-    ]
-    if learner is not None:
-        fields.append(("learner_loss", "<f4"))
-    if "cluster" in columns:
-        fields.append(("cluster", "<i4"))
-    if "embeddings" in columns:
-        fields += [("ref_img", "<f2", (ref.dim,)), ("ref_txt", "<f2", (ref.dim,))]
-        if learner is not None:
-            fields += [
-                ("learner_img", "<f2", (learner.dim,)),
-                ("learner_txt", "<f2", (learner.dim,)),
-            ]
-    return np.dtype(fields)
+    """A bucket record: the cache's columns (done.json records which optional ones)."""
+    return layout(key_width, uid_width, ref, learner, "cluster" in columns, "embeddings" in columns)
 
 
 def _width(table: pa.Table, column: str) -> int:
@@ -129,10 +121,7 @@ def scatter(
         return existing
     names = ref.part_names()
     mine = list(range(task, len(names), count))
-    if learner is not None and set(learner.part_names()) != set(names):
-        raise JCError(
-            "learner and reference cover different shards: score both from the same inputs"
-        )
+    check_same_parts(ref, learner)
     columns = {"embeddings"} if embeddings else set()
     if filters.clusters is not None:
         columns.add("cluster")
@@ -143,45 +132,33 @@ def scatter(
             max(key_width, _width(small, "key")),
             max(uid_width, _width(small, "uid")),
         )
-    dtype = _record_dtype(key_width, uid_width, ref, learner, columns)
+    dtype = _record(key_width, uid_width, ref, learner, columns)
     _remove_stale_partials(final)
     _check_open_files(count)
     partial = final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    counts = np.zeros((count, len(_COUNTS)), dtype=np.int64)  # per destination task
+    counts = np.zeros((count, len(COUNTS)), dtype=np.int64)  # per destination task
     index = np.zeros((count, len(mine)), dtype=np.int64)  # rows of each part per task
     shards: list[str] = []
-    emb = ["img_emb", "txt_emb"] if embeddings else []
     files = [open(bucket(partial, j), "wb") for j in range(count)]  # noqa: SIM115 (closed below)
     try:
         for q, p in enumerate(mine):
             name = names[p]
-            table = ref.read_part(
-                name, ["key", "shard", "status", "clip_score", "index", "uid", "ref_loss", *emb]
-            )
-            other = (
-                learner.read_part(name, ["key", "status", "ref_loss", *emb]) if learner else None
-            )
-            if other is not None and not other.column("key").equals(table.column("key")):
-                raise JCError(
-                    f"learner and reference differ in part {name}: score both from the same shards"
-                )
+            table, other = read_rows(ref, learner, name, embeddings)
             shard_col = table.column("shard")
             shard = shard_col[0].as_py() if len(shard_col) else name
             shards.append(shard)
             dest = task_of(identities(name, table), count)
-            ok, low, duplicate = eligible_masks(table, other, filters, shard)
-            keep = ok & ~low & ~duplicate
-            for c, mask in enumerate((np.ones_like(ok), ~ok, low, duplicate, keep)):
+            masks = count_masks(*eligible_masks(table, other, filters, shard))
+            for c, mask in enumerate(masks):
                 counts[:, c] += np.bincount(dest[mask], minlength=count)
-            clusters = filters.clusters if "cluster" in columns else None
-            values = row_values(table, other, pa.array(keep), p, shard, clusters)
-            records = np.zeros(len(values["part"]), dtype=dtype)
+            keep = masks[-1]
+            widths = (key_width, uid_width)
+            values = row_values(table, other, pa.array(keep), p, shard, filters.clusters, widths)
+            records = np.zeros(int(keep.sum()), dtype=dtype)
             for column, data in values.items():
                 records[column] = data
-            records["key"] = fixed_bytes(table.column("key").filter(keep), key_width)
-            records["uid"] = fixed_bytes(table.column("uid").filter(keep), uid_width)
             where = dest[keep]
             order = np.argsort(where, kind="stable")  # row order kept within each task
             sizes = np.bincount(where, minlength=count)
@@ -196,7 +173,7 @@ def scatter(
         for f in files:
             f.close()
         pa.default_memory_pool().release_unused()
-    for name, array in ((INDEX, index), (COUNTS, counts)):
+    for name, array in ((INDEX, index), (COUNTS_FILE, counts)):
         with open(partial / name, "wb") as f:
             np.save(f, array)
     done = {
@@ -226,8 +203,8 @@ def _row(root: Path, s: int, count: int, name: str, task: int) -> np.ndarray:
 
 def counts_for(root: Path, count: int, task: int) -> Counts:
     """The eligibility counts of task `task`'s partition, summed over every scatter."""
-    total = sum(_row(root, s, count, COUNTS, task) for s in range(count))
-    return Counts(**dict(zip(_COUNTS, map(int, total), strict=True)))
+    total = sum(_row(root, s, count, COUNTS_FILE, task) for s in range(count))
+    return Counts(**dict(zip(COUNTS, map(int, total), strict=True)))
 
 
 def gather(
@@ -249,16 +226,12 @@ def gather(
     key_width = max(d["key_width"] for d in dones)
     uid_width = max(d["uid_width"] for d in dones)
     columns = set(dones[0]["columns"])
-    out_dtype = _record_dtype(key_width, uid_width, ref, learner, columns)
+    out_dtype = _record(key_width, uid_width, ref, learner, columns)
     indexes = [_row(root, s, count, INDEX, task) for s in range(count)]  # parts/N values each
-    dtypes = [_record_dtype(d["key_width"], d["uid_width"], ref, learner, columns) for d in dones]
+    dtypes = [_record(d["key_width"], d["uid_width"], ref, learner, columns) for d in dones]
     cache_dir.mkdir(parents=True, exist_ok=True)
     n = sum(int(rows.sum()) for rows in indexes)  # this task's eligible rows
-    writers = {
-        name: ColumnWriter(cache_dir / f"{name}.npy", out_dtype[name].base.str,
-                           (n, *out_dtype[name].shape))
-        for name in out_dtype.names or ()
-    }  # fmt: skip
+    writers = column_writers(cache_dir, out_dtype, n)
     files = []
     try:
         for s in range(count):

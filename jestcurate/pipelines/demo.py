@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jestcurate import ui
-from jestcurate.pipelines import export as export_mod
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines import train as train_mod
@@ -156,23 +156,28 @@ def run(
     kept: dict[str, Counter[str]] = {}
     for method in ("jest", "random"):
         stage(f"selecting with {method}")
-        target = out / "curated" / method
-        select_mod.run(
-            select_mod.SelectConfig(
-                reference=out / "scores" / "reference",
-                learner=out / "scores" / "learner",
-                out=target,
-                method=method,
-                ratio=size.ratio,
-                batch_size=size.select_batch,
-            )
-        )
-        export_mod.export(target, None)
+        target = _select(out, size, method)
         rows = pq.read_table(target / "manifest.parquet", columns=["shard", "key"]).to_pylist()
         kept[method] = Counter(kinds[(r["shard"], r["key"])] for r in rows)
     stage("writing report.html")
     write_report(out / "scores" / "reference", out / "report.html", out / "curated" / "jest")
     return DemoReport(out, Counter(kinds.values()), kept)
+
+
+def _select(out: Path, size: DemoSize, method: str) -> Path:
+    """Select with `method` from the pool's two score sets into curated/METHOD, exported."""
+    target = out / "curated" / method
+    select_mod.run(
+        select_mod.SelectConfig(
+            reference=out / "scores" / "reference",
+            learner=out / "scores" / "learner",
+            out=target,
+            method=method,
+            sampling=SamplerOptions(size.select_batch, size.ratio),
+            export=True,
+        )
+    )
+    return target
 
 
 def table_rows(report: DemoReport) -> list[tuple[str, ...]]:

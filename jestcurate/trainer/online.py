@@ -12,7 +12,7 @@ Two pieces, used together in the training loop:
   conditional scores and the chunked sampler of `select --method jest`.
 
     batches = SuperBatches("scores/", batch_size=256, ratio=0.1)
-    selector = OnlineSelector(batches.reference, batch_size=256)
+    selector = OnlineSelector(batches.reference, SamplerOptions(batch_size=256))
     for sb in torch.utils.data.DataLoader(batches, batch_size=None, num_workers=4):
         with torch.no_grad():
             img, txt = learner_embed(sb.samples)           # this rank's share of B
@@ -41,18 +41,11 @@ import numpy as np
 import torch
 
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Filters, fill_cache, scan
+from jestcurate.io.eligible import INDEX, KEY, PART, REF_IMG, REF_TXT, Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_output
-from jestcurate.math.jest import (
-    CRITERIA,
-    DEFAULT_CHUNKS,
-    DEFAULT_POOL,
-    SAMPLERS,
-    Embeddings,
-    row_cache_fits,
-    select_batch,
-)
+from jestcurate.math.jest import Embeddings, row_cache_fits, select_batch
+from jestcurate.math.sampling import SamplerOptions
 from jestcurate.trainer.loader import Sample, _distributed, _index, sample_key, this_worker
 
 
@@ -111,12 +104,10 @@ class SuperBatches(torch.utils.data.IterableDataset):
         steps: range | None = None,
         export: str | Path | None = None,
     ) -> None:
-        if not 0 < ratio <= 1:
-            raise JCError(f"ratio is the kept fraction, in (0, 1]; got {ratio}")
+        self.super_batch = SamplerOptions(batch_size, ratio).super_batch  # checked, as select
         self.reference: ScoreSet = open_score_set(Path(reference), role="reference")
         self.reference.require_images("SuperBatches")  # it trains on the samples themselves
         self.batch_size = batch_size
-        self.super_batch = max(batch_size, round(batch_size / ratio))  # as select
         self.seed = seed
         default_rank, default_world = _distributed()
         self.rank = default_rank if rank is None else rank
@@ -144,8 +135,8 @@ class SuperBatches(torch.utils.data.IterableDataset):
                 self.reference, None, found, directory, filters, embeddings=True
             )
             ready.write_text(json.dumps(identity))
-        self.part = self.cache.read_range("part", 0, self.cache.size)
-        self.index = self.cache.read_range("index", 0, self.cache.size)
+        self.part = self.cache.read_range(PART, 0, self.cache.size)
+        self.index = self.cache.read_range(INDEX, 0, self.cache.size)
         rows = np.arange(self.cache.size)
         self.export: dict[str, Any] | None = None
         if export is not None:
@@ -202,7 +193,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
         own = slice(self.rank * share, (self.rank + 1) * share)
         shards = [self.cache.shards[p] for p in self.part[ids].tolist()]
         index = self.index[ids].astype(np.int64)
-        keys = np.char.decode(self.cache.read("key", ids), "utf-8").tolist()
+        keys = np.char.decode(self.cache.read(KEY, ids), "utf-8").tolist()
         if self.export is not None:  # the export's copy, at its manifest position and key
             per = self.export["per_shard"]
             where = self.export["position"][ids]
@@ -213,8 +204,8 @@ class SuperBatches(torch.utils.data.IterableDataset):
         return SuperBatch(
             step=step,
             ids=ids,
-            ref_img=torch.from_numpy(self.cache.read("ref_img", ids)),
-            ref_txt=torch.from_numpy(self.cache.read("ref_txt", ids)),
+            ref_img=torch.from_numpy(self.cache.read(REF_IMG, ids)),
+            ref_txt=torch.from_numpy(self.cache.read(REF_TXT, ids)),
             own=own,
             samples=self.transform(samples) if self.transform else samples,
             shards=shards,
@@ -232,40 +223,21 @@ class OnlineSelector:
     """Chooses b of each super-batch jointly, from cached reference embeddings and the
     learner's current ones, exactly as `select --method jest` does from two score sets.
 
-    criterion: learnability (default), easy-ref or hard-learner.
-    chunks, temperature, topk, seed, sampler, sweeps, pool: as `select --chunks/--temperature/
-    --topk/--seed/--sampler/--sweeps/--pool` (temperature None: the sampler's default).
+    options: b and jest's sampler, as select's options (`select --batch-size/--score/
+    --sampler/--chunks/--temperature/--topk/--sweeps/--pool`); the criterion defaults to
+    learnability (easy-ref when `select` is given no learner embeddings).
+    seed: as `select --seed`.
     """
 
     def __init__(
         self,
         reference: ScoreSet,
-        batch_size: int,
-        criterion: str = "learnability",
-        chunks: int = DEFAULT_CHUNKS,
-        temperature: float | None = None,
-        topk: bool = False,
+        options: SamplerOptions,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        sampler: str = "refine",
-        sweeps: int = 1,
-        pool: float = DEFAULT_POOL,
     ) -> None:
-        if criterion not in CRITERIA:
-            raise JCError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
-        if sampler not in SAMPLERS:
-            raise JCError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
-        if sweeps < 0:
-            raise JCError(f"sweeps must be 0 or more, got {sweeps}")
         self.reference = reference
-        self.batch_size = batch_size
-        self.criterion = criterion
-        self.chunks = chunks
-        self.temperature = temperature
-        self.topk = topk
-        self.sampler = sampler
-        self.sweeps = sweeps
-        self.pool = pool
+        self.options = options
         self.device = torch.device(device)
         # On the CPU whatever the device: the same draws everywhere, as in select.
         self.generator = torch.Generator().manual_seed(seed)
@@ -304,21 +276,8 @@ class OnlineSelector:
                 kind,
             )
         models = 2 if learner is not None else 1
-        fits = row_cache_fits(self.batch_size, len(ref.img), models, self.device)
-        picked, _ = select_batch(
-            self.criterion,
-            ref,
-            learner,
-            self.batch_size,
-            sampler=self.sampler,
-            n_chunks=self.chunks,
-            generator=self.generator,
-            temperature=self.temperature,
-            topk=self.topk,
-            sweeps=self.sweeps,
-            cache_rows=fits,
-            pool=self.pool,
-        )
+        fits = row_cache_fits(self.options.batch_size, len(ref.img), models, self.device)
+        picked, _ = select_batch(self.options, ref, learner, self.generator, cache_rows=fits)
         self.steps += 1
         return picked
 

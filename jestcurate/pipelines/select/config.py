@@ -1,0 +1,88 @@
+"""select's configuration, its checks, and the names of what it writes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jestcurate.errors import JCError
+from jestcurate.math.sampling import SamplerOptions
+from jestcurate.model.openclip import resolve_device
+
+log = logging.getLogger(__name__)
+
+METHODS = ("random", "clip-score", "easy-ref", "learnability", "jest")
+SUPER_BATCH_METHODS = ("easy-ref", "learnability", "jest")
+MANIFEST = "manifest.parquet"
+SUMMARY = "summary.json"
+UIDS = "uids.npy"
+TASKS_DIR = "tasks"
+SCATTER_DIR = "scatter"
+SELECTION_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    reference: Path
+    out: Path
+    learner: Path | None = None
+    method: str = "jest"
+    # b, the ratio and jest's sampler (its criterion is --score)
+    sampling: SamplerOptions = field(default_factory=lambda: SamplerOptions(4096))
+    seed: int = 0
+    min_clip_score: float | None = None
+    max_steps: int | None = None
+    device: str = "auto"
+    dedup: Path | None = None  # a `jestcurate dedup` output: its dropped rows are not eligible
+    balance_clusters: bool = False  # cap each dedup cluster's share of every batch / kept set
+    task_index: int | None = None  # array task I of N; None: from Slurm's variables, else 0 of 1
+    num_tasks: int | None = None
+    merge: bool = False  # only join finished task outputs into OUT
+    overwrite: bool = False  # replace whatever selection OUT holds
+    export: bool = False  # then write the kept samples to OUT/shards (pipelines/export.py)
+    samples_per_shard: int | None = None  # with export; None: export's default
+
+    @property
+    def criterion(self) -> str | None:
+        """jest's batch score (None for the other methods)."""
+        if self.method != "jest":
+            return None
+        return self.sampling.criterion_for(self.learner is not None)
+
+
+def validate(cfg: SelectConfig) -> None:
+    """select's own checks (the sampler options checked themselves when made)."""
+    if cfg.method not in METHODS:
+        raise JCError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise JCError("--max-steps must be at least 1")
+    if cfg.sampling.criterion is not None and cfg.method != "jest":
+        raise JCError("--score chooses jest's criterion; other methods have their own")
+    needs_learner = cfg.method == "learnability" or cfg.criterion in (
+        "learnability",
+        "hard-learner",
+    )
+    if needs_learner and cfg.learner is None:
+        what = f"--score {cfg.criterion}" if cfg.method == "jest" else f"--method {cfg.method}"
+        raise JCError(f"{what} needs --learner (a score set made with `score --role learner`)")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise JCError(f"--out {cfg.out} exists and is not a directory")
+    if cfg.method in SUPER_BATCH_METHODS:
+        resolve_device(cfg.device)  # an unusable --device fails now, not after the cache pass
+    if cfg.balance_clusters and cfg.dedup is None:
+        raise JCError("--balance-clusters needs --dedup (the clusters come from jestcurate dedup)")
+    if cfg.min_clip_score is not None and not -1 <= cfg.min_clip_score <= 1:
+        raise JCError(
+            f"--min-clip-score is a cosine similarity, in [-1, 1]; got {cfg.min_clip_score}"
+        )
+    b = cfg.sampling.batch_size
+    if cfg.method in SUPER_BATCH_METHODS and cfg.sampling.super_batch == b:
+        # B = round(b / ratio) exceeds b from b / ratio >= b + 0.5 on: shown rounded down
+        most = math.floor(b / (b + 0.5) * 1e4) / 1e4
+        log.warning(
+            "--ratio %s makes each super-batch exactly one batch of %d: %s keeps every "
+            "candidate and chooses nothing (--ratio %s or less chooses)",
+            cfg.sampling.ratio, b, cfg.method, most,
+        )  # fmt: skip

@@ -1,0 +1,144 @@
+"""select's inputs: the score sets, the identity a selection records (inputs and parameters),
+and the filters (min clip score, dedup) that make rows ineligible."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jestcurate import ui
+from jestcurate.errors import JCError, some
+from jestcurate.io.eligible import Counts, Filters, fill_cache, scan
+from jestcurate.io.rowcache import RowCache
+from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_json
+from jestcurate.math.partition import PARTITION_BY, PARTITION_HASH
+from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    ref: ScoreSet
+    learner: ScoreSet | None
+    identity: dict[str, Any]  # what the selection records: inputs, method, parameters
+
+
+def open_inputs(cfg: SelectConfig, tasks: int) -> Inputs:
+    """The score sets (warning once about failed shards) and the selection's identity, with
+    the partition when `tasks` array tasks share the work."""
+    ref = open_score_set(cfg.reference, role="reference")
+    if cfg.export:  # before choosing anything: a set without images has nothing to export
+        ref.require_images("select --export")
+    learner = open_score_set(cfg.learner, role="learner") if cfg.learner else None
+    for scores in (ref, learner):
+        _warn_failed_shards(scores)
+    identity = _identity(cfg, ref, learner)
+    if tasks > 1:
+        identity["partition"] = partition_identity(tasks)
+    return Inputs(ref, learner, identity)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The eligible rows a selection chooses from: their counts, and how to copy them into a
+    cache folder."""
+
+    counts: Counts
+    build: Callable[[Path], RowCache]
+
+
+def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
+    """One run's rows: every eligible row of the score sets."""
+    ref, learner = inputs.ref, inputs.learner
+    found_by = filters(cfg, ref)
+    with ui.step_progress("checking score sets", len(ref.parts), "parts") as tick:
+        found = scan(ref, learner, found_by, on_part=tick)
+
+    def build(cache_dir: Path) -> RowCache:
+        embeddings = cfg.method in SUPER_BATCH_METHODS
+        with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
+            return fill_cache(ref, learner, found, cache_dir, found_by, embeddings, tick)
+
+    return Rows(found.counts, build)
+
+
+def partition_identity(count: int) -> dict[str, Any]:
+    return {"num_tasks": count, "by": PARTITION_BY, "hash": PARTITION_HASH}
+
+
+def _dedup_fingerprint(dedup: Path | None) -> dict[str, Any] | None:
+    from jestcurate.pipelines.dedup import SUMMARY
+
+    if dedup is None:
+        return None
+    summary = dedup / SUMMARY
+    if not summary.is_file():
+        raise JCError(f"{dedup} is not a finished dedup output (no summary.json)")
+    content = summary.read_bytes()
+    return {"path": str(dedup.resolve()), "summary_sha256": hashlib.sha256(content).hexdigest()}
+
+
+def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dict[str, Any]:
+    sampling = cfg.sampling
+    jest = sampling.applied()
+    return {
+        "inputs": {
+            "reference": fingerprint(ref),
+            "learner": fingerprint(learner) if learner else None,
+        },
+        "method": cfg.method,
+        "score": cfg.criterion,
+        "parameters": {
+            "ratio": sampling.ratio,
+            "batch_size": sampling.batch_size,
+            "super_batch_size": (
+                sampling.super_batch if cfg.method in SUPER_BATCH_METHODS else None
+            ),
+            **(jest if cfg.method == "jest" else dict.fromkeys(jest)),  # jest's options
+            "seed": cfg.seed,
+            "min_clip_score": cfg.min_clip_score,
+            "max_steps": cfg.max_steps,
+            "dedup": _dedup_fingerprint(cfg.dedup),
+            "balance_clusters": cfg.balance_clusters,
+        },
+    }
+
+
+def filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
+    """What makes a row ineligible: --min-clip-score, and --dedup's dropped rows."""
+    if cfg.dedup is None:
+        return Filters(cfg.min_clip_score)
+    from jestcurate.pipelines.dedup import SUMMARY, load_clusters, load_dropped
+
+    try:
+        summary = read_json(cfg.dedup / SUMMARY)
+    except (OSError, ValueError) as exc:
+        raise JCError(f"{cfg.dedup / SUMMARY} is unreadable ({exc})") from None
+    made_from = summary.get("scores", {}).get("parts_sha256")
+    if made_from != fingerprint(ref)["parts_sha256"]:
+        raise JCError(
+            f"{cfg.dedup} was made from another score set ({summary.get('scores', {}).get('path')}"
+            f"), not {cfg.reference}; rerun jestcurate dedup on the reference"
+        )
+    clusters = load_clusters(cfg.dedup) if cfg.balance_clusters else None
+    return Filters(cfg.min_clip_score, load_dropped(cfg.dedup), clusters)
+
+
+def _warn_failed_shards(scores: ScoreSet | None) -> None:
+    """Rows lost with a failed shard are missing from the pool: say so, once per run."""
+    failed = [] if scores is None else scores.failed_shards()
+    if not failed:
+        return
+    shown = some(failed)
+    assert scores is not None
+    log.warning(
+        "%s: %d of %d shards failed when scored, so their rows after each failure are not in "
+        "the pool: %s. `jestcurate status %s` lists them; rerunning `jestcurate score` with the "
+        "same options retries them",
+        scores.path, len(failed), len(scores.parts), shown, scores.path,
+    )  # fmt: skip

@@ -1,0 +1,254 @@
+"""`select`'s run: reuse a finished selection, or choose and write a new one (in one run, as
+an array task, or by merging the tasks), then export it if asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from jestcurate import ui
+from jestcurate.errors import JCError
+from jestcurate.io.eligible import Counts, score_columns
+from jestcurate.io.store import META_NAME, finished_output, read_json
+from jestcurate.math.sampling import super_batch_size
+from jestcurate.pipelines.select.choosing import choose
+from jestcurate.pipelines.select.config import (
+    MANIFEST,
+    SUMMARY,
+    SUPER_BATCH_METHODS,
+    SelectConfig,
+    validate,
+)
+from jestcurate.pipelines.select.inputs import Inputs, Rows, eligible_rows, open_inputs
+from jestcurate.pipelines.select.outputs import (
+    Means,
+    datacomp_uids,
+    remove_selection,
+    write_manifest,
+    write_summary,
+)
+from jestcurate.pipelines.select.report import Exported, SelectReport
+from jestcurate.pipelines.select.tasks import (
+    Task,
+    drop_buckets,
+    gathered_rows,
+    merge,
+    refuse_other_task_counts,
+    scatter_round,
+    task_directory,
+    this_task,
+    unfinished_tasks,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: SelectConfig) -> SelectReport:
+    """Select and write the outputs; rerunning with the same inputs reuses a finished selection.
+    With cfg.export, then export the kept samples (pipelines/export.py).
+
+    As array task I of N (--task-index/--num-tasks, or Slurm's variables) it selects from its
+    own partition into OUT/tasks/ and, when it is the last task to finish, merges all of them;
+    with --merge it only merges."""
+    began = time.time()
+    validate(cfg)
+    task = this_task(cfg)
+    inputs = open_inputs(cfg, task.count)
+    done = _existing(cfg, inputs.identity, task)
+    if done is not None:
+        log.info("%s already holds this selection; nothing to do", cfg.out)
+        report = SelectReport(cfg.out, done, reused=True)
+    elif task.merge:
+        report = SelectReport(cfg.out, merge(cfg.out, inputs.identity, task.count))
+    elif not task.partitioned:
+        rows = eligible_rows(cfg, inputs)
+        summary = _select_into(cfg, cfg.out, inputs, inputs.identity, rows, task)
+        report = SelectReport(cfg.out, summary)
+    else:
+        report = _array_task(cfg, inputs, task)
+    report.seconds = time.time() - began
+    return _export(cfg, report, task)
+
+
+def _array_task(cfg: SelectConfig, inputs: Inputs, task: Task) -> SelectReport:
+    """Task I of N: scatter (round 1), then select from its partition (round 2); the last task
+    to finish merges."""
+    identity = inputs.identity
+    task_dir = task_directory(cfg.out, task.index, task.count)
+    task_identity = {**identity, "task": task.index}
+    mine = finished_output(task_dir, SUMMARY, MANIFEST, task_identity, "task selection")
+    if mine is None:
+        dones = scatter_round(cfg, inputs, task)
+        if dones is None:  # round 2 waits for every task's round 1
+            return SelectReport(task_dir, {}, task=task.index, waiting="scatter")
+        rows = gathered_rows(cfg, inputs, task, dones)
+        mine = _select_into(cfg, task_dir, inputs, task_identity, rows, task)
+        drop_buckets(cfg, task)
+    else:
+        log.info("task %d of %d already finished in %s", task.index, task.count, task_dir)
+    waiting = unfinished_tasks(cfg.out, identity, task.count)
+    if waiting:  # another task merges when it finishes last
+        log.info("task %d of %d done; %d tasks still to finish", task.index, task.count,
+                 len(waiting))  # fmt: skip
+        return SelectReport(task_dir, mine, task=task.index)
+    return SelectReport(cfg.out, merge(cfg.out, identity, task.count))
+
+
+def _export(cfg: SelectConfig, report: SelectReport, task: Task) -> SelectReport:
+    """With --export, export a whole selection (this task's share of its shards, as an array
+    task); an array task whose merge is still to come leaves it to the last task."""
+    if not cfg.export or report.waiting:
+        return report
+    if report.task is not None:
+        return dataclasses.replace(report, export_waits=True)
+    from jestcurate.pipelines import export as export_mod
+
+    share = None if task.merge else (task.index, task.count)
+    done = export_mod.export(cfg.out, cfg.samples_per_shard, share=share)
+    return dataclasses.replace(report, exported=Exported.of(done))
+
+
+def _existing(cfg: SelectConfig, identity: dict[str, Any], task: Task) -> dict[str, Any] | None:
+    """The summary of the finished selection OUT holds with this identity (to reuse), or None
+    (to select); a refusal for anything else OUT holds, unless --overwrite replaces it."""
+    _refuse_other_outputs(cfg.out)
+    if cfg.overwrite:
+        if task.count > 1 or task.merge:
+            raise JCError(
+                "--overwrite replaces a selection made in one run; array tasks would remove "
+                f"each other's work: remove {cfg.out} first instead"
+            )
+        return None  # removed once the new selection is known to be possible (in _select_into)
+    refuse_other_task_counts(cfg.out, task.count)
+    instead = "use another --out, or --overwrite to replace it"
+    done = finished_output(cfg.out, SUMMARY, MANIFEST, identity, "selection", instead)
+    if done is not None and done.get("partition") != identity.get("partition"):
+        there, now = (_made_as(x.get("partition")) for x in (done, identity))
+        raise JCError(
+            f"{cfg.out} holds a different selection (partition: {there} there, {now} now); "
+            f"{instead}"
+        )
+    return done
+
+
+def _refuse_other_outputs(out: Path) -> None:
+    """A score set or a dedup output in OUT is not a selection, to reuse or to replace."""
+    from jestcurate.pipelines.dedup import OUTPUT as DEDUP_OUTPUT
+
+    for name, what in ((META_NAME, "a score set"), (DEDUP_OUTPUT, "a dedup output")):
+        if (out / name).exists():
+            raise JCError(f"{out} is {what}, not a selection; use another --out")
+    summary = out / SUMMARY
+    if summary.is_file():
+        try:
+            found = read_json(summary)
+        except (OSError, ValueError):
+            return  # finished_output reports it; --overwrite replaces it
+        if "method" not in found:
+            raise JCError(f"{summary} is not a selection's summary; use another --out")
+
+
+def _made_as(partition: dict[str, Any] | None) -> str:
+    return f"{partition.get('num_tasks')} array tasks" if partition else "one run"
+
+
+def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
+    """Why there is no super-batch: the eligible rows, what the filters took out of the rows and
+    the option to change (the filter's own when one took most of what it was given)."""
+    removed = [
+        (counts.errors, "are errors"),
+        (counts.below_min_clip_score, "are below --min-clip-score"),
+        (counts.duplicates, f"were dropped by --dedup {cfg.dedup}"),
+    ]
+    said = ", ".join(f"{n:,} {what}" for n, what in removed if n)
+    line = (
+        f"{counts.eligible:,} eligible rows{f' (of {counts.rows:,}: {said})' if said else ''} are "
+        f"fewer than one super-batch of B = round(b / ratio) = {cfg.sampling.super_batch:,}; "
+    )
+    ok = counts.rows - counts.errors
+    offered = ok - counts.below_min_clip_score  # what dedup's verdicts applied to
+    if counts.duplicates > offered / 2:
+        line += (
+            f"the dedup dropped most rows ({counts.duplicates:,} of {offered:,}): rerun "
+            "`jestcurate dedup` with a smaller --eps (its warning suggests one when the embedding "
+            "space looks collapsed), or "
+        )
+    elif counts.below_min_clip_score and counts.below_min_clip_score == ok:
+        return (
+            f"no row passes --min-clip-score {cfg.min_clip_score}: all {ok:,} scored rows are "
+            "below it (`jestcurate info` on the score set shows its clip_score quantiles)"
+        )
+    elif counts.below_min_clip_score > ok / 2:
+        line += "lower --min-clip-score, or "
+    ratio = cfg.sampling.ratio
+    fits = _largest_batch(counts.eligible, ratio)
+    if fits < 1:
+        return f"{line}raise --ratio"
+    return f"{line}pass --batch-size {fits:,} or less (at --ratio {ratio:g}), or raise --ratio"
+
+
+def _largest_batch(rows: int, ratio: float) -> int:
+    """The largest b whose super-batch fits in `rows`."""
+    b = int(rows * ratio) + 1
+    while b > 0 and super_batch_size(b, ratio) > rows:
+        b -= 1
+    return b
+
+
+def _select_into(
+    cfg: SelectConfig,
+    out: Path,
+    inputs: Inputs,
+    identity: dict[str, Any],
+    rows: Rows,
+    task: Task,
+) -> dict[str, Any]:
+    """Choose from the eligible `rows` (copied into a cache first), and write manifest, uids and
+    (last) summary into `out`. For an array task's partition, having too few rows to choose
+    from is not an error, and the summary keeps the exact sums the merge needs."""
+    counts, learner = rows.counts, inputs.learner
+    big = cfg.sampling.super_batch if cfg.method in SUPER_BATCH_METHODS else None
+    steps = counts.eligible // cfg.sampling.super_batch
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    if steps == 0 and not task.partitioned:
+        raise JCError(_too_few_rows(cfg, counts))
+    if steps == 0:  # a task's partition too small: its rows are tail, the other tasks go on
+        log.warning("%d eligible rows%s: less than one super-batch", counts.eligible, task.where)
+    if cfg.overwrite:  # the new selection is possible: now the old one goes
+        remove_selection(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = out / ".cache"
+    try:
+        cache = rows.build(cache_dir)
+        everything = Means()
+        for start in range(0, cache.size, 1 << 20):
+            stop = min(start + (1 << 20), cache.size)
+            columns = score_columns(learner is not None)
+            everything.add({c: cache.read_range(c, start, stop) for c in columns})
+        with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:
+            batches = choose(cfg, cache, inputs.ref, learner, steps, on_batch=tick)
+            kept, halves = write_manifest(out / MANIFEST, cache, batches, learner is not None)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    candidates = steps * cfg.sampling.super_batch if big else counts.eligible
+    totals = {
+        **asdict(counts),
+        "steps": steps,
+        "super_batches": steps if big else None,
+        "candidates": candidates,
+        "tail_dropped": counts.eligible - candidates,
+        "kept": kept.count,
+        "dropped": counts.eligible - kept.count,
+    }
+    subset = None if halves is None else datacomp_uids(halves)
+    # an array task's summary keeps exact sums for the merge, not only rounded means
+    sums = {"kept": kept.state(), "eligible": everything.state()}
+    extra = {"sums": sums} if task.partitioned else {}
+    images = inputs.ref.has_images
+    return write_summary(out, identity, totals, kept, everything, subset, images, **extra)

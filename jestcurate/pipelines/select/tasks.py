@@ -1,0 +1,220 @@
+"""select as array tasks: which task this run is, the task folders, the scatter round, and
+the merge of the tasks' selections into one."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jestcurate import ui
+from jestcurate.errors import JCError
+from jestcurate.io import scatter as scatter_mod
+from jestcurate.io.rowcache import RowCache
+from jestcurate.io.shards import resolve_task
+from jestcurate.io.store import atomic_write, finished_output
+from jestcurate.math.partition import interleave
+from jestcurate.math.sampling import super_batch_size
+from jestcurate.pipelines.select.config import (
+    MANIFEST,
+    SCATTER_DIR,
+    SUMMARY,
+    SUPER_BATCH_METHODS,
+    TASKS_DIR,
+    UIDS,
+    SelectConfig,
+)
+from jestcurate.pipelines.select.inputs import Inputs, Rows, filters
+from jestcurate.pipelines.select.outputs import Means, manifest_schema, write_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What this run does: array task `index` of `count` (0 of 1: one run over every row), or,
+    with `merge`, only the join of the `count` tasks' finished selections."""
+
+    index: int
+    count: int
+    merge: bool = False
+
+    @property
+    def partitioned(self) -> bool:
+        """A share of the rows, not all of them: its own folder, and a merge to come."""
+        return self.count > 1 and not self.merge
+
+    @property
+    def where(self) -> str:
+        """Where the rows come from, for messages ("" for one run)."""
+        return f" in task {self.index}'s partition" if self.partitioned else ""
+
+
+def this_task(cfg: SelectConfig) -> Task:
+    """This run's task; --merge needs only the count."""
+    if cfg.merge:
+        count = cfg.num_tasks or _tasks_in(cfg.out)
+        if count < 2:
+            raise JCError("--merge joins the outputs of 2 or more array tasks (--num-tasks N)")
+        return Task(0, count, merge=True)
+    if cfg.task_index is None and cfg.num_tasks == 1:
+        return Task(0, 1)  # --num-tasks 1: one selection over every row, whatever Slurm says
+    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
+    if cfg.task_index is None and count > 1:
+        log.warning(
+            "selecting as array task %d of %d (from Slurm's variables): from 1/%d of the rows; "
+            "pass --num-tasks 1 for one selection over every row",
+            index,
+            count,
+            count,
+        )
+    return Task(index, count)
+
+
+def refuse_other_task_counts(out: Path, count: int) -> None:
+    """Array-task outputs of another N (or any, for a single run) in OUT are another selection."""
+    found = _task_counts(out)
+    if found and found != {count}:
+        shown = ", ".join(str(n) for n in sorted(found))
+        raise JCError(
+            f"{out / TASKS_DIR} holds array-task outputs for N = {shown}, not {count}; use "
+            "the same --num-tasks or another --out"
+        )
+
+
+def _task_counts(out: Path) -> set[int]:
+    folders = [*(out / TASKS_DIR).glob("*-of-*"), *(out / TASKS_DIR / SCATTER_DIR).glob("*-of-*")]
+    return {int(p.name[-5:]) for p in folders if re.fullmatch(r"\d{5}-of-\d{5}", p.name)}
+
+
+def _tasks_in(out: Path) -> int:
+    """The N of the OUT/tasks/I-of-N folders, when --merge is not told it."""
+    counts = _task_counts(out)
+    if len(counts) != 1:
+        found = "none" if not counts else ", ".join(map(str, sorted(counts)))
+        raise JCError(f"pass --num-tasks: {out / TASKS_DIR} holds task outputs for N = {found}")
+    return counts.pop()
+
+
+def task_directory(out: Path, index: int, count: int) -> Path:
+    return out / TASKS_DIR / f"{index:05d}-of-{count:05d}"
+
+
+def _task_summary(out: Path, identity: dict[str, Any], index: int) -> dict[str, Any] | None:
+    count = identity["partition"]["num_tasks"]
+    directory = task_directory(out, index, count)
+    return finished_output(directory, SUMMARY, MANIFEST, {**identity, "task": index}, "task")
+
+
+def unfinished_tasks(out: Path, identity: dict[str, Any], count: int) -> list[int]:
+    """Tasks of this selection whose outputs are not finished yet."""
+    return [i for i in range(count) if _task_summary(out, identity, i) is None]
+
+
+def scatter_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> list[dict[str, Any]] | None:
+    """Round 1 (io/scatter.py): bucket this task's share of the parts, unless done; then every
+    task's done.json, or None while some task has still to scatter."""
+    index, count, identity = task.index, task.count, inputs.identity
+    root = cfg.out / TASKS_DIR / SCATTER_DIR
+    parts = len(range(index, len(inputs.ref.parts), count))
+    mine = scatter_mod.scatter_directory(root, index, count)
+    if scatter_mod.read_done(mine, identity) is not None:
+        log.info("task %d of %d already scattered its rows", index, count)
+    else:
+        embeddings = cfg.method in SUPER_BATCH_METHODS
+        with ui.step_progress("scattering rows to tasks", parts, "parts") as tick:
+            scatter_mod.scatter(inputs.ref, inputs.learner, filters(cfg, inputs.ref), embeddings,
+                                root, index, count, identity, on_part=tick)  # fmt: skip
+    dones = [scatter_mod.read_done(scatter_mod.scatter_directory(root, s, count), identity)
+             for s in range(count)]  # fmt: skip
+    missing = [s for s, d in enumerate(dones) if d is None]
+    if missing:
+        log.info("task %d scattered; %d tasks have still to scatter", index, len(missing))
+        return None
+    return [d for d in dones if d is not None]
+
+
+def gathered_rows(
+    cfg: SelectConfig, inputs: Inputs, task: Task, dones: list[dict[str, Any]]
+) -> Rows:
+    """Round 2: this task's rows, from every task's buckets."""
+    root = cfg.out / TASKS_DIR / SCATTER_DIR
+    ref, learner = inputs.ref, inputs.learner
+
+    def build(cache_dir: Path) -> RowCache:
+        with ui.step_progress("gathering this task's rows", len(ref.parts), "parts") as tick:
+            return scatter_mod.gather(ref, learner, root, dones, task.index, cache_dir, tick)
+
+    return Rows(scatter_mod.counts_for(root, task.count, task.index), build)
+
+
+def drop_buckets(cfg: SelectConfig, task: Task) -> None:
+    """A task that selected no longer needs the rows bucketed for it."""
+    scatter_mod.drop_buckets(cfg.out / TASKS_DIR / SCATTER_DIR, task.index, task.count)
+
+
+def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
+    """Join the N tasks' selections into OUT/manifest.parquet, uids.npy and summary.json: their
+    batches interleaved into one step order (partition.interleave), counts summed, means from
+    the tasks' exact sums. Deterministic: the same task outputs give the same bytes."""
+    summaries = [_task_summary(out, identity, i) for i in range(count)]
+    missing = [i for i, s in enumerate(summaries) if s is None]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise JCError(
+            f"cannot merge {out}: {len(missing)} of {count} tasks have not finished ({shown}); "
+            "run them (select --task-index I --num-tasks N) first"
+        )
+    tasks: list[dict[str, Any]] = [s for s in summaries if s is not None]
+    steps = [int(s["counts"]["steps"]) for s in tasks]
+    if not sum(steps):
+        eligible = sum(int(s["counts"]["eligible"]) for s in tasks)
+        b, ratio = identity["parameters"]["batch_size"], identity["parameters"]["ratio"]
+        raise JCError(
+            f"no task's partition holds one super-batch of B = {super_batch_size(b, ratio)} rows "
+            f"({eligible} eligible in all, about {eligible // count} per task); use fewer "
+            "tasks, a lower --batch-size or a higher --ratio"
+        )
+    learner = identity["inputs"]["learner"] is not None
+    order = interleave(steps)
+    files = [pq.ParquetFile(task_directory(out, i, count) / MANIFEST) for i in range(count)]
+
+    def write(tmp: Path) -> None:
+        schema = manifest_schema(learner)
+        with (
+            pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as writer,
+            ui.step_progress("merging task manifests", len(order), "batches") as tick,
+        ):
+            for step, (task, local) in enumerate(order):
+                table = files[task].read_row_group(local)
+                renumbered = pa.array(np.full(table.num_rows, step, dtype=np.int64))
+                table = table.set_column(0, schema.field("step"), renumbered)
+                writer.write_table(table, row_group_size=max(table.num_rows, 1))  # one per step
+                tick()
+
+    atomic_write(out / MANIFEST, write)
+    subset = None
+    if all(s["outputs"]["uids"] for s in tasks):
+        parts = [np.load(task_directory(out, i, count) / UIDS) for i in range(count)]
+        subset = np.sort(np.concatenate(parts))
+    counts: dict[str, Any] = {}
+    for s in tasks:
+        for name, value in s["counts"].items():
+            counts[name] = None if value is None else counts.get(name, 0) + value
+    kept, eligible = Means(), Means()
+    for s in tasks:
+        kept.merge(s["sums"]["kept"])
+        eligible.merge(s["sums"]["eligible"])
+    images = all(s["outputs"]["images"] for s in tasks)
+    shares = [{"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
+              for i, s in enumerate(tasks)]  # fmt: skip
+    summary = write_summary(out, identity, counts, kept, eligible, subset, images, tasks=shares)
+    shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # every task has its rows
+    return summary

@@ -1,0 +1,90 @@
+"""`jestcurate slurm select`: check the select options once, write the scripts (slurm.py's
+write_select_scripts) and submit them in order: the array twice (round 1 buckets each task's
+rows, round 2 selects), the merge after round 2 and, with --export, the export array after
+the merge, each with afterok dependencies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jestcurate import ui
+from jestcurate.errors import JCError
+from jestcurate.scale import slurm
+
+# Flags that are the scripts' to set, not the user's.
+TASK_FLAGS = ("--task-index", "--num-tasks", "--merge")
+
+
+@dataclass(frozen=True)
+class SelectPlan:
+    """What the scripts run: select's options (without --export, which only the export
+    script passes) for `num_tasks` array tasks writing into `out`."""
+
+    out: Path
+    args: list[str]
+    export: bool
+    num_tasks: int
+
+
+def plan(
+    args: Sequence[str], num_tasks: int, parse: Callable[[list[str]], Mapping[str, Any]]
+) -> SelectPlan:
+    """Check select's options (given after `--`) now, not in every task: `parse` reads them
+    as `select` does (the command line's own parser) and raises JCError on bad ones."""
+    args = list(args)
+    if "--" in args:
+        args.remove("--")
+    if num_tasks < 2:
+        raise JCError("--num-tasks must be at least 2 (with one task, run select itself)")
+    if any(a.split("=")[0] in TASK_FLAGS for a in args):
+        raise JCError(
+            "--task-index, --num-tasks and --merge are the scripts' to set: give --num-tasks "
+            "to slurm select, not among the select options"
+        )
+    if "--overwrite" in args:
+        raise JCError("--overwrite is for one run, not array tasks: remove OUT first instead")
+    parsed = parse(args)
+    base = [a for a in args if a != "--export"]
+    return SelectPlan(Path(parsed["out"]), base, "--export" in args, num_tasks)
+
+
+@dataclass(frozen=True)
+class SlurmSelectReport:
+    plan: SelectPlan
+    scripts: slurm.SelectScripts
+    jobs: list[str] | None  # the submitted job ids; None: written, not submitted
+
+
+def run(plan: SelectPlan, opts: slurm.SlurmOptions, submit: bool) -> SlurmSelectReport:
+    """Write the scripts and, with `submit`, submit them in order."""
+    export_args = [] if plan.export else None
+    scripts = slurm.write_select_scripts(plan.out, plan.args, plan.num_tasks, opts, export_args)
+    if not submit:
+        return SlurmSelectReport(plan, scripts, None)
+    tasks = range(plan.num_tasks)
+    scatter = slurm.submit(scripts.select, tasks, opts)  # round 1: bucket the rows
+    select = slurm.submit(scripts.select, tasks, opts, after=scatter)  # round 2
+    merge = slurm.submit_one(scripts.merge, after=select)
+    jobs = [*scatter, *select, merge]
+    if scripts.export is not None:
+        jobs += slurm.submit(scripts.export, tasks, opts, after=[merge])
+    return SlurmSelectReport(plan, scripts, jobs)
+
+
+def print_report(report: SlurmSelectReport) -> None:
+    """The scripts written, then how to submit them or what was submitted."""
+    scripts, n = report.scripts, report.plan.num_tasks
+    for path in (scripts.select, scripts.merge, *([scripts.export] if scripts.export else [])):
+        ui.say(str(path))
+    if report.jobs is None:
+        ui.note(
+            f"{n} tasks; submit with --submit, or by hand: sbatch --array=0-{n - 1} "
+            f"{scripts.select} 0 twice (the second with --dependency=afterok:FIRST), then "
+            f"{scripts.merge.name} after the second"
+        )
+        return
+    then = "the merge and the export" if report.plan.export else "the merge"
+    ui.say(f"submitted {n} select tasks (two rounds), then {then}: {', '.join(report.jobs)}")
