@@ -1,0 +1,272 @@
+"""`select`, `slurm select` and `dedup`: choosing training batches and dropping duplicates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from jestcurate.cli.app import app, config_from, one_line_errors, slurm_app
+from jestcurate.cli.options import (
+    NumTasks,
+    SlurmAccount,
+    SlurmExtra,
+    SlurmMaxArraySize,
+    SlurmMaxConcurrent,
+    SlurmMem,
+    SlurmPartition,
+    SlurmQos,
+    SlurmSubmit,
+    SlurmTime,
+    score_set_dir,
+)
+from jestcurate.errors import JCError
+
+
+@app.command(short_help="Choose JEST (or baseline) training batches from score sets.")
+@one_line_errors
+def select(
+    reference: Annotated[
+        str,
+        typer.Argument(
+            help="Reference score set (made by `score`, role reference): a path or a URL.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Selection directory to write.")],
+    learner: Annotated[
+        str | None,
+        typer.Option(help="Learner score set of the same shards (`score --role learner`)."),
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="jest (joint selection per super-batch), learnability or easy-ref (independent "
+            "top-k in the same super-batches), clip-score (global top fraction) or random."
+        ),
+    ] = "jest",
+    score: Annotated[
+        str | None,
+        typer.Option(
+            help="jest's batch score: learnability (learner minus reference loss), easy-ref "
+            "(minus reference loss) or hard-learner. Default: learnability with --learner, "
+            "else easy-ref."
+        ),
+    ] = None,
+    ratio: Annotated[
+        float, typer.Option(help="Kept fraction (the paper's 1 - f); super-batches hold b / ratio.")
+    ] = 0.2,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Training batch size b.")
+    ] = (4096),
+    sampler: Annotated[
+        str,
+        typer.Option(
+            help="jest: refine (start from the independent top-b, then re-draw each chunk given "
+            "the rest of the batch, keeping it only if it raises the batch score: never "
+            "below independent top-k) or paper (the paper's Algorithm 1 as written)."
+        ),
+    ] = "refine",
+    chunks: Annotated[
+        int | None,
+        typer.Option(
+            help="jest: chunks each batch is drawn in, at most b. Default: 16 (b if less)."
+        ),
+    ] = None,
+    sweeps: Annotated[
+        int, typer.Option(help="jest --sampler refine: passes over the batch's chunks.")
+    ] = 1,
+    pool: Annotated[
+        float,
+        typer.Option(
+            help="jest --sampler refine: re-draw chunks from the best pool x b candidates by "
+            "independent score (all B when larger)."
+        ),
+    ] = 3.0,
+    seed: Annotated[int, typer.Option(help="Seed of the permutation, shuffles and draws.")] = 0,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="jest: draw chunks ∝ exp(score / T). refine: T in units of the spread (std) "
+            "of the candidates' conditional scores, default 0.1; paper: in loss units, "
+            "default 1."
+        ),
+    ] = None,
+    topk: Annotated[
+        bool, typer.Option("--topk", help="jest: take each chunk's top scores (deterministic).")
+    ] = False,
+    min_clip_score: Annotated[
+        float | None, typer.Option(help="Drop rows whose reference clip_score is below this first.")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many batches (default: as many as fit).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda, for the jest sampler.")] = "auto",
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export",
+            help="Also write the kept samples, original bytes, to OUT/shards/NNNNN.tar in step "
+            "order, json extended with their scores, and the list to OUT/shards.txt.",
+        ),
+    ] = False,
+    samples_per_shard: Annotated[
+        int | None,
+        typer.Option(help="With --export: samples per shard, rounded to whole batches (10000)."),
+    ] = None,
+    dedup: Annotated[
+        Path | None,
+        typer.Option(help="A `jestcurate dedup` output: the duplicates it dropped are excluded."),
+    ] = None,
+    balance_clusters: Annotated[
+        bool,
+        typer.Option(
+            "--balance-clusters",
+            help="With --dedup: no cluster takes more than twice its even share of any batch "
+            "(of the kept set for random and clip-score).",
+        ),
+    ] = False,
+    task_index: Annotated[
+        int | None,
+        typer.Option(
+            help="Array task I of --num-tasks: select from this task's partition (a hash of "
+            "each row's uid, else part and key). Default: from Slurm's array variables, else "
+            "one task; --num-tasks 1 alone selects over every row whatever Slurm says."
+        ),
+    ] = None,
+    num_tasks: NumTasks = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="Only join the finished array tasks' selections into OUT (the last task to "
+            "finish also does this by itself).",
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the selection OUT holds (its manifest, summary, uids, tasks and "
+            "exported shards) instead of refusing a different one. Not for array tasks.",
+        ),
+    ] = False,
+) -> None:
+    """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
+    sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy
+    (DataComp's subset format) when every kept row has a uid. Same inputs and seed give
+    byte-identical files.
+
+    As array task I of N, it selects from its own partition into OUT/tasks/ and the last task
+    to finish merges them (their batches interleaved into one step order); with --export each
+    task then writes its share of the exported shards."""
+    options = dict(locals())
+    from jestcurate.math.sampling import SamplerOptions
+    from jestcurate.pipelines import select as select_mod
+
+    cfg = config_from(
+        select_mod.SelectConfig,
+        options,
+        reference=score_set_dir(reference),
+        learner=score_set_dir(learner) if learner else None,
+        sampling=config_from(SamplerOptions, options, criterion=score),
+    )
+    select_mod.print_report(select_mod.run(cfg))
+
+
+@slurm_app.command(
+    "select",
+    short_help="Write (and submit) sbatch scripts for select as array tasks, then the merge.",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+@one_line_errors
+def slurm_select(
+    ctx: typer.Context,
+    num_tasks: Annotated[
+        int, typer.Option(help="Array tasks; each selects from about 1/N of the rows.")
+    ],
+    partition: SlurmPartition = None,
+    gpus_per_task: Annotated[int, typer.Option(help="GPUs per task (0: CPU select).")] = 0,
+    cpus_per_task: Annotated[int, typer.Option(help="CPU cores per task.")] = 8,
+    mem: SlurmMem = None,
+    time: SlurmTime = "24:00:00",
+    max_concurrent: SlurmMaxConcurrent = None,
+    account: SlurmAccount = None,
+    qos: SlurmQos = None,
+    max_array_size: SlurmMaxArraySize = None,
+    sbatch: SlurmExtra = None,
+    submit: SlurmSubmit = False,
+) -> None:
+    """Write OUT/slurm/select.sbatch (an array run twice: in round 1 task I buckets the rows
+    of its 1/N of the parts by row hash, in round 2 it selects from its partition),
+    select-merge.sbatch (one job after round 2, joining the tasks into OUT) and, when the
+    select options include --export, select-export.sbatch (an array after the merge: task I
+    writes its share of the shards). With --submit, submit them in that order with afterok
+    dependencies. Every step is safe to requeue or rerun.
+
+    The select options follow `--`, exactly as `select` takes them: jestcurate slurm select
+    --num-tasks 64 --submit -- scores/ --learner learner/ --out curated/"""
+    options = dict(locals())
+    from jestcurate.scale import slurm
+    from jestcurate.scale import slurm_select as slurm_select_mod
+
+    extra = tuple(sbatch or ())
+    opts = config_from(slurm.SlurmOptions, options, extra=extra, job_name="jestcurate-select")
+    plan = slurm_select_mod.plan(ctx.args, num_tasks, _select_options)
+    slurm_select_mod.print_report(slurm_select_mod.run(plan, opts, submit))
+
+
+def _select_options(args: list[str]) -> dict[str, Any]:
+    """select's options, parsed as `select` parses them; bad ones are one JCError."""
+    command = typer.main.get_command(app)
+    try:
+        return command.commands["select"].make_context("select", list(args)).params
+    except typer.TyperException as exc:  # typer's own click: usage errors derive from this
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise JCError(f"select options: {message}") from None
+
+
+@app.command(short_help="Find exact and near-duplicate samples (SemDeDup with faiss).")
+@one_line_errors
+def dedup(
+    scores: Annotated[
+        str, typer.Argument(help="Score set to deduplicate (path or URL).", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for dedup.parquet.")],
+    eps: Annotated[
+        float,
+        typer.Option(
+            help="Drop rows with cosine similarity above 1 - eps to a better row. When most rows "
+            "go, dedup warns that the embedding space looks collapsed and suggests an eps."
+        ),
+    ] = 0.05,
+    clusters: Annotated[
+        int | None, typer.Option(help="k-means clusters (default: the square root of the rows).")
+    ] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            help="image, text or both embeddings. image by default: templated captions make "
+            "text duplicates far commoner than duplicate pairs."
+        ),
+    ] = "image",
+    seed: Annotated[int, typer.Option(help="Seed of the k-means sample and initialisation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda, for faiss k-means.")] = "auto",
+    neighbors: Annotated[
+        int,
+        typer.Option(
+            help="Compare each row with the rows of its N nearest clusters, not only its own: "
+            "finds pairs that k-means split, at about N times the work."
+        ),
+    ] = 1,
+) -> None:
+    """Find exact duplicates (same image bytes) and near-duplicates (SemDeDup: spherical k-means
+    with faiss, then cosine > 1 - eps within each cluster); keep the best of each group by
+    clip_score. Writes OUT/dedup.parquet (shard, key, index, cluster, kept, duplicate_of,
+    duplicate_of_shard, similarity, reason) for `select --dedup OUT`."""
+    from jestcurate.pipelines import dedup as dedup_mod
+
+    cfg = config_from(dedup_mod.DedupConfig, locals(), scores=score_set_dir(scores))
+    done = dedup_mod.run(cfg)
+    dedup_mod.print_summary(done, out)
