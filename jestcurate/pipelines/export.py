@@ -113,8 +113,6 @@ def export(
 
     With `share` (index, count), write only output shards k with k % count == index, so array
     tasks split the export; whichever finds every shard written also writes the shard list."""
-    import webdataset as wds
-
     summary = read_json(out / "summary.json")
     require_selection_images(summary, "select --export")
     manifest = read_output(out / "manifest.parquet")
@@ -122,68 +120,16 @@ def export(
     chosen = plan(batch, manifest.num_rows, samples_per_shard)
     shards_dir = out / SHARDS_DIR
     shards_dir.mkdir(exist_ok=True)
-    meta_path = shards_dir / EXPORT_META
-    wanted_meta = {
-        "samples_per_shard": chosen.samples_per_shard,
-        "samples": chosen.samples,
-        "format": EXPORT_FORMAT,
-    }
-    if meta_path.exists():
-        existing = read_json(meta_path)
-        if existing.get("format", 1) != EXPORT_FORMAT:
-            raise JCError(
-                f'{shards_dir} was begun by an older jestcurate, whose samples\' json "key" '
-                "held the source key (now the exported key, as img2dataset keeps them); remove "
-                "that folder to export again"
-            )
-        if {k: existing.get(k) for k in wanted_meta} != wanted_meta:
-            raise JCError(
-                f"{shards_dir} was exported with {existing.get('samples_per_shard')} samples per "
-                "shard; use the same --samples-per-shard or remove that folder"
-            )
-    else:
-        write_json_atomic(meta_path, wanted_meta)
-
+    wanted_meta = _export_meta(shards_dir, chosen)
     index, count = share or (0, 1)
     pending = [
         k
         for k in range(index, chosen.shards, count)
         if not (shards_dir / chosen.shard_name(k)).exists()
     ]
-    spill_dir = shards_dir / (".spill" if count == 1 else f".spill-{index}-of-{count}")
     if pending:
-        shutil.rmtree(spill_dir, ignore_errors=True)
-        spill_dir.mkdir()
-        _gather(manifest, chosen, set(pending), spill_dir)
-        for k in pending:
-            records = sorted(_read_spill(spill_dir / f"{k}.spill"), key=lambda r: r[0])
-            start = k * chosen.samples_per_shard
-            rows = manifest.slice(start, chosen.samples_per_shard).to_pylist()
-            if len(records) != len(rows):
-                raise JCError(f"export shard {k}: gathered {len(records)} of {len(rows)} samples")
-
-            def write(tmp: Path, records: list = records, rows: list = rows, start: int = start):
-                with open(tmp, "wb") as f:
-                    writer = wds.TarWriter(f, mtime=0)  # fixed mtime: reproducible tars
-                    for p, files in records:
-                        row = rows[p - start]
-                        extra = {
-                            "step": row["step"],
-                            "position": row["position"],
-                            "source_shard": row["shard"],
-                            "source_key": row["key"],
-                            "source_index": row["index"],
-                            **{c: row[c] for c in _SCORE_COLUMNS if c in row},
-                        }
-                        sample = {"__key__": sample_key(p), **files}
-                        sample["json"] = _extended_json(files.get("json"), sample_key(p), extra)
-                        writer.write(sample)
-                    writer.close()
-
-            atomic_write(shards_dir / chosen.shard_name(k), write)
-            (spill_dir / f"{k}.spill").unlink()
-        shutil.rmtree(spill_dir, ignore_errors=True)
-
+        spill_dir = shards_dir / (".spill" if count == 1 else f".spill-{index}-of-{count}")
+        _write_shards(manifest, chosen, pending, shards_dir, spill_dir)
     missing = [k for k in range(chosen.shards) if not (shards_dir / chosen.shard_name(k)).exists()]
     if missing:  # other tasks' shares: they write the list when they finish
         return {
@@ -192,6 +138,86 @@ def export(
             "written": len(pending),
             "missing": len(missing),
         }
+    return _finish(out, shards_dir, chosen, wanted_meta)
+
+
+def _export_meta(shards_dir: Path, chosen: ExportPlan) -> dict[str, Any]:
+    """export.json's plan: written by the first run, and a later run's must agree with it."""
+    meta_path = shards_dir / EXPORT_META
+    wanted_meta = {
+        "samples_per_shard": chosen.samples_per_shard,
+        "samples": chosen.samples,
+        "format": EXPORT_FORMAT,
+    }
+    if not meta_path.exists():
+        write_json_atomic(meta_path, wanted_meta)
+        return wanted_meta
+    existing = read_json(meta_path)
+    if existing.get("format", 1) != EXPORT_FORMAT:
+        raise JCError(
+            f'{shards_dir} was begun by an older jestcurate, whose samples\' json "key" '
+            "held the source key (now the exported key, as img2dataset keeps them); remove "
+            "that folder to export again"
+        )
+    if {k: existing.get(k) for k in wanted_meta} != wanted_meta:
+        raise JCError(
+            f"{shards_dir} was exported with {existing.get('samples_per_shard')} samples per "
+            "shard; use the same --samples-per-shard or remove that folder"
+        )
+    return wanted_meta
+
+
+def _write_shards(
+    manifest: Any, chosen: ExportPlan, pending: list[int], shards_dir: Path, spill_dir: Path
+) -> None:
+    """Gather the pending shards' samples into spills (each source shard read once), then write
+    each output shard atomically."""
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    spill_dir.mkdir()
+    _gather(manifest, chosen, set(pending), spill_dir)
+    for k in pending:
+        records = sorted(_read_spill(spill_dir / f"{k}.spill"), key=lambda r: r[0])
+        start = k * chosen.samples_per_shard
+        rows = manifest.slice(start, chosen.samples_per_shard).to_pylist()
+        if len(records) != len(rows):
+            raise JCError(f"export shard {k}: gathered {len(records)} of {len(rows)} samples")
+        atomic_write(
+            shards_dir / chosen.shard_name(k),
+            lambda tmp, records=records, rows=rows, start=start: _write_tar(
+                tmp, records, rows, start
+            ),
+        )
+        (spill_dir / f"{k}.spill").unlink()
+    shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _write_tar(tmp: Path, records: list, rows: list[dict[str, Any]], start: int) -> None:
+    """One output shard: each sample's original files, keyed by its position, its json
+    extended with where it came from and its scores."""
+    import webdataset as wds
+
+    with open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, mtime=0)  # fixed mtime: reproducible tars
+        for p, files in records:
+            row = rows[p - start]
+            extra = {
+                "step": row["step"],
+                "position": row["position"],
+                "source_shard": row["shard"],
+                "source_key": row["key"],
+                "source_index": row["index"],
+                **{c: row[c] for c in _SCORE_COLUMNS if c in row},
+            }
+            sample = {"__key__": sample_key(p), **files}
+            sample["json"] = _extended_json(files.get("json"), sample_key(p), extra)
+            writer.write(sample)
+        writer.close()
+
+
+def _finish(
+    out: Path, shards_dir: Path, chosen: ExportPlan, wanted_meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Every shard is written: the shard list, then export.json with the pattern and hashes."""
     paths = [str((shards_dir / chosen.shard_name(k)).resolve()) for k in range(chosen.shards)]
     atomic_write(out / SHARD_LIST, lambda tmp: tmp.write_text("\n".join(paths) + "\n"))
     last = f"{chosen.shards - 1:05d}"
@@ -203,7 +229,7 @@ def export(
         "list": SHARD_LIST,
         "files": file_digests(shards_dir, names),  # what `jestcurate verify` checks
     }
-    write_json_atomic(meta_path, done)
+    write_json_atomic(shards_dir / EXPORT_META, done)
     return done
 
 

@@ -308,10 +308,7 @@ def write_score_set(
     `exact_losses=False` stores -logit_scale * clip_score as ref_loss instead of the shard-level
     loss (whose n x n cost dominates at benchmark sizes); meta.json says so.
     """
-    import torch
-
-    from jestcurate.io.store import SCHEMA_VERSION, part_table, write_json_atomic, write_part
-    from jestcurate.math.scoring import clip_scores, example_losses
+    from jestcurate.io.store import SCHEMA_VERSION, write_json_atomic, write_part
 
     out = Path(out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -353,45 +350,52 @@ def write_score_set(
         img /= np.linalg.norm(img, axis=1, keepdims=True)
         txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         name = f"{shard:05d}"
-        rows = []
-        for i in range(n):
-            key = f"{shard:05d}{i:04d}"
-            if noisy[i]:
-                noisy_keys.add(key)
-            rows.append(
-                {
-                    "key": key,
-                    "index": i,
-                    "uid": uids[32 * i : 32 * (i + 1)],
-                    "url": None,
-                    "caption": None,
-                    "sha256": None,
-                    "status": "error" if errors[i] else "ok",
-                    "error": "image decode failed: synthetic" if errors[i] else None,
-                }
-            )
-        ok = ~errors
-        img16 = torch.from_numpy(img[ok]).half()
-        txt16 = torch.from_numpy(txt[ok]).half()
-        clip = clip_scores(img16, txt16)
-        if exact_losses:
-            losses = example_losses(img16, txt16, logit_scale, bias, loss)
-        else:
-            losses = -logit_scale * clip
-        table = part_table(
-            f"/synthetic/{name}.tar",
-            rows,
-            img16.numpy(),
-            txt16.numpy(),
-            clip.numpy(),
-            losses.numpy(),
-            dim,
-        )
+        noisy_keys.update(f"{name}{i:04d}" for i in np.flatnonzero(noisy))
+        rows = [
+            {
+                "key": f"{name}{i:04d}",
+                "index": i,
+                "uid": uids[32 * i : 32 * (i + 1)],
+                "url": None,
+                "caption": None,
+                "sha256": None,
+                "status": "error" if errors[i] else "ok",
+                "error": "image decode failed: synthetic" if errors[i] else None,
+            }
+            for i in range(n)
+        ]
+        scores = (logit_scale, bias, loss, exact_losses)
+        table = _synthetic_part(name, rows, img[~errors], txt[~errors], scores, dim)
         digest = write_part(out / "parts" / f"{name}.parquet", table)
         marker = {"shard": f"/synthetic/{name}.tar", "name": name, "status": "ok", "error": None,
                   **digest}  # fmt: skip
         write_json_atomic(out / "done" / f"{name}.json", marker)
     return noisy_keys
+
+
+def _synthetic_part(
+    name: str, rows: list[dict[str, Any]], img: np.ndarray, txt: np.ndarray, scores: tuple, dim: int
+) -> Any:
+    """A part table of the ok rows' float16 embeddings and the scores `score` would compute
+    from them (or, without exact losses, -logit_scale * clip_score as ref_loss)."""
+    import torch
+
+    from jestcurate.io.store import part_table
+    from jestcurate.math.scoring import clip_scores, example_losses
+
+    logit_scale, bias, loss, exact_losses = scores
+    img16 = torch.from_numpy(img).half()
+    txt16 = torch.from_numpy(txt).half()
+    clip = clip_scores(img16, txt16)
+    if exact_losses:
+        losses = example_losses(img16, txt16, logit_scale, bias, loss)
+    else:
+        losses = -logit_scale * clip
+    table = part_table(
+        f"/synthetic/{name}.tar", rows, img16.numpy(), txt16.numpy(), clip.numpy(),
+        losses.numpy(), dim,
+    )  # fmt: skip
+    return table
 
 
 def plant_duplicates(
