@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jestcurate.errors import JCError, first_line, some
-from jestcurate.io.files import file_digest, read_json
+from jestcurate.io.files import file_digest, read_existing_json
 
 
 def file_digests(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -57,13 +57,9 @@ def finished_output(
     output made from the same inputs and parameters, None if there is none yet, and an error if
     OUT holds a different one, naming each differing field with both values and ending in
     `instead`. `product` is the file whose presence means finished."""
-    path = out / summary_name
-    if not path.exists():
+    summary = read_existing_json(out / summary_name)
+    if summary is None:
         return None
-    try:
-        summary = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
     differs = value_differences(summary, identity)
     if differs:
         raise JCError(f"{out} holds a different {what} ({some(differs)}); {instead}")

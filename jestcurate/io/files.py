@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jestcurate.errors import NO_SPACE, no_space
+from jestcurate.errors import NO_SPACE, JCError, no_space
 
 _TMP_SUFFIX = ".tmp"
 
@@ -65,6 +65,17 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     return obj
+
+
+def read_existing_json(path: Path) -> dict[str, Any] | None:
+    """A JSON record an earlier run wrote (meta.json, a summary): None where there is none
+    yet, a one-line refusal where it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
 
 
 def file_digest(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jestcurate.errors import JCError
-from jestcurate.io.files import read_json, tmp_name
+from jestcurate.io.files import read_existing_json, tmp_name
 from jestcurate.io.schema import META_NAME
 
 # The fields of meta.json that must agree before a run may add parts to an existing score set.
@@ -51,13 +51,9 @@ def _weights(meta: Mapping[str, Any]) -> str:
 
 def check_meta(out: Path, wanted: Mapping[str, Any]) -> None:
     """Refuse to add to a score set made by a different model, checkpoint, precision or role."""
-    path = out / META_NAME
-    if not path.exists():
+    existing = read_existing_json(out / META_NAME)
+    if existing is None:
         return
-    try:
-        existing = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise JCError(f"{path} is unreadable ({exc}); remove it or use another --out") from None
     diff = identity_mismatches(existing, wanted)
     if diff:
         raise JCError(
