@@ -12,11 +12,10 @@ from jestcurate.io.shards import (
     Shard,
     assign_names,
     expand_inputs,
-    for_task,
     open_shard,
-    resolve_task,
     shard_stem,
 )
+from jestcurate.scale.tasks import for_task, resolve_task
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

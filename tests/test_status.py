@@ -13,7 +13,8 @@ from rich.console import Console
 
 from jestcurate.errors import JCError
 from jestcurate.io.store import part_table, write_json_atomic, write_part
-from jestcurate.scale.status import export_status, print_status, score_status, unfinished_tasks
+from jestcurate.scale.status import export_status, print_status, score_status
+from jestcurate.scale.tasks import unfinished_tasks
 
 DIM = 2
 META = {

@@ -178,54 +178,6 @@ def assign_names(urls: Sequence[str], owners: Mapping[str, str] | None = None) -
     return shards
 
 
-def resolve_task(
-    task_index: int | None, num_tasks: int | None, env: Mapping[str, str] | None = None
-) -> tuple[int, int]:
-    """This task's (index, count): from the flags, else Slurm's variables, else (0, 1).
-
-    Slurm array ids need not start at 0 or step by 1, so the index is
-    (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP.
-    """
-    env = os.environ if env is None else env
-    if (task_index is None) != (num_tasks is None):
-        raise JCError("--task-index and --num-tasks must be given together")
-    if task_index is not None and num_tasks is not None:
-        index, count = task_index, num_tasks
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        try:
-            task_id = int(env["SLURM_ARRAY_TASK_ID"])
-            low = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or "1")
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-        except ValueError:
-            raise JCError(
-                "Slurm array variables are not integers; pass --task-index/--num-tasks"
-            ) from None
-        if step <= 0 or (task_id - low) % step:
-            raise JCError(
-                f"cannot place array task {task_id} (min {low}, step {step}); "
-                "pass --task-index/--num-tasks explicitly"
-            )
-        index = (task_id - low) // step
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        try:
-            index, count = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        except ValueError:
-            raise JCError("SLURM_PROCID/SLURM_NTASKS are not integers") from None
-    else:
-        index, count = 0, 1
-    if count < 1:
-        raise JCError(f"number of tasks must be at least 1, got {count}")
-    if not 0 <= index < count:
-        raise JCError(f"task index {index} is outside 0..{count - 1}")
-    return index, count
-
-
-def for_task(shards: Sequence[Shard], index: int, count: int) -> list[Shard]:
-    """Round-robin split: deterministic, disjoint, and balanced when shard sizes drift."""
-    return list(shards[index::count])
-
-
 def shard_size(url: str) -> int | None:
     try:
         if is_url(url):

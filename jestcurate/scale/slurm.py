@@ -1,6 +1,6 @@
 """`jestcurate slurm score` and `slurm select`: sbatch array scripts that run a command per task.
 
-Task t of N scores shards t, t+N, t+2N, ... (shards.for_task). Clusters cap array indexes
+Task t of N scores shards t, t+N, t+2N, ... (tasks.for_task). Clusters cap array indexes
 below MaxArraySize, so a larger N is submitted as several array jobs of the same script, each
 given its first task as an argument; the script passes `--task-index OFFSET+SLURM_ARRAY_TASK_ID
 --num-tasks N` explicitly (SLURM_ARRAY_TASK_COUNT would be per job). Scoring is idempotent and
@@ -329,7 +329,7 @@ def score_array(cfg: ScoreArrayConfig, written: Callable[[str], None] | None = N
 
 def _retry_score_array(cfg: ScoreArrayConfig, args: list[str], urls: list[str]) -> ScoreArray:
     """--retry: the written plan's tasks that still have shards to do, resubmitted."""
-    from jestcurate.scale.status import unfinished_tasks
+    from jestcurate.scale.tasks import unfinished_tasks
 
     plan = read_plan(cfg.out)
     if plan["score_args"] != args:

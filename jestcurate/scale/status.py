@@ -21,7 +21,7 @@ from jestcurate.io.files import read_json
 from jestcurate.io.integrity import PartFiles, part_problem, read_markers
 from jestcurate.io.remote import is_url, local_dir, remote_score_set
 from jestcurate.io.schema import DONE_DIR
-from jestcurate.io.shards import Shard, assign_names, expand_inputs, for_task
+from jestcurate.io.shards import Shard, assign_names, expand_inputs
 from jestcurate.scale.claims import CLAIMS_DIR, Claims, Owner
 
 
@@ -52,7 +52,7 @@ class ScoreStatus:
         return not self.failed and not self.damaged and not self.running and not self.pending
 
 
-def _shards(urls: Sequence[str], markers: dict[str, dict[str, Any]]) -> list[Shard]:
+def named_shards(urls: Sequence[str], markers: dict[str, dict[str, Any]]) -> list[Shard]:
     """The shards under the names score gives them, given the names its markers hold."""
     owners = {name: m.get("shard") for name, m in markers.items()}
     return assign_names(urls, owners)
@@ -70,7 +70,7 @@ def score_status(
     files = files or PartFiles(out)
     status = ScoreStatus(out)
     claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
-    wanted = _shards(expand_inputs(inputs), markers) if inputs else None
+    wanted = named_shards(expand_inputs(inputs), markers) if inputs else None
     names = {s.name for s in wanted} if wanted is not None else set(markers)
     for name in sorted(markers):
         marker = markers[name]
@@ -103,34 +103,11 @@ def score_status(
     return status
 
 
-def _done(files: PartFiles, name: str, marker: dict[str, Any] | None) -> bool:
+def done_shard(files: PartFiles, name: str, marker: dict[str, Any] | None) -> bool:
     """An ok marker whose part still matches it."""
     if marker is None or marker.get("status") != "ok":
         return False
     return part_problem(files, name, marker) is None
-
-
-def unfinished_tasks(
-    out: Path, urls: Sequence[str], num_tasks: int, files: PartFiles | None = None
-) -> tuple[list[int], int]:
-    """Array task indexes (of `num_tasks`) over the expanded input `urls` that still have a
-    shard without an ok marker and not being scored by a live run; and how many tasks are
-    skipped because all their remaining shards are being scored now."""
-    markers = read_markers(out)
-    files = files or PartFiles(out)
-    shards = _shards(urls, markers)
-    claims = Claims(out, Owner.this_process()) if (out / CLAIMS_DIR).is_dir() else None
-    todo, busy = [], 0
-    for task in range(num_tasks):
-        mine = for_task(shards, task, num_tasks)
-        left = [s for s in mine if not _done(files, s.name, markers.get(s.name))]
-        if not left:
-            continue
-        if claims is not None and all(claims.held_by_other(s.name) for s in left):
-            busy += 1
-            continue
-        todo.append(task)
-    return todo, busy
 
 
 def export_status(selection: Path) -> dict[str, Any]:

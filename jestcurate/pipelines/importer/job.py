@@ -17,12 +17,13 @@ from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io.files import read_json
 from jestcurate.io.schema import META_NAME, SCHEMA_VERSION
-from jestcurate.io.shards import expand_inputs, for_task, resolve_task
+from jestcurate.io.shards import expand_inputs
 from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.math.scoring import LOSS_KINDS
 from jestcurate.pipelines.importer.byuid import SourceIndex, import_shard
 from jestcurate.pipelines.importer.config import DATACOMP_EMBEDDINGS, FORMATS, ImportConfig
 from jestcurate.pipelines.importer.sources import import_unit, list_units, source_rows, width
+from jestcurate.scale.tasks import for_task, resolve_task
 
 log = logging.getLogger(__name__)
 

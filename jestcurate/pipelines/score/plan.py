@@ -9,7 +9,7 @@ from pathlib import Path
 from jestcurate.errors import JCError
 from jestcurate.io.reader import DEFAULT_MAX_PIXELS
 from jestcurate.io.remote import Mirror
-from jestcurate.io.shards import Shard, expand_inputs, for_task, resolve_task
+from jestcurate.io.shards import Shard, expand_inputs
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
@@ -18,6 +18,7 @@ from jestcurate.io.store import (
 from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.model.devicedecode import DECODERS
 from jestcurate.scale.claims import DEFAULT_LEASE, Claims, Owner
+from jestcurate.scale.tasks import for_task, resolve_task
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.shards import resolve_task
 from jestcurate.io.store import atomic_write, finished_output
 from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
@@ -33,6 +32,7 @@ from jestcurate.pipelines.select.config import (
 )
 from jestcurate.pipelines.select.inputs import Inputs, Rows, filters
 from jestcurate.pipelines.select.outputs import Means, manifest_schema, write_summary
+from jestcurate.scale.tasks import resolve_task
 
 log = logging.getLogger(__name__)
 
