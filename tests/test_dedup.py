@@ -362,7 +362,9 @@ def test_collapse_warning_conditions() -> None:
     # A suggestion no smaller than the eps used is no suggestion.
     same = dedup.collapse_warning(0.05, 1000, 600, far, {"eps": 0.05, "drops": 50, "of": 1000})
     assert same and "--eps" in same and "Try" not in same and "score with a trained model" in same
-    assert dedup._round_down(0.0001599) == 0.00015 and dedup._round_down(0.0999) == 0.099
+    from jestcurate.pipelines.dedup.collapse import _round_down
+
+    assert _round_down(0.0001599) == 0.00015 and _round_down(0.0999) == 0.099
 
 
 def test_select_says_when_the_dedup_took_the_rows(collapsed, tmp_path) -> None:

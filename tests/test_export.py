@@ -259,3 +259,19 @@ def test_an_export_begun_by_an_older_version_is_not_finished_in_the_new_format(
     (old / "shards" / "00004.tar").unlink()
     with pytest.raises(JCError, match="begun by an older jestcurate"):
         export(old, 24)
+
+
+def test_a_failed_export_leaves_the_selection_on_screen(selection: Path, tmp_path: Path) -> None:
+    import shutil
+
+    pool = tmp_path / "pool"
+    scores = tmp_path / "scores"
+    shutil.copytree(selection.parent / "pool", pool)
+    code, output = run_cli("score", pool, "-m", "jc-tiny", "--out", scores)
+    assert code == 0, output
+    shutil.rmtree(pool)  # the source shards are gone: the export cannot read them
+    code, output = run_cli("select", scores, "--out", tmp_path / "sel", "-b", 12, "--ratio",
+                           0.25, "--export")  # fmt: skip
+    assert code == 2 and "error:" in output, output
+    assert f"selection: {tmp_path / 'sel'}" in output  # the summary, printed before the export
+    assert output.index("selection:") < output.index("error:")

@@ -195,3 +195,17 @@ def test_super_batches_from_an_export(scored, tmp_path: Path) -> None:
         for sample in sb.fetch(range(8)):
             meta = json.loads(sample["json"])["jestcurate"]
             assert (meta["source_shard"], meta["source_index"]) in kept
+
+
+def test_the_selector_takes_options_and_never_drops_the_learner_quietly(
+    scored, tmp_path: Path
+) -> None:
+    batches = SuperBatches(scored["reference"], 4, 0.25, cache_dir=tmp_path / "cache")
+    with pytest.raises(TypeError, match="takes a SamplerOptions"):
+        OnlineSelector(batches.reference, 4)  # the signature before SamplerOptions
+    selector = OnlineSelector(batches.reference, SamplerOptions(4))  # learnability by default
+    sb = next(iter(batches))
+    with pytest.raises(ValueError, match="learnability needs learner"):
+        selector.select(sb.ref_img, sb.ref_txt, None, None)
+    easy = OnlineSelector(batches.reference, SamplerOptions(4, criterion="easy-ref"))
+    assert len(easy.select(sb.ref_img, sb.ref_txt, None, None)) == 4

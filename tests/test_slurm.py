@@ -217,3 +217,17 @@ def test_the_score_script_runs_from_any_folder(
     assert sorted(p.stem for p in (tmp_path / "scores" / "done").glob("*.json")) == [
         "00000", "00001", "00002",
     ]  # fmt: skip
+
+
+def test_slurm_select_names_its_scripts_even_when_sbatch_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jestcurate.pipelines.synth import write_score_set
+
+    write_score_set(tmp_path / "ref", shards=2, rows_per_shard=50, dim=8)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch anywhere
+    out = tmp_path / "curated"
+    code, output = run_cli("slurm", "select", "--num-tasks", 2, "--max-array-size", 4,
+                           "--submit", "--", tmp_path / "ref", "--out", out, "-b", 8)  # fmt: skip
+    assert code == 2 and "sbatch is not on PATH" in output, output
+    assert str(out / "slurm" / "select.sbatch") in output  # said before the submission failed

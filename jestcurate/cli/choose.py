@@ -172,7 +172,7 @@ def select(
         learner=score_set_dir(learner) if learner else None,
         sampling=config_from(SamplerOptions, options, criterion=score),
     )
-    select_mod.print_report(select_mod.run(cfg))
+    select_mod.print_exported(select_mod.run(cfg, on_selected=select_mod.print_selected))
 
 
 @slurm_app.command(
@@ -214,7 +214,8 @@ def slurm_select(
     extra = tuple(sbatch or ())
     opts = config_from(slurm.SlurmOptions, options, extra=extra, job_name="jestcurate-select")
     plan = slurm_select_mod.plan(ctx.args, num_tasks, _select_options)
-    slurm_select_mod.print_report(slurm_select_mod.run(plan, opts, submit))
+    written = slurm_select_mod.print_scripts
+    slurm_select_mod.print_report(slurm_select_mod.run(plan, opts, submit, written=written))
 
 
 def _select_options(args: list[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@ online selector and the sampler (jest.select_batch) all take whole."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from jestcurate.errors import JCError
@@ -84,6 +84,9 @@ class SamplerOptions:
         return (
             self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.sampler]
         )
+
+    def with_criterion(self, criterion: str) -> SamplerOptions:
+        return replace(self, criterion=criterion)
 
     def criterion_for(self, learner: bool) -> str:
         """The batch score: as asked, else learnability with a learner and easy-ref without."""

@@ -58,10 +58,18 @@ class SlurmSelectReport:
     jobs: list[str] | None  # the submitted job ids; None: written, not submitted
 
 
-def run(plan: SelectPlan, opts: slurm.SlurmOptions, submit: bool) -> SlurmSelectReport:
-    """Write the scripts and, with `submit`, submit them in order."""
+def run(
+    plan: SelectPlan,
+    opts: slurm.SlurmOptions,
+    submit: bool,
+    written: Callable[[slurm.SelectScripts], None] | None = None,
+) -> SlurmSelectReport:
+    """Write the scripts and, with `submit`, submit them in order. `written` hears of the
+    scripts before anything is submitted, so a failed sbatch leaves their paths known."""
     export_args = [] if plan.export else None
     scripts = slurm.write_select_scripts(plan.out, plan.args, plan.num_tasks, opts, export_args)
+    if written is not None:
+        written(scripts)
     if not submit:
         return SlurmSelectReport(plan, scripts, None)
     tasks = range(plan.num_tasks)
@@ -74,11 +82,15 @@ def run(plan: SelectPlan, opts: slurm.SlurmOptions, submit: bool) -> SlurmSelect
     return SlurmSelectReport(plan, scripts, jobs)
 
 
-def print_report(report: SlurmSelectReport) -> None:
-    """The scripts written, then how to submit them or what was submitted."""
-    scripts, n = report.scripts, report.plan.num_tasks
+def print_scripts(scripts: slurm.SelectScripts) -> None:
+    """The scripts written, one path a line."""
     for path in (scripts.select, scripts.merge, *([scripts.export] if scripts.export else [])):
         ui.say(str(path))
+
+
+def print_report(report: SlurmSelectReport) -> None:
+    """After print_scripts: how to submit them, or what was submitted."""
+    scripts, n = report.scripts, report.plan.num_tasks
     if report.jobs is None:
         ui.note(
             f"{n} tasks; submit with --submit, or by hand: sbatch --array=0-{n - 1} "

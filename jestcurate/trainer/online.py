@@ -44,7 +44,8 @@ from jestcurate.errors import JCError
 from jestcurate.io.eligible import INDEX, KEY, PART, REF_IMG, REF_TXT, Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_output
-from jestcurate.math.jest import Embeddings, row_cache_fits, select_batch
+from jestcurate.math.jest import row_cache_fits, select_batch
+from jestcurate.math.losses import Embeddings
 from jestcurate.math.sampling import SamplerOptions
 from jestcurate.trainer.loader import Sample, _distributed, _index, sample_key, this_worker
 
@@ -225,7 +226,7 @@ class OnlineSelector:
 
     options: b and jest's sampler, as select's options (`select --batch-size/--score/
     --sampler/--chunks/--temperature/--topk/--sweeps/--pool`); the criterion defaults to
-    learnability (easy-ref when `select` is given no learner embeddings).
+    learnability, which needs the learner's embeddings at every `select`.
     seed: as `select --seed`.
     """
 
@@ -236,8 +237,15 @@ class OnlineSelector:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
+        if not isinstance(options, SamplerOptions):
+            raise TypeError(
+                "OnlineSelector(reference, options, seed=0, device='cpu') takes a SamplerOptions "
+                f"(jestcurate.online.SamplerOptions(batch_size, ratio, ...)), not {options!r}"
+            )
         self.reference = reference
-        self.options = options
+        # Online, the learner is the model being trained: its embeddings are always expected,
+        # and their absence is a bug to report, not a cue to fall back to easy-ref.
+        self.options = options.with_criterion("learnability") if not options.criterion else options
         self.device = torch.device(device)
         # On the CPU whatever the device: the same draws everywhere, as in select.
         self.generator = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ that would drop about 5 % (exact for these clusters: it is read off each row's c
 similar better row, which the dedup computes anyway).
 """
 
-from jestcurate.pipelines.dedup.collapse import _round_down, collapse_warning, suggest_eps
+from jestcurate.pipelines.dedup.collapse import collapse_warning, suggest_eps
 from jestcurate.pipelines.dedup.config import BY, EXACT, REASONS, SEMANTIC, DedupConfig
 from jestcurate.pipelines.dedup.job import print_summary, run
 from jestcurate.pipelines.dedup.output import OUTPUT, SCHEMA, SUMMARY, load_clusters, load_dropped
@@ -37,7 +37,6 @@ __all__ = [
     "SEMANTIC",
     "SUMMARY",
     "DedupConfig",
-    "_round_down",  # its rounding is tested on its own
     "build_cache",
     "collapse_warning",
     "find_duplicates",

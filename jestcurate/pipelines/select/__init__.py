@@ -37,7 +37,12 @@ from jestcurate.pipelines.select.outputs import (
     remove_selection,
     write_manifest,
 )
-from jestcurate.pipelines.select.report import SelectReport, print_report, print_summary
+from jestcurate.pipelines.select.report import (
+    SelectReport,
+    print_exported,
+    print_selected,
+    print_summary,
+)
 from jestcurate.pipelines.select.runner import run
 from jestcurate.pipelines.select.tasks import merge, task_directory, unfinished_tasks
 
@@ -59,7 +64,8 @@ __all__ = [
     "manifest_schema",
     "merge",
     "partition_identity",
-    "print_report",
+    "print_exported",
+    "print_selected",
     "print_summary",
     "remove_selection",
     "run",

@@ -15,12 +15,12 @@ from jestcurate.io.store import (
     ScoreSet,
 )
 from jestcurate.math.jest import (
-    Embeddings,
     Quota,
     independent_scores,
     row_cache_fits,
     select_batch,
 )
+from jestcurate.math.losses import Embeddings
 from jestcurate.model.openclip import resolve_device
 from jestcurate.pipelines.select.config import SelectConfig
 

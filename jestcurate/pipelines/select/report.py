@@ -40,8 +40,9 @@ class SelectReport:
     exported: Exported | None = None
 
 
-def print_report(report: SelectReport) -> None:
-    """What `select` prints: the summary, then what the export did."""
+def print_selected(report: SelectReport) -> None:
+    """What `select` prints once the selection is made (before any export, so that an export
+    that fails leaves it on screen): the summary, or that round 2 is still to come."""
     if report.waiting:
         ui.say(
             f"task {report.task}: its rows are scattered to the tasks' buckets; rerun every "
@@ -49,6 +50,10 @@ def print_report(report: SelectReport) -> None:
         )
         return
     print_summary(report)
+
+
+def print_exported(report: SelectReport) -> None:
+    """What the export did, after print_selected."""
     done = report.exported
     if report.export_waits:
         ui.note(f"task {report.task}: the export waits for the merge (the last task to finish)")

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ from jestcurate.pipelines.select.tasks import (
 log = logging.getLogger(__name__)
 
 
-def run(cfg: SelectConfig) -> SelectReport:
+def run(
+    cfg: SelectConfig, on_selected: Callable[[SelectReport], None] | None = None
+) -> SelectReport:
     """Select and write the outputs; rerunning with the same inputs reuses a finished selection.
     With cfg.export, then export the kept samples (pipelines/export.py).
 
@@ -72,6 +75,8 @@ def run(cfg: SelectConfig) -> SelectReport:
     else:
         report = _array_task(cfg, inputs, task)
     report.seconds = time.time() - began
+    if on_selected is not None:  # before the export: its failure leaves the selection shown
+        on_selected(report)
     return _export(cfg, report, task)
 
 

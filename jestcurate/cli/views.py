@@ -1,0 +1,60 @@
+"""`report` and `info`: what a score set, a selection or a dedup output holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jestcurate.cli.app import app, one_line_errors
+from jestcurate.cli.options import (
+    score_set_dir,
+)
+
+
+@app.command(short_help="Write a self-contained HTML report of a score set (and a selection).")
+@one_line_errors
+def report(
+    scores: Annotated[
+        str, typer.Argument(help="Score set to report on (path or URL).", show_default=False)
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
+        "report.html"
+    ),
+    selection: Annotated[
+        Path | None,
+        typer.Option(help="A selection made from this score set: show kept vs dropped."),
+    ] = None,
+    thumbnails: Annotated[
+        int, typer.Option(help="Thumbnails per grid (highest, lowest, random).")
+    ] = 12,
+    seed: Annotated[int, typer.Option(help="Seed of the random grids.")] = 0,
+) -> None:
+    """Write one self-contained HTML page (opens from disk, no network): counts per shard and
+    status, errors by reason, score histograms (kept vs dropped with --selection) and thumbnail
+    grids with captions and scores, read back from the source shards."""
+    from jestcurate.pipelines import report as report_mod
+
+    done = report_mod.write_report(score_set_dir(scores), out, selection, thumbnails, seed)
+    report_mod.print_written(done, out)
+
+
+@app.command(short_help="Summarise a score set, a selection or a dedup output.")
+@one_line_errors
+def info(
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="A score set (path or URL), a selection or a dedup output.", show_default=False
+        ),
+    ],
+) -> None:
+    """Summarise a score set (model, counts, errors, score quantiles, shard states), a
+    selection (method, parameters, counts, mean scores kept vs dropped, export) or a dedup
+    output (parameters, clusters used, kept and dropped counts, cluster sizes, nearest-neighbour
+    cosine and any collapsed-space warning)."""
+    from jestcurate.pipelines import report as report_mod
+
+    folder = score_set_dir(path)
+    report_mod.print_info(path, report_mod.describe(folder))
