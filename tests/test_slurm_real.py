@@ -1,0 +1,102 @@
+"""`slurm score` on a real single-node Slurm (started by `.ci/services/slurm.sh start`, which
+.ci/run runs): submitted end to end over more tasks than MaxArraySize (3 there), and a script
+submitted by hand from another folder. Skipped, with the reason, where no Slurm answers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from jestcurate.pipelines.synth import CorpusSpec, write_corpus
+
+
+def _slurm_answers() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        shown = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return bool(re.search(r"^(idle|mixed|allocated)", shown, re.MULTILINE))
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not _slurm_answers(), reason="no Slurm answers here (.ci/services/slurm.sh start)"
+    ),
+]
+# A 2-core node: one core and a little memory a task, so two tasks run at once.
+SMALL_TASKS = ["--gpus-per-task", "0", "--cpus-per-task", "1", "--mem", "1G", "--workers", "0"]
+
+
+def wait_for(jobs: list[str], limit: float = 300.0) -> None:
+    """Until Slurm lists none of `jobs` (array jobs included) as pending or running."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        listed = subprocess.run(
+            ["squeue", "-h", "-o", "%A %T", "-j", ",".join(jobs)],
+            capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+        if not listed.strip():
+            return
+        time.sleep(1)
+    pytest.fail(f"jobs {jobs} still queued after {limit:.0f} s:\n{listed}")
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    spec = CorpusSpec(shards=4, samples_per_shard=8, seed=5, image_size=32)
+    write_corpus(tmp_path / "pool", spec)
+    return tmp_path / "pool"
+
+
+def markers(scores: Path) -> list[str]:
+    return sorted(p.stem for p in (scores / "done").glob("*.json"))
+
+
+def test_slurm_score_submits_several_arrays_and_every_task_scores(
+    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, output = run_cli("slurm", "score", "pool", "--out", "scores", "-m", "jc-tiny",
+                           "--num-tasks", 4, *SMALL_TASKS, "--submit")  # fmt: skip
+    assert code == 0, output
+    found = re.search(r"as job\(s\) ([\d, ]+)", output)
+    assert found, output
+    jobs = [j.strip() for j in found.group(1).split(",")]
+    assert len(jobs) == 2, output  # 4 tasks, MaxArraySize 3: two array jobs of the script
+    wait_for(jobs)
+    assert markers(tmp_path / "scores") == ["00000", "00001", "00002", "00003"], sorted(
+        (tmp_path / "scores" / "slurm" / "logs").glob("*")
+    )
+    code, output = run_cli("status", "scores", "pool", "--check")
+    assert code == 0, output
+
+
+def test_a_script_submitted_by_hand_from_another_folder_runs(
+    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, output = run_cli("slurm", "score", "pool", "--out", "scores", "-m", "jc-tiny",
+                           "--num-tasks", 2, *SMALL_TASKS)  # fmt: skip
+    assert code == 0, output
+    script = tmp_path / "scores" / "slurm" / "score.sbatch"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", str(script), "0"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    wait_for([submitted.stdout.strip().split(";")[0]])
+    logs = "".join(p.read_text() for p in (tmp_path / "scores" / "slurm" / "logs").glob("*"))
+    assert markers(tmp_path / "scores") == ["00000", "00001", "00002", "00003"], logs
