@@ -74,3 +74,10 @@ def rewrite_part(part: Path, table: pa.Table) -> None:
     marker_path = part.parent.parent / "done" / f"{part.stem}.json"
     marker = json.loads(marker_path.read_text()) if marker_path.exists() else {"status": "ok"}
     write_json_atomic(marker_path, {**marker, **write_part(part, table)})
+
+
+def flip_byte(path: Path, at: int | None = None) -> None:
+    """Change one byte of a file (by default in the middle): same size, another sha256."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 0xFF
+    path.write_bytes(bytes(data))

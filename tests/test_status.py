@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import flip_byte
 from rich.console import Console
 
 from jestcurate.errors import JCError
@@ -98,12 +99,6 @@ def claim(out: Path, name: str, expires_in: float, host: str = "elsewhere.invali
             }
         )
     )
-
-
-def flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def test_not_a_score_set(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import flip_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,13 +113,6 @@ def make_set(out: Path, names: list[str], n: int = 3, meta: dict | None = None) 
         }
         write_json_atomic(out / "done" / f"{name}.json", marker)
     return out
-
-
-def flip_byte(path: Path, at: int | None = None) -> None:
-    """Change one byte (by default in the middle): same size, another sha256."""
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2 if at is None else at] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def temps(directory: Path) -> list[str]:

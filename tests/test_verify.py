@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import flip_byte
 from rich.console import Console
 
 from jestcurate.errors import JCError
@@ -58,12 +59,6 @@ def make_set(out: Path, names: list[str], n: int = 3, meta: dict | None = None) 
         }
         write_json_atomic(out / "done" / f"{name}.json", marker)
     return out
-
-
-def flip_byte(path: Path, at: int | None = None) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2 if at is None else at] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def flip_in_page(path: Path, column: str) -> None:
