@@ -81,3 +81,28 @@ def flip_byte(path: Path, at: int | None = None) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2 if at is None else at] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+# A tiny reference set's meta.json (D = 2) for the unit tests of status and verify.
+TINY_DIM = 2
+TINY_META = {
+    "schema_version": 1,
+    "role": "reference",
+    "model": "jc-tiny",
+    "embed_dim": TINY_DIM,
+    "logit_scale": 10.0,
+    "loss": "softmax",
+    "precision": "fp32",
+}
+
+
+def write_marked_part(out: Path, name: str, table: pa.Table, shard: str) -> None:
+    """A part and its ok marker (its size and sha256 recorded), as score leaves them."""
+    from jestcurate.io.store import write_json_atomic, write_part
+
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    (out / "done").mkdir(parents=True, exist_ok=True)
+    digest = write_part(out / "parts" / f"{name}.parquet", table)
+    marker = {"shard": shard, "name": name, "status": "ok", "error": None,
+              "counts": {"samples": table.num_rows}, **digest}  # fmt: skip
+    write_json_atomic(out / "done" / f"{name}.json", marker)

@@ -9,24 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import flip_byte
+from conftest import TINY_DIM, TINY_META, flip_byte, write_marked_part
 from rich.console import Console
 
 from jestcurate.errors import JCError
-from jestcurate.io.store import part_table, write_json_atomic, write_part
+from jestcurate.io.store import part_table, write_json_atomic
 from jestcurate.scale.status import export_status, print_status, score_status
 from jestcurate.scale.tasks import unfinished_tasks
 
-DIM = 2
-META = {
-    "schema_version": 1,
-    "role": "reference",
-    "model": "jc-tiny",
-    "embed_dim": DIM,
-    "logit_scale": 10.0,
-    "loss": "softmax",
-    "precision": "fp32",
-}
+DIM, META = TINY_DIM, TINY_META
 
 
 def inputs(tmp_path: Path, count: int) -> list[str]:
@@ -40,8 +31,6 @@ def inputs(tmp_path: Path, count: int) -> list[str]:
 
 def write_ok(out: Path, name: str, shard: str, n: int = 2) -> None:
     """A part and its ok marker, as score leaves them."""
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    (out / "done").mkdir(parents=True, exist_ok=True)
     rows = [
         {
             "key": f"{name}{i}",
@@ -57,16 +46,7 @@ def write_ok(out: Path, name: str, shard: str, n: int = 2) -> None:
     ]
     emb = np.ones((n, DIM), dtype=np.float16)
     table = part_table(shard, rows, emb, emb, np.zeros(n), np.zeros(n), DIM)
-    digest = write_part(out / "parts" / f"{name}.parquet", table)
-    marker = {
-        "shard": shard,
-        "name": name,
-        "status": "ok",
-        "error": None,
-        "counts": {"samples": n},
-        **digest,
-    }
-    write_json_atomic(out / "done" / f"{name}.json", marker)
+    write_marked_part(out, name, table, shard)
 
 
 def write_failed(out: Path, name: str, shard: str, error: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import flip_byte
+from conftest import flip_byte, write_marked_part
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,20 +98,10 @@ def tiny_table(name: str, n: int = 3, errors: tuple[int, ...] = (), dim: int = D
 
 def make_set(out: Path, names: list[str], n: int = 3, meta: dict | None = None) -> Path:
     """A score set as `score` leaves it: meta.json, one part and one ok marker per name."""
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    (out / "done").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "meta.json", meta or META)
     for name in names:
-        digest = write_part(out / "parts" / f"{name}.parquet", tiny_table(name, n))
-        marker = {
-            "shard": f"/data/{name}.tar",
-            "name": name,
-            "status": "ok",
-            "error": None,
-            "counts": {"samples": n},
-            **digest,
-        }
-        write_json_atomic(out / "done" / f"{name}.json", marker)
+        write_marked_part(out, name, tiny_table(name, n), f"/data/{name}.tar")
     return out
 
 

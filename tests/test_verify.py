@@ -9,28 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import flip_byte
+from conftest import TINY_DIM, TINY_META, flip_byte, write_marked_part
 from rich.console import Console
 
 from jestcurate.errors import JCError
-from jestcurate.io.store import file_digests, part_table, write_json_atomic, write_part
+from jestcurate.io.store import file_digests, part_table, write_json_atomic
 from jestcurate.pipelines.verify import print_report, verify
 
-DIM = 2
-META = {
-    "schema_version": 1,
-    "role": "reference",
-    "model": "jc-tiny",
-    "embed_dim": DIM,
-    "logit_scale": 10.0,
-    "loss": "softmax",
-    "precision": "fp32",
-}
+DIM, META = TINY_DIM, TINY_META
 
 
 def make_set(out: Path, names: list[str], n: int = 3, meta: dict | None = None) -> Path:
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    (out / "done").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "meta.json", meta or META)
     for name in names:
         rows = [
@@ -48,16 +38,7 @@ def make_set(out: Path, names: list[str], n: int = 3, meta: dict | None = None) 
         ]
         emb = np.ones((n, DIM), dtype=np.float16)
         table = part_table(f"/d/{name}.tar", rows, emb, emb, np.zeros(n), np.zeros(n), DIM)
-        digest = write_part(out / "parts" / f"{name}.parquet", table)
-        marker = {
-            "shard": f"/d/{name}.tar",
-            "name": name,
-            "status": "ok",
-            "error": None,
-            "counts": {"samples": n},
-            **digest,
-        }
-        write_json_atomic(out / "done" / f"{name}.json", marker)
+        write_marked_part(out, name, table, f"/d/{name}.tar")
     return out
 
 

@@ -9,6 +9,7 @@ importable from here too, as they were when this module held them all.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -113,10 +114,15 @@ class ScoreSet:
         """The command that rewrites a damaged or missing part, in words."""
         return repair_hint(str(self.path), self.meta)
 
+    @functools.cached_property
+    def markers(self) -> dict[str, dict[str, Any]]:
+        """The completion markers by shard name, read once: the set as it was opened."""
+        return read_markers(self.path)
+
     def problems(self, full: bool = False) -> list[tuple[str, str]]:
         """(part name, what is wrong) for every part that does not match its marker, and every
         ok marker whose part is gone."""
-        markers = read_markers(self.path)
+        markers = self.markers
         names = sorted({p.stem for p in self.parts} | set(markers))
         found = []
         files = PartFiles(self.path)
@@ -141,7 +147,7 @@ class ScoreSet:
         """One line per shard whose scoring failed (a truncated tar, say): only its rows read
         before the failure are in the set."""
         found = []
-        for name, marker in sorted(read_markers(self.path).items()):
+        for name, marker in sorted(self.markers.items()):
             if marker.get("status") == "ok":
                 continue
             found.append(f"{name}: {marker.get('error') or 'failed, no reason recorded'}")
