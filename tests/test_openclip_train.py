@@ -1,0 +1,225 @@
+"""The open_clip_train launcher: open_clip's own trainer, under torchrun, trains on a selection's
+batches in manifest step order, and resumes at the step after its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_cli
+
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
+from jestcurate.trainer.openclip_train import main
+
+B = 16  # the selections' batch size: 2 ranks × --batch-size 8
+
+
+@pytest.fixture(scope="module")
+def selections(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two selections of one scored pool (seeds 0 and 1, 5 steps of 16 each): the first
+    exported, the second read from the source tars."""
+    root = tmp_path_factory.mktemp("octrain")
+    spec = CorpusSpec(
+        shards=2, samples_per_shard=160, seed=5, image_size=32, noise=PRESETS["noisy"]
+    )
+    write_corpus(root / "pool", spec)
+    code, output = run_cli("score", root / "pool", "-m", "jc-tiny", "--out", root / "scores")
+    assert code == 0, output
+    for name, extra in (("sel", ["--export", "--samples-per-shard", 32]), ("sel2", ["--seed", 1])):
+        code, output = run_cli(
+            "select", root / "scores", "--out", root / name, "-b", B, "--ratio", 0.25, *extra
+        )
+        assert code == 0, output
+    return root / "sel", root / "sel2"
+
+
+def manifest_steps(*selections: Path) -> list[list[str]]:
+    """The manifests' keys, step by step, the selections one after another."""
+    steps: list[list[str]] = []
+    for sel in selections:
+        rows = pq.read_table(sel / "manifest.parquet", columns=["step", "key"]).to_pylist()
+        first = len(steps)
+        for row in rows:
+            if row["step"] + first == len(steps):
+                steps.append([])
+            steps[first + row["step"]].append(row["key"])
+    return steps
+
+
+def recorded(folder: Path) -> dict[int, list[dict]]:
+    """rank -> its record lines, in order."""
+    return {
+        int(path.stem.split("-")[1]): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(folder.glob("rank-*.jsonl"))
+    }
+
+
+def trainer_args(logs: Path, *extra: object) -> list[str]:
+    args = [
+        "--model", "jc-tiny", "--batch-size", 8, "--workers", 1, "--precision", "fp32",
+        "--lr", "1e-3", "--warmup", 1, "--logs", logs, "--name", "run", "--report-to", "",
+        "--log-every-n-steps", 1, "--seed", 0, *extra,
+    ]  # fmt: skip
+    return [str(a) for a in args]
+
+
+def torchrun(script: list[str], args: list[str], env: dict[str, str] | None = None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--standalone", *script, "--", *args]  # standalone: a free port of its own
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+# Kills rank 0 (SIGKILL) as its optimizer is about to take update number JC_DIE_AT, after the
+# launcher recorded the ones before: a crash mid-epoch, after the previous epoch's checkpoint.
+KILLER = """
+import os, signal
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+taken = 0
+def die(optimizer, args, kwargs):
+    global taken
+    taken += 1
+    if taken == int(os.environ["JC_DIE_AT"]) and os.environ["RANK"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_pre_hook(die)
+from jestcurate.trainer.openclip_train import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_manifest_steps_in_order_and_resume_at_the_next_step(
+    selections: tuple[Path, Path], tmp_path: Path
+) -> None:
+    sel, sel2 = selections
+    expected = manifest_steps(sel, sel2)
+    assert len(expected) == 10 and all(len(keys) == B for keys in expected)
+    # 3 epochs of 3 steps (48 samples), across both selections; checkpoints after each epoch.
+    ours = ["--selection", str(sel), str(sel2), "--record-steps"]
+    theirs = trainer_args(tmp_path / "logs", "--epochs", 3, "--train-num-samples", 48)
+    theirs += ["--resume", "latest"]  # the same command starts, and continues, the run
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    first = torchrun(
+        [str(killer)], [*ours, str(tmp_path / "rec1"), *theirs], env={"JC_DIE_AT": "5"}
+    )
+    assert first.returncode != 0, first.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (tmp_path / "logs" / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["epoch_1.pt"], (checkpoints, first.stderr[-3000:])
+    killed = recorded(tmp_path / "rec1")
+    assert [line["step"] for line in killed[0]] == [0, 1, 2, 3], first.stderr[-3000:]
+
+    second = torchrun(["-m", "jestcurate.openclip_train"], [*ours, str(tmp_path / "rec2"), *theirs])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "9 steps of 16 from 2 selection(s), as 3 epoch(s) of 3 steps" in second.stderr
+    resumed = recorded(tmp_path / "rec2")
+    # It continues at the step after the checkpoint (epoch 1 = steps 3..5), not at step 0.
+    for rank in (0, 1):
+        assert [line["step"] for line in resumed[rank]] == list(range(3, 9))
+        assert not any("updated" in line for line in resumed[rank])
+    # Every optimizer step trained exactly the manifest's batch: rank 0's slice, then rank 1's.
+    for lines in (killed, resumed):
+        for a, b in zip(lines[0], lines[1], strict=False):
+            assert a["step"] == b["step"]
+            assert a["keys"] + b["keys"] == expected[a["step"]], a["step"]
+    # Step 3, trained before the kill and again after the resume, had the same keys.
+    assert killed[0][3]["keys"] == resumed[0][0]["keys"]
+    # Steps 5.. come from the second selection, read from its source tars.
+    assert resumed[0][-1]["keys"] + resumed[1][-1]["keys"] == expected[8]
+    assert (tmp_path / "logs" / "run" / "checkpoints" / "epoch_3.pt").is_file()
+
+
+def refusal(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def imported_selection(root: Path) -> Path:
+    """A selection of a score set imported from embeddings: its rows have no images."""
+    source = root / "embeddings"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (source / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(200, 64)).astype(np.float16)
+    np.save(source / "img_emb" / "img_emb_0.npy", img)
+    np.save(source / "text_emb" / "text_emb_0.npy", img + rng.normal(size=img.shape) / 2)
+    captions = pa.table({"caption": [f"c {i}" for i in range(200)]})
+    pq.write_table(captions, source / "metadata" / "metadata_0.parquet")
+    code, output = run_cli(
+        "import", source, "--format", "clip-retrieval", "--out", root / "s", "-m", "jc-tiny"
+    )
+    assert code == 0, output
+    code, output = run_cli("select", root / "s", "--out", root / "sel", "-b", B)
+    assert code == 0, output
+    return root / "sel"
+
+
+def test_numbers_that_cannot_keep_the_batches_are_refused_before_training(
+    selections: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sel, _ = selections
+    logs = tmp_path / "logs"
+
+    def refused(selection: Path, *extra: object) -> str:
+        return refusal(capsys, ["--selection", str(selection), *trainer_args(logs, *extra)])
+
+    # One process: --batch-size 8 × 1 rank is half of b.
+    assert "--batch-size 8 × 1 rank(s) = 8 examples per step, but the selection's batches " \
+        "hold 16: pass --batch-size 16" in refused(sel)  # fmt: skip
+    assert "imported from embeddings" in refused(imported_selection(tmp_path), "--batch-size", B)
+    assert "selection not found" in refused(tmp_path / "nowhere", "--batch-size", B)
+    assert "open_clip_train would read these shuffled" in refused(
+        sel, "--batch-size", B, "--train-data", "pool/{00000..00001}.tar", "--dataset-resampled"
+    )
+    assert "--epochs 6 is more than the selection's 5 steps" in refused(
+        sel, "--batch-size", B, "--epochs", 6
+    )
+    assert "--epochs 3 × 2 steps = 6 steps, but the selection holds 5" in refused(
+        sel, "--batch-size", B, "--epochs", 3, "--train-num-samples", 32
+    )
+    assert "--train-num-samples 40 is not a whole number of the selection's batches of 16: " \
+        "pass 32 or 48" in refused(sel, "--batch-size", B, "--train-num-samples", 40)  # fmt: skip
+    assert "--accum-freq 2" in refused(sel, "--batch-size", B, "--accum-freq", 2)
+    assert not logs.exists()  # nothing started: no log folder, no checkpoint
+
+
+def test_a_refusal_under_torchrun_is_one_line_from_rank_zero(
+    selections: tuple[Path, Path], tmp_path: Path
+) -> None:
+    sel, _ = selections
+    args = ["--selection", str(sel), *trainer_args(tmp_path / "logs", "--batch-size", 4)]
+    result = torchrun(["-m", "jestcurate.openclip_train"], args)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(ours) == 1 and "--batch-size 4 × 2 rank(s) = 8" in ours[0], result.stderr
+    # torchrun reports the failed ranks with a traceback of its own; none runs through ours.
+    assert "jestcurate/trainer" not in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_accumulated_micro_batches_make_up_one_manifest_step(
+    selections: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--accum-freq 2 on one process: two micro-batches of 8 per optimizer step, which together
+    are the manifest's batch (open_clip concatenates their features before the loss)."""
+    sel, _ = selections
+    args = ["--selection", str(sel), "--record-steps", str(tmp_path / "rec")]
+    args += trainer_args(tmp_path / "logs", "--accum-freq", 2, "--epochs", 1)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "jestcurate.openclip_train", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = recorded(tmp_path / "rec")[0]
+    assert [line["keys"] for line in lines] == manifest_steps(sel)
