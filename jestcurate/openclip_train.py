@@ -1,7 +1,7 @@
-"""`torchrun -m jestcurate.openclip_train --selection SEL [open_clip_train flags]`: open_clip's
-own trainer on a selection's batches, in step order (jestcurate.trainer.openclip_train)."""
+"""`torchrun -m jestcurate.openclip_train -- --selection SEL [open_clip_train flags]`: open_clip's
+own trainer on a selection's batches, in step order (jestcurate.trainer.openclip)."""
 
-from jestcurate.trainer.openclip_train import main
+from jestcurate.trainer.openclip.launcher import main
 
 if __name__ == "__main__":
     main()

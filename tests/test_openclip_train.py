@@ -16,7 +16,7 @@ import pytest
 from conftest import run_cli
 
 from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus
-from jestcurate.trainer.openclip_train import main
+from jestcurate.trainer.openclip.launcher import main
 
 B = 16  # the selections' batch size: 2 ranks × --batch-size 8
 
@@ -38,6 +38,11 @@ def selections(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         )
         assert code == 0, output
     return root / "sel", root / "sel2"
+
+
+@pytest.fixture(scope="module")
+def scores(selections: tuple[Path, Path]) -> Path:
+    return selections[0].parent / "scores"
 
 
 def manifest_steps(*selections: Path) -> list[list[str]]:
@@ -89,7 +94,7 @@ def die(optimizer, args, kwargs):
     if taken == int(os.environ["JC_DIE_AT"]) and os.environ["RANK"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)
 register_optimizer_step_pre_hook(die)
-from jestcurate.trainer.openclip_train import main
+from jestcurate.trainer.openclip.launcher import main
 main()
 """
 
@@ -183,14 +188,15 @@ def test_numbers_that_cannot_keep_the_batches_are_refused_before_training(
     assert "open_clip_train would read these shuffled" in refused(
         sel, "--batch-size", B, "--train-data", "pool/{00000..00001}.tar", "--dataset-resampled"
     )
-    assert "--epochs 6 is more than the selection's 5 steps" in refused(
+    assert "--epochs 6 is more than the 5 steps the selection holds" in refused(
         sel, "--batch-size", B, "--epochs", 6
     )
     assert "--epochs 3 × 2 steps = 6 steps, but the selection holds 5" in refused(
         sel, "--batch-size", B, "--epochs", 3, "--train-num-samples", 32
     )
-    assert "--train-num-samples 40 is not a whole number of the selection's batches of 16: " \
-        "pass 32 or 48" in refused(sel, "--batch-size", B, "--train-num-samples", 40)  # fmt: skip
+    assert "--train-num-samples 40 is not a whole number of batches of 16: pass 32 or 48" in (
+        refused(sel, "--batch-size", B, "--train-num-samples", 40)
+    )
     assert "--accum-freq 2" in refused(sel, "--batch-size", B, "--accum-freq", 2)
     assert not logs.exists()  # nothing started: no log folder, no checkpoint
 
@@ -223,3 +229,29 @@ def test_accumulated_micro_batches_make_up_one_manifest_step(
     assert result.returncode == 0, result.stderr[-3000:]
     lines = recorded(tmp_path / "rec")[0]
     assert [line["keys"] for line in lines] == manifest_steps(sel)
+
+
+@pytest.mark.slow
+def test_online_jest_picks_each_step_from_its_super_batch_across_two_ranks(
+    scores: Path, tmp_path: Path
+) -> None:
+    """--online: the model being trained scores each super-batch (each rank its share, the
+    embeddings gathered) and both ranks train disjoint halves of one joint pick from it."""
+    from jestcurate.trainer.online import SuperBatches
+
+    args = ["--online", str(scores), "--online-ratio", "0.25", "--record-steps"]
+    args += [str(tmp_path / "rec"), *trainer_args(tmp_path / "logs", "--epochs", 1)]
+    result = torchrun(["-m", "jestcurate.openclip_train"], args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "5 steps of 16 chosen online from" in result.stderr
+    candidates = SuperBatches(scores, B, 0.25, seed=0, rank=0, world_size=1)
+    lines = recorded(tmp_path / "rec")
+    assert [line["step"] for line in lines[0]] == [line["step"] for line in lines[1]] == [
+        0, 1, 2, 3, 4,
+    ]  # fmt: skip
+    for a, b in zip(lines[0], lines[1], strict=True):
+        picked = a["keys"] + b["keys"]
+        offered = candidates.super_batch_at(a["step"]).keys
+        assert len(set(picked)) == B and set(picked) <= set(offered), a["step"]
+        # a choice, not the first b candidates in the order they came
+        assert set(picked) != set(offered[:B])
