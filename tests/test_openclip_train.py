@@ -141,9 +141,9 @@ def test_two_ranks_train_the_manifest_steps_in_order_and_resume_at_the_next_step
     assert (tmp_path / "logs" / "run" / "checkpoints" / "epoch_3.pt").is_file()
 
 
-def refusal(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+def refusal(capsys: pytest.CaptureFixture[str], argv: list[object]) -> str:
     with pytest.raises(SystemExit) as stop:
-        main(argv)
+        main([str(a) for a in argv])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -198,7 +198,33 @@ def test_numbers_that_cannot_keep_the_batches_are_refused_before_training(
         refused(sel, "--batch-size", B, "--train-num-samples", 40)
     )
     assert "--accum-freq 2" in refused(sel, "--batch-size", B, "--accum-freq", 2)
+    online = ["--online", str(sel.parent / "scores"), *trainer_args(logs, "--batch-size", B)]
+    assert "drop --accum-freq" in refusal(capsys, [*online, "--accum-freq", 2])
+    assert "more than the 4 steps the reference's super-batches hold" in refusal(
+        capsys, [*online, "--online-ratio", "0.2", "--epochs", 5]
+    )
     assert not logs.exists()  # nothing started: no log folder, no checkpoint
+
+
+def test_an_open_clip_train_that_builds_its_data_another_way_is_refused(
+    selections: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If a release of open_clip_train stopped building through get_dataset_fn, the launcher's
+    builder would never be asked and open_clip would read (and shuffle) data of its own."""
+    import open_clip_train.data
+    import open_clip_train.main
+
+    def get_data(args, preprocess_fns, epoch=0, tokenizer=None):  # builds no data through us
+        return {}
+
+    monkeypatch.setattr(open_clip_train.data, "get_data", get_data)
+    monkeypatch.setattr(open_clip_train.main, "get_data", get_data)
+    argv = ["--selection", str(selections[0]), *trainer_args(tmp_path / "logs")]
+    assert "builds its training data another way" in refusal(capsys, argv)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_a_refusal_under_torchrun_is_one_line_from_rank_zero(
