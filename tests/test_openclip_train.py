@@ -198,6 +198,19 @@ def test_numbers_that_cannot_keep_the_batches_are_refused_before_training(
         refused(sel, "--batch-size", B, "--train-num-samples", 40)
     )
     assert "--accum-freq 2" in refused(sel, "--batch-size", B, "--accum-freq", 2)
+    # Source tars that cannot be read by position, and no export to read instead.
+    import gzip
+
+    (tmp_path / "gz").mkdir()
+    for tar in sorted((sel.parent / "pool").glob("*.tar")):
+        (tmp_path / "gz" / f"{tar.name}.gz").write_bytes(gzip.compress(tar.read_bytes()))
+    for command in (
+        ["score", tmp_path / "gz", "-m", "jc-tiny", "--out", tmp_path / "gz-scores"],
+        ["select", tmp_path / "gz-scores", "--out", tmp_path / "gz-sel", "-b", B],
+    ):
+        code, output = run_cli(*command)
+        assert code == 0, output
+    assert "cannot be read by position" in refused(tmp_path / "gz-sel", "--batch-size", B)
     online = ["--online", str(sel.parent / "scores"), *trainer_args(logs, "--batch-size", B)]
     assert "drop --accum-freq" in refusal(capsys, [*online, "--accum-freq", 2])
     assert "more than the 4 steps the reference's super-batches hold" in refusal(

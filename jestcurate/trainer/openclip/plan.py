@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from jestcurate.errors import JCError
-from jestcurate.io.store import read_json, require_selection_images
+from jestcurate.io.remote import is_url
+from jestcurate.io.store import read_json, read_output, require_selection_images
+
+TAR_GZ = (".gz", ".tgz")
 
 # Flags that would give open_clip_train training data of its own, read shuffled.
 DATA_FLAGS = (
@@ -67,9 +70,17 @@ def _source(selection: Path, requested: str, summary: dict[str, Any]) -> str:
     finished = exported.is_file() and "shards" in read_json(exported)
     if requested == "export" and not finished:
         raise JCError(f"{selection} has no finished export; run select with --export")
-    if requested == "auto":
-        return "export" if finished else "original"
-    return requested
+    source = ("export" if finished else "original") if requested == "auto" else requested
+    if source == "original":  # read by position: say so now, not from a DataLoader worker
+        shards = read_output(selection / "manifest.parquet", ["shard"]).column("shard")
+        unreadable = [s for s in set(shards.to_pylist()) if is_url(s) or s.endswith(TAR_GZ)]
+        if unreadable:
+            raise JCError(
+                f"{selection} has no finished export and its source shards cannot be read by "
+                f"position ({unreadable[0]}: only local uncompressed tars can); run select "
+                "with --export"
+            )
+    return source
 
 
 def _summary(selection: Path) -> dict[str, Any]:
