@@ -23,6 +23,7 @@ LAYERS = {
     "jestcurate.trainer": 6,
     "jestcurate.loader": 6,  # stable import paths for trainers, re-exporting jestcurate.trainer
     "jestcurate.online": 6,
+    "jestcurate.openclip_train": 6,  # `python -m jestcurate.openclip_train`: the launcher
     "jestcurate.pipelines": 7,
     "jestcurate.cli": 8,
     "jestcurate.__main__": 9,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,10 @@ def test_two_ranks_train_the_manifest_steps_in_order_and_resume_at_the_next_step
     assert len(expected) == 10 and all(len(keys) == B for keys in expected)
     # 3 epochs of 3 steps (48 samples), across both selections; checkpoints after each epoch.
     ours = ["--selection", str(sel), str(sel2), "--record-steps"]
-    theirs = trainer_args(tmp_path / "logs", "--epochs", 3, "--train-num-samples", 48)
+    # Two DataLoader workers per rank, whose items must come back in step order.
+    theirs = trainer_args(
+        tmp_path / "logs", "--epochs", 3, "--train-num-samples", 48, "--workers", 2
+    )
     theirs += ["--resume", "latest"]  # the same command starts, and continues, the run
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
@@ -139,6 +143,25 @@ def test_two_ranks_train_the_manifest_steps_in_order_and_resume_at_the_next_step
     # Steps 5.. come from the second selection, read from its source tars.
     assert resumed[0][-1]["keys"] + resumed[1][-1]["keys"] == expected[8]
     assert (tmp_path / "logs" / "run" / "checkpoints" / "epoch_3.pt").is_file()
+    # open_clip's schedule spans the 9 trained steps, and the resumed run takes it up at step 3:
+    # rank 0 logged the learning rate of every step (0-3 before the kill, 3-8 after).
+    logged = [float(m) for m in re.findall(r"LR: ([0-9.]+)", log_text(tmp_path / "logs"))]
+    schedule = cosine_schedule(lr=1e-3, warmup=1, steps=9)
+    assert logged == pytest.approx(schedule[:4] + schedule[3:], abs=1e-6), logged
+
+
+def log_text(logs: Path) -> str:
+    return (logs / "run" / "out.log").read_text()
+
+
+def cosine_schedule(lr: float, warmup: int, steps: int) -> list[float]:
+    """The learning rate open_clip_train's cosine schedule sets at each step."""
+    import torch
+    from open_clip_train.scheduler import cosine_lr
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    schedule = cosine_lr(optimizer, lr, warmup, steps)
+    return [schedule(step) for step in range(steps)]
 
 
 def refusal(capsys: pytest.CaptureFixture[str], argv: list[object]) -> str:
@@ -216,7 +239,39 @@ def test_numbers_that_cannot_keep_the_batches_are_refused_before_training(
     assert "more than the 4 steps the reference's super-batches hold" in refusal(
         capsys, [*online, "--online-ratio", "0.2", "--epochs", 5]
     )
+    assert "--online-ratio and --online-seed go with --online" in refused(
+        sel, "--batch-size", B, "--online-ratio", "0.5"
+    )
+    unnamed = [a for a in trainer_args(logs, "--batch-size", B, "--epochs", 1) if a != "run"]
+    unnamed.remove("--name")
+    assert "--resume latest needs --name" in refusal(
+        capsys, ["--selection", sel, *unnamed, "--resume", "latest"]
+    )
     assert not logs.exists()  # nothing started: no log folder, no checkpoint
+
+
+def test_a_run_folder_is_not_resumed_with_another_plan(
+    selections: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Which samples step s trains depends on b, the steps per epoch and the selections: a
+    resume that changed one of them would continue on other steps than the checkpoint's."""
+    sel, sel2 = selections
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    args = ["--selection", str(sel), *trainer_args(tmp_path / "logs", "--batch-size", B)]
+    args += ["--epochs", "2", "--train-num-samples", "32", "--resume", "latest"]
+    cmd = [sys.executable, "-m", "jestcurate.openclip_train", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "logs" / "run" / "jestcurate-plan.json").is_file()
+    for changed in (
+        ["--train-num-samples", "48", "--epochs", "1"],  # 3 steps per epoch instead of 2
+        ["--selection", str(sel), str(sel2)],  # steps from other selections
+    ):
+        line = refusal(capsys, [*args, *changed])
+        assert "was begun with another plan" in line and "a new --name" in line, changed
+    # The same plan resumes (here: finds the run finished, and trains nothing more).
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_an_open_clip_train_that_builds_its_data_another_way_is_refused(

@@ -31,13 +31,26 @@ from jestcurate.io.store import read_json, read_output, require_selection_images
 Sample = dict[str, Any]
 
 
+def by_position(path: str) -> bool:
+    """Whether a tar's samples can be read by position: local and uncompressed."""
+    return not is_url(path) and not path.endswith((".gz", ".tgz"))
+
+
+def finished_export(selection: Path) -> dict[str, Any]:
+    """A selection's export.json, refused unless the export finished (it names its shards)."""
+    meta = selection / "shards" / "export.json"
+    if not meta.is_file() or "shards" not in (found := read_json(meta)):
+        raise JCError(f"{selection} has no finished export; run select with --export")
+    return found
+
+
 class TarIndex:
     """Where each sample's files lie in an uncompressed local tar, from one scan of its headers
     (tarfile's random-access mode seeks over the data). Samples are numbered in file order, as
     the score set's `index` column numbers them."""
 
     def __init__(self, path: str) -> None:
-        if is_url(path) or path.endswith((".gz", ".tgz")):
+        if not by_position(path):
             raise JCError(
                 f"cannot read {path} by position: only local uncompressed tars can be; "
                 "export the selection (select --export) and read that instead"
@@ -119,15 +132,13 @@ class SelectionBatches(torch.utils.data.IterableDataset):
             raise JCError(f"source must be 'export' or 'original', not {source!r}")
         self.source = source
         if source == "export":
-            exported = self.dir / "shards" / "export.json"
-            if not exported.is_file() or "shards" not in read_json(exported):
-                raise JCError(f"{self.dir} has no finished export; run select with --export")
-            self.per_shard = int(read_json(exported)["samples_per_shard"])
+            self.per_shard = int(finished_export(self.dir)["samples_per_shard"])
         else:
             require_selection_images(summary, "SelectionBatches")
-            manifest = read_output(self.dir / "manifest.parquet", ["shard", "index"])
+            manifest = read_output(self.dir / "manifest.parquet", ["shard", "index", "key"])
             self.shard_of = manifest.column("shard").to_pylist()
             self.index_of = np.asarray(manifest.column("index").to_numpy())
+            self.key_of = manifest.column("key").to_pylist()
         default_rank, default_world = _distributed()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
@@ -148,12 +159,20 @@ class SelectionBatches(torch.utils.data.IterableDataset):
         if self.source == "export":
             shard = self.dir / "shards" / f"{p // self.per_shard:05d}.tar"
             return _index(str(shard)).read(p % self.per_shard)
-        return _index(self.shard_of[p]).read(int(self.index_of[p]))
+        sample = _index(self.shard_of[p]).read(int(self.index_of[p]))
+        if sample["__key__"] != self.key_of[p]:  # the manifest points by position
+            raise JCError(
+                f"{self.shard_of[p]} changed since it was scored: sample {self.index_of[p]} has "
+                f"key {sample['__key__']!r}, the manifest says {self.key_of[p]!r}"
+            )
+        return sample
 
-    def batch(self, step: int) -> list[Sample]:
-        """This rank's samples of one step, in manifest order."""
-        first = step * self.batch_size + self.rank * self.per_rank
-        return [self._sample(p) for p in range(first, first + self.per_rank)]
+    def batch(self, step: int, part: int = 0, parts: int = 1) -> list[Sample]:
+        """This rank's samples of one step, in manifest order; with `parts`, only part `part`
+        of them (for gradient accumulation's micro-batches)."""
+        size = self.per_rank // parts
+        first = step * self.batch_size + self.rank * self.per_rank + part * size
+        return [self._sample(p) for p in range(first, first + size)]
 
     def __iter__(self) -> Iterator[Any]:
         worker, workers = this_worker()

@@ -47,7 +47,14 @@ from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_outp
 from jestcurate.math.jest import row_cache_fits, select_batch
 from jestcurate.math.losses import Embeddings
 from jestcurate.math.sampling import SamplerOptions
-from jestcurate.trainer.loader import Sample, _distributed, _index, sample_key, this_worker
+from jestcurate.trainer.loader import (
+    Sample,
+    _distributed,
+    _index,
+    finished_export,
+    sample_key,
+    this_worker,
+)
 
 
 @dataclass
@@ -154,11 +161,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
     def _from_export(self, selection: Path) -> np.ndarray:
         """The cache rows a selection kept, read from its export by manifest position."""
 
-        from jestcurate.io.store import read_json
-
-        meta = selection / "shards" / "export.json"
-        if not meta.is_file() or "shards" not in read_json(meta):
-            raise JCError(f"{selection} has no finished export; run select with --export")
+        meta = finished_export(selection)
         manifest = read_output(selection / "manifest.parquet", ["shard", "index"])
         position = {
             (shard, index): p
@@ -179,7 +182,7 @@ class SuperBatches(torch.utils.data.IterableDataset):
             raise JCError(f"{selection} was not made from {self.reference.path}")
         self.export = {
             "dir": selection / "shards",
-            "per_shard": int(read_json(meta)["samples_per_shard"]),
+            "per_shard": int(meta["samples_per_shard"]),
             "position": where,
         }
         return np.flatnonzero(where >= 0)

@@ -25,7 +25,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from jestcurate.errors import JCError, first_line
 from jestcurate.model.openclip import _open_clip
-from jestcurate.trainer.openclip.plan import Plan, plan
+from jestcurate.trainer.openclip.online import candidates
+from jestcurate.trainer.openclip.plan import Plan, check_run_folder, plan
 from jestcurate.trainer.openclip.steps import Recorder, builder
 
 # open_clip_torch releases this launcher is tested with (the `openclip-train` extra pins them).
@@ -70,11 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--online-ratio",
         type=float,
-        default=0.2,
         help="--online: the kept fraction; super-batches hold b / ratio (default 0.2)",
     )
     parser.add_argument(
-        "--online-seed", type=int, default=0, help="--online: the candidates' permutation seed"
+        "--online-seed",
+        type=int,
+        help="--online: the candidates' permutation seed, as select --seed (default 0)",
     )
     parser.add_argument(
         "--record-steps",
@@ -104,9 +106,9 @@ def _training_data(marker: str, build: Callable[..., Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _watch_model(made: list[torch.nn.Module]) -> Iterator[None]:
-    """Note the first model open_clip_train's main creates: the one it trains (a --distill
-    teacher comes second)."""
+def _watch_model(made: list[tuple[Any, Any]]) -> Iterator[None]:
+    """Note the first model open_clip_train's main creates, the one it trains (a --distill
+    teacher comes second), with its evaluation transform."""
     import open_clip_train.main as trainer
 
     original = trainer.create_model_and_transforms
@@ -114,7 +116,7 @@ def _watch_model(made: list[torch.nn.Module]) -> Iterator[None]:
     def create(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         if not made:
-            made.append(result[0])
+            made.append((result[0], result[2]))
         return result
 
     trainer.create_model_and_transforms = create
@@ -168,12 +170,6 @@ def _check_trainer() -> str:
             f"with open_clip_torch {', '.join(TESTED_OPEN_CLIP)}: pip install "
             "'jestcurate[openclip-train]'"
         )
-    if release not in TESTED_OPEN_CLIP:
-        print(
-            f"jestcurate: open_clip_torch {release} is untested with this launcher (tested: "
-            f"{', '.join(TESTED_OPEN_CLIP)}); its data path checks out",
-            file=sys.stderr,
-        )
     return release
 
 
@@ -196,11 +192,12 @@ def _describe(plan: Plan) -> str:
 
 def run(argv: Sequence[str]) -> int:
     """Plan, then run open_clip_train's main with the launcher's training data."""
+    global _started
     argv = list(argv)
     if argv[:1] == ["--"]:  # torchrun needs it before flags that abbreviate its own (--logs)
         argv = argv[1:]
     ours, rest = _parser().parse_known_args(argv)
-    _check_trainer()
+    release = _check_trainer()
     _open_clip()  # the project's model configs (jc-tiny, ...) for --model
     from open_clip_train.distributed import world_info_from_env
     from open_clip_train.main import main as open_clip_main
@@ -209,13 +206,23 @@ def run(argv: Sequence[str]) -> int:
     theirs = parse_args(rest)
     _, rank, world_size = world_info_from_env()
     p = plan(ours, theirs, world_size)
+    check_run_folder(p, theirs, write=rank == 0)
+    if p.online is not None:
+        candidates(p, rank, world_size)  # the row cache, before any rank waits on another
+    if rank == 0:
+        if release not in TESTED_OPEN_CLIP:
+            print(
+                f"jestcurate: open_clip_torch {release} is untested with this launcher (tested: "
+                f"{', '.join(TESTED_OPEN_CLIP)}); its data path checks out",
+                file=sys.stderr,
+            )
+        print(_describe(p), file=sys.stderr)
     recorder = Recorder(p.record, rank) if p.record else None
     hook = register_optimizer_step_post_hook(recorder) if recorder else None
-    if rank == 0:
-        print(_describe(p), file=sys.stderr)
     marker = str(p.selections[0] if p.selections else p.online.reference)  # type: ignore[union-attr]
-    made: list[torch.nn.Module] = []
+    made: list[tuple[Any, Any]] = []
     build = builder(p, recorder.pending if recorder else None, lambda: made[0] if made else None)
+    _started = True  # from here on, an error may be one rank's alone
     try:
         with _training_data(marker, build), _watch_model(made), _ddp_on_cpu():
             result = open_clip_main([*rest, "--train-data", marker])
@@ -223,6 +230,20 @@ def run(argv: Sequence[str]) -> int:
         if hook is not None:
             hook.remove()
     return 0 if result in (None, 0) else 1
+
+
+# Set once planning is over: errors before it are the same on every rank (rank 0 says them),
+# errors after it may be one rank's own (a bad sample, a changed tar), and that rank says them.
+_started = False
+
+
+def _rank() -> int:
+    try:
+        from open_clip_train.distributed import world_info_from_env
+
+        return world_info_from_env()[1]
+    except ImportError:
+        return int(os.environ.get("RANK", "0"))
 
 
 def _message(exc: JCError) -> str:
@@ -234,11 +255,14 @@ def _message(exc: JCError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Expected errors are one line, from rank 0 only, and exit 2."""
+    """Expected errors are one line and exit 2: from rank 0 while planning, from the rank that
+    met them once training began."""
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except JCError as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {_message(exc)}", file=sys.stderr)
+        rank = _rank()
+        if rank == 0 or _started:
+            where = f"[rank {rank}] " if rank else ""
+            print(f"error: {where}{_message(exc)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)

@@ -5,15 +5,21 @@ that keep every batch whole."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jestcurate.errors import JCError
-from jestcurate.io.remote import is_url
-from jestcurate.io.store import read_json, read_output, require_selection_images
+import pyarrow.compute as pc
 
-TAR_GZ = (".gz", ".tgz")
+from jestcurate.errors import JCError
+from jestcurate.io.files import read_existing_json, write_json_atomic
+from jestcurate.io.store import read_json, read_output, require_selection_images
+from jestcurate.trainer.loader import by_position, finished_export
+
+# Beside open_clip_train's out.log: the plan a run was started with, which a resume must share.
+PLAN_FILE = "jestcurate-plan.json"
+DEFAULT_ONLINE_RATIO = 0.2
 
 # Flags that would give open_clip_train training data of its own, read shuffled.
 DATA_FLAGS = (
@@ -66,21 +72,27 @@ class Plan:
 
 def _source(selection: Path, requested: str, summary: dict[str, Any]) -> str:
     require_selection_images(summary, "the open_clip_train launcher")
-    exported = selection / "shards" / "export.json"
-    finished = exported.is_file() and "shards" in read_json(exported)
-    if requested == "export" and not finished:
-        raise JCError(f"{selection} has no finished export; run select with --export")
+    try:
+        finished_export(selection)
+        finished = True
+    except JCError:
+        if requested == "export":
+            raise
+        finished = False
     source = ("export" if finished else "original") if requested == "auto" else requested
     if source == "original":  # read by position: say so now, not from a DataLoader worker
         shards = read_output(selection / "manifest.parquet", ["shard"]).column("shard")
-        unreadable = [s for s in set(shards.to_pylist()) if is_url(s) or s.endswith(TAR_GZ)]
-        if unreadable:
-            raise JCError(
-                f"{selection} has no finished export and its source shards cannot be read by "
-                f"position ({unreadable[0]}: only local uncompressed tars can); run select "
-                "with --export"
-            )
+        _require_by_position(pc.unique(shards).to_pylist(), f"{selection} has no finished export")
     return source
+
+
+def _require_by_position(shards: list[str], why: str) -> None:
+    unreadable = [s for s in shards if not by_position(s)]
+    if unreadable:
+        raise JCError(
+            f"{why} and its source shards cannot be read by position ({unreadable[0]}: only "
+            "local uncompressed tars can); run select with --export"
+        )
 
 
 def _summary(selection: Path) -> dict[str, Any]:
@@ -97,7 +109,9 @@ def _steps_per_epoch(args: argparse.Namespace, batch: int, total: int, what: str
         raise JCError(f"--epochs must be at least 1, not {epochs}")
     if args.train_num_samples is not None:
         n = int(args.train_num_samples)
-        if n <= 0 or n % batch:
+        if n <= 0:
+            raise JCError(f"--train-num-samples must be positive, not {n}")
+        if n % batch:
             lower, upper = max(batch, n // batch * batch), (n // batch + 1) * batch
             raise JCError(
                 f"--train-num-samples {n} is not a whole number of batches of {batch}: pass "
@@ -135,6 +149,10 @@ def _check_batch(theirs: argparse.Namespace, batch: int, world_size: int) -> Non
         )
 
 
+def _ratio(ours: argparse.Namespace) -> float:
+    return DEFAULT_ONLINE_RATIO if ours.online_ratio is None else float(ours.online_ratio)
+
+
 def _online_steps(ours: argparse.Namespace, theirs: argparse.Namespace, world: int) -> int:
     """The reference's super-batches (one per step), counted without building the row cache."""
     from jestcurate.io.eligible import Filters, scan
@@ -143,13 +161,17 @@ def _online_steps(ours: argparse.Namespace, theirs: argparse.Namespace, world: i
 
     if int(theirs.accum_freq) != 1:
         raise JCError("--online scores and picks a whole batch per step: drop --accum-freq")
+    if theirs.horovod:
+        raise JCError("--online gathers embeddings with torch.distributed: run it with torchrun")
     batch = int(theirs.batch_size) * world
-    big = SamplerOptions(batch, ours.online_ratio).super_batch
+    big = SamplerOptions(batch, _ratio(ours)).super_batch
     if big % world:
         raise JCError(f"a super-batch of {big} does not split over {world} ranks")
     reference = open_score_set(Path(ours.online), role="reference")
     reference.require_images("the open_clip_train launcher")
-    eligible = scan(reference, None, Filters()).counts.eligible
+    found = scan(reference, None, Filters())
+    _require_by_position(found.shards, f"{reference.path} is the --online reference")
+    eligible = found.counts.eligible
     if eligible < big:
         raise JCError(f"{eligible} eligible rows: fewer than one super-batch of {big}")
     return eligible // big
@@ -170,10 +192,13 @@ def plan(ours: argparse.Namespace, theirs: argparse.Namespace, world_size: int) 
         "micro": int(theirs.batch_size),
         "record": Path(ours.record_steps) if ours.record_steps else None,
     }
+    if not ours.online and (ours.online_ratio is not None or ours.online_seed is not None):
+        raise JCError("--online-ratio and --online-seed go with --online")
     if ours.online:
         batch = int(theirs.batch_size) * world_size
         total = _online_steps(ours, theirs, world_size)
-        online = Online(Path(ours.online), float(ours.online_ratio), int(ours.online_seed))
+        seed = 0 if ours.online_seed is None else ours.online_seed
+        online = Online(Path(ours.online), _ratio(ours), seed)
         per_epoch = _steps_per_epoch(theirs, batch, total, "the reference's super-batches")
         return Plan((), (), batch, (total,), per_epoch, online=online, **common)
     selections = tuple(Path(s) for s in ours.selection)
@@ -195,3 +220,49 @@ def plan(ours: argparse.Namespace, theirs: argparse.Namespace, world_size: int) 
 def _given(args: argparse.Namespace, flag: str) -> bool:
     value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
     return value not in (None, False, "", "auto")
+
+
+def identity(p: Plan) -> dict[str, Any]:
+    """What decides which samples step s trains: a resume must find the same."""
+    sources: list[dict[str, Any]] = [
+        {
+            "selection": str(sel.resolve()),
+            "summary_sha256": hashlib.sha256((sel / "summary.json").read_bytes()).hexdigest(),
+        }
+        for sel in p.selections
+    ]
+    if p.online is not None:
+        online = p.online
+        sources = [{"online": str(online.reference.resolve()), "ratio": online.ratio}]
+        sources[0].update(seed=online.seed, super_batches=p.total_steps)
+    return {"batch_size": p.batch, "steps_per_epoch": p.steps_per_epoch, "sources": sources}
+
+
+def check_run_folder(p: Plan, theirs: argparse.Namespace, write: bool) -> None:
+    """Refuse to resume (or reuse) a run folder begun with another plan, which would train other
+    steps than the checkpoint's continuation; with `write` (rank 0), note the plan there."""
+    if theirs.resume == "latest" and not theirs.name:
+        raise JCError(
+            "--resume latest needs --name: without one open_clip_train names each run by its "
+            "start time, so a rerun never finds the checkpoints"
+        )
+    logs = theirs.logs if theirs.logs and str(theirs.logs).lower() != "none" else None
+    folder = Path(logs) / theirs.name if logs and theirs.name else None
+    if theirs.resume not in (None, "latest"):  # .../NAME/checkpoints/epoch_K.pt
+        folder = Path(theirs.resume).resolve().parent.parent
+    if folder is None:
+        return
+    previous = read_existing_json(folder / PLAN_FILE)
+    ours = identity(p)
+    if previous is not None and previous != ours:
+        raise JCError(
+            f"{folder} was begun with another plan ({previous['steps_per_epoch']} steps of "
+            f"{previous['batch_size']} per epoch, from "
+            f"{', '.join(next(iter(s.values())) for s in previous['sources'])}): resuming it with "
+            "this one would train other steps; pass the same selections, --batch-size × ranks "
+            "and --train-num-samples (or --epochs), or a new --name"
+        )
+    if write and previous is None and logs and theirs.name:
+        folder = Path(logs) / theirs.name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / PLAN_FILE, ours)

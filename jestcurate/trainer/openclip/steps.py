@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from jestcurate.errors import JCError
-from jestcurate.io.reader import IMAGE_EXTS, load_image
+from jestcurate.io.reader import IMAGE_EXTS, SampleError, load_image
 from jestcurate.trainer.loader import Sample, SelectionBatches, this_worker
 from jestcurate.trainer.openclip.plan import Plan
 
@@ -33,12 +33,15 @@ class Decode:
             data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             if data is None or "txt" not in sample:
                 raise JCError(f"sample {sample['__key__']} has no image or no caption")
-            images.append(self.preprocess(load_image(data)))
+            try:
+                images.append(self.preprocess(load_image(data)))
+            except SampleError as exc:
+                raise JCError(f"sample {sample['__key__']}: {exc}") from None
             captions.append(sample["txt"].decode("utf-8"))
         return torch.stack(images), self.tokenizer(captions)
 
 
-def sample_key(sample: Sample) -> str:
+def manifest_key(sample: Sample) -> str:
     """The manifest's key of a sample: an exported sample carries it as jestcurate.source_key."""
     if "json" in sample:
         with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, KeyError):
@@ -64,14 +67,14 @@ class StepDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, list[str]]]:
         worker, workers = this_worker()
-        accum, micro = self.plan.accum, self.plan.micro
+        accum = self.plan.accum
         first = self.epoch.get_value() * self.plan.steps_per_epoch * accum
         for m in range(first, first + len(self))[worker::workers]:
             step, part = divmod(m, accum)
             selection, local = self.plan.locate(step)
-            samples = self.readers[selection].batch(local)[part * micro : (part + 1) * micro]
+            samples = self.readers[selection].batch(local, part, accum)
             images, texts = self.decode(samples)
-            yield images, texts, step, [sample_key(s) for s in samples]
+            yield images, texts, step, [manifest_key(s) for s in samples]
 
 
 class StepLoader:
@@ -131,7 +134,8 @@ def data_loader(dataset: torch.utils.data.Dataset, workers: int) -> torch.utils.
 
 def builder(plan: Plan, pending: Pending | None, model: Callable[[], Any]) -> Callable[..., Any]:
     """A builder with the signature of open_clip_train's (get_dataset_fn's result) for the
-    training split; `model` returns the model being trained (online JEST scores with it)."""
+    training split; `model` returns the model being trained and its evaluation transform
+    (online JEST scores with them)."""
 
     def build(
         args: Any, preprocess: Any, is_train: bool, epoch: int = 0, tokenizer: Any = None
