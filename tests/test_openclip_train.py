@@ -128,6 +128,7 @@ def test_two_ranks_train_the_manifest_steps_in_order_and_resume_at_the_next_step
     second = torchrun(["-m", "jestcurate.openclip_train"], [*ours, str(tmp_path / "rec2"), *theirs])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "9 steps of 16 from 2 selection(s), as 3 epoch(s) of 3 steps" in second.stderr
+    assert "(read by position from 2 source tars)" in second.stderr  # sel2 has no export
     resumed = recorded(tmp_path / "rec2")
     # It continues at the step after the checkpoint (epoch 1 = steps 3..5), not at step 0.
     for rank in (0, 1):

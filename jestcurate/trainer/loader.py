@@ -82,7 +82,11 @@ class TarIndex:
         return sample
 
 
-@functools.lru_cache(maxsize=64)
+# Indexes kept per process: a read from a tar outside them scans its headers again.
+INDEXES_KEPT = 64
+
+
+@functools.lru_cache(maxsize=INDEXES_KEPT)
 def _index(path: str) -> TarIndex:
     return TarIndex(path)
 

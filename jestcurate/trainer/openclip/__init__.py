@@ -4,11 +4,12 @@ plan.py checks the numbers and cuts the steps into open_clip_train's epochs; ste
 training data open_clip_train gets; online.py picks each step's batch with the model being
 trained; launcher.py parses the flags and runs open_clip_train's main with them.
 
-Why the batches survive: open_clip_train's train_one_epoch takes one optimizer step per item of
-`data["train"].dataloader` (per --accum-freq items), in the order the loader yields them, and
-numbers it `num_batches * epoch + i`. The launcher's loader yields manifest step
-`epoch * S + i` as item i of epoch `epoch` (S steps per epoch), so open_clip's step counter, its
-learning-rate schedule and its checkpoints count manifest steps; open_clip's loss all-gathers the
+Why the batches survive: open_clip_train's train_one_epoch takes one optimizer step per
+--accum-freq items of `data["train"].dataloader`, in the order the loader yields them, and
+numbers it `(num_batches // accum) * epoch + i // accum`. The launcher's loader has
+num_batches = S * accum and yields manifest step `epoch * S + i // accum` as item i of epoch
+`epoch` (S steps per epoch), so open_clip's step counter, its learning-rate schedule and its
+checkpoints count manifest steps; open_clip's loss all-gathers the
 ranks' features, so the contrastive batch is the union of the ranks' slices: the manifest's
 batch. Nothing shuffles: no sampler, no shuffle buffer, and DataLoader workers' items come back
 in order.

@@ -25,9 +25,17 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from jestcurate.errors import JCError, first_line
 from jestcurate.model.openclip import _open_clip
-from jestcurate.trainer.openclip.online import candidates
+from jestcurate.trainer.loader import INDEXES_KEPT
+from jestcurate.trainer.openclip.online import candidates, online_batches
 from jestcurate.trainer.openclip.plan import Plan, check_run_folder, plan
-from jestcurate.trainer.openclip.steps import Recorder, builder
+from jestcurate.trainer.openclip.steps import (
+    Decode,
+    Pending,
+    Recorder,
+    StepDataset,
+    StepLoader,
+    data_loader,
+)
 
 # open_clip_torch releases this launcher is tested with (the `openclip-train` extra pins them).
 TESTED_OPEN_CLIP = ("3.3.0",)
@@ -85,6 +93,34 @@ def _parser() -> argparse.ArgumentParser:
         "line per step and rank: step, keys): an audit that the batches survived",
     )
     return parser
+
+
+def builder(plan: Plan, pending: Pending | None, model: Callable[[], Any]) -> Callable[..., Any]:
+    """A builder with the signature of open_clip_train's (get_dataset_fn's result) for the
+    training split; `model` returns the model being trained and its evaluation transform
+    (online JEST scores with them)."""
+
+    def build(
+        args: Any, preprocess: Any, is_train: bool, epoch: int = 0, tokenizer: Any = None
+    ) -> Any:
+        from open_clip_train.data import DataInfo, SharedEpoch
+
+        if not is_train:
+            raise JCError("the selection is training data; pass --val-data for validation")
+        if args.world_size != plan.world_size:  # the launcher planned with the environment's
+            raise JCError(
+                f"open_clip_train runs {args.world_size} ranks, the environment said "
+                f"{plan.world_size}: start the launcher as you start open_clip_train (torchrun)"
+            )
+        shared = SharedEpoch(epoch)
+        decode = Decode(preprocess, tokenizer)
+        if plan.online is not None:
+            batches = online_batches(plan, args, decode, shared, model())
+        else:
+            batches = data_loader(StepDataset(plan, args.rank, decode, shared), args.workers)
+        return DataInfo(dataloader=StepLoader(batches, plan, pending), shared_epoch=shared)
+
+    return build
 
 
 @contextlib.contextmanager
@@ -184,10 +220,19 @@ def _describe(plan: Plan) -> str:
         if plan.online
         else f"from {len(plan.selections)} selection(s)"
     )
-    return (
+    line = (
         f"jestcurate: {plan.trained_steps} steps of {plan.batch} {source}, as {plan.epochs} "
         f"epoch(s) of {plan.steps_per_epoch} steps ({ranks}){tail}"
     )
+    if plan.by_position > INDEXES_KEPT:
+        line += (
+            f"\njestcurate: reading samples by position from {plan.by_position} source tars; "
+            f"each process keeps {INDEXES_KEPT} tar indexes, so most reads re-scan a tar's "
+            "headers: export the selection (select --export) for speed"
+        )
+    elif plan.by_position:
+        line += f" (read by position from {plan.by_position} source tars)"
+    return line
 
 
 def run(argv: Sequence[str]) -> int:

@@ -52,6 +52,7 @@ class Plan:
     micro: int  # samples per rank per micro-batch: open_clip's --batch-size
     record: Path | None
     online: Online | None = None
+    by_position: int = 0  # source tars read by position (selections without export, online)
 
     @property
     def total_steps(self) -> int:
@@ -79,11 +80,16 @@ def _source(selection: Path, requested: str, summary: dict[str, Any]) -> str:
         if requested == "export":
             raise
         finished = False
-    source = ("export" if finished else "original") if requested == "auto" else requested
-    if source == "original":  # read by position: say so now, not from a DataLoader worker
-        shards = read_output(selection / "manifest.parquet", ["shard"]).column("shard")
-        _require_by_position(pc.unique(shards).to_pylist(), f"{selection} has no finished export")
-    return source
+    return ("export" if finished else "original") if requested == "auto" else requested
+
+
+def _source_shards(selection: Path) -> list[str]:
+    """The source tars a selection without export is read from, checked now rather than in a
+    DataLoader worker."""
+    shards = read_output(selection / "manifest.parquet", ["shard"]).column("shard")
+    unique = pc.unique(shards).to_pylist()
+    _require_by_position(unique, f"{selection} has no finished export")
+    return unique
 
 
 def _require_by_position(shards: list[str], why: str) -> None:
@@ -153,8 +159,11 @@ def _ratio(ours: argparse.Namespace) -> float:
     return DEFAULT_ONLINE_RATIO if ours.online_ratio is None else float(ours.online_ratio)
 
 
-def _online_steps(ours: argparse.Namespace, theirs: argparse.Namespace, world: int) -> int:
-    """The reference's super-batches (one per step), counted without building the row cache."""
+def _online_steps(
+    ours: argparse.Namespace, theirs: argparse.Namespace, world: int
+) -> tuple[int, int]:
+    """The reference's super-batches (one per step), counted without building the row cache,
+    and its source tars."""
     from jestcurate.io.eligible import Filters, scan
     from jestcurate.io.store import open_score_set
     from jestcurate.math.sampling import SamplerOptions
@@ -174,7 +183,7 @@ def _online_steps(ours: argparse.Namespace, theirs: argparse.Namespace, world: i
     eligible = found.counts.eligible
     if eligible < big:
         raise JCError(f"{eligible} eligible rows: fewer than one super-batch of {big}")
-    return eligible // big
+    return eligible // big, len(found.shards)
 
 
 def plan(ours: argparse.Namespace, theirs: argparse.Namespace, world_size: int) -> Plan:
@@ -196,17 +205,21 @@ def plan(ours: argparse.Namespace, theirs: argparse.Namespace, world_size: int) 
         raise JCError("--online-ratio and --online-seed go with --online")
     if ours.online:
         batch = int(theirs.batch_size) * world_size
-        total = _online_steps(ours, theirs, world_size)
+        total, tars = _online_steps(ours, theirs, world_size)
         seed = 0 if ours.online_seed is None else ours.online_seed
         online = Online(Path(ours.online), _ratio(ours), seed)
         per_epoch = _steps_per_epoch(theirs, batch, total, "the reference's super-batches")
-        return Plan((), (), batch, (total,), per_epoch, online=online, **common)
+        return Plan((), (), batch, (total,), per_epoch, online=online, by_position=tars, **common)
     selections = tuple(Path(s) for s in ours.selection)
     summaries = [_summary(s) for s in selections]
     sources = tuple(
         _source(s, ours.selection_source, summary)
         for s, summary in zip(selections, summaries, strict=True)
     )
+    tars: set[str] = set()
+    for selection, source in zip(selections, sources, strict=True):
+        if source == "original":
+            tars.update(_source_shards(selection))
     sizes = {int(s["parameters"]["batch_size"]) for s in summaries}
     if len(sizes) > 1:
         raise JCError(f"the selections have different batch sizes ({sorted(sizes)}); use one")
@@ -214,7 +227,7 @@ def plan(ours: argparse.Namespace, theirs: argparse.Namespace, world_size: int) 
     _check_batch(theirs, batch, world_size)
     steps = tuple(int(s["counts"]["steps"]) for s in summaries)
     per_epoch = _steps_per_epoch(theirs, batch, sum(steps), "the selection")
-    return Plan(selections, sources, batch, steps, per_epoch, **common)
+    return Plan(selections, sources, batch, steps, per_epoch, by_position=len(tars), **common)
 
 
 def _given(args: argparse.Namespace, flag: str) -> bool:

@@ -130,33 +130,3 @@ def data_loader(dataset: torch.utils.data.Dataset, workers: int) -> torch.utils.
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-
-
-def builder(plan: Plan, pending: Pending | None, model: Callable[[], Any]) -> Callable[..., Any]:
-    """A builder with the signature of open_clip_train's (get_dataset_fn's result) for the
-    training split; `model` returns the model being trained and its evaluation transform
-    (online JEST scores with them)."""
-
-    def build(
-        args: Any, preprocess: Any, is_train: bool, epoch: int = 0, tokenizer: Any = None
-    ) -> Any:
-        from open_clip_train.data import DataInfo, SharedEpoch
-
-        if not is_train:
-            raise JCError("the selection is training data; pass --val-data for validation")
-        if args.world_size != plan.world_size:  # the launcher planned with the environment's
-            raise JCError(
-                f"open_clip_train runs {args.world_size} ranks, the environment said "
-                f"{plan.world_size}: start the launcher as you start open_clip_train (torchrun)"
-            )
-        shared = SharedEpoch(epoch)
-        decode = Decode(preprocess, tokenizer)
-        if plan.online is not None:
-            from jestcurate.trainer.openclip.online import online_batches
-
-            batches = online_batches(plan, args, decode, shared, model())
-        else:
-            batches = data_loader(StepDataset(plan, args.rank, decode, shared), args.workers)
-        return DataInfo(dataloader=StepLoader(batches, plan, pending), shared_epoch=shared)
-
-    return build
