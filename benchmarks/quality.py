@@ -239,7 +239,8 @@ def uniform_stream(n: int, setup: Setup, seed: int) -> list[np.ndarray]:
 def select_config(
     kw: dict[str, Any], setup: Setup, seed: int, env: dict[str, Any], out: Path, **extra: Any
 ) -> select_mod.SelectConfig:
-    """select's settings for a method's `kw` at one seed (seed*1000 + the selection's number)."""
+    """select's settings for a method's `kw`, with select's seed `seed` (a stream's seed*1000
+    plus the selection's number)."""
     return select_mod.SelectConfig(
         reference=env["ref"].path,
         learner=env["learner"].path,
