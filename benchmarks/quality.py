@@ -15,6 +15,10 @@ On the project's synthetic corpus (a clean guide split, a noisy pool, a clean ev
    more with online JEST (jestcurate.trainer.online), where the learner being trained embeds each
    super-batch and the selector picks from it, against the cached reference embeddings;
 4. measure zero-shot accuracy on the eval split (the 32 class prompts) every --eval-every steps.
+Two more arms train jest (learnability)'s stream another way: through open_clip_train (its
+selections written to disk with select's own run and export, checked batch for batch against the
+in-memory stream, and trained by `python -m jestcurate.openclip_train`; quality_openclip.py),
+and with its samples shuffled and re-batched (what open_clip_train does with an export).
 Writes results.json, results.md (the tables) and accuracy.png to --out.
 """
 
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import quality_openclip
 import torch
 
 from jestcurate.io import eligible
@@ -49,6 +54,8 @@ from jestcurate.pipelines import train as train_mod
 from jestcurate.pipelines.synth import CLASSES, PRESETS, CorpusSpec, write_corpus
 
 PROMPT = "a photo of a {color} {shape}"
+WEIGHT_DECAY = 0.1
+WARMUP = 20  # the Trainer shortens it to a fifth of a shorter run
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "learnability": {"method": "learnability"},
     "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
     "jest (learnability)": {"method": "jest", "score": "learnability"},
+    # The same selections, trained by open_clip_train through the launcher (from the exports)
+    "jest (learnability), open_clip_train": {
+        "method": "jest",
+        "score": "learnability",
+        "arm": "open_clip_train",
+    },
+    # The same stream's samples, shuffled and re-batched: the batches do not survive
+    "jest (learnability), shuffled": {"method": "jest", "score": "learnability", "arm": "shuffled"},
     "jest (learnability, 2 sweeps)": {"method": "jest", "score": "learnability", "sweeps": 2},
     # The paper's Algorithm 1 as written (select --sampler paper), for comparison.
     "jest (learnability, Algorithm 1)": {
@@ -151,7 +166,7 @@ def train_on(
     torch.manual_seed(seed)
     spec = resolve_spec(ModelSpec(setup.model, device="cpu", init_seed=seed))
     model = load_model(spec, warn_random=False)
-    trainer = train_mod.Trainer(model, setup.lr, 0.1, 20, setup.steps)
+    trainer = train_mod.Trainer(model, setup.lr, WEIGHT_DECAY, WARMUP, setup.steps)
     curve = [zero_shot(trainer.net, *eval_set)]
     for step, rows in enumerate(stream[: setup.steps]):
         idx = torch.from_numpy(rows)
@@ -173,7 +188,7 @@ def train_online(
     pool, cache, ref, rows_of = env["pool"], env["cache"], env["ref"], env["rows_of"]
     torch.manual_seed(seed)
     model = load_model(resolve_spec(ModelSpec(setup.model, device="cpu", init_seed=seed)), False)
-    trainer = train_mod.Trainer(model, setup.lr, 0.1, 20, setup.steps)
+    trainer = train_mod.Trainer(model, setup.lr, WEIGHT_DECAY, WARMUP, setup.steps)
     net = trainer.net
     options = SamplerOptions(setup.batch, setup.ratio, "learnability", chunks=setup.chunks)
     selector = OnlineSelector(ref, options, seed=seed)
@@ -221,35 +236,102 @@ def uniform_stream(n: int, setup: Setup, seed: int) -> list[np.ndarray]:
     return stream
 
 
+def select_config(
+    kw: dict[str, Any], setup: Setup, seed: int, env: dict[str, Any], out: Path, **extra: Any
+) -> select_mod.SelectConfig:
+    """select's settings for a method's `kw`, with select's seed `seed` (a stream's seed*1000
+    plus the selection's number)."""
+    return select_mod.SelectConfig(
+        reference=env["ref"].path,
+        learner=env["learner"].path,
+        out=out,
+        sampling=SamplerOptions(
+            setup.batch,
+            kw.get("ratio", setup.ratio),
+            criterion=kw.get("score"),
+            chunks=kw.get("chunks", setup.chunks),
+            **{k: v for k, v in kw.items() if k in ("sampler", "sweeps")},
+        ),
+        seed=seed,
+        device="cpu",
+        **{k: v for k, v in kw.items() if k == "method"},
+        **extra,
+    )
+
+
 def selection_stream(
     kw: dict[str, Any], setup: Setup, seed: int, env: dict[str, Any], pool: Pool
 ) -> list[np.ndarray]:
-    """Batches of successive selections (seeds seed*1000, +1, ...) until there are enough."""
+    """Batches of successive selections (seeds seed*1000, +1, ...) until there are enough; the
+    arms of one selection share it (env["streams"])."""
+    made = env.setdefault("streams", {})
+    name = (seed, json.dumps({k: v for k, v in kw.items() if k != "arm"}, sort_keys=True))
+    if name in made:
+        return made[name]
     cache, ref, learner = env["cache"], env["ref"], env["learner"]
     rows_of = env["rows_of"]
     stream: list[np.ndarray] = []
     epoch = 0
     while len(stream) < setup.steps:
-        cfg = select_mod.SelectConfig(
-            reference=ref.path,
-            learner=learner.path,
-            out=env["work"] / "unused",
-            sampling=SamplerOptions(
-                setup.batch,
-                kw.get("ratio", setup.ratio),
-                criterion=kw.get("score"),
-                chunks=kw.get("chunks", setup.chunks),
-                **{k: v for k, v in kw.items() if k in ("sampler", "sweeps")},
-            ),
-            seed=seed * 1000 + epoch,
-            device="cpu",
-            **{k: v for k, v in kw.items() if k == "method"},
-        )
+        cfg = select_config(kw, setup, seed * 1000 + epoch, env, env["work"] / "unused")
         steps = cache.size // cfg.sampling.super_batch
         for ids, _ in select_mod.choose(cfg, cache, ref, learner, steps):
             stream.append(rows_of[ids])
         epoch += 1
+    made[name] = stream
     return stream
+
+
+def shuffled_stream(stream: list[np.ndarray], setup: Setup, seed: int) -> list[np.ndarray]:
+    """The trained steps' rows, permuted (seeded) and cut into new batches of setup.batch."""
+    rows = np.concatenate(stream[: setup.steps])
+    rows = rows[np.random.default_rng([seed, 27]).permutation(len(rows))]
+    return [rows[i : i + setup.batch] for i in range(0, len(rows) - setup.batch + 1, setup.batch)]
+
+
+def train_openclip(kw: dict[str, Any], setup: Setup, seed: int, env: dict[str, Any]) -> list[float]:
+    """The open_clip_train arm: the very selections selection_stream makes for `kw`, written by
+    select (with --export) under WORK/openclip/seed-S, each manifest checked batch for batch
+    against the in-memory stream, then trained by the launcher; the curve is zero_shot on its
+    initial model and on each epoch's checkpoint (an epoch: eval_every steps)."""
+    stream = selection_stream(kw, setup, seed, env, env["pool"])
+    folder = env["work"] / "openclip" / f"seed-{seed}"
+    selections: list[Path] = []
+    done = 0
+    while done < setup.steps:  # as many selections as selection_stream made
+        out = folder / f"selection-{len(selections)}"
+        cfg = select_config(kw, setup, seed * 1000 + len(selections), env, out, export=True)
+        quality_openclip.write_selection(cfg)
+        done += quality_openclip.check_selection(out, stream[done:], env["pool"].index)
+        selections.append(out)
+    assert done == len(stream), (done, len(stream))
+    hyper = {
+        "weight_decay": WEIGHT_DECAY,
+        "warmup": min(WARMUP, max(1, setup.steps // 5)),  # as the Trainer shortens it
+        "sigmoid": env["loss_kind"] == "sigmoid",
+    }
+    quality_openclip.train(selections, folder, setup, seed, hyper)
+    return quality_openclip.curve(
+        folder, setup, seed, hyper["sigmoid"], lambda net: zero_shot(net, *env["eval"])
+    )
+
+
+def method_curve(
+    name: str, kw: dict[str, Any], seed: int, setup: Setup, env: dict[str, Any]
+) -> list[float]:
+    """One seed's accuracy curve for a method of METHODS."""
+    if kw.get("online"):
+        return train_online(seed, setup, env, kw.get("score_size"))
+    if kw.get("arm") == "open_clip_train":
+        return train_openclip(kw, setup, seed, env)
+    pool = env["pool"]
+    if name == "uniform":
+        stream = uniform_stream(len(pool.tokens), setup, seed)
+    else:
+        stream = selection_stream(kw, setup, seed, env, pool)
+    if kw.get("arm") == "shuffled":
+        stream = shuffled_stream(stream, setup, seed)
+    return train_on(stream, pool, seed, setup, env["eval"])
 
 
 def steps_to_reach(curve: list[float], target: float, every: int) -> int | None:
@@ -426,6 +508,7 @@ def prepare(work: Path, setup: Setup) -> dict[str, Any]:
         "rows_of": rows_of,
         "kinds": np.array([m["jc_kind"] for m in pool_meta]),
         "work": work,
+        "loss_kind": model.loss_kind,
         "flops": forward_flops(model, 64, prompts.shape[1]),
         "flops_32": forward_flops(model, 64, prompts.shape[1], at=32),
     }
@@ -533,16 +616,7 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
     for name, kw in METHODS.items():
         if setup.methods and name not in setup.methods and name != "uniform":
             continue
-        for seed in setup.seeds:
-            if kw.get("online"):
-                curve = train_online(seed, setup, env, kw.get("score_size"))
-                curves.setdefault(name, []).append(curve)
-                continue
-            if name == "uniform":
-                stream = uniform_stream(n, setup, seed)
-            else:
-                stream = selection_stream(kw, setup, seed, env, pool)
-            curves.setdefault(name, []).append(train_on(stream, pool, seed, setup, env["eval"]))
+        curves[name] = [method_curve(name, kw, seed, setup, env) for seed in setup.seeds]
         final = np.mean([c[-1] for c in curves[name]])
         print(f"{name}: final {final:.3f} ({time.time() - began:.0f}s)", flush=True)
     summary = summarise(curves, setup)

@@ -34,7 +34,8 @@ def test_quality_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     methods = results["summary"]["methods"]
     assert set(methods) == {
         "uniform", "random", "clip-score", "easy-ref", "learnability",
-        "jest (easy-ref)", "jest (learnability)", "jest (learnability, 2 sweeps)",
+        "jest (easy-ref)", "jest (learnability)", "jest (learnability), open_clip_train",
+        "jest (learnability), shuffled", "jest (learnability, 2 sweeps)",
         "jest (learnability, Algorithm 1)",
         "jest (online)", "jest (online, 32 px scoring)",
     }  # fmt: skip
