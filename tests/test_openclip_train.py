@@ -240,6 +240,9 @@ def test_numbers_that_cannot_keep_the_batches_are_refused_before_training(
     assert "more than the 4 steps the reference's super-batches hold" in refusal(
         capsys, [*online, "--online-ratio", "0.2", "--epochs", 5]
     )
+    assert "is a SigLIP model (its config sets a logit bias): pass --siglip" in refused(
+        sel, "--batch-size", B, "--model", "jc-tiny-sigmoid"
+    )
     assert "--online-ratio and --online-seed go with --online" in refused(
         sel, "--batch-size", B, "--online-ratio", "0.5"
     )

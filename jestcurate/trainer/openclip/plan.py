@@ -194,6 +194,7 @@ def plan(ours: argparse.Namespace, theirs: argparse.Namespace, world_size: int) 
             f"{' and '.join(given)}: the selection is the training data, and open_clip_train "
             "would read these shuffled; drop them (--val-data still works)"
         )
+    _check_loss(theirs)
     common = {
         "epochs": int(theirs.epochs),
         "world_size": world_size,
@@ -228,6 +229,24 @@ def plan(ours: argparse.Namespace, theirs: argparse.Namespace, world_size: int) 
     steps = tuple(int(s["counts"]["steps"]) for s in summaries)
     per_epoch = _steps_per_epoch(theirs, batch, sum(steps), "the selection")
     return Plan(selections, sources, batch, steps, per_epoch, by_position=len(tars), **common)
+
+
+def _check_loss(theirs: argparse.Namespace) -> None:
+    """A SigLIP model (its config has a logit bias) trained without --siglip gets CLIP's softmax
+    loss from open_clip_train, silently: refuse it."""
+    from jestcurate.model.openclip import _open_clip
+
+    if theirs.siglip or str(theirs.model).startswith(("hf-hub:", "local-dir:")):
+        return  # (a hub config would need the network; open_clip reads it later)
+    try:
+        config = _open_clip().get_model_config(theirs.model)
+    except Exception:  # an unknown name: open_clip_train says so itself
+        return
+    if config and "init_logit_bias" in config:
+        raise JCError(
+            f"{theirs.model} is a SigLIP model (its config sets a logit bias): pass --siglip, "
+            "or open_clip_train trains it with CLIP's softmax loss"
+        )
 
 
 def _given(args: argparse.Namespace, flag: str) -> bool:
