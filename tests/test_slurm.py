@@ -165,12 +165,13 @@ def test_slurm_select_array_merge_and_export_jobs(tmp_path: Path, fake_sbatch: P
     array, merge = directory / "select.sbatch", directory / "select-merge.sbatch"
     assert not (directory / "select-export.sbatch").exists()  # no --export asked for
     # the array (two jobs of at most 2 indexes) twice, then the merge after round 2
+    after = "--dependency=afterok:4242:4242 --kill-on-invalid-dep=yes"
     assert fake_sbatch.read_text().splitlines() == [
         f"--parsable --array=0-1 {array} 0",
         f"--parsable --array=0 {array} 2",
-        f"--parsable --array=0-1 --dependency=afterok:4242:4242 {array} 0",
-        f"--parsable --array=0 --dependency=afterok:4242:4242 {array} 2",
-        f"--parsable --dependency=afterok:4242:4242 {merge}",
+        f"--parsable --array=0-1 {after} {array} 0",
+        f"--parsable --array=0 {after} {array} 2",
+        f"--parsable {after} {merge}",
     ]
     assert "--merge --num-tasks 3" in merge.read_text()
     for offset, array_id in ((0, 1), (2, 0), (0, 0)) * 2:  # the array, then its second round

@@ -1,6 +1,7 @@
-"""`slurm score` on a real single-node Slurm (started by `.ci/services/slurm.sh start`, which
-.ci/run runs): submitted end to end over more tasks than MaxArraySize (3 there), and a script
-submitted by hand from another folder. Skipped, with the reason, where no Slurm answers."""
+"""`slurm score` and `slurm select` on a real single-node Slurm (started by
+`.ci/services/slurm.sh start`, which .ci/run runs): submitted end to end over more tasks than
+MaxArraySize (3 there), a script submitted by hand from another folder, and a select chain that
+ends when one of its tasks is cancelled. Skipped, with the reason, where no Slurm answers."""
 
 from __future__ import annotations
 
@@ -100,3 +101,24 @@ def test_a_script_submitted_by_hand_from_another_folder_runs(
     wait_for([submitted.stdout.strip().split(";")[0]])
     logs = "".join(p.read_text() for p in (tmp_path / "scores" / "slurm" / "logs").glob("*"))
     assert markers(tmp_path / "scores") == ["00000", "00001", "00002", "00003"], logs
+
+
+def test_a_cancelled_select_task_ends_the_chain_instead_of_leaving_it_pending(
+    pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """afterok alone leaves round 2, the merge and the export PENDING (DependencyNeverSatisfied)
+    for good once a round-1 task fails; the chain must end instead."""
+    monkeypatch.chdir(tmp_path)
+    code, output = run_cli("score", "pool", "--out", "scores", "-m", "jc-tiny", "--workers", 0)
+    assert code == 0, output
+    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--submit",
+                           "--", "scores", "--out", "curated", "-b", 4, "--export")  # fmt: skip
+    assert code == 0, output
+    jobs = re.search(r"then .*?: ([\d, ]+)$", output.strip(), re.MULTILINE)
+    assert jobs, output
+    ids = [j.strip() for j in jobs.group(1).split(",")]
+    round_one = ids[0]
+    cancelled = subprocess.run(["scancel", f"{round_one}_1"], capture_output=True, text=True)
+    assert cancelled.returncode == 0, cancelled.stderr
+    wait_for(ids, limit=180)  # nothing left pending: the dependants were cancelled
+    assert not (tmp_path / "curated" / "summary.json").exists()  # no merge ran

@@ -234,7 +234,9 @@ def _sbatch(script: Path, flags: list[str], after: Sequence[str], offset: int | 
         raise JCError(f"sbatch is not on PATH; submit {script} by hand (see its header)")
     cmd = ["sbatch", "--parsable", *flags]
     if after:
-        cmd.append(f"--dependency=afterok:{':'.join(after)}")
+        # A job whose dependency fails can never start: Slurm cancels it instead of leaving
+        # it pending for good, and so on down the chain.
+        cmd += [f"--dependency=afterok:{':'.join(after)}", "--kill-on-invalid-dep=yes"]
     cmd += [str(script), *([] if offset is None else [str(offset)])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
