@@ -103,7 +103,7 @@ def test_a_script_submitted_by_hand_from_another_folder_runs(
     assert markers(tmp_path / "scores") == ["00000", "00001", "00002", "00003"], logs
 
 
-def test_a_cancelled_select_task_ends_the_chain_instead_of_leaving_it_pending(
+def test_a_cancelled_select_task_ends_the_chain_and_retry_completes_it(
     pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """afterok alone leaves round 2, the merge and the export PENDING (DependencyNeverSatisfied)
@@ -111,8 +111,9 @@ def test_a_cancelled_select_task_ends_the_chain_instead_of_leaving_it_pending(
     monkeypatch.chdir(tmp_path)
     code, output = run_cli("score", "pool", "--out", "scores", "-m", "jc-tiny", "--workers", 0)
     assert code == 0, output
+    select_args = ["scores", "--out", "curated", "-b", 4, "--export"]
     code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--submit",
-                           "--", "scores", "--out", "curated", "-b", 4, "--export")  # fmt: skip
+                           "--", *select_args)  # fmt: skip
     assert code == 0, output
     jobs = re.search(r"then .*?: ([\d, ]+)$", output.strip(), re.MULTILINE)
     assert jobs, output
@@ -122,3 +123,22 @@ def test_a_cancelled_select_task_ends_the_chain_instead_of_leaving_it_pending(
     assert cancelled.returncode == 0, cancelled.stderr
     wait_for(ids, limit=180)  # nothing left pending: the dependants were cancelled
     assert not (tmp_path / "curated" / "summary.json").exists()  # no merge ran
+
+    # --retry resubmits what is unfinished, and the selection completes ...
+    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
+                           "--", *select_args)  # fmt: skip
+    assert code == 0 and "resubmitted round 1 of 1 and round 2 of 2 of 2 tasks" in output, output
+    retried = re.search(r": ([\d, ]+)$", output.strip(), re.MULTILINE)
+    assert retried, output
+    wait_for([j.strip() for j in retried.group(1).split(",")], limit=240)
+    # ... with the files of an uninterrupted run of the same two tasks (here, in-process).
+    for task in (0, 1, 0, 1):  # round 1 of both, then round 2 (the second merges)
+        code, output = run_cli("select", "scores", "--out", "uninterrupted", "-b", 4,
+                               "--task-index", task, "--num-tasks", 2)  # fmt: skip
+        assert code == 0, output
+    merged = (tmp_path / "curated" / "manifest.parquet").read_bytes()
+    assert merged == (tmp_path / "uninterrupted" / "manifest.parquet").read_bytes()
+    assert (tmp_path / "curated" / "shards.txt").is_file()  # the export ran
+    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
+                           "--", *select_args)  # fmt: skip
+    assert code == 0 and "nothing to retry" in output, output

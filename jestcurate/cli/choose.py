@@ -197,6 +197,14 @@ def slurm_select(
     max_array_size: SlurmMaxArraySize = None,
     sbatch: SlurmExtra = None,
     submit: SlurmSubmit = False,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help="Submit only what is unfinished (each task's round 1 and 2, the merge, the "
+            "export), e.g. after a cancelled or failed task ended the chain.",
+        ),
+    ] = False,
 ) -> None:
     """Write OUT/slurm/select.sbatch (an array run twice: in round 1 task I buckets the rows
     of its 1/N of the parts by row hash, in round 2 it selects from its partition),
@@ -215,7 +223,13 @@ def slurm_select(
     opts = config_from(slurm.SlurmOptions, options, extra=extra, job_name="jestcurate-select")
     plan = slurm_select_mod.plan(ctx.args, num_tasks, _select_options)
     written = slurm_select_mod.print_scripts
-    slurm_select_mod.print_report(slurm_select_mod.run(plan, opts, submit, written=written))
+    unfinished = None
+    if retry:
+        from jestcurate.pipelines.select import unfinished_rounds
+
+        unfinished = unfinished_rounds(plan.out, plan.num_tasks, plan.export)
+    report = slurm_select_mod.run(plan, opts, submit or retry, written=written, retry=unfinished)
+    slurm_select_mod.print_report(report)
 
 
 def _select_options(args: list[str]) -> dict[str, Any]:

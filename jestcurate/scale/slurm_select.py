@@ -56,6 +56,7 @@ class SlurmSelectReport:
     plan: SelectPlan
     scripts: slurm.SelectScripts
     jobs: list[str] | None  # the submitted job ids; None: written, not submitted
+    retry: Any = None  # --retry: what was unfinished
 
 
 def run(
@@ -63,23 +64,33 @@ def run(
     opts: slurm.SlurmOptions,
     submit: bool,
     written: Callable[[slurm.SelectScripts], None] | None = None,
+    retry: Any = None,
 ) -> SlurmSelectReport:
     """Write the scripts and, with `submit`, submit them in order. `written` hears of the
-    scripts before anything is submitted, so a failed sbatch leaves their paths known."""
+    scripts before anything is submitted, so a failed sbatch leaves their paths known. With
+    `retry` (select's Unfinished: which rounds of which tasks, the merge and the export are
+    not done), submit only those, in the same order."""
     export_args = [] if plan.export else None
     scripts = slurm.write_select_scripts(plan.out, plan.args, plan.num_tasks, opts, export_args)
     if written is not None:
         written(scripts)
     if not submit:
         return SlurmSelectReport(plan, scripts, None)
-    tasks = range(plan.num_tasks)
-    scatter = slurm.submit(scripts.select, tasks, opts)  # round 1: bucket the rows
-    select = slurm.submit(scripts.select, tasks, opts, after=scatter)  # round 2
-    merge = slurm.submit_one(scripts.merge, after=select)
-    jobs = [*scatter, *select, merge]
-    if scripts.export is not None:
-        jobs += slurm.submit(scripts.export, tasks, opts, after=[merge])
-    return SlurmSelectReport(plan, scripts, jobs)
+    everything = list(range(plan.num_tasks))
+    scatter_tasks = everything if retry is None else retry.scatter
+    select_tasks = everything if retry is None else retry.select
+    merged = retry is not None and retry.merged
+    scatter, select, merge = [], [], []
+    if scatter_tasks:  # round 1: bucket the rows
+        scatter = slurm.submit(scripts.select, scatter_tasks, opts)
+    if select_tasks:  # round 2
+        select = slurm.submit(scripts.select, select_tasks, opts, after=scatter)
+    if not merged:
+        merge = [slurm.submit_one(scripts.merge, after=select)]
+    jobs = [*scatter, *select, *merge]
+    if scripts.export is not None and not (retry is not None and retry.exported):
+        jobs += slurm.submit(scripts.export, everything, opts, after=merge)
+    return SlurmSelectReport(plan, scripts, jobs, retry)
 
 
 def print_scripts(scripts: slurm.SelectScripts) -> None:
@@ -96,6 +107,17 @@ def print_report(report: SlurmSelectReport) -> None:
             f"{n} tasks; submit with --submit, or by hand: sbatch --array=0-{n - 1} "
             f"{scripts.select} 0 twice (the second with --dependency=afterok:FIRST), then "
             f"{scripts.merge.name} after the second"
+        )
+        return
+    if report.retry is not None:
+        r = report.retry
+        if not report.jobs:
+            ui.say("nothing to retry: every task, the merge and the export are done")
+            return
+        ui.say(
+            f"resubmitted round 1 of {len(r.scatter)} and round 2 of {len(r.select)} of {n} "
+            f"tasks{'' if r.merged else ', the merge'}"
+            f"{'' if r.exported else ', the export'}: {', '.join(report.jobs)}"
         )
         return
     then = "the merge and the export" if report.plan.export else "the merge"

@@ -44,7 +44,12 @@ from jestcurate.pipelines.select.report import (
     print_summary,
 )
 from jestcurate.pipelines.select.runner import run
-from jestcurate.pipelines.select.tasks import merge, task_directory, unfinished_tasks
+from jestcurate.pipelines.select.tasks import (
+    merge,
+    task_directory,
+    unfinished_rounds,
+    unfinished_tasks,
+)
 
 __all__ = [
     "MANIFEST",
@@ -71,6 +76,7 @@ __all__ = [
     "run",
     "super_batches",
     "task_directory",
+    "unfinished_rounds",
     "unfinished_tasks",
     "write_manifest",
 ]

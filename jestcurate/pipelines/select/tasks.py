@@ -18,7 +18,7 @@ from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.store import atomic_write, finished_output
+from jestcurate.io.store import atomic_write, finished_output, read_json
 from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.config import (
@@ -116,6 +116,39 @@ def _task_summary(out: Path, identity: dict[str, Any], index: int) -> dict[str, 
 def unfinished_tasks(out: Path, identity: dict[str, Any], count: int) -> list[int]:
     """Tasks of this selection whose outputs are not finished yet."""
     return [i for i in range(count) if _task_summary(out, identity, i) is None]
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """What `slurm select --retry` resubmits: the array tasks whose round 1 (scatter) or
+    round 2 (select) has not finished, whether the merge and the export have."""
+
+    scatter: list[int]
+    select: list[int]
+    merged: bool
+    exported: bool
+
+    @property
+    def done(self) -> bool:
+        return self.merged and self.exported
+
+
+def unfinished_rounds(out: Path, count: int, export: bool) -> Unfinished:
+    """From the files alone (each task checks its own against the selection when it runs)."""
+    from jestcurate.pipelines.export import EXPORT_META
+
+    meta = out / "shards" / EXPORT_META
+    exported = not export or (meta.is_file() and "shards" in read_json(meta))
+    if (out / SUMMARY).is_file():
+        return Unfinished([], [], True, exported)
+    root = out / TASKS_DIR / SCATTER_DIR
+    select = [i for i in range(count) if not (task_directory(out, i, count) / SUMMARY).is_file()]
+    scatter = [
+        i
+        for i in range(count)
+        if not (scatter_mod.scatter_directory(root, i, count) / scatter_mod.DONE).is_file()
+    ]
+    return Unfinished(scatter, select, False, not export)
 
 
 def scatter_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> list[dict[str, Any]] | None:
