@@ -149,21 +149,3 @@ def test_score_set_on_a_url_written_resumed_and_read(
     assert code == 0, output
     code, output = run_cli(*args)
     assert code == 0 and " 0 " in output.split("scored now")[1][:20], output
-
-
-def test_a_damaged_remote_part_is_found_where_it_is_and_rescored(
-    corpus: Path, tmp_path: Path, memory
-) -> None:
-    url = "memory://bucket/scores"
-    args = ["score", corpus, "--out", url, "-m", "jc-tiny", "--workers", "0"]
-    assert run_cli(*args)[0] == 0
-    part = "/bucket/scores/parts/00001.parquet"
-    memory.pipe(part, memory.cat(part)[:-100])  # a half-finished copy, remotely
-    code, output = run_cli("status", url, corpus, "--check")
-    assert code == 1 and "damaged" in output, output
-    code, output = run_cli("verify", url)
-    assert code == 1 and "00001.parquet" in output, output
-    code, output = run_cli(*args)
-    assert code == 0, output
-    assert run_cli("status", url, corpus, "--check")[0] == 0
-    assert run_cli("verify", url)[0] == 0

@@ -1,20 +1,57 @@
 """Remote storage on a real S3 API: moto's server on 127.0.0.1 (tests/s3server.py, started by
-conftest's s3_server fixture) with s3fs as the client. Here: the server itself (its objects
-survive a restart), and the fixture's rule: without moto or s3fs the S3 tests skip, saying
-why; under CI=true they fail instead."""
+conftest's s3_server fixture) with s3fs as the client. Score reads shards from s3:// and
+writes its score set there; select, export, verify and status read it. Without moto or s3fs
+these tests skip, saying why; under CI=true they fail instead."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import tarfile
+from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import S3
+from conftest import S3, run_cli
 
 pytestmark = pytest.mark.slow
+TINY = ["-m", "jc-tiny", "--workers", "0"]
+
+
+def corpus_keys(folder: Path) -> set[str]:
+    return {
+        name.split(".", 1)[0]
+        for tar in folder.glob("*.tar")
+        for name in tarfile.open(tar).getnames()
+    }
+
+
+def remote_rows(s3: S3, scores: str) -> pa.Table:
+    """Every row of the parts of s3://BUCKET/SCORES as they are on the server."""
+    s3.fs.invalidate_cache()
+    parts = sorted(s3.fs.glob(f"{s3.bucket}/{scores}/parts/*.parquet"))
+    return pa.concat_tables([pq.read_table(io.BytesIO(s3.fs.cat_file(p))) for p in parts])
+
+
+def markers(s3: S3, scores: str) -> dict[str, str]:
+    """{marker name: its status} of s3://BUCKET/SCORES, as on the server."""
+    s3.fs.invalidate_cache()
+    found = s3.fs.glob(f"{s3.bucket}/{scores}/done/*.json")
+    return {Path(p).stem: json.loads(s3.fs.cat_file(p))["status"] for p in found}
+
+
+def assert_every_key_once(s3: S3, scores: str, corpus: Path) -> None:
+    counts = Counter(remote_rows(s3, scores).column("key").to_pylist())
+    assert set(counts) == corpus_keys(corpus)
+    assert set(counts.values()) == {1}, [k for k, n in counts.items() if n > 1]
+    assert markers(s3, scores) == dict.fromkeys(["00000", "00001", "00002"], "ok")
 
 
 def test_the_server_keeps_its_objects_across_a_restart(s3: S3) -> None:
@@ -26,6 +63,64 @@ def test_the_server_keeps_its_objects_across_a_restart(s3: S3) -> None:
     assert s3.fs.cat_file(odd) == b"\x00\x01" * 1000
     assert s3.fs.exists(f"{s3.bucket}-empty")
     assert s3.fs.find(s3.bucket) == [odd]
+
+
+def test_score_from_s3_to_s3_and_the_readers_take_it(s3: S3, corpus: Path, tmp_path: Path) -> None:
+    pool, scores = s3.upload(corpus), s3.url("scores")
+    code, output = run_cli("score", pool, "--out", scores, *TINY)
+    assert code == 0, output
+    assert f"score set: {scores}\n" in output  # the URL, not the local mirror
+    names = sorted(p.removeprefix(f"{s3.bucket}/scores/") for p in s3.fs.find(scores))
+    assert names == [
+        "done/00000.json", "done/00001.json", "done/00002.json", "meta.json",
+        "parts/00000.parquet", "parts/00001.parquet", "parts/00002.parquet",
+    ]  # fmt: skip
+    assert_every_key_once(s3, "scores", corpus)
+
+    code, output = run_cli("verify", scores)
+    assert code == 0 and f"{scores} (score set): 3 files checked, intact" in output, output
+    code, output = run_cli("status", scores, pool, "--check")
+    assert code == 0 and output.startswith(f"{scores} (score set)"), output
+
+    sel = tmp_path / "sel"
+    code, output = run_cli("select", scores, "--out", sel, "-b", "8", "--ratio", "0.5", "--export")
+    assert code == 0, output
+    kept = pq.read_table(sel / "manifest.parquet").column("key").to_pylist()
+    assert kept and set(kept) <= corpus_keys(corpus)
+    # The export read the kept samples' bytes from the shards on the server.
+    exported = []
+    for tar_path in sorted((sel / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if not member.name.endswith(".json"):
+                    continue
+                source = json.loads(tar.extractfile(member).read())["jestcurate"]
+                assert source["source_shard"].startswith(pool), source
+                image = tar.extractfile(member.name.replace(".json", ".jpg")).read()
+                with tarfile.open(corpus / Path(source["source_shard"]).name) as original:
+                    assert image == original.extractfile(f"{source['source_key']}.jpg").read()
+                exported.append(source["source_key"])
+    assert exported == kept
+    assert run_cli("verify", sel)[0] == 0
+    assert run_cli("status", sel)[0] == 0
+
+    # Changed on the server by another client (this process's s3fs caches listings): shard
+    # 00001 lost, shard 00002's part cut short (the local mirror still has both whole). The
+    # checks look at the server, and the rerun scores those two again.
+    other = type(s3.fs)(skip_instance_cache=True)
+    other.rm([f"{s3.bucket}/scores/done/00001.json", f"{s3.bucket}/scores/parts/00001.parquet"])
+    part = f"{s3.bucket}/scores/parts/00002.parquet"
+    other.pipe_file(part, other.cat_file(part)[:-100])
+    code, output = run_cli("status", scores, pool, "--check")
+    assert code == 1 and re.search(r"pending +1 ", output), output
+    assert re.search(r"damaged .* +1 ", output), output
+    code, output = run_cli("verify", scores)
+    assert code == 1 and "00002.parquet" in output, output
+    code, output = run_cli("score", pool, "--out", scores, *TINY)
+    assert code == 0 and "1 of 3 shards already done" in output, output
+    assert run_cli("status", scores, pool, "--check")[0] == 0
+    assert run_cli("verify", scores)[0] == 0
+    assert_every_key_once(s3, "scores", corpus)
 
 
 def test_without_a_server_these_tests_skip_but_fail_under_ci(tmp_path: Path) -> None:

@@ -34,6 +34,17 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def listed_afresh(url: str) -> tuple[Any, str]:
+    """fsspec's (filesystem, path) for `url`, its cached listings dropped: s3fs keeps a
+    client's directory listings for the life of the process, so a command run after another
+    in one process (a notebook, a scheduler, the tests) would see the store as it was."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return fs, path
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: network and server trouble, not a missing or forbidden object."""
     if isinstance(exc, _PERMANENT):
@@ -132,10 +143,8 @@ class Mirror:
     a partial one; the marker goes after its part, as locally). Every remote call retries."""
 
     def __init__(self, url: str, local: Path | None = None) -> None:
-        import fsspec
-
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = listed_afresh(self.url)
         digest = hashlib.sha1(self.url.encode()).hexdigest()[:16]
         self.local = local or cache_root() / "mirrors" / digest
         self.local.mkdir(parents=True, exist_ok=True)

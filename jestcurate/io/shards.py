@@ -16,7 +16,7 @@ from typing import IO
 from braceexpand import braceexpand
 
 from jestcurate.errors import JCError, first_line
-from jestcurate.io.remote import RetryingReader, is_url, retry
+from jestcurate.io.remote import RetryingReader, is_url, listed_afresh, retry
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -54,6 +54,7 @@ def _expand_url(url: str) -> Iterator[str]:
     import fsspec
 
     _check_protocol(url)
+    listed_afresh(url)
     if _GLOB_CHARS.search(url.split("://", 1)[1]):
         fs, _, paths = retry(f"listing {url}", lambda: fsspec.get_fs_token_paths(url))
         found = sorted(p for p in paths if _is_shard_file(p))
