@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli
 from fsspec.implementations.memory import MemoryFileSystem
 
-from jestcurate.io.remote import RetryingReader, is_transient
+from jestcurate.io.remote import RemoteError, RetryingReader, is_transient
 
 
 class FlakyFS(MemoryFileSystem):
@@ -85,8 +85,10 @@ def test_retrying_reader_resumes_after_dropped_connections(flaky) -> None:
         data = f.read()
     assert data == payload and flaky.failures == 0 and flaky.opens == 4
     flaky.failures, flaky.every = 100, 0  # every read fails at once: no progress
-    with pytest.raises(ConnectionError):  # a connection that never recovers still fails
+    # A connection that never recovers still fails, in one line naming where.
+    with pytest.raises(RemoteError, match=r"bucket/blob at byte 0: .* after 2 retries") as failed:
         RetryingReader("flaky://bucket/blob", retries=2, backoff=0.001).read()
+    assert isinstance(failed.value.__cause__, ConnectionError)
     with pytest.raises(FileNotFoundError):
         RetryingReader("flaky://bucket/missing", backoff=0.001)
     assert not is_transient(FileNotFoundError()) and is_transient(TimeoutError())

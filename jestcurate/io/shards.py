@@ -9,7 +9,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO
 
@@ -189,6 +189,19 @@ def shard_size(url: str) -> int | None:
         return os.path.getsize(_local(url))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def probe(url: str) -> None:
+    """One request for a remote shard before a run reads it: a refusal (bad credentials) or a
+    store that does not answer after the retries raises RemoteError, one line for the user,
+    rather than a failed marker for every shard. A missing shard is left to fail alone."""
+    if not is_url(url):
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    with suppress(FileNotFoundError):
+        retry(f"looking up {url}", lambda: fs.info(path))
 
 
 @contextmanager
