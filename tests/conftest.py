@@ -6,7 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jestcurate.cli import app
+from jestcurate.errors import first_line
 from jestcurate.pipelines.synth import PRESETS, CorpusSpec, hostile_samples, write_corpus, write_tar
 
 # Keep every test on the CPU and quiet about threads on the 2-core CI machine.
@@ -106,3 +111,66 @@ def write_marked_part(out: Path, name: str, table: pa.Table, shard: str) -> None
     marker = {"shard": shard, "name": name, "status": "ok", "error": None,
               "counts": {"samples": table.num_rows}, **digest}  # fmt: skip
     write_json_atomic(out / "done" / f"{name}.json", marker)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 API server for the session (moto's, run by tests/s3server.py on 127.0.0.1; on
+    $JESTCURATE_S3_PORT if set). Where it cannot start, the tests that need it skip, saying
+    why; under CI=true they fail instead."""
+    from s3server import S3Server, S3ServerError
+
+    try:
+        import s3fs  # noqa: F401 (the tests' client)
+
+        server = S3Server(
+            tmp_path_factory.mktemp("s3"), int(os.environ.get("JESTCURATE_S3_PORT", 0))
+        )
+        server.start()
+    except (ImportError, OSError, S3ServerError) as exc:
+        reason = f"no S3 server here: {first_line(exc)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: the S3 tests must run)", pytrace=False)
+        pytest.skip(reason)
+    yield server
+    server.stop()
+
+
+@dataclass
+class S3:
+    """A test's view of the S3 server: its own fresh bucket and an s3fs client."""
+
+    server: Any  # s3server.S3Server
+    fs: Any  # s3fs.S3FileSystem
+    bucket: str
+
+    def url(self, path: str) -> str:
+        return f"s3://{self.bucket}/{path}"
+
+    def upload(self, folder: Path, to: str = "pool") -> str:
+        """The tars of `folder` put under s3://BUCKET/TO/; returns that folder's URL."""
+        for tar in sorted(folder.glob("*.tar")):
+            self.fs.put_file(str(tar), f"{self.bucket}/{to}/{tar.name}")
+        return self.url(f"{to}/")
+
+    def fresh_clients(self) -> None:
+        """Forget s3fs's cached clients (credentials, connections, listings), as a new
+        process would: the CLI runs in this process, and s3fs keeps one client per options."""
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        self.fs = s3fs.S3FileSystem()
+
+
+@pytest.fixture
+def s3(s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3:
+    """The S3 server's endpoint and test credentials in the environment (this process's and
+    its subprocesses'), a mirror cache of the test's own, and a new bucket."""
+    s3_server.ensure_running()  # an earlier test may have stopped it and failed
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("JESTCURATE_CACHE", str(tmp_path / "cache"))
+    found = S3(s3_server, None, f"jc-{uuid.uuid4().hex[:12]}")
+    found.fresh_clients()
+    found.fs.mkdir(found.bucket)
+    return found

@@ -2,7 +2,8 @@
 
 A remote read that fails mid-shard is resumed where it stopped: the file is reopened and read
 from the same offset after a backoff, so a dropped connection costs a retry, not the shard.
-Errors that will not go away (no such object, no permission) are not retried.
+Errors that will not go away (no such object, no permission) are not retried. A remote call
+that is refused, or still fails after the retries, raises RemoteError: one line for the user.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jestcurate.errors import NO_SPACE
+from jestcurate.errors import NO_SPACE, JCError, first_line
 from jestcurate.io.integrity import PartFiles
-from jestcurate.io.schema import PARTS_DIR
+from jestcurate.io.schema import DONE_DIR, META_NAME, PARTS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,31 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _CLIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google")
 
 
+class RemoteError(JCError, OSError):
+    """A remote call that failed for good: refused (no permission, bad credentials), or still
+    failing after the retries. A JCError, so the CLI says it in one line; an OSError, so code
+    that handles I/O errors (a shard that cannot be read fails alone) goes on handling it."""
+
+
 def is_url(path: str) -> bool:
     """A location fsspec opens (s3://, gs://, http://, ...), as against a local path."""
     return "://" in path and not path.startswith("file://")
 
 
+def listed_afresh(url: str) -> tuple[Any, str]:
+    """fsspec's (filesystem, path) for `url`, its cached listings dropped: s3fs keeps a
+    client's directory listings for the life of the process, so a command run after another
+    in one process (a notebook, a scheduler, the tests) would see the store as it was."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return fs, path
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: network and server trouble, not a missing or forbidden object."""
-    if isinstance(exc, _PERMANENT):
+    if isinstance(exc, (*_PERMANENT, RemoteError)):  # a RemoteError was retried already
         return False
     if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # a full local disk stays full
         return False
@@ -53,13 +71,24 @@ def retry(
     before_retry: Any = None,
 ) -> Any:
     """call() with up to `retries` retries on transient errors, backing off exponentially;
-    `before_retry()`, if given, runs after each wait (to reopen a broken connection)."""
+    `before_retry()`, if given, runs after each wait (to reopen a broken connection). A refusal,
+    or a transient error that outlasts the retries, raises RemoteError naming `what`."""
     for attempt in range(retries + 1):
         try:
             return call()
         except Exception as exc:
-            if attempt == retries or not is_transient(exc):
+            if isinstance(exc, PermissionError) and not isinstance(exc, RemoteError):
+                raise RemoteError(
+                    f"{what}: permission denied ({first_line(exc)}); check the credentials "
+                    "and what they may access"
+                ) from exc
+            if not is_transient(exc):
                 raise
+            if attempt == retries:
+                raise RemoteError(
+                    f"{what}: {type(exc).__name__}: {first_line(exc)} (still failing after "
+                    f"{retries} retries)"
+                ) from exc
             wait = backoff * 2**attempt
             log.warning("%s: %s: %s; retrying in %.1f s", what, type(exc).__name__, exc, wait)
             time.sleep(wait)
@@ -132,13 +161,26 @@ class Mirror:
     a partial one; the marker goes after its part, as locally). Every remote call retries."""
 
     def __init__(self, url: str, local: Path | None = None) -> None:
-        import fsspec
-
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = listed_afresh(self.url)
         digest = hashlib.sha1(self.url.encode()).hexdigest()[:16]
         self.local = local or cache_root() / "mirrors" / digest
         self.local.mkdir(parents=True, exist_ok=True)
+        # A bucket store (s3fs, gcsfs, adlfs) has no folders: the first part of a path is its
+        # bucket, which s3fs's makedirs would create, from a typo, in the default region.
+        split = getattr(self.fs, "split_path", None)
+        self.bucket: str | None = split(self.root)[0] if callable(split) else None
+
+    def require_bucket(self) -> None:
+        """Before writing: the bucket must be there (writing never creates one)."""
+        if self.bucket is None:
+            return
+        try:
+            retry(f"looking up the bucket of {self.url}", lambda: self.fs.info(self.bucket))
+        except FileNotFoundError:
+            raise JCError(
+                f"no bucket {self.bucket!r} for {self.url}: create it first (or check the name)"
+            ) from None
 
     def _remote(self, relative: str) -> str:
         return f"{self.root}/{relative}"
@@ -206,7 +248,8 @@ class Mirror:
         source = self.local / relative
         target = self._remote(relative)
         parent = target.rsplit("/", 1)[0]
-        retry(f"creating {parent}", lambda: self.fs.makedirs(parent, exist_ok=True))
+        if self.bucket is None:  # a bucket store has no folders to make
+            retry(f"creating {parent}", lambda: self.fs.makedirs(parent, exist_ok=True))
         retry(f"uploading {target}", lambda: self.fs.put_file(str(source), target))
 
 
@@ -217,6 +260,8 @@ def local_dir(location: str, patterns: tuple[str, ...] = ("**",)) -> Path:
         return Path(location[len("file://") :] if location.startswith("file://") else location)
     mirror = Mirror(location)
     mirror.pull(patterns)
+    if not (mirror.local / META_NAME).is_file():
+        raise JCError(f"{location} is not a score set (no {META_NAME} there)")
     return mirror.local
 
 
@@ -245,6 +290,8 @@ def remote_score_set(url: str) -> tuple[Path, RemoteParts]:
     """A score set at a URL for checking: its local mirror with meta.json and exactly the
     remote markers, and its parts as they are remotely."""
     mirror = Mirror(url)
-    mirror.pull(("meta.json",))
-    mirror.sync_markers()
+    mirror.pull((META_NAME,))
+    mirror.sync_markers(DONE_DIR)
+    if not (mirror.local / META_NAME).is_file() and not any(mirror.local.glob(f"{DONE_DIR}/*")):
+        raise JCError(f"{url} is not a score set (no {META_NAME}, no markers there)")
     return mirror.local, RemoteParts(mirror)

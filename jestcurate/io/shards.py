@@ -9,14 +9,14 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO
 
 from braceexpand import braceexpand
 
 from jestcurate.errors import JCError, first_line
-from jestcurate.io.remote import RetryingReader, is_url, retry
+from jestcurate.io.remote import RetryingReader, is_url, listed_afresh, retry
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -54,6 +54,7 @@ def _expand_url(url: str) -> Iterator[str]:
     import fsspec
 
     _check_protocol(url)
+    listed_afresh(url)
     if _GLOB_CHARS.search(url.split("://", 1)[1]):
         fs, _, paths = retry(f"listing {url}", lambda: fsspec.get_fs_token_paths(url))
         found = sorted(p for p in paths if _is_shard_file(p))
@@ -188,6 +189,19 @@ def shard_size(url: str) -> int | None:
         return os.path.getsize(_local(url))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def probe(url: str) -> None:
+    """One request for a remote shard before a run reads it: a refusal (bad credentials) or a
+    store that does not answer after the retries raises RemoteError, one line for the user,
+    rather than a failed marker for every shard. A missing shard is left to fail alone."""
+    if not is_url(url):
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    with suppress(FileNotFoundError):
+        retry(f"looking up {url}", lambda: fs.info(path))
 
 
 @contextmanager

@@ -144,7 +144,10 @@ def read_status(
         found = export_status(folder)
         return found, found["finished"]
     state = score_status(folder, inputs, full=full, files=files)
-    return state.as_dict(), state.complete
+    found = state.as_dict()
+    if is_url(location):
+        found["out"] = location  # as given, not its local mirror
+    return found, state.complete
 
 
 def print_status(found: dict[str, Any], console: Console = ui.stdout, listed: int = 20) -> None:

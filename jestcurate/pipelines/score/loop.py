@@ -49,7 +49,7 @@ def run(cfg: ScoreConfig, progress: Progress | None = None) -> ScoreReport:
     # Cheap refusal before any weights load: a mismatched DIR fails in seconds, not minutes.
     writer.check(_identity(cfg, resolved, decoder))
     report = ScoreReport(
-        out=cfg.out,
+        out=cfg.upload_to or cfg.out,
         task_index=plan.task_index,
         num_tasks=plan.num_tasks,
         shards_in_task=len(plan.mine),

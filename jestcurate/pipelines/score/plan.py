@@ -9,7 +9,7 @@ from pathlib import Path
 from jestcurate.errors import JCError
 from jestcurate.io.reader import DEFAULT_MAX_PIXELS
 from jestcurate.io.remote import Mirror
-from jestcurate.io.shards import Shard, expand_inputs
+from jestcurate.io.shards import Shard, expand_inputs, probe
 from jestcurate.io.store import (
     DONE_DIR,
     META_NAME,
@@ -60,6 +60,7 @@ def open_mirror(cfg: ScoreConfig) -> Mirror | None:
     if cfg.upload_to is None:
         return None
     mirror = Mirror(cfg.upload_to, local=cfg.out)
+    mirror.require_bucket()
     mirror.pull((META_NAME,))
     mirror.sync_markers(DONE_DIR)
     return mirror
@@ -73,6 +74,8 @@ def plan_shards(cfg: ScoreConfig, writer: ScoreSetWriter) -> Plan:
     everyone = writer.names(urls)
     mine = for_task(everyone, index, count)
     found = writer.plan(mine, cfg.verify)  # a part that no longer matches its marker is not done
+    if found.todo:
+        probe(found.todo[0].url)
     urls_of = {s.name: s.url for s in mine}
     for name, problem in found.forgotten:
         log.warning("part %s is %s: scoring %s again", name, problem, urls_of[name])

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScoreReport:
-    out: Path
+    out: Path | str  # the score set: a folder, or the URL its local mirror uploads to
     task_index: int
     num_tasks: int
     shards_in_task: int
