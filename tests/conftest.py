@@ -129,7 +129,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.start()
     except (ImportError, OSError, S3ServerError) as exc:
         reason = f"no S3 server here: {first_line(exc)}"
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI") == "true" or os.environ.get("JESTCURATE_REQUIRE_S3") == "1":
             pytest.fail(f"{reason} (CI=true: the S3 tests must run)", pytrace=False)
         pytest.skip(reason)
     yield server
@@ -167,6 +167,8 @@ def s3(s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3:
     """The S3 server's endpoint and test credentials in the environment (this process's and
     its subprocesses'), a mirror cache of the test's own, and a new bucket."""
     s3_server.ensure_running()  # an earlier test may have stopped it and failed
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)  # a developer's own AWS setup stays out
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("JESTCURATE_CACHE", str(tmp_path / "cache"))

@@ -112,8 +112,9 @@ def test_a_cancelled_select_task_ends_the_chain_and_retry_completes_it(
     code, output = run_cli("score", "pool", "--out", "scores", "-m", "jc-tiny", "--workers", 0)
     assert code == 0, output
     select_args = ["scores", "--out", "curated", "-b", 4, "--export"]
-    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--submit",
-                           "--", *select_args)  # fmt: skip
+    # Submitted held, so that task 1 is cancelled before it can run, whatever the timing.
+    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--sbatch",
+                           "hold", "--submit", "--", *select_args)  # fmt: skip
     assert code == 0, output
     jobs = re.search(r"then .*?: ([\d, ]+)$", output.strip(), re.MULTILINE)
     assert jobs, output
@@ -121,12 +122,16 @@ def test_a_cancelled_select_task_ends_the_chain_and_retry_completes_it(
     round_one = ids[0]
     cancelled = subprocess.run(["scancel", f"{round_one}_1"], capture_output=True, text=True)
     assert cancelled.returncode == 0, cancelled.stderr
+    released = subprocess.run(["scontrol", "release", ",".join(ids)], capture_output=True,
+                              text=True)  # fmt: skip
+    assert released.returncode == 0, released.stderr
     wait_for(ids, limit=180)  # nothing left pending: the dependants were cancelled
     assert not (tmp_path / "curated" / "summary.json").exists()  # no merge ran
 
     # --retry resubmits what is unfinished, and the selection completes ...
-    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
-                           "--", *select_args)  # fmt: skip
+    code, output = run_cli(
+        "slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry", "--", *select_args
+    )  # fmt: skip (the scripts' resources may change)
     assert code == 0 and "resubmitted round 1 of 1 and round 2 of 2 of 2 tasks" in output, output
     retried = re.search(r": ([\d, ]+)$", output.strip(), re.MULTILINE)
     assert retried, output
@@ -142,3 +147,7 @@ def test_a_cancelled_select_task_ends_the_chain_and_retry_completes_it(
     code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
                            "--", *select_args)  # fmt: skip
     assert code == 0 and "nothing to retry" in output, output
+    # A retry with other select options would finish another chain than the one it found.
+    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
+                           "--", "scores", "--out", "curated", "-b", 8, "--export")  # fmt: skip
+    assert code == 2 and "--retry needs the same select options" in output, output

@@ -28,6 +28,10 @@ BACKOFF = 0.5  # seconds, doubled on each retry
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 # Client libraries under fsspec raise their own types for network trouble.
 _CLIENT_MODULES = ("aiohttp", "botocore", "aiobotocore", "urllib3", "requests", "google")
+# ... and for a setup that no retry fixes (botocore's names).
+_CONFIGURATION_ERRORS = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "ParamValidationError"}
+)
 
 
 class RemoteError(JCError, OSError):
@@ -60,6 +64,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OSError | TimeoutError | ConnectionError):
         return True
+    if type(exc).__name__ in _CONFIGURATION_ERRORS:  # no retry fixes missing credentials
+        return False
     return type(exc).__module__.split(".", 1)[0] in _CLIENT_MODULES
 
 
@@ -181,6 +187,10 @@ class Mirror:
             raise JCError(
                 f"no bucket {self.bucket!r} for {self.url}: create it first (or check the name)"
             ) from None
+        except PermissionError:
+            # Credentials scoped to a prefix may write there without the right to look the
+            # bucket up (S3's HeadBucket, GCS's buckets.get): the writes will tell.
+            log.debug("cannot look up bucket %s; going on", self.bucket)
 
     def _remote(self, relative: str) -> str:
         return f"{self.root}/{relative}"

@@ -170,6 +170,15 @@ class SelectScripts:
     export: Path | None  # with --export, an array after the merge: each task its share of shards
 
 
+SELECT_SCRIPT = "select.sbatch"
+
+
+def written_command(path: Path) -> list[str]:
+    """A written script's command lines (not its #SBATCH resources): what --retry keeps."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [line for line in lines if not line.startswith("#")]
+
+
 def write_select_scripts(
     out: Path,
     select_args: Sequence[str],
@@ -182,8 +191,8 @@ def write_select_scripts(
     directory = out / SLURM_DIR
     command = ["select", *select_args]
     array = _write(
-        directory / "select.sbatch",
-        script_text(out, command, num_tasks, opts, "select-%A_%a", script="select.sbatch"),
+        directory / SELECT_SCRIPT,
+        script_text(out, command, num_tasks, opts, "select-%A_%a", script=SELECT_SCRIPT),
     )
     merge_opts = replace(opts, gpus_per_task=0, job_name=f"{opts.job_name}-merge")
     merge_command = [*command, "--merge", "--num-tasks", str(num_tasks)]

@@ -71,7 +71,19 @@ def run(
     `retry` (select's Unfinished: which rounds of which tasks, the merge and the export are
     not done), submit only those, in the same order."""
     export_args = [] if plan.export else None
+    folder = plan.out / slurm.SLURM_DIR
+    kept = {path: path.read_text() for path in folder.glob("*.sbatch")}
+    written_before = slurm.written_command(folder / slurm.SELECT_SCRIPT)
+    if retry is not None and not written_before:
+        raise JCError(f"nothing to retry in {plan.out}: run slurm select --submit first")
     scripts = slurm.write_select_scripts(plan.out, plan.args, plan.num_tasks, opts, export_args)
+    if retry is not None and slurm.written_command(scripts.select) != written_before:
+        for path, text in kept.items():  # the chain's own scripts stay as they were
+            path.write_text(text)
+        raise JCError(
+            "--retry needs the same select options and --num-tasks as the chain it finishes "
+            f"(its scripts are in {folder}); for other options, use another --out"
+        )
     if written is not None:
         written(scripts)
     if not submit:
@@ -112,7 +124,7 @@ def print_report(report: SlurmSelectReport) -> None:
     if report.retry is not None:
         r = report.retry
         if not report.jobs:
-            ui.say("nothing to retry: every task, the merge and the export are done")
+            ui.say("nothing to retry: every task and the merge are done, and any export")
             return
         ui.say(
             f"resubmitted round 1 of {len(r.scatter)} and round 2 of {len(r.select)} of {n} "
