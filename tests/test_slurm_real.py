@@ -5,6 +5,8 @@ ends when one of its tasks is cancelled. Skipped, with the reason, where no Slur
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ from conftest import run_cli
 from jestcurate.pipelines.synth import CorpusSpec, write_corpus
 
 
+@functools.cache  # asked once: sinfo takes seconds to give up on a controller that is not there
 def _slurm_answers() -> bool:
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return False
@@ -29,12 +32,21 @@ def _slurm_answers() -> bool:
     return bool(re.search(r"^(idle|mixed|allocated)", shown, re.MULTILINE))
 
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not _slurm_answers(), reason="no Slurm answers here (.ci/services/slurm.sh start)"
-    ),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def slurm_answers() -> None:
+    """Skip, saying why, where no Slurm answers; fail instead where .ci/run started one
+    (JESTCURATE_REQUIRE_SLURM=1), so that these tests cannot quietly stop running in CI."""
+    if _slurm_answers():
+        return
+    reason = "no Slurm answers here (.ci/services/slurm.sh start)"
+    if os.environ.get("JESTCURATE_REQUIRE_SLURM") == "1":
+        pytest.fail(f"{reason}, though .ci/run started one", pytrace=False)
+    pytest.skip(reason)
+
+
 # A 2-core node: one core and a little memory a task, so two tasks run at once.
 SMALL_TASKS = ["--gpus-per-task", "0", "--cpus-per-task", "1", "--mem", "1G", "--workers", "0"]
 
