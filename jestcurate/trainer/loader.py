@@ -36,10 +36,18 @@ def by_position(path: str) -> bool:
     return not is_url(path) and not path.endswith((".gz", ".tgz"))
 
 
-def finished_export(selection: Path) -> dict[str, Any]:
-    """A selection's export.json, refused unless the export finished (it names its shards)."""
+def export_meta(selection: Path) -> dict[str, Any] | None:
+    """A selection's export.json once the export finished (it then names its shards), else
+    None."""
     meta = selection / "shards" / "export.json"
-    if not meta.is_file() or "shards" not in (found := read_json(meta)):
+    found = read_json(meta) if meta.is_file() else {}
+    return found if "shards" in found else None
+
+
+def finished_export(selection: Path) -> dict[str, Any]:
+    """A selection's export.json, refused unless the export finished."""
+    found = export_meta(selection)
+    if found is None:
         raise JCError(f"{selection} has no finished export; run select with --export")
     return found
 

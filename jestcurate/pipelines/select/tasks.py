@@ -18,7 +18,7 @@ from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.store import atomic_write, finished_output, read_json
+from jestcurate.io.store import atomic_write, finished_output
 from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.config import (
@@ -135,10 +135,9 @@ class Unfinished:
 
 def unfinished_rounds(out: Path, count: int, export: bool) -> Unfinished:
     """From the files alone (each task checks its own against the selection when it runs)."""
-    from jestcurate.pipelines.export import EXPORT_META
+    from jestcurate.trainer.loader import export_meta
 
-    meta = out / "shards" / EXPORT_META
-    exported = not export or (meta.is_file() and "shards" in read_json(meta))
+    exported = not export or export_meta(out) is not None
     if (out / SUMMARY).is_file():
         return Unfinished([], [], True, exported)
     root = out / TASKS_DIR / SCATTER_DIR

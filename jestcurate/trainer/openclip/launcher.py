@@ -124,6 +124,17 @@ def builder(plan: Plan, pending: Pending | None, model: Callable[[], Any]) -> Ca
 
 
 @contextlib.contextmanager
+def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name` is `value` for the duration of the block, then what it was."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
 def _training_data(marker: str, build: Callable[..., Any]) -> Iterator[None]:
     """open_clip_train's get_data asks get_dataset_fn for a builder per split: for the training
     data (`--train-data` set to `marker`) it gets the launcher's."""
@@ -134,11 +145,8 @@ def _training_data(marker: str, build: Callable[..., Any]) -> Iterator[None]:
     def get_dataset_fn(data_path: str, dataset_type: str) -> Callable[..., Any]:
         return build if data_path == marker else original(data_path, dataset_type)
 
-    data.get_dataset_fn = get_dataset_fn
-    try:
+    with _replaced(data, "get_dataset_fn", get_dataset_fn):
         yield
-    finally:
-        data.get_dataset_fn = original
 
 
 @contextlib.contextmanager
@@ -155,11 +163,8 @@ def _watch_model(made: list[tuple[Any, Any]]) -> Iterator[None]:
             made.append((result[0], result[2]))
         return result
 
-    trainer.create_model_and_transforms = create
-    try:
+    with _replaced(trainer, "create_model_and_transforms", create):
         yield
-    finally:
-        trainer.create_model_and_transforms = original
 
 
 @contextlib.contextmanager
@@ -177,11 +182,8 @@ def _ddp_on_cpu() -> Iterator[None]:
                 kwargs["device_ids"] = None
             super().__init__(module, *args, **kwargs)
 
-    parallel.DistributedDataParallel = CpuTolerantDDP
-    try:
+    with _replaced(parallel, "DistributedDataParallel", CpuTolerantDDP):
         yield
-    finally:
-        parallel.DistributedDataParallel = original
 
 
 def _check_trainer() -> str:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from jestcurate.errors import JCError
 from jestcurate.io.files import read_existing_json, write_json_atomic
 from jestcurate.io.store import read_json, read_output, require_selection_images
-from jestcurate.trainer.loader import by_position, finished_export
+from jestcurate.trainer.loader import by_position, export_meta, finished_export
 
 # Beside open_clip_train's out.log: the plan a run was started with, which a resume must share.
 PLAN_FILE = "jestcurate-plan.json"
@@ -73,13 +73,9 @@ class Plan:
 
 def _source(selection: Path, requested: str, summary: dict[str, Any]) -> str:
     require_selection_images(summary, "the open_clip_train launcher")
-    try:
-        finished_export(selection)
-        finished = True
-    except JCError:
-        if requested == "export":
-            raise
-        finished = False
+    if requested == "export":
+        finished_export(selection)  # refused, in one line, unless finished
+    finished = export_meta(selection) is not None
     return ("export" if finished else "original") if requested == "auto" else requested
 
 
