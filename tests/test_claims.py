@@ -178,3 +178,23 @@ def test_a_growing_input_pattern_scores_only_new_shards(tmp_path: Path) -> None:
     for name, mtime in before.items():
         assert (out / "parts" / name).stat().st_mtime_ns == mtime  # untouched
     assert os.path.exists(out / "parts" / "00002.parquet")
+
+
+def test_local_tasks_inside_one_slurm_job_do_not_take_each_others_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`jestcurate local` run as one Slurm job: its tasks share SLURM_JOB_ID, so a claim's
+    "earlier incarnation of this job" must also be the same local task."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("JESTCURATE_LOCAL_TASK", "0")
+    first = Owner.this_process()
+    monkeypatch.setenv("JESTCURATE_LOCAL_TASK", "1")
+    second = Owner.this_process()
+    assert first.job == "77.local-0" and second.job == "77.local-1"
+    # task 0's claim (held by a process that is still alive: this one) stands against task 1
+    assert Claims(tmp_path, first).try_claim("00000")
+    assert not Claims(tmp_path, second).try_claim("00000")
+    # a requeued incarnation of task 0 itself takes it over
+    monkeypatch.setenv("JESTCURATE_LOCAL_TASK", "0")
+    assert Claims(tmp_path, Owner.this_process()).try_claim("00000")

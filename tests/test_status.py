@@ -14,7 +14,8 @@ from rich.console import Console
 
 from jestcurate.errors import JCError
 from jestcurate.io.store import part_table, write_json_atomic
-from jestcurate.scale.status import export_status, print_status, score_status
+from jestcurate.pipelines.status import export_status, print_status
+from jestcurate.scale.status import score_status
 from jestcurate.scale.tasks import unfinished_tasks
 
 DIM, META = TINY_DIM, TINY_META
@@ -209,7 +210,8 @@ def test_export_status(tmp_path: Path) -> None:
         export_status(tmp_path)
     shards = tmp_path / "shards"
     shards.mkdir()
-    meta = {"samples": 10, "samples_per_shard": 4, "pattern": "shards/{00000..00002}.tar"}
+    meta = {"samples": 10, "samples_per_shard": 4, "shards": 3,
+            "pattern": "shards/{00000..00002}.tar"}  # fmt: skip
     write_json_atomic(shards / "export.json", meta)
     (shards / "00000.tar").write_bytes(b"")
     (shards / "00002.tar").write_bytes(b"")
@@ -218,7 +220,7 @@ def test_export_status(tmp_path: Path) -> None:
     assert not found["finished"]
     (shards / "00001.tar").write_bytes(b"")
     assert export_status(tmp_path)["finished"]
-    del meta["pattern"]  # the pattern is written last: an export still under way
+    del meta["pattern"], meta["shards"]  # written when it finishes: an export under way
     write_json_atomic(shards / "export.json", meta)
     assert not export_status(tmp_path)["finished"]
 

@@ -148,6 +148,17 @@ def config_from(cls: type[C], options: dict[str, Any], **converted: Any) -> C:
     return cls(**{k: v for k, v in {**options, **converted}.items() if k in fields})
 
 
+def command_options(name: str, args: list[str]) -> dict[str, Any]:
+    """A command's options parsed as the command parses them (for the commands that run
+    another command's options in tasks: slurm select, local); bad ones are one JCError."""
+    command = typer.main.get_command(app)
+    try:
+        return command.commands[name].make_context(name, list(args)).params  # type: ignore[attr-defined]
+    except typer.TyperException as exc:  # typer's own click: usage errors derive from this
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise JCError(f"{name} options: {message}") from None
+
+
 def _click_errors() -> Any:
     """The exceptions module of the click that typer runs on: its own copy in recent typer."""
     try:

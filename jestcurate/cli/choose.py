@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from jestcurate.cli.app import app, config_from, one_line_errors, slurm_app
+from jestcurate.cli.app import app, command_options, config_from, one_line_errors, slurm_app
 from jestcurate.cli.options import (
     NumTasks,
     SlurmAccount,
@@ -21,7 +22,6 @@ from jestcurate.cli.options import (
     SlurmTime,
     score_set_dir,
 )
-from jestcurate.errors import JCError
 
 
 @app.command(short_help="Choose JEST (or baseline) training batches from score sets.")
@@ -221,7 +221,7 @@ def slurm_select(
 
     extra = tuple(sbatch or ())
     opts = config_from(slurm.SlurmOptions, options, extra=extra, job_name="jestcurate-select")
-    plan = slurm_select_mod.plan(ctx.args, num_tasks, _select_options)
+    plan = slurm_select_mod.plan(ctx.args, num_tasks, functools.partial(command_options, "select"))
     written = slurm_select_mod.print_scripts
     unfinished = None
     if retry:
@@ -230,16 +230,6 @@ def slurm_select(
         unfinished = unfinished_rounds(plan.out, plan.num_tasks, plan.export)
     report = slurm_select_mod.run(plan, opts, submit or retry, written=written, retry=unfinished)
     slurm_select_mod.print_report(report)
-
-
-def _select_options(args: list[str]) -> dict[str, Any]:
-    """select's options, parsed as `select` parses them; bad ones are one JCError."""
-    command = typer.main.get_command(app)
-    try:
-        return command.commands["select"].make_context("select", list(args)).params
-    except typer.TyperException as exc:  # typer's own click: usage errors derive from this
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise JCError(f"select options: {message}") from None
 
 
 @app.command(short_help="Find exact and near-duplicate samples (SemDeDup with faiss).")

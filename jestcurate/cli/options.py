@@ -30,15 +30,6 @@ ScoreOut = Annotated[
 ]
 
 
-def score_out(out: str) -> tuple[Path, str | None]:
-    """(local folder, the URL it mirrors or None) for score's --out."""
-    from jestcurate.io.remote import Mirror, is_url
-
-    if is_url(out):
-        return Mirror(out).local, out
-    return Path(out.removeprefix("file://")), None
-
-
 def score_set_dir(location: str) -> Path:
     """A score set given as a path or a URL, as a local folder (a URL is mirrored first)."""
     from jestcurate.io.remote import local_dir

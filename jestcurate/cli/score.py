@@ -29,8 +29,8 @@ from jestcurate.cli.options import (
     SlurmTime,
     TaskIndex,
     Workers,
-    score_out,
 )
+from jestcurate.io import remote
 
 
 @app.command(short_help="Score shards with a frozen open_clip model into a Parquet score set.")
@@ -69,7 +69,7 @@ def score(
     sleeping_openmp(device, workers)  # before torch loads
     from jestcurate.pipelines import score as score_mod
 
-    local, url = score_out(out)
+    local, url = remote.score_out(out)
     cfg = config_from(score_mod.ScoreConfig, given, inputs=tuple(inputs), out=local, upload_to=url)
     with score_mod.ScoreProgress() as progress:
         report = score_mod.run(cfg, progress)
@@ -124,7 +124,7 @@ def slurm_score(
     from jestcurate import ui
     from jestcurate.scale import slurm
 
-    local, url = score_out(out)
+    local, url = remote.score_out(out)
     opts = config_from(slurm.SlurmOptions, given, extra=tuple(sbatch or ()))
     fixed = {"inputs": tuple(inputs), "out": local, "upload_to": url, "slurm": opts}
     cfg = config_from(slurm.ScoreArrayConfig, given, **fixed)

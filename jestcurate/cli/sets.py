@@ -112,7 +112,7 @@ def status(
     import json as json_mod
 
     from jestcurate import ui
-    from jestcurate.scale import status as status_mod
+    from jestcurate.pipelines import status as status_mod
 
     found, complete = status_mod.read_status(path, inputs or (), full=verify)
     if json_out:

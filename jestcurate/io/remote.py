@@ -263,6 +263,13 @@ class Mirror:
         retry(f"uploading {target}", lambda: self.fs.put_file(str(source), target))
 
 
+def score_out(out: str) -> tuple[Path, str | None]:
+    """(local folder, the URL it mirrors or None) for score's --out."""
+    if is_url(out):
+        return Mirror(out).local, out
+    return Path(out.removeprefix("file://")), None
+
+
 def local_dir(location: str, patterns: tuple[str, ...] = ("**",)) -> Path:
     """A score set or output folder given as a path or a URL, as a local folder: a URL is
     mirrored (the files matching `patterns`) and the mirror returned."""

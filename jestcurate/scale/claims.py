@@ -56,11 +56,15 @@ def _alive(pid: int, started: str | None) -> bool:
 
 
 def _slurm_job() -> str | None:
-    """This Slurm job (array task) across requeues: Slurm never runs two incarnations at once."""
+    """This Slurm job (array task) across requeues: Slurm never runs two incarnations at once.
+    The tasks `jestcurate local` runs inside one Slurm job are told apart by their task."""
     env = os.environ
     if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID")
+        job: str | None = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    else:
+        job = env.get("SLURM_JOB_ID")
+    local = env.get("JESTCURATE_LOCAL_TASK")  # pipelines/local.py's TASK_VARIABLE
+    return f"{job}.local-{local}" if job and local else job
 
 
 @dataclass(frozen=True)

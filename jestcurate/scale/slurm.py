@@ -226,11 +226,38 @@ def submit(
 ) -> list[str]:
     """Submit `tasks` as array jobs of at most MaxArraySize indexes, each starting only after
     the jobs `after` succeeded; returns the job ids."""
+    return [job for job, _ in submit_arrays(script, tasks, opts, after)]
+
+
+def submit_arrays(
+    script: Path, tasks: Sequence[int], opts: SlurmOptions, after: Sequence[str] = ()
+) -> list[tuple[str, int]]:
+    """submit(), returning each array job's id with its first task (task = offset + index)."""
     size = opts.max_array_size or cluster_max_array_size()
     return [
-        _sbatch(script, [f"--array={array_spec(indexes, opts.max_concurrent)}"], after, offset)
-        for offset, indexes in split_tasks(tasks, size)
+        (
+            _sbatch(script, [f"--array={array_spec(idx, opts.max_concurrent)}"], after, offset),
+            offset,
+        )
+        for offset, idx in split_tasks(tasks, size)
     ]
+
+
+def queued(jobs: Sequence[str]) -> list[str] | None:
+    """squeue's lines ("123_[1-2] PENDING Dependency") for those of `jobs` still queued or
+    running; None where squeue cannot be asked."""
+    if not jobs or shutil.which("squeue") is None:
+        return None
+    try:
+        listed = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(jobs)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if listed.returncode != 0:  # e.g. every job id has left the controller's memory
+        return [] if "Invalid job id" in listed.stderr else None
+    return [line.strip() for line in listed.stdout.splitlines() if line.strip()]
 
 
 def submit_one(script: Path, after: Sequence[str] = ()) -> str:
@@ -340,7 +367,7 @@ def score_array(cfg: ScoreArrayConfig, written: Callable[[str], None] | None = N
 
 def _retry_score_array(cfg: ScoreArrayConfig, args: list[str], urls: list[str]) -> ScoreArray:
     """--retry: the written plan's tasks that still have shards to do, resubmitted."""
-    from jestcurate.scale.tasks import unfinished_tasks
+    from jestcurate.scale.tasks import score_tasks_left
 
     plan = read_plan(cfg.out)
     if plan["score_args"] != args:
@@ -349,14 +376,7 @@ def _retry_score_array(cfg: ScoreArrayConfig, args: list[str], urls: list[str]) 
             "--retry needs the same inputs and score options"
         )
     count = int(plan["num_tasks"])
-    files = None
-    if cfg.upload_to:
-        from jestcurate.io.remote import Mirror, RemoteParts
-
-        mirror = Mirror(cfg.upload_to, local=cfg.out)
-        mirror.sync_markers()
-        files = RemoteParts(mirror)
-    tasks, busy = unfinished_tasks(cfg.out, urls, count, files)
+    tasks, busy = score_tasks_left(cfg.out, cfg.upload_to, urls, count)
     if not tasks:
         return ScoreArray(None, count, len(urls), [], [], busy, retry=True)
     script = write_script(cfg.out, args, count, cfg.slurm)

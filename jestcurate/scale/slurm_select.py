@@ -5,6 +5,7 @@ the merge, each with afterok dependencies."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 
 from jestcurate import ui
 from jestcurate.errors import JCError
+from jestcurate.io.store import read_json, write_json_atomic
 from jestcurate.scale import slurm
 
+CHAINS = "select-jobs.json"  # the jobs of each submission, for status
 # Flags that are the scripts' to set, not the user's.
 TASK_FLAGS = ("--task-index", "--num-tasks", "--merge")
 
@@ -91,18 +94,61 @@ def run(
     everything = list(range(plan.num_tasks))
     scatter_tasks = everything if retry is None else retry.scatter
     select_tasks = everything if retry is None else retry.select
-    merged = retry is not None and retry.merged
-    scatter, select, merge = [], [], []
+    arrays: dict[str, list[tuple[str, int]]] = {}
     if scatter_tasks:  # round 1: bucket the rows
-        scatter = slurm.submit(scripts.select, scatter_tasks, opts)
+        arrays["round 1"] = slurm.submit_arrays(scripts.select, scatter_tasks, opts)
     if select_tasks:  # round 2
-        select = slurm.submit(scripts.select, select_tasks, opts, after=scatter)
-    if not merged:
-        merge = [slurm.submit_one(scripts.merge, after=select)]
-    jobs = [*scatter, *select, *merge]
+        after = _ids(arrays, "round 1")
+        arrays["round 2"] = slurm.submit_arrays(scripts.select, select_tasks, opts, after)
+    if not (retry is not None and retry.merged):
+        arrays["merge"] = [(slurm.submit_one(scripts.merge, after=_ids(arrays, "round 2")), 0)]
     if scripts.export is not None and not (retry is not None and retry.exported):
-        jobs += slurm.submit(scripts.export, everything, opts, after=merge)
+        after = _ids(arrays, "merge")
+        arrays["export"] = slurm.submit_arrays(scripts.export, everything, opts, after)
+    jobs = [job for submitted in arrays.values() for job, _ in submitted]
+    if arrays:
+        _record_chain(plan.out, arrays)
     return SlurmSelectReport(plan, scripts, jobs, retry)
+
+
+def _ids(arrays: dict[str, list[tuple[str, int]]], step: str) -> list[str]:
+    return [job for job, _ in arrays.get(step, [])]
+
+
+def _record_chain(out: Path, arrays: dict[str, list[tuple[str, int]]]) -> None:
+    """Append this submission's jobs to OUT/slurm/select-jobs.json, for `status`."""
+    path = out / slurm.SLURM_DIR / CHAINS
+    chains = read_chains(out)
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    chains.append(
+        {"submitted": submitted, "arrays": {k: [list(a) for a in v] for k, v in arrays.items()}}
+    )
+    write_json_atomic(path, {"chains": chains})
+
+
+def read_chains(out: Path) -> list[dict[str, Any]]:
+    """Each `slurm select --submit` and `--retry` submission, oldest first: its array jobs per
+    step ("round 1", "round 2", "merge", "export") as [job id, first task] pairs."""
+    path = out / slurm.SLURM_DIR / CHAINS
+    try:
+        return list(read_json(path)["chains"]) if path.is_file() else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # status only reads it; a damaged record loses the log hints, nothing more
+
+
+def task_log(out: Path, step: str, task: int) -> Path | None:
+    """The Slurm log of `task` in `step` ("round 1", ...) from the newest submission that ran
+    it, if that log exists."""
+    pattern = {"round 1": "select", "round 2": "select", "export": "export"}.get(step)
+    for chain in reversed(read_chains(out)):
+        arrays = [(str(j), int(o)) for j, o in chain["arrays"].get(step, [])]
+        for job, offset in sorted(arrays, key=lambda a: -a[1]):
+            if pattern and task >= offset:
+                log = out / slurm.SLURM_DIR / "logs" / f"{pattern}-{job}_{task - offset}.out"
+                if log.is_file():
+                    return log
+                break
+    return None
 
 
 def print_scripts(scripts: slurm.SelectScripts) -> None:

@@ -1,25 +1,21 @@
-"""`jestcurate status`: where a score set or an export stands, from its files alone.
+"""Where a score set stands, from its files alone (`jestcurate status` shows it through
+pipelines/status.py).
 
-Score sets: done and failed shards come from the completion markers, shards being scored now
-from live claims, and, given the INPUTS, pending shards are those with no marker yet. The same
-view drives `slurm score --retry`, which resubmits only the array tasks that still have work.
+Done and failed shards come from the completion markers, shards being scored now from live
+claims, and, given the INPUTS, pending shards are those with no marker yet. The same view
+drives `slurm score --retry` and `jestcurate local`, which run only the array tasks that still
+have work.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-from jestcurate import ui
 from jestcurate.errors import JCError
-from jestcurate.io.files import read_json
 from jestcurate.io.integrity import PartFiles, part_problem, read_markers
-from jestcurate.io.remote import is_url, local_dir, remote_score_set
 from jestcurate.io.schema import DONE_DIR
 from jestcurate.io.shards import Shard, assign_names, expand_inputs
 from jestcurate.scale.claims import CLAIMS_DIR, Claims, Owner
@@ -108,78 +104,3 @@ def done_shard(files: PartFiles, name: str, marker: dict[str, Any] | None) -> bo
     if marker is None or marker.get("status") != "ok":
         return False
     return part_problem(files, name, marker) is None
-
-
-def export_status(selection: Path) -> dict[str, Any]:
-    """Written and missing output shards of `select --export`."""
-    meta_path = selection / "shards" / "export.json"
-    if not meta_path.is_file():
-        raise JCError(f"{selection} has no export (no shards/export.json); run select --export")
-    meta = read_json(meta_path)
-    total = math.ceil(meta["samples"] / meta["samples_per_shard"])
-    missing = [
-        f"{k:05d}.tar" for k in range(total) if not (selection / "shards" / f"{k:05d}.tar").exists()
-    ]
-    return {
-        "kind": "export",
-        "out": str(selection),
-        "shards": total,
-        "written": total - len(missing),
-        "missing": missing,
-        "finished": "pattern" in meta and not missing,
-    }
-
-
-def read_status(
-    location: str, inputs: Sequence[str] = (), full: bool = False
-) -> tuple[dict[str, Any], bool]:
-    """Where the score set (a path or URL) or the export at `location` stands, as `status`
-    shows it, and whether everything is done. `full`: check each part's sha256, not its size."""
-    files = None
-    if is_url(location):  # the mirror gets the markers; the parts are checked where they are
-        folder, files = remote_score_set(location)
-    else:
-        folder = local_dir(location)
-    if (folder / "shards" / "export.json").is_file():
-        found = export_status(folder)
-        return found, found["finished"]
-    state = score_status(folder, inputs, full=full, files=files)
-    found = state.as_dict()
-    if is_url(location):
-        found["out"] = location  # as given, not its local mirror
-    return found, state.complete
-
-
-def print_status(found: dict[str, Any], console: Console = ui.stdout, listed: int = 20) -> None:
-    """`jestcurate status`, for a person: counts, then up to `listed` shards of each kind, one
-    per line and unwrapped so paths can be copied (--json gives the whole lists)."""
-    table = ui.facts()
-    lines: list[str] = []
-
-    def some(items: list[str], label: str) -> None:
-        lines.extend(f"{label} {item}" for item in items[:listed])
-        if len(items) > listed:
-            lines.append(f"{label} ... and {len(items) - listed:,} more")
-
-    if found["kind"] == "export":
-        table.add_row("shards written", f"{found['written']:,} of {found['shards']:,}")
-        some(found["missing"], "[yellow]missing[/yellow]")
-    else:
-        pending = found["pending"]
-        table.add_row("done", f"{found['done']:,}")
-        table.add_row("failed", f"{len(found['failed']):,}")
-        if found.get("damaged"):
-            table.add_row("damaged (rescored by a rerun)", f"{len(found['damaged']):,}")
-        table.add_row("running", f"{len(found['running']):,}")
-        table.add_row("pending", "(give INPUTS)" if pending is None else f"{len(pending):,}")
-        if found["outside_inputs"]:
-            table.add_row("not among INPUTS", f"{found['outside_inputs']:,}")
-        some([f"{f['shard']}: {f['error']}" for f in found["failed"]], "[red]failed[/red]")
-        some([f"{d['shard']}: {d['problem']}" for d in found.get("damaged", [])],
-             "[red]damaged[/red]")  # fmt: skip
-        some([f"{r['shard']} ({r['owner']})" for r in found["running"]], "[cyan]running[/cyan]")
-        some(pending or [], "[yellow]pending[/yellow]")
-    console.print(f"{found['out']} ({found['kind']})", highlight=False, soft_wrap=True)
-    console.print(table)
-    for line in lines:
-        console.print(line, highlight=False, soft_wrap=True)

@@ -83,3 +83,18 @@ def unfinished_tasks(
             continue
         todo.append(task)
     return todo, busy
+
+
+def score_tasks_left(
+    out: Path, upload_to: str | None, urls: Sequence[str], num_tasks: int
+) -> tuple[list[int], int]:
+    """unfinished_tasks of a score set in `out`, or, when it is written to the URL
+    `upload_to`, of that set (`out` then being its local mirror)."""
+    files = None
+    if upload_to:
+        from jestcurate.io.remote import Mirror, RemoteParts
+
+        mirror = Mirror(upload_to, local=out)
+        mirror.sync_markers()
+        files = RemoteParts(mirror)
+    return unfinished_tasks(out, urls, num_tasks, files)

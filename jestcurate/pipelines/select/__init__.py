@@ -46,6 +46,7 @@ from jestcurate.pipelines.select.report import (
 from jestcurate.pipelines.select.runner import run
 from jestcurate.pipelines.select.tasks import (
     merge,
+    task_count,
     task_directory,
     unfinished_rounds,
     unfinished_tasks,
@@ -75,6 +76,7 @@ __all__ = [
     "remove_selection",
     "run",
     "super_batches",
+    "task_count",
     "task_directory",
     "unfinished_rounds",
     "unfinished_tasks",

@@ -94,6 +94,12 @@ def _task_counts(out: Path) -> set[int]:
     return {int(p.name[-5:]) for p in folders if re.fullmatch(r"\d{5}-of-\d{5}", p.name)}
 
 
+def task_count(out: Path) -> int | None:
+    """N of the array-task outputs in OUT, or None where there are none (or several N)."""
+    counts = _task_counts(out)
+    return counts.pop() if len(counts) == 1 else None
+
+
 def _tasks_in(out: Path) -> int:
     """The N of the OUT/tasks/I-of-N folders, when --merge is not told it."""
     counts = _task_counts(out)
