@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -176,3 +177,45 @@ def s3(s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3:
     found.fresh_clients()
     found.fs.mkdir(found.bucket)
     return found
+
+
+# DataComp-layout sources for `import` (test_import, test_slurm): l14 arrays as wide as jc-tiny.
+JC_TINY_DIM = 64
+
+
+def pairs(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(n, dim)).astype(np.float32) * 3  # not normalised: import does that
+    txt = (img + rng.normal(size=(n, dim)).astype(np.float32)).astype(np.float32)
+    return img, txt
+
+
+def write_datacomp(folder: Path, shards: int = 2, rows: int = 50) -> dict[str, np.ndarray]:
+    """DataComp pool files: NAME.parquet (uid, url, text) and NAME.npz with its four arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for s in range(shards):
+        name = f"{s:08d}"
+        uids = [f"{s:04x}{i:028x}" for i in range(rows)]
+        meta = pa.table(
+            {
+                "uid": uids,
+                "url": [f"https://example.com/{s}/{i}.jpg" for i in range(rows)],
+                "text": [f"caption {s} {i}" for i in range(rows)],
+                "original_width": [256] * rows,
+            }
+        )
+        pq.write_table(meta, folder / f"{name}.parquet")
+        l14_img, l14_txt = pairs(rows, JC_TINY_DIM, s)
+        b32_img, b32_txt = pairs(rows, 32, s + 100)
+        if s == 0:
+            l14_img[3] = 0.0  # a row without a usable embedding
+        np.savez(
+            folder / f"{name}.npz",
+            l14_img=l14_img.astype(np.float16),
+            l14_txt=l14_txt.astype(np.float16),
+            b32_img=b32_img,
+            b32_txt=b32_txt,
+        )
+        arrays[name] = (l14_img, l14_txt)
+    return arrays

@@ -232,3 +232,110 @@ def test_slurm_select_names_its_scripts_even_when_sbatch_fails(
                            "--submit", "--", tmp_path / "ref", "--out", out, "-b", 8)  # fmt: skip
     assert code == 2 and "sbatch is not on PATH" in output, output
     assert str(out / "slurm" / "select.sbatch") in output  # said before the submission failed
+
+
+def slurm_import_args(*more: str | Path) -> list:
+    """`slurm import` of ./pool into ./scores, the scale given (no model to load in each task)
+    and a --pretrained label that is a file here, relative as typed."""
+    return ["slurm", "import", "pool", "--out", "scores", "--format", "datacomp", "-m",
+            "jc-tiny", "--logit-scale", "100", "--pretrained", "ref.pt", *more]  # fmt: skip
+
+
+def test_slurm_import_writes_absolute_paths_submits_runs_and_retries(
+    tmp_path: Path, fake_sbatch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+    from conftest import write_datacomp
+
+    write_datacomp(tmp_path / "pool", shards=3)
+    (tmp_path / "ref.pt").write_bytes(b"a label that happens to be a file")
+    monkeypatch.chdir(tmp_path)
+    options = ["--num-tasks", "3", "--max-array-size", "2", "--partition", "cpu"]
+    code, output = run_cli(*slurm_import_args(*options, "--submit"))
+    assert code == 0, output
+    script = tmp_path / "scores" / "slurm" / "import.sbatch"
+    assert str(script) in output and "submitted 3 tasks over 3 source files" in output, output
+    text = script.read_text()
+    for line in (
+        "#SBATCH --job-name=jestcurate-import",
+        "#SBATCH --partition=cpu",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={tmp_path / 'scores' / 'slurm' / 'logs'}/import-%A_%a.out",
+        f" import {tmp_path / 'pool'} --out {tmp_path / 'scores'} --format datacomp",
+        f"--pretrained {tmp_path / 'ref.pt'} ",
+        '--task-index "$task" --num-tasks 3',
+    ):
+        assert line in text, line
+    assert "gpus-per-task" not in text  # import needs no GPU
+    plan = json.loads((tmp_path / "scores" / "slurm" / "import.json").read_text())
+    assert plan["num_tasks"] == 3 and plan["import_args"][0] == str(tmp_path / "pool")
+    assert fake_sbatch.read_text().splitlines() == [
+        f"--parsable --array=0-1 {script} 0",
+        f"--parsable --array=0 {script} 2",
+    ]
+
+    # The tasks, run from another folder (the paths are absolute): task 2, then task 0.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for offset, array_id in ((2, 0), (0, 0)):
+        done = run_task(script, offset, array_id)
+        assert done.returncode == 0, done.stdout + done.stderr
+    scores = tmp_path / "scores"
+    assert sorted(p.stem for p in (scores / "done").glob("*.json")) == ["00000000", "00000002"]
+
+    # --retry resubmits task 1 alone, then finds nothing left.
+    monkeypatch.chdir(tmp_path)
+    fake_sbatch.write_text("")
+    code, output = run_cli(*slurm_import_args(*options, "--retry"))
+    assert code == 0 and "resubmitted 1 of 3 tasks" in output, output
+    assert fake_sbatch.read_text().splitlines() == [f"--parsable --array=1 {script} 0"]
+    assert run_task(script, 0, 1).returncode == 0
+    code, output = run_cli(*slurm_import_args(*options, "--retry"))
+    assert code == 0 and "nothing to retry" in output, output
+    assert fake_sbatch.read_text().splitlines() == [f"--parsable --array=1 {script} 0"]
+
+    # A retry must use the plan it retries: other import options or --num-tasks are refused.
+    for changed in (["--embeddings", "b32"], ["--num-tasks", "2"]):
+        code, output = run_cli(*slurm_import_args(*options, *changed, "--retry"))
+        assert code == 2 and "differ from the plan" in output, (changed, output)
+        assert output.count("\n") == 1, output
+
+    # The set is the one a single import makes.
+    code, output = run_cli("import", "pool", "--out", "single", "--format", "datacomp", "-m",
+                           "jc-tiny", "--logit-scale", "100")  # fmt: skip
+    assert code == 0, output
+    names = sorted(p.name for p in (tmp_path / "single" / "parts").glob("*.parquet"))
+    assert names == sorted(p.name for p in (scores / "parts").glob("*.parquet")) and names
+    for name in names:
+        single = pq.read_table(tmp_path / "single" / "parts" / name)
+        assert pq.read_table(scores / "parts" / name).equals(single), name
+
+
+def test_slurm_import_script_without_submit_and_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import write_datacomp
+
+    from jestcurate.pipelines.synth import CorpusSpec, write_corpus
+
+    write_datacomp(tmp_path / "pool", shards=3)
+    write_corpus(tmp_path / "tars", CorpusSpec(shards=2, samples_per_shard=4, image_size=16))
+    monkeypatch.chdir(tmp_path)
+    # more tasks than tars: one task per tar; the glob is written absolute, as typed
+    code, output = run_cli(*slurm_import_args("--num-tasks", "5", "--shards", "tars/*.tar"))
+    assert code == 0, output
+    assert "2 tasks over 2 shards" in output and "sbatch --array=0-1" in output, output
+    text = (tmp_path / "scores" / "slurm" / "import.sbatch").read_text()
+    assert f"--shards '{tmp_path / 'tars'}/*.tar'" in text and "--num-tasks 2" in text, text
+    # what cannot work is one line now, not a failure in every task
+    cases = [
+        (["--num-tasks", "2", "--shards", "nope/*.tar"], "input not found"),
+        (["--num-tasks", "2", "--loss", "hinge"], "unknown --loss 'hinge'"),
+        (["--num-tasks", "0"], "--num-tasks must be at least 1"),
+    ]
+    for args, message in cases:
+        code, output = run_cli(*slurm_import_args(*args))
+        assert code == 2 and message in output and output.count("\n") == 1, (args, output)
+    code, output = run_cli(*slurm_import_args("--num-tasks", "2", "--out", "fresh", "--retry"))
+    assert code == 2 and "nothing to retry" in output, output

@@ -1,7 +1,8 @@
-"""`slurm score` and `slurm select` on a real single-node Slurm (started by
+"""`slurm score`, `slurm select` and `slurm import` on a real single-node Slurm (started by
 `.ci/services/slurm.sh start`, which .ci/run runs): submitted end to end over more tasks than
-MaxArraySize (3 there), a script submitted by hand from another folder, and a select chain that
-ends when one of its tasks is cancelled. Skipped, with the reason, where no Slurm answers."""
+MaxArraySize (3 there), a script submitted by hand from another folder, a select chain that
+ends when one of its tasks is cancelled, and an import whose cancelled task --retry completes.
+Skipped, with the reason, where no Slurm answers."""
 
 from __future__ import annotations
 
@@ -163,3 +164,55 @@ def test_a_cancelled_select_task_ends_the_chain_and_retry_completes_it(
     code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
                            "--", "scores", "--out", "curated", "-b", 8, "--export")  # fmt: skip
     assert code == 2 and "--retry needs the same select options" in output, output
+
+
+def test_a_cancelled_import_task_is_retried_and_the_set_matches_one_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+    from conftest import write_datacomp
+
+    import jestcurate
+
+    # the jobs import the code under test (sbatch passes the environment on)
+    here = str(Path(jestcurate.__file__).resolve().parents[1])
+    paths = [here, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    write_datacomp(tmp_path / "pool", shards=3)
+    monkeypatch.chdir(tmp_path)
+    args = ["slurm", "import", "pool", "--out", "scores", "--format", "datacomp", "-m",
+            "jc-tiny", "--num-tasks", 2, *SMALL_TASKS[:6]]  # fmt: skip
+    # Submitted held, so that task 1 is cancelled before it can run, whatever the timing.
+    code, output = run_cli(*args, "--sbatch", "hold", "--submit")
+    assert code == 0, output
+    found = re.search(r"as job\(s\) (\d+)", output)
+    assert found, output
+    job = found.group(1)
+    cancelled = subprocess.run(["scancel", f"{job}_1"], capture_output=True, text=True)
+    assert cancelled.returncode == 0, cancelled.stderr
+    released = subprocess.run(["scontrol", "release", job], capture_output=True, text=True)
+    assert released.returncode == 0, released.stderr
+    wait_for([job], limit=600)
+    logs = tmp_path / "scores" / "slurm" / "logs"
+    assert markers(tmp_path / "scores") == ["00000000", "00000002"], sorted(logs.glob("*"))
+
+    code, output = run_cli(*args, "--retry")
+    assert code == 0 and "resubmitted 1 of 2 tasks" in output, output
+    retried = re.search(r"as job\(s\) (\d+)", output)
+    assert retried, output
+    wait_for([retried.group(1)], limit=600)
+    assert markers(tmp_path / "scores") == ["00000000", "00000001", "00000002"], "".join(
+        p.read_text() for p in logs.glob("*")
+    )
+    code, output = run_cli(*args, "--retry")
+    assert code == 0 and "nothing to retry" in output, output
+
+    # The same parts as one import of the whole source (here, in-process).
+    code, output = run_cli("import", "pool", "--out", "single", "--format", "datacomp", "-m",
+                           "jc-tiny")  # fmt: skip
+    assert code == 0, output
+    for name in ("00000000", "00000001", "00000002"):
+        part = f"parts/{name}.parquet"
+        assert pq.read_table(tmp_path / "scores" / part).equals(
+            pq.read_table(tmp_path / "single" / part)
+        ), name

@@ -130,3 +130,55 @@ SlurmExtra = Annotated[
 ]
 
 SlurmSubmit = Annotated[bool, typer.Option("--submit", help="Submit with sbatch.")]
+
+# Options shared by `import` and `slurm import`.
+ImportSource = Annotated[
+    Path,
+    typer.Argument(
+        help="datacomp: a pool folder of NAME.parquet + NAME.npz; clip-retrieval: the "
+        "inference output folder (img_emb/, text_emb/, metadata/)."
+    ),
+]
+
+ImportOut = Annotated[Path, typer.Option("--out", "-o", help="The score set to write.")]
+
+ImportFormat = Annotated[str, typer.Option("--format", help="datacomp or clip-retrieval.")]
+
+ImportPretrained = Annotated[
+    str | None,
+    typer.Option(
+        help="open_clip tag or checkpoint of the model that made the embeddings (its logit "
+        "scale and bias are read from it), or a label when --logit-scale is given."
+    ),
+]
+
+ImportEmbeddings = Annotated[
+    str, typer.Option(help="datacomp: l14 (ViT-L/14) or b32 (ViT-B/32) arrays.")
+]
+
+LogitScale = Annotated[
+    float | None,
+    typer.Option(
+        help="α = exp(logit_scale) of the model, when its weights are not at hand "
+        "(OpenAI's CLIP: 100). Then no model is loaded."
+    ),
+]
+
+LogitBias = Annotated[
+    float | None, typer.Option(help="With --logit-scale: a SigLIP model's logit bias.")
+]
+
+ImportLoss = Annotated[
+    str | None,
+    typer.Option(help="With --logit-scale: softmax or sigmoid (default: sigmoid with a bias)."),
+]
+
+ImportShards = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--shards",
+        help="The downloaded WebDataset shards (paths, globs, {a..b} or @list.txt, as score "
+        "takes them): one part per shard, a row per sample, its embeddings found by uid "
+        "(img2dataset's sidecar SHARD.parquet, else the samples' json).",
+    ),
+]

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from jestcurate.cli.app import app, config_from, one_line_errors
+from jestcurate.cli.app import app, config_from, one_line_errors, slurm_app
 from jestcurate.cli.options import (
+    ImportEmbeddings,
+    ImportFormat,
+    ImportLoss,
+    ImportOut,
+    ImportPretrained,
+    ImportShards,
+    ImportSource,
+    LogitBias,
+    LogitScale,
     Model,
     NumTasks,
     Role,
+    SlurmAccount,
+    SlurmExtra,
+    SlurmMaxArraySize,
+    SlurmMaxConcurrent,
+    SlurmMem,
+    SlurmPartition,
+    SlurmQos,
+    SlurmSubmit,
+    SlurmTime,
     TaskIndex,
 )
 
@@ -21,52 +38,19 @@ from jestcurate.cli.options import (
 )
 @one_line_errors
 def import_(
-    source: Annotated[
-        Path,
-        typer.Argument(
-            help="datacomp: a pool folder of NAME.parquet + NAME.npz; clip-retrieval: the "
-            "inference output folder (img_emb/, text_emb/, metadata/)."
-        ),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The score set to write.")],
-    format: Annotated[str, typer.Option("--format", help="datacomp or clip-retrieval.")],
+    source: ImportSource,
+    out: ImportOut,
+    format: ImportFormat,
     model: Model,
-    pretrained: Annotated[
-        str | None,
-        typer.Option(
-            help="open_clip tag or checkpoint of the model that made the embeddings (its logit "
-            "scale and bias are read from it), or a label when --logit-scale is given."
-        ),
-    ] = None,
-    embeddings: Annotated[
-        str, typer.Option(help="datacomp: l14 (ViT-L/14) or b32 (ViT-B/32) arrays.")
-    ] = "l14",
+    pretrained: ImportPretrained = None,
+    embeddings: ImportEmbeddings = "l14",
     role: Role = "reference",
-    logit_scale: Annotated[
-        float | None,
-        typer.Option(
-            help="α = exp(logit_scale) of the model, when its weights are not at hand "
-            "(OpenAI's CLIP: 100). Then no model is loaded."
-        ),
-    ] = None,
-    logit_bias: Annotated[
-        float | None, typer.Option(help="With --logit-scale: a SigLIP model's logit bias.")
-    ] = None,
-    loss: Annotated[
-        str | None,
-        typer.Option(help="With --logit-scale: softmax or sigmoid (default: sigmoid with a bias)."),
-    ] = None,
+    logit_scale: LogitScale = None,
+    logit_bias: LogitBias = None,
+    loss: ImportLoss = None,
     task_index: TaskIndex = None,
     num_tasks: NumTasks = None,
-    shards: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--shards",
-            help="The downloaded WebDataset shards (paths, globs, {a..b} or @list.txt, as score "
-            "takes them): one part per shard, a row per sample, its embeddings found by uid "
-            "(img2dataset's sidecar SHARD.parquet, else the samples' json).",
-        ),
-    ] = None,
+    shards: ImportShards = None,
 ) -> None:
     """Turn embeddings that already exist into a score set (meta.json, parts/, done/), so
     select, dedup, info, report and status work on it without running a model: re-normalised,
@@ -84,6 +68,60 @@ def import_(
     importer.print_summary(report)
     if report.failed:
         raise typer.Exit(1)
+
+
+@slurm_app.command("import", short_help="Write (and submit) an sbatch array script for import.")
+@one_line_errors
+def slurm_import(
+    source: ImportSource,
+    out: ImportOut,
+    format: ImportFormat,
+    model: Model,
+    num_tasks: Annotated[
+        int, typer.Option(help="Array tasks; task t imports files (or shards) t, t+N, ...")
+    ],
+    pretrained: ImportPretrained = None,
+    embeddings: ImportEmbeddings = "l14",
+    role: Role = "reference",
+    logit_scale: LogitScale = None,
+    logit_bias: LogitBias = None,
+    loss: ImportLoss = None,
+    shards: ImportShards = None,
+    partition: SlurmPartition = None,
+    gpus_per_task: Annotated[int, typer.Option(help="GPUs per task (import needs none).")] = 0,
+    cpus_per_task: Annotated[int, typer.Option(help="CPU cores per task.")] = 8,
+    mem: SlurmMem = None,
+    time: SlurmTime = "24:00:00",
+    max_concurrent: SlurmMaxConcurrent = None,
+    account: SlurmAccount = None,
+    qos: SlurmQos = None,
+    max_array_size: SlurmMaxArraySize = None,
+    sbatch: SlurmExtra = None,
+    submit: SlurmSubmit = False,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help="Resubmit only the tasks with parts left to import (same plan as before).",
+        ),
+    ] = False,
+) -> None:
+    """Write OUT/slurm/import.sbatch, an array job running `jestcurate import` per task (its
+    paths absolute), and print its path; with --submit, submit it (as several array jobs if the
+    tasks pass the cluster's MaxArraySize). Tasks requeue safely after node failures; --retry
+    resubmits only the tasks that still have files (or shards) to import."""
+    given = dict(locals())
+    from jestcurate import ui
+    from jestcurate.pipelines import importer
+    from jestcurate.scale import slurm
+    from jestcurate.scale import slurm_import as slurm_import_mod
+
+    job = config_from(importer.ImportConfig, given, shards=tuple(shards or ()), num_tasks=None)
+    extra = tuple(sbatch or ())
+    opts = config_from(slurm.SlurmOptions, given, extra=extra, job_name="jestcurate-import")
+    cfg = config_from(slurm_import_mod.ImportArrayConfig, given, job=job, slurm=opts)
+    array = slurm_import_mod.run(cfg, importer.targets, importer.unfinished_tasks, written=ui.say)
+    slurm_import_mod.print_report(array)
 
 
 @app.command(short_help="Done, failed, running and pending shards of a score set or an export.")

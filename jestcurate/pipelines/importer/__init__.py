@@ -25,7 +25,13 @@ source rows that no tar holds are counted as never downloaded.
 
 from jestcurate.pipelines.importer.byuid import SourceIndex, import_shard, shard_samples
 from jestcurate.pipelines.importer.config import DATACOMP_EMBEDDINGS, FORMATS, ImportConfig
-from jestcurate.pipelines.importer.job import ImportReport, print_summary, run
+from jestcurate.pipelines.importer.job import (
+    ImportReport,
+    print_summary,
+    run,
+    targets,
+    unfinished_tasks,
+)
 from jestcurate.pipelines.importer.sources import CAPTION_COLUMNS, Unit, import_unit, list_units
 
 __all__ = [
@@ -42,4 +48,6 @@ __all__ = [
     "print_summary",
     "run",
     "shard_samples",
+    "targets",
+    "unfinished_tasks",
 ]

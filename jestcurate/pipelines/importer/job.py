@@ -16,13 +16,21 @@ from rich.console import Console
 from jestcurate import __version__, ui
 from jestcurate.errors import JCError
 from jestcurate.io.files import read_json
+from jestcurate.io.integrity import PartFiles, read_markers
 from jestcurate.io.schema import META_NAME, SCHEMA_VERSION
 from jestcurate.io.shards import expand_inputs
 from jestcurate.io.writer import ScoreSetWriter
 from jestcurate.math.scoring import LOSS_KINDS
 from jestcurate.pipelines.importer.byuid import SourceIndex, import_shard
 from jestcurate.pipelines.importer.config import DATACOMP_EMBEDDINGS, FORMATS, ImportConfig
-from jestcurate.pipelines.importer.sources import import_unit, list_units, source_rows, width
+from jestcurate.pipelines.importer.sources import (
+    Unit,
+    import_unit,
+    list_units,
+    source_rows,
+    width,
+)
+from jestcurate.scale.status import done_shard
 from jestcurate.scale.tasks import for_task, resolve_task
 
 log = logging.getLogger(__name__)
@@ -44,13 +52,7 @@ class ImportReport:
 
 def _model_params(cfg: ImportConfig) -> dict[str, Any]:
     """What meta.json says about the embeddings' model: given, or read from the model."""
-    if cfg.loss is not None and cfg.loss not in LOSS_KINDS:
-        raise JCError(f"unknown --loss {cfg.loss!r}; use one of {', '.join(LOSS_KINDS)}")
-    if cfg.logit_scale is None and (cfg.logit_bias is not None or cfg.loss is not None):
-        raise JCError("--logit-bias and --loss go with --logit-scale (else the model gives them)")
     if cfg.logit_scale is not None:
-        if cfg.logit_scale <= 0:
-            raise JCError("--logit-scale is α = exp(logit_scale), a positive number (CLIP: 100)")
         return {
             "model": cfg.model,
             "pretrained": cfg.pretrained,
@@ -135,6 +137,12 @@ def _validate(cfg: ImportConfig) -> None:
         raise JCError(f"--embeddings is one of {', '.join(DATACOMP_EMBEDDINGS)}")
     if cfg.role not in ("reference", "learner"):
         raise JCError(f"--role is reference or learner, got {cfg.role!r}")
+    if cfg.loss is not None and cfg.loss not in LOSS_KINDS:
+        raise JCError(f"unknown --loss {cfg.loss!r}; use one of {', '.join(LOSS_KINDS)}")
+    if cfg.logit_scale is None and (cfg.logit_bias is not None or cfg.loss is not None):
+        raise JCError("--logit-bias and --loss go with --logit-scale (else the model gives them)")
+    if cfg.logit_scale is not None and cfg.logit_scale <= 0:
+        raise JCError("--logit-scale is α = exp(logit_scale), a positive number (CLIP: 100)")
 
 
 def _identity(cfg: ImportConfig, params: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +179,29 @@ def _meta(cfg: ImportConfig, identity: dict[str, Any], params: dict[str, Any]) -
     }
 
 
+def _targets(cfg: ImportConfig, units: list[Unit], writer: ScoreSetWriter) -> list[Any]:
+    """What gets a part each, in order: the source's files or, with --shards, the tars, named
+    as `score` names them (keeping the names earlier runs' markers hold)."""
+    return writer.names(expand_inputs(cfg.shards)) if cfg.shards else units
+
+
+def targets(cfg: ImportConfig) -> list[Any]:
+    """Check the options that need no model (format, embeddings, role, a given logit scale and
+    loss, the source's files, the shards) and list what gets a part, as every task lists it:
+    for `slurm import`, before it writes a script."""
+    _validate(cfg)
+    return _targets(cfg, list_units(cfg), ScoreSetWriter(cfg.out))
+
+
+def unfinished_tasks(cfg: ImportConfig, count: int) -> list[int]:
+    """Of `count` array tasks, those that would import something: a unit (or tar) of theirs
+    has no ok marker, or a part that no longer matches its marker. Reads, changes nothing."""
+    every = targets(cfg)
+    markers, files = read_markers(cfg.out), PartFiles(cfg.out)
+    left = {t.name for t in every if not done_shard(files, t.name, markers.get(t.name))}
+    return [i for i in range(count) if any(t.name in left for t in for_task(every, i, count))]
+
+
 def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     """Import every unit of this task that has no ok marker yet; safe to rerun."""
     _validate(cfg)
@@ -178,9 +209,7 @@ def run(cfg: ImportConfig, on_unit: Any = None) -> ImportReport:
     units = list_units(cfg)
     index, count = resolve_task(cfg.task_index, cfg.num_tasks)
     writer = ScoreSetWriter(cfg.out)
-    # with --shards, names as `score` gives them, keeping those earlier runs' markers hold
-    targets: list[Any] = writer.names(expand_inputs(cfg.shards)) if cfg.shards else units
-    mine = for_task(targets, index, count)
+    mine = for_task(_targets(cfg, units, writer), index, count)
     params = _model_params(cfg)
     if params["embed_dim"] is None:
         params["embed_dim"] = width(units)
