@@ -177,3 +177,21 @@ def test_bad_input_is_one_line(pool: Path, args: list[object], message: str) -> 
     code, output = run_cli("local", *[pool if a == "POOL" else a for a in args])
     assert code == 2 and message in output, output
     assert len(output.strip().splitlines()) == 1, output
+
+
+def test_import_as_tasks_equals_one_import(tmp_path: Path) -> None:
+    from conftest import write_datacomp
+
+    write_datacomp(tmp_path / "pool", shards=3)
+    common = ["--format", "datacomp", "-m", "jc-tiny", "--logit-scale", "100"]
+    code, output = run_cli("import", tmp_path / "pool", "--out", tmp_path / "one", *common)
+    assert code == 0, output
+    # a task whose file is already imported is not started again
+    code, output = local("--num-tasks", 5, "--", "import", tmp_path / "pool", "--out",
+                         tmp_path / "tasks", *common)  # fmt: skip
+    assert code == 0, output
+    assert "import task 2: done" in output and "import task 3" not in output  # 3 files
+    assert parts(tmp_path / "tasks") == parts(tmp_path / "one")
+    code, output = local("--num-tasks", 5, "--", "import", tmp_path / "pool", "--out",
+                         tmp_path / "tasks", *common)  # fmt: skip
+    assert code == 0 and "nothing to do" in output, output

@@ -10,6 +10,7 @@ others; a select round with a failed task stops the rounds after it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -42,6 +43,7 @@ class LocalPlan:
     inputs: list[str] = field(default_factory=list)  # score's INPUTS
     upload_to: str | None = None  # score's --out when a URL
     export: bool = False
+    import_config: Any = None  # import's ImportConfig, for which tasks have files left
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,13 @@ def plan(
         shards = len(expand_inputs(params["inputs"]))  # a task with no shard would idle
         inputs = list(params["inputs"])
         return LocalPlan("score", args, local, min(num_tasks, shards), inputs, url)
-    return LocalPlan(command, args, Path(params["out"]), num_tasks)
+    from jestcurate.pipelines import importer
+
+    names = {f.name for f in dataclasses.fields(importer.ImportConfig)} - {"shards"}
+    shards = tuple(params.get("shards") or ())
+    cfg = importer.ImportConfig(**{k: v for k, v in params.items() if k in names}, shards=shards)
+    count = min(num_tasks, len(importer.targets(cfg)))  # a task with no file would idle
+    return LocalPlan("import", args, cfg.out, max(count, 1), import_config=cfg)
 
 
 def device_list(spec: str) -> list[str]:
@@ -150,7 +158,11 @@ def _phases(plan: LocalPlan) -> Iterator[Phase]:
         yield Phase("score", ["score", *plan.args], _score_tasks_left(plan))
         return
     if plan.command == "import":
-        yield Phase("import", ["import", *plan.args], everything)
+        from jestcurate.pipelines.importer import unfinished_tasks
+
+        yield Phase(
+            "import", ["import", *plan.args], unfinished_tasks(plan.import_config, plan.num_tasks)
+        )
         return
     from jestcurate.pipelines.select import unfinished_rounds
 
