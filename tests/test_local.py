@@ -106,6 +106,27 @@ def test_a_killed_task_leaves_the_others_and_a_rerun_completes(
     assert code == 0, shown
 
 
+def test_sigterm_to_local_ends_its_tasks_and_a_rerun_completes(
+    pool: Path, one_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scores"
+    command = [sys.executable, "-m", "jestcurate", "local", "--num-tasks", "2", "--devices", "cpu"]
+    runner = subprocess.Popen(
+        [*command, *score_args(pool, out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    task = _claimed_pid(out)
+    runner.send_signal(signal.SIGTERM)
+    output, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 143, output
+    assert (
+        not Path(f"/proc/{task}").exists() or b"zombie" in Path(f"/proc/{task}/status").read_bytes()
+    )
+    code, output = local("--num-tasks", 2, "--devices", "cpu", *score_args(pool, out))
+    assert code == 0, output
+    assert parts(out) == parts(one_run)
+
+
 def test_select_tasks_fail_status_names_one_and_a_rerun_completes(
     one_run: Path, tmp_path: Path
 ) -> None:

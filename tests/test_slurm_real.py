@@ -7,6 +7,7 @@ Skipped, with the reason, where no Slurm answers."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -124,9 +125,9 @@ def test_a_cancelled_select_task_ends_the_chain_and_retry_completes_it(
     monkeypatch.chdir(tmp_path)
     code, output = run_cli("score", "pool", "--out", "scores", "-m", "jc-tiny", "--workers", 0)
     assert code == 0, output
-    select_args = ["scores", "--out", "curated", "-b", 4, "--export"]
+    select_args = ["scores", "--out", "curated", "-b", 2, "--ratio", 0.5, "--export"]
     # Submitted held, so that task 1 is cancelled before it can run, whatever the timing.
-    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--sbatch",
+    code, output = run_cli("slurm", "select", "--num-tasks", 3, *SMALL_TASKS[:6], "--sbatch",
                            "hold", "--submit", "--", *select_args)  # fmt: skip
     assert code == 0, output
     jobs = re.search(r"then .*?: ([\d, ]+)$", output.strip(), re.MULTILINE)
@@ -140,28 +141,38 @@ def test_a_cancelled_select_task_ends_the_chain_and_retry_completes_it(
     assert released.returncode == 0, released.stderr
     wait_for(ids, limit=180)  # nothing left pending: the dependants were cancelled
     assert not (tmp_path / "curated" / "summary.json").exists()  # no merge ran
+    # status names the task that stopped the chain, with its log, and says the chain ended
+    code, shown = run_cli("status", "curated", "--json", "--check")
+    assert code == 1, shown
+    found = json.loads(shown)
+    assert [u["task"] for u in found["unfinished"] if u["step"] == "round 1"] == [1], found
+    assert found["slurm"]["queued"] == [] and found["export_planned"], found
+    code, shown = run_cli("status", "curated")
+    assert "round 1 unfinished task 1" in shown and "chain has ended unfinished" in shown, shown
 
     # --retry resubmits what is unfinished, and the selection completes ...
     code, output = run_cli(
-        "slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry", "--", *select_args
+        "slurm", "select", "--num-tasks", 3, *SMALL_TASKS[:6], "--retry", "--", *select_args
     )  # fmt: skip (the scripts' resources may change)
-    assert code == 0 and "resubmitted round 1 of 1 and round 2 of 2 of 2 tasks" in output, output
+    assert code == 0 and "resubmitted round 1 of 1 and round 2 of 3 of 3 tasks" in output, output
     retried = re.search(r": ([\d, ]+)$", output.strip(), re.MULTILINE)
     assert retried, output
     wait_for([j.strip() for j in retried.group(1).split(",")], limit=240)
-    # ... with the files of an uninterrupted run of the same two tasks (here, in-process).
-    for task in (0, 1, 0, 1):  # round 1 of both, then round 2 (the second merges)
-        code, output = run_cli("select", "scores", "--out", "uninterrupted", "-b", 4,
-                               "--task-index", task, "--num-tasks", 2)  # fmt: skip
+    # ... with the files of an uninterrupted run of the same three tasks (here, in-process).
+    for task in (0, 1, 2, 0, 1, 2):  # round 1 of each, then round 2 (the last merges)
+        code, output = run_cli("select", *select_args[:-1], "--out", "uninterrupted",
+                               "--task-index", task, "--num-tasks", 3)  # fmt: skip
         assert code == 0, output
     merged = (tmp_path / "curated" / "manifest.parquet").read_bytes()
     assert merged == (tmp_path / "uninterrupted" / "manifest.parquet").read_bytes()
     assert (tmp_path / "curated" / "shards.txt").is_file()  # the export ran
-    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
+    code, output = run_cli("slurm", "select", "--num-tasks", 3, *SMALL_TASKS[:6], "--retry",
                            "--", *select_args)  # fmt: skip
     assert code == 0 and "nothing to retry" in output, output
+    code, shown = run_cli("status", "curated", "--check")
+    assert code == 0, shown
     # A retry with other select options would finish another chain than the one it found.
-    code, output = run_cli("slurm", "select", "--num-tasks", 2, *SMALL_TASKS[:6], "--retry",
+    code, output = run_cli("slurm", "select", "--num-tasks", 3, *SMALL_TASKS[:6], "--retry",
                            "--", "scores", "--out", "curated", "-b", 8, "--export")  # fmt: skip
     assert code == 2 and "--retry needs the same select options" in output, output
 
