@@ -69,7 +69,9 @@ def test_the_server_keeps_its_objects_across_a_restart(s3: S3) -> None:
     assert s3.fs.find(s3.bucket) == [odd]
 
 
-def test_score_from_s3_to_s3_and_the_readers_take_it(s3: S3, corpus: Path, tmp_path: Path) -> None:
+def test_score_from_s3_to_s3_and_the_readers_take_it(
+    s3: S3, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pool, scores = s3.upload(corpus), s3.url("scores")
     code, output = run_cli("score", pool, "--out", scores, *TINY)
     assert code == 0, output
@@ -125,6 +127,14 @@ def test_score_from_s3_to_s3_and_the_readers_take_it(s3: S3, corpus: Path, tmp_p
     assert run_cli("status", scores, pool, "--check")[0] == 0
     assert run_cli("verify", scores)[0] == 0
     assert_every_key_once(s3, "scores", corpus)
+
+    # On a new host (an empty local mirror: markers first, no parts) nothing looks damaged,
+    # and a rerun scores nothing again.
+    monkeypatch.setenv("JESTCURATE_CACHE", str(tmp_path / "other-host"))
+    code, output = run_cli("status", scores, pool, "--check")
+    assert code == 0, output
+    code, output = run_cli("score", pool, "--out", scores, *TINY)
+    assert code == 0 and "3 of 3 shards already done" in output, output
 
 
 @contextmanager
