@@ -1,5 +1,7 @@
-"""`jestcurate slurm score` and `jestcurate status`: generated scripts, submission through a
-stand-in sbatch, and the scripts' per-task commands run locally with Slurm's variables set."""
+"""`jestcurate slurm score`, `slurm import` and `status`: generated scripts, submission through
+a stand-in sbatch, and the scripts' per-task commands run locally with Slurm's variables set.
+The stand-in stays for what the test Slurm (tests/test_slurm_real.py: one CPU node) cannot
+show: GPU, partition and constraint flags, and the exact sbatch calls of a split array."""
 
 from __future__ import annotations
 
