@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,31 @@ def test_tasks_give_the_bytes_of_one_run(pool: Path, one_run: Path, tmp_path: Pa
     assert "--task-index 1 --num-tasks 2" in log
     code, output = local("--num-tasks", 2, "--devices", "cpu", *score_args(pool, out))
     assert code == 0 and "nothing to do" in output, output
+    # Nothing is left, but the files are another model's: score itself says so.
+    other = [a.replace("jc-tiny", "jc-tiny-sigmoid") for a in score_args(pool, out)]
+    code, output = local("--devices", "cpu", *other)
+    assert code == 1 and "made differently" in output and "fix that and rerun" in output, output
+
+
+def test_a_requeued_job_takes_over_its_own_tasks_claims(
+    pool: Path, one_run: Path, tmp_path: Path
+) -> None:
+    """`jestcurate local` as one Slurm job, requeued onto another node: task 1's claim from the
+    first node is within its lease, but it is this job's task 1, so the new task 1 goes on."""
+    out = tmp_path / "scores"
+    shutil.copytree(one_run, out)
+    for lost in ("done/00001.json", "parts/00001.parquet"):
+        (out / lost).unlink()
+    now = time.time()
+    claim = {"host": "the-first-node", "pid": 1, "pid_start": None, "token": "before",
+             "job": "77.local-1", "claimed": now, "expires": now + 3600}  # fmt: skip
+    (out / "claims").mkdir(exist_ok=True)
+    (out / "claims" / "00001.json").write_text(json.dumps(claim))
+    done = run_subprocess("local", "--num-tasks", 2, "--devices", "cpu",
+                          *score_args(pool, out), env={"SLURM_JOB_ID": "77"})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "score task 1: done" in done.stdout, done.stdout
+    assert parts(out) == parts(one_run)
 
 
 def _claimed_pid(out: Path, limit: float = 120.0) -> int:
@@ -145,6 +171,7 @@ def test_select_tasks_fail_status_names_one_and_a_rerun_completes(
     assert code == 1, shown
     found = json.loads(shown)
     assert found["kind"] == "selection" and not found["merged"] and found["num_tasks"] == 3
+    assert found["export_planned"] and found["export"] is None
     round_one = [u for u in found["unfinished"] if u["step"] == "round 1"]
     assert [u["task"] for u in round_one] == [1]
     assert round_one[0]["log"].endswith("round1-00001.log") and round_one[0]["last"]
@@ -166,6 +193,9 @@ def test_select_tasks_fail_status_names_one_and_a_rerun_completes(
     merged = (tmp_path / "sel" / "manifest.parquet").read_bytes()
     assert merged == (tmp_path / "by-hand" / "manifest.parquet").read_bytes()
     assert (tmp_path / "sel" / "shards.txt").is_file()
+    # Rerun with another batch size: nothing is left by the files, and select refuses.
+    code, output = local("--num-tasks", 3, "--devices", "cpu", "--", *select[:-2], 8)
+    assert code == 1 and "holds a different selection" in output, output
 
 
 @pytest.mark.parametrize(
@@ -173,7 +203,11 @@ def test_select_tasks_fail_status_names_one_and_a_rerun_completes(
     [
         (["--", "dedup", "x"], "jestcurate local runs score, import, select, not 'dedup'"),
         ([], "give the command after --"),
-        (["--devices", "gpu0", "--", "score", "x"], "--devices takes auto, cpu or GPU ids"),
+        (
+            ["--devices", "gpu0", "--", "score", "POOL", "--out", "o", "-m", "jc-tiny"],
+            "--devices takes auto, cpu or GPU ids",
+        ),
+        (["--num-tasks", 0, "--", "score", "POOL", "--out", "o"], "at least 1"),
         (
             [
                 "--num-tasks",
@@ -207,7 +241,7 @@ def test_import_as_tasks_equals_one_import(tmp_path: Path) -> None:
     common = ["--format", "datacomp", "-m", "jc-tiny", "--logit-scale", "100"]
     code, output = run_cli("import", tmp_path / "pool", "--out", tmp_path / "one", *common)
     assert code == 0, output
-    # a task whose file is already imported is not started again
+    # five tasks asked for, three files: three tasks
     code, output = local("--num-tasks", 5, "--", "import", tmp_path / "pool", "--out",
                          tmp_path / "tasks", *common)  # fmt: skip
     assert code == 0, output

@@ -237,3 +237,21 @@ def test_print_status_lists_shards_unwrapped(tmp_path: Path) -> None:
     assert f"failed {urls[0]}: {long_error.strip()}" in lines  # one line, wider than 60
     assert f"pending {urls[1]}" in lines and f"pending {urls[2]}" in lines
     assert f"pending {urls[3]}" not in lines and "pending ... and 2 more" in lines
+
+
+def test_a_select_tasks_slurm_log_is_found_across_split_arrays(tmp_path: Path) -> None:
+    """Tasks 0-2 in array job 100, tasks 3-4 in 101 (MaxArraySize 3), retried as job 102."""
+    from jestcurate.scale.slurm_select import task_log
+
+    chains = [{"arrays": {"round 1": [["100", 0], ["101", 3]]}},
+              {"arrays": {"round 1": [["102", 0]], "merge": [["103", 0]]}}]  # fmt: skip
+    logs = tmp_path / "slurm" / "logs"
+    logs.mkdir(parents=True)
+    write_json_atomic(tmp_path / "slurm" / "select-jobs.json", {"chains": chains})
+    for name in ("select-100_2.out", "select-101_1.out", "select-102_0.out"):
+        (logs / name).write_text("...\n")
+    assert task_log(tmp_path, "round 1", 4) == logs / "select-101_1.out"
+    assert task_log(tmp_path, "round 1", 2) == logs / "select-100_2.out"
+    assert task_log(tmp_path, "round 1", 0) == logs / "select-102_0.out"  # the newest run
+    assert task_log(tmp_path, "round 1", 3) is None  # no log: never started
+    assert task_log(tmp_path, "round 2", 0) is None

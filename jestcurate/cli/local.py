@@ -19,15 +19,17 @@ def local(
     num_tasks: Annotated[
         int | None,
         typer.Option(
-            help="Tasks (score: at most one per shard). Default: one per device, and 2 on a "
-            "machine without a GPU."
+            help="Tasks (score and import: at most one per shard or file). Default: as many as "
+            "the last local run into the same OUT had, else one per GPU (at least 2 for "
+            "select), else 2 on the CPU."
         ),
     ] = None,
     devices: Annotated[
         str,
         typer.Option(
-            help="auto (every visible GPU, else the CPU), cpu, or GPU ids such as 0,1,3. "
-            "Each task sees one GPU as cuda:0 and an equal share of the CPU cores."
+            help="auto (every visible GPU, else the CPU), cpu, or GPU ids such as 0,1,3 (as "
+            "CUDA numbers them here). Each task sees one GPU as cuda:0 and an equal share of "
+            "the CPU cores."
         ),
     ] = "auto",
 ) -> None:
@@ -41,16 +43,10 @@ def local(
     jestcurate local -- score 'pool/*.tar' --out scores/ -m ViT-B-32
 
     Exit status: 0 every task finished, 1 some failed (rerun to finish), 2 bad input."""
-    from jestcurate.errors import JCError
     from jestcurate.pipelines import local as local_mod
 
-    args = [a for a in ctx.args if a != "--"]
-    if not args:
-        raise JCError("give the command after --: jestcurate local -- score|import|select ...")
-    found = local_mod.device_list(devices)
-    count = num_tasks or (2 if found == ["cpu"] else len(found))
-    plan = local_mod.plan(args[0], args[1:], count, command_options)
-    report = local_mod.run(plan, found, on_done=local_mod.print_outcome)
+    plan = local_mod.plan(ctx.args, num_tasks, devices, command_options)
+    report = local_mod.run(plan, on_done=local_mod.print_outcome)
     local_mod.print_report(report)
     if report.failed:
         raise typer.Exit(1)

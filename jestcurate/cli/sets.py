@@ -124,11 +124,11 @@ def slurm_import(
     slurm_import_mod.print_report(array)
 
 
-@app.command(short_help="Done, failed, running and pending shards of a score set or an export.")
+@app.command(short_help="Where a score set, a selection or an export stands: what is left, why.")
 @one_line_errors
 def status(
     path: Annotated[
-        str, typer.Argument(help="A score set (path or URL) or a selection with an export.")
+        str, typer.Argument(help="A score set (path or URL), a selection or its export.")
     ],
     inputs: Annotated[
         list[str] | None,
@@ -146,7 +146,8 @@ def status(
     ] = False,
 ) -> None:
     """Done, failed (with reasons), damaged, running and, given the INPUTS, pending shards of a
-    score set; or written and missing shards of an export."""
+    score set; a selection's array tasks with a round left (with their logs' last lines) and
+    its Slurm jobs still queued; or the written and missing shards of an export."""
     import json as json_mod
 
     from jestcurate import ui

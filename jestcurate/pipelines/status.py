@@ -18,8 +18,8 @@ from rich.console import Console
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.remote import is_url, local_dir, remote_score_set
-from jestcurate.pipelines.local import LOCAL_DIR
-from jestcurate.pipelines.select import SUMMARY, TASKS_DIR, task_count, unfinished_rounds
+from jestcurate.pipelines.local import LOCAL_DIR, read_plan
+from jestcurate.pipelines.select import MANIFEST, SUMMARY, TASKS_DIR, task_count, unfinished_rounds
 from jestcurate.scale import slurm, slurm_select
 from jestcurate.scale.status import score_status
 from jestcurate.trainer.loader import export_meta
@@ -53,11 +53,15 @@ def _last_line(log: Path) -> str:
 
 
 def _task_log(out: Path, step: str, task: int) -> Path | None:
-    """The newest log of `task` in `step`: `jestcurate local`'s, else Slurm's."""
+    """The newer of `task`'s logs in `step`: `jestcurate local`'s and Slurm's."""
     local = out / LOCAL_DIR / "logs" / f"{step.replace(' ', '')}-{task:05d}.log"
-    if local.is_file():
-        return local
-    return slurm_select.task_log(out, step, task)
+    found = [p for p in (local, slurm_select.task_log(out, step, task)) if p and p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def _waiting_forever(line: str) -> bool:
+    """A job that can never start: Slurm without --kill-on-invalid-dep keeps it listed."""
+    return "DependencyNeverSatisfied" in line
 
 
 def selection_status(out: Path) -> dict[str, Any]:
@@ -73,7 +77,10 @@ def selection_status(out: Path) -> dict[str, Any]:
                 log = _task_log(out, step, task)
                 last = _last_line(log) if log else None
                 left.append({"step": step, "task": task, "log": log and str(log), "last": last})
-    planned = (out / slurm.SLURM_DIR / "select-export.sbatch").is_file()
+    local = read_plan(out)
+    planned = (out / slurm.SLURM_DIR / "select-export.sbatch").is_file() or bool(
+        local and local.get("command") == "select" and local.get("export")
+    )
     export = export_status(out) if (out / "shards" / "export.json").is_file() else None
     chains = slurm_select.read_chains(out)
     chain = None
@@ -106,11 +113,11 @@ def read_status(
         folder, files = remote_score_set(location)
     else:
         folder = local_dir(location)
-    if (folder / SUMMARY).is_file() or (folder / TASKS_DIR).is_dir():
-        found = selection_status(folder)
-        return found, found["finished"]
-    if (folder / "shards" / "export.json").is_file():
+    if (folder / "shards" / "export.json").is_file():  # the merge is done; the export is left
         found = export_status(folder)
+        return found, found["finished"]
+    if (folder / TASKS_DIR).is_dir() or (folder / MANIFEST).is_file():
+        found = selection_status(folder)
         return found, found["finished"]
     state = score_status(folder, inputs, full=full, files=files)
     found = state.as_dict()
@@ -186,7 +193,9 @@ def _selection_rows(found: dict[str, Any], table: Any, listed: int) -> list[str]
     for u in first[:listed]:
         where = f" (log {u['log']}: {u['last']})" if u["log"] else " (no log found)"
         lines.append(f"[yellow]{u['step']} unfinished[/yellow] task {u['task']}{where}")
-    if not found["finished"] and chain is not None and chain["queued"] == []:
+    queued = chain and chain["queued"]
+    ended = queued == [] or (queued and all(_waiting_forever(q) for q in queued))
+    if not found["finished"] and chain is not None and ended:
         lines.append(
             "the Slurm chain has ended unfinished: `jestcurate slurm select --retry` with the "
             "same options submits what is left"

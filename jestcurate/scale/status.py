@@ -61,7 +61,9 @@ def score_status(
     `files` says where the parts are when not under `out` (remote.RemoteParts for a URL,
     whose local mirror holds the markers only)."""
     if not (out / "meta.json").is_file() and not (out / DONE_DIR).is_dir():
-        raise JCError(f"{out} is not a score set or an export (no meta.json, no shards/)")
+        raise JCError(
+            f"{out} is not a score set, a selection or an export (no meta.json, no shards/)"
+        )
     markers = read_markers(out)
     files = files or PartFiles(out)
     status = ScoreStatus(out)

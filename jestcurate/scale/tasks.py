@@ -63,11 +63,15 @@ def for_task(shards: Sequence[Shard], index: int, count: int) -> list[Shard]:
 
 
 def unfinished_tasks(
-    out: Path, urls: Sequence[str], num_tasks: int, files: PartFiles | None = None
+    out: Path,
+    urls: Sequence[str],
+    num_tasks: int,
+    files: PartFiles | None = None,
+    skip_busy: bool = True,
 ) -> tuple[list[int], int]:
     """Array task indexes (of `num_tasks`) over the expanded input `urls` that still have a
-    shard without an ok marker and not being scored by a live run; and how many tasks are
-    skipped because all their remaining shards are being scored now."""
+    shard without an ok marker and (with `skip_busy`) not being scored by a live run; and how
+    many tasks are skipped because all their remaining shards are being scored now."""
     markers = read_markers(out)
     files = files or PartFiles(out)
     shards = named_shards(urls, markers)
@@ -78,7 +82,7 @@ def unfinished_tasks(
         left = [s for s in mine if not done_shard(files, s.name, markers.get(s.name))]
         if not left:
             continue
-        if claims is not None and all(claims.held_by_other(s.name) for s in left):
+        if skip_busy and claims is not None and all(claims.held_by_other(s.name) for s in left):
             busy += 1
             continue
         todo.append(task)
@@ -86,7 +90,7 @@ def unfinished_tasks(
 
 
 def score_tasks_left(
-    out: Path, upload_to: str | None, urls: Sequence[str], num_tasks: int
+    out: Path, upload_to: str | None, urls: Sequence[str], num_tasks: int, skip_busy: bool = True
 ) -> tuple[list[int], int]:
     """unfinished_tasks of a score set in `out`, or, when it is written to the URL
     `upload_to`, of that set (`out` then being its local mirror)."""
@@ -97,4 +101,4 @@ def score_tasks_left(
         mirror = Mirror(upload_to, local=out)
         mirror.sync_markers()
         files = RemoteParts(mirror)
-    return unfinished_tasks(out, urls, num_tasks, files)
+    return unfinished_tasks(out, urls, num_tasks, files, skip_busy)
