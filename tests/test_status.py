@@ -86,7 +86,7 @@ def test_not_a_score_set(tmp_path: Path) -> None:
     with pytest.raises(JCError) as caught:
         score_status(tmp_path)
     assert str(caught.value) == (
-        f"{tmp_path} is not a score set or an export (no meta.json, no shards/)"
+        f"{tmp_path} is not a score set, a selection or an export (no meta.json, no shards/)"
     )
 
 
