@@ -387,18 +387,32 @@ def _retry_score_array(cfg: ScoreArrayConfig, args: list[str], urls: list[str]) 
 def print_score_array(array: ScoreArray) -> None:
     """What `slurm score` did (a new script's path is printed as it is written)."""
     note = f" ({array.busy} more are running now)" if array.busy else ""
-    jobs = ", ".join(array.jobs)
-    if array.retry and array.script is None:
-        ui.stdout.print(f"nothing to retry: no task has shards left to do{note}")
-    elif array.retry:
-        ui.say(
-            f"resubmitted {len(array.tasks)} of {array.num_tasks} tasks{note} as job(s) "
-            f"{jobs}: {array.script}"
-        )
-    elif array.jobs:
-        ui.say(f"submitted {array.num_tasks} tasks over {array.shards} shards as job(s) {jobs}")
+    print_array(array.script, array.num_tasks, array.tasks, array.jobs, array.retry,
+                f"{array.shards} shards", f"no task has shards left to do{note}", note)  # fmt: skip
+
+
+def print_array(
+    script: Path | None,
+    num_tasks: int,
+    tasks: Sequence[int],
+    jobs: Sequence[str],
+    retry: bool,
+    over: str,
+    nothing: str,
+    note: str = "",
+) -> None:
+    """What `slurm score` or `slurm import` did with an array over `over` ("40 shards"):
+    submitted, resubmitted (`note` says why some were not), nothing to retry, or how to
+    submit it by hand."""
+    shown = ", ".join(jobs)
+    if retry and script is None:
+        ui.stdout.print(f"nothing to retry: {nothing}")
+    elif retry:
+        ui.say(f"resubmitted {len(tasks)} of {num_tasks} tasks{note} as job(s) {shown}: {script}")
+    elif jobs:
+        ui.say(f"submitted {num_tasks} tasks over {over} as job(s) {shown}")
     else:
         ui.note(
-            f"{array.num_tasks} tasks over {array.shards} shards; submit with --submit, or "
-            f"sbatch --array=0-{array.num_tasks - 1} {array.script} 0"
+            f"{num_tasks} tasks over {over}; submit with --submit, or "
+            f"sbatch --array=0-{num_tasks - 1} {script} 0"
         )

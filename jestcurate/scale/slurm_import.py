@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from jestcurate import __version__, ui
+from jestcurate import __version__
 from jestcurate.errors import JCError
 from jestcurate.io.remote import is_url
 from jestcurate.io.store import read_json, write_json_atomic
@@ -194,18 +194,5 @@ def run(
 def print_report(array: ImportArray) -> None:
     """What `slurm import` did (a new script's path is printed as it is written)."""
     what = "shards" if array.tied else "source files"
-    jobs = ", ".join(array.jobs)
-    if array.retry and array.script is None:
-        ui.stdout.print(f"nothing to retry: every task's {what} are imported")
-    elif array.retry:
-        ui.say(
-            f"resubmitted {len(array.tasks)} of {array.num_tasks} tasks as job(s) {jobs}: "
-            f"{array.script}"
-        )
-    elif array.jobs:
-        ui.say(f"submitted {array.num_tasks} tasks over {array.targets} {what} as job(s) {jobs}")
-    else:
-        ui.note(
-            f"{array.num_tasks} tasks over {array.targets} {what}; submit with --submit, or "
-            f"sbatch --array=0-{array.num_tasks - 1} {array.script} 0"
-        )
+    slurm.print_array(array.script, array.num_tasks, array.tasks, array.jobs, array.retry,
+                      f"{array.targets} {what}", f"every task's {what} are imported")  # fmt: skip
