@@ -45,13 +45,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True)
 def slurm_answers() -> None:
-    """Skip, saying why, where no Slurm answers; fail instead where .ci/run started one
-    (JESTCURATE_REQUIRE_SLURM=1), so that these tests cannot quietly stop running in CI."""
+    """Skip, saying why, where no Slurm answers; fail instead under CI=true or where .ci/run
+    started one (JESTCURATE_REQUIRE_SLURM=1), so that these tests cannot quietly stop running
+    in CI."""
     if _slurm_answers():
         return
     reason = "no Slurm answers here (.ci/services/slurm.sh start)"
     if os.environ.get("JESTCURATE_REQUIRE_SLURM") == "1":
         pytest.fail(f"{reason}, though .ci/run started one", pytrace=False)
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the Slurm tests must run)", pytrace=False)
     pytest.skip(reason)
 
 
