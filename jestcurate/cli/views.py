@@ -30,13 +30,19 @@ def report(
         int, typer.Option(help="Thumbnails per grid (highest, lowest, random).")
     ] = 12,
     seed: Annotated[int, typer.Option(help="Seed of the random grids.")] = 0,
+    evals: Annotated[
+        list[Path] | None,
+        typer.Option("--eval", help="A `jestcurate eval` folder: show its comparison (repeat)."),
+    ] = None,
 ) -> None:
     """Write one self-contained HTML page (opens from disk, no network): counts per shard and
-    status, errors by reason, score histograms (kept vs dropped with --selection) and thumbnail
-    grids with captions and scores, read back from the source shards."""
+    status, errors by reason, score histograms (kept vs dropped with --selection), with --eval
+    the training comparison of the selections, and thumbnail grids with captions and scores,
+    read back from the source shards."""
     from jestcurate.pipelines import report as report_mod
 
-    done = report_mod.write_report(score_set_dir(scores), out, selection, thumbnails, seed)
+    folder = score_set_dir(scores)
+    done = report_mod.write_report(folder, out, selection, thumbnails, seed, tuple(evals or ()))
     report_mod.print_written(done, out)
 
 

@@ -251,6 +251,19 @@ class LoadedModel:
         size = getattr(self.model.visual, "image_size", 224)
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
+    def forward_flops(self) -> int:
+        """FLOPs of one sample's forward pass (image and caption), counted by torch; a training
+        step costs about three forward passes per sample."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        height, width = self.image_size
+        context = int(getattr(self.tokenizer, "context_length", 0) or 77)
+        device = next(self.model.parameters()).device
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            self.model.encode_image(torch.zeros(1, 3, height, width, device=device))
+            self.model.encode_text(torch.zeros(1, context, dtype=torch.long, device=device))
+        return int(counter.get_total_flops())
+
     @functools.cached_property
     def embed_dim(self) -> int:
         # Towers differ in where they keep the projection; encoding one caption always works.

@@ -123,6 +123,7 @@ def render(
     groups: list[tuple[str, np.ndarray]],
     kept: np.ndarray | None,
     summary: dict[str, Any] | None,
+    sections: tuple[str, ...] = (),
 ) -> str:
     meta = stats.scores.meta
     n, ok = len(stats.ok), int(stats.ok.sum())
@@ -168,6 +169,7 @@ def render(
         else:
             series = {"all": values[stats.ok]}
         parts.append(_svg_histogram(series, label))
+    parts.extend(sections)
     parts.append("<h2>Samples</h2>")
     for title, rows in groups:
         parts.append(_grid(title, rows, stats, samples))
@@ -201,11 +203,20 @@ def choose_groups(
 
 
 def write_report(
-    scores_dir: Path, out: Path, selection: Path | None, per_group: int = 12, seed: int = 0
+    scores_dir: Path,
+    out: Path,
+    selection: Path | None,
+    per_group: int = 12,
+    seed: int = 0,
+    evals: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
+    """The page; `evals`: `jestcurate eval` folders whose results it shows too."""
+    from jestcurate.pipelines.report.training import eval_section
+
     began = time.time()
     if per_group < 1:
         raise JCError("--thumbnails must be at least 1")
+    sections = tuple(eval_section(folder) for folder in evals)
     scores = open_score_set(scores_dir)
     stats = gather(scores)
     kept, summary = kept_mask(stats, selection) if selection else (None, None)
@@ -214,7 +225,7 @@ def write_report(
     if not scores.has_images:  # an imported set: counts and histograms, no thumbnails
         wanted = np.empty(0)
     samples = fetch_samples(stats, wanted.astype(np.int64))
-    page = render(stats, samples, groups, kept, summary)
+    page = render(stats, samples, groups, kept, summary, sections)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")

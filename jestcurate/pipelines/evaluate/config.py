@@ -1,0 +1,127 @@
+"""What `jestcurate eval` is asked to do: the training recipe every arm shares, the arms (the
+uniform pool and each selection) and the evaluation sets; and the checks made before any
+training starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from jestcurate.errors import JCError
+from jestcurate.io.files import read_json
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe for every arm and seed: a fresh model, AdamW and open_clip_train's
+    cosine schedule (pipelines/train's Trainer), `steps` optimizer steps of `batch_size`."""
+
+    model: str = "jc-tiny"
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.1
+    eval_every: int = 25
+    precision: str | None = None
+
+
+# DataComp's fixed recipes per scale (its SCALE_CONFIGS: samples seen / batch size = steps; lr,
+# warm-up and model as there; open_clip_train's default weight decay 0.2), and "tiny", the
+# shipped CPU model for a first look in minutes.
+SCALES: dict[str, Recipe] = {
+    "tiny": Recipe(),
+    "small": Recipe("ViT-B-32", 12_800_000 // 4096, 4096, 5e-4, 500, 0.2, 250),
+    "medium": Recipe("ViT-B-32", 128_000_000 // 4096, 4096, 5e-4, 500, 0.2, 2500),
+    "large": Recipe("ViT-B-16", 1_280_000_000 // 8192, 8192, 5e-4, 500, 0.2, 10000),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What one arm trains on: the pool, uniformly (selection None), or a selection's batches
+    in step order."""
+
+    name: str
+    selection: Path | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    pool: tuple[str, ...]  # the pool's shards (INPUTS as score takes them) or its score set
+    out: Path
+    selections: tuple[Path, ...] = ()
+    eval_sets: tuple[str, ...] = ()
+    recipe: Recipe = field(default_factory=Recipe)
+    seeds: tuple[int, ...] = (0,)
+    device: str = "auto"
+    workers: int = 1
+    task_index: int | None = None
+    num_tasks: int | None = None
+
+    def arms(self) -> list[Arm]:
+        """The uniform arm, then one per selection, named by its folder (made unique)."""
+        arms, seen = [Arm("uniform")], {"uniform"}
+        for path in self.selections:
+            name = _slug(path.resolve().name) or "selection"
+            unique, k = name, 2
+            while unique in seen:
+                unique, k = f"{name}-{k}", k + 1
+            seen.add(unique)
+            arms.append(Arm(unique, path))
+        return arms
+
+    def identity(self) -> dict[str, Any]:
+        """What every unit of one eval shares; a unit written under another is not reused."""
+        return {
+            "recipe": asdict(self.recipe),
+            "pool": list(self.pool),
+            "selections": [str(p.resolve()) for p in self.selections],
+            "eval_sets": [str(Path(e).resolve()) for e in self.eval_sets],
+        }
+
+    def fingerprint(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+def with_scale(recipe: Recipe, scale: str | None, **given: Any) -> Recipe:
+    """The recipe of `scale` (a name of SCALES), with the options the user gave on top."""
+    if scale is not None and scale not in SCALES:
+        raise JCError(f"--scale takes {', '.join(SCALES)}, not {scale!r}")
+    base = SCALES[scale] if scale else recipe
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def check(cfg: EvalConfig) -> None:
+    """Bad options, one line each, before any model is built."""
+    r = cfg.recipe
+    if not cfg.eval_sets:
+        raise JCError("give at least one --eval set (zero-shot or retrieval, WebDataset)")
+    if r.steps < 1 or r.eval_every < 1:
+        raise JCError("--steps and --eval-every must be at least 1")
+    if r.batch_size < 2:
+        raise JCError("--batch-size must be at least 2 (contrastive losses need negatives)")
+    if r.lr <= 0:
+        raise JCError("--lr must be positive")
+    if not cfg.seeds:
+        raise JCError("--seeds needs at least one seed")
+    for arm in cfg.arms()[1:]:
+        assert arm.selection is not None
+        summary_path = arm.selection / "summary.json"
+        if not summary_path.is_file():
+            raise JCError(f"{arm.selection} is not a finished selection (no summary.json)")
+        b = int(read_json(summary_path)["parameters"]["batch_size"])
+        if b != r.batch_size:
+            raise JCError(
+                f"{arm.selection} holds batches of b = {b}, the recipe trains batches of "
+                f"{r.batch_size}: give --batch-size {b}, or select again with -b {r.batch_size}"
+            )

@@ -1,0 +1,150 @@
+"""The eval job: check everything, train this task's unfinished units (arm x seed, split
+round-robin over array tasks like shards), and once every unit of the eval is finished, write
+its results. Safe to rerun: finished units are skipped, results are rewritten from the units
+alone (the same units give the same bytes)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from jestcurate import __version__, ui
+from jestcurate.io.files import read_json
+from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+from jestcurate.pipelines.evaluate import results as results_mod
+from jestcurate.pipelines.evaluate import sets as sets_mod
+from jestcurate.pipelines.evaluate import streams, units
+from jestcurate.pipelines.evaluate.config import Arm, EvalConfig, check
+from jestcurate.scale.tasks import for_task, resolve_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalReport:
+    out: Path
+    units: int  # of the whole eval
+    mine: int  # this task's
+    trained: int  # by this run
+    results: dict[str, Any] | None  # once every unit is finished
+    seconds: float
+
+
+def run(cfg: EvalConfig) -> EvalReport:
+    began = time.time()
+    check(cfg)
+    shards = streams.pool_shards(cfg.pool)
+    arms = cfg.arms()
+    for arm in arms[1:]:
+        assert arm.selection is not None
+        streams.check_from_pool(arm.selection, shards)
+    opened = [sets_mod.open_eval_set(e) for e in cfg.eval_sets]
+    names = [s.name for s in opened]
+    if len(set(names)) != len(names):
+        raise_duplicate(names)
+    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
+    every = [(arm, seed) for arm in arms for seed in cfg.seeds]
+    mine = for_task(every, index, count)
+    todo = [(arm, seed) for arm, seed in mine if units.finished(cfg, arm, seed) is None]
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if todo:
+        evaluate = _evaluator(cfg, opened)
+        for arm, seed in todo:
+            with ui.training_progress(f"{arm.name}, seed {seed}") as tick:
+                units.train_unit(cfg, arm, seed, shards, evaluate, tick)
+    done = {(a.name, s): units.finished(cfg, a, s) for a, s in every}
+    found = None
+    if all(v is not None for v in done.values()):
+        found = _write_results(cfg, arms, opened, done)
+    return EvalReport(cfg.out, len(every), len(mine), len(todo), found, time.time() - began)
+
+
+def raise_duplicate(names: list[str]) -> None:
+    from jestcurate.errors import JCError
+
+    raise JCError(f"two --eval sets share a folder name ({', '.join(names)}): rename one")
+
+
+def _evaluator(cfg: EvalConfig, opened: list[sets_mod.EvalSet]) -> Any:
+    """evaluate(net, tokenizer) over every set, each decoded once with the recipe model's
+    eval transform."""
+    spec = ModelSpec(cfg.recipe.model, device=cfg.device, precision=cfg.recipe.precision)
+    model = load_model(resolve_spec(spec), warn_random=False)
+    device = str(model.device)
+    loaded = [(s.name, sets_mod.load(s, model.preprocess)) for s in opened]
+
+    def evaluate(net: Any, tokenizer: Any) -> dict[str, dict[str, float]]:
+        return {name: sets_mod.evaluate(net, tokenizer, data, device) for name, data in loaded}
+
+    return evaluate
+
+
+def _write_results(
+    cfg: EvalConfig,
+    arms: list[Arm],
+    opened: list[sets_mod.EvalSet],
+    done: dict[tuple[str, int], dict[str, Any] | None],
+) -> dict[str, Any]:
+    by_arm = {a.name: [done[(a.name, s)] for s in cfg.seeds] for a in arms}
+    primary = {s.name: sets_mod.primary_metric(s.kind) for s in opened}
+    flops = {"learner": _forward_flops(cfg.recipe.model), "scoring": _scoring_flops(arms)}
+    summary = results_mod.summarise(by_arm, primary, flops)  # type: ignore[arg-type]
+    found = {
+        "tool_version": __version__,
+        "identity": cfg.identity(),
+        "fingerprint": cfg.fingerprint(),
+        "eval_sets": [{"name": s.name, "kind": s.kind, "path": str(s.path)} for s in opened],
+        "primary_metrics": primary,
+        "summary": summary,
+        "units": {a: [u["curve"] for u in us] for a, us in by_arm.items()},  # type: ignore[index]
+    }
+    results_mod.write(cfg.out, found, by_arm, primary)
+    return found
+
+
+_FLOPS: dict[str, int] = {}
+
+
+def _forward_flops(model: str) -> int:
+    if model not in _FLOPS:
+        loaded = load_model(resolve_spec(ModelSpec(model, device="cpu")), warn_random=False)
+        _FLOPS[model] = loaded.forward_flops()
+    return _FLOPS[model]
+
+
+def _scoring_flops(arms: list[Arm]) -> dict[str, float]:
+    """Per selection arm, the forward passes that scored its pool: every row of its reference
+    score set, and of its learner score set when it has one, through the model that scored it
+    (trainings of the reference and learner are not counted here)."""
+    found: dict[str, float] = {}
+    for arm in arms[1:]:
+        assert arm.selection is not None
+        inputs = read_json(arm.selection / "summary.json").get("inputs", {})
+        total = 0.0
+        for role in ("reference", "learner"):
+            scored = inputs.get(role)
+            if scored:
+                try:
+                    total += float(scored["rows"]) * _forward_flops(str(scored["model"]))
+                except Exception as exc:  # a model config no longer at hand: say so, count 0
+                    log.warning("cannot count the %s scoring FLOPs of %s: %s", role, arm.name, exc)
+        found[arm.name] = total
+    return found
+
+
+def print_summary(report: EvalReport, console: Console = ui.stdout) -> None:
+    table = ui.facts("jestcurate eval")
+    table.add_row("units (arm x seed)", f"{report.units}, {report.mine} in this task")
+    table.add_row("trained now", str(report.trained))
+    table.add_row("elapsed", f"{report.seconds:.0f} s")
+    console.print(table)
+    if report.results is None:
+        ui.note(f"units of other tasks are unfinished; results follow when all are ({report.out})")
+        return
+    console.print(results_mod.markdown(report.results["summary"]), highlight=False)
+    ui.say(f"results: {report.out / results_mod.RESULTS}")

@@ -1,0 +1,100 @@
+"""Each arm's training batches: the pool uniformly (pipelines/train's shuffled stream, as
+`jestcurate train` reads it), or a selection's batches in step order (trainer/loader's
+SelectionBatches, exported shards or the source tars), both through the same training
+transform and tokenizer. A selection shorter than the recipe is trained again from its first
+step, as an epoch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jestcurate.errors import JCError
+from jestcurate.io.files import read_json
+from jestcurate.io.shards import expand_inputs
+from jestcurate.model.openclip import LoadedModel
+from jestcurate.pipelines.evaluate.config import Arm
+from jestcurate.trainer.loader import SelectionBatches, export_meta
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def pool_shards(pool: tuple[str, ...]) -> list[str]:
+    """The pool's shard URLs: INPUTS as `score` takes them, or a score set's shards (its
+    completion markers name them)."""
+    if len(pool) == 1 and (Path(pool[0]) / "meta.json").is_file():
+        done = sorted((Path(pool[0]) / "done").glob("*.json"))
+        shards = [str(read_json(p).get("shard", "")) for p in done]
+        shards = [s for s in shards if s]
+        if not shards:
+            raise JCError(f"{pool[0]} is a score set with no scored shard")
+        return shards
+    return expand_inputs(pool)
+
+
+def check_from_pool(selection: Path, shards: list[str]) -> None:
+    """A selection must come from this pool: every source shard of its batches among its
+    shards (compared as resolved paths)."""
+    import pyarrow.parquet as pq
+
+    mine = {os.path.realpath(s) for s in shards}
+    manifest = pq.read_table(selection / "manifest.parquet", columns=["shard"])
+    used = {os.path.realpath(s) for s in manifest.column("shard").unique().to_pylist()}
+    foreign = sorted(used - mine)
+    if foreign:
+        raise JCError(
+            f"{selection} was selected from another pool: its batches come from {foreign[0]}"
+            f"{f' and {len(foreign) - 1} more shards' if len(foreign) > 1 else ''}, which the "
+            "pool does not hold"
+        )
+
+
+def uniform(
+    shards: list[str], model: LoadedModel, preprocess: Any, b: int, seed: int, workers: int
+) -> Iterator[Batch]:
+    """Endless shuffled full batches of the pool, epoch after epoch (seeded per epoch)."""
+    from jestcurate.pipelines.train import batches
+
+    epoch = 0
+    while True:
+        stream = batches(shards, preprocess, model.tokenizer, b, 2000, seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=workers,
+            generator=torch.Generator().manual_seed(seed * 1000 + epoch),
+        )  # fmt: skip
+        got = 0
+        for images, tokens, _ in loader:
+            if images is not None:
+                got += 1
+                yield images, tokens
+        if not got:
+            raise JCError(f"the pool holds less than one batch of {b} valid samples")
+        epoch += 1
+
+
+def selection(path: Path, model: LoadedModel, preprocess: Any, seed: int, workers: int):
+    """Endless batches of the selection in step order (its steps again once all are used)."""
+    from jestcurate.trainer.openclip.steps import Decode
+
+    source = "export" if export_meta(path) is not None else "original"
+    decode = Decode(preprocess, model.tokenizer)
+    while True:
+        batches = SelectionBatches(path, source=source, rank=0, world_size=1, transform=decode)
+        loader = torch.utils.data.DataLoader(
+            batches, batch_size=None, num_workers=workers,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        yield from loader
+
+
+def batches_of(
+    arm: Arm, shards: list[str], model: LoadedModel, preprocess: Any, b: int, seed: int,
+    workers: int,
+) -> Iterator[Batch]:  # fmt: skip
+    if arm.selection is None:
+        return uniform(shards, model, preprocess, b, seed, workers)
+    return selection(arm.selection, model, preprocess, seed, workers)

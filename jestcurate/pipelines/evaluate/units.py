@@ -1,0 +1,105 @@
+"""One unit of an eval: a fresh model trained with the recipe on one arm's batches for one seed,
+evaluated on every set at step 0, every `eval_every` steps and at the end. A finished unit is
+OUT/units/ARM/seed-S.json, written atomically once, so a rerun (or another array task) skips
+it; a unit file made under another recipe or other inputs is refused, not mixed in."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jestcurate.errors import JCError
+from jestcurate.io.files import read_json, write_json_atomic
+from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+from jestcurate.pipelines.evaluate import streams
+from jestcurate.pipelines.evaluate.config import Arm, EvalConfig
+
+log = logging.getLogger(__name__)
+
+UNITS_DIR = "units"
+
+
+def unit_path(out: Path, arm: Arm, seed: int) -> Path:
+    return out / UNITS_DIR / arm.name / f"seed-{seed}.json"
+
+
+def finished(cfg: EvalConfig, arm: Arm, seed: int) -> dict[str, Any] | None:
+    """The unit's results if it finished under this eval's identity; another's is refused."""
+    path = unit_path(cfg.out, arm, seed)
+    if not path.is_file():
+        return None
+    try:
+        found = read_json(path)
+    except (OSError, ValueError):
+        return None  # a damaged unit is trained again
+    if found.get("fingerprint") != cfg.fingerprint():
+        raise JCError(
+            f"{cfg.out} holds an eval with another recipe, pool, selections or eval sets "
+            f"({path}); use another --out"
+        )
+    return found
+
+
+Evaluator = Callable[[torch.nn.Module, Any], dict[str, dict[str, float]]]
+
+
+def train_unit(
+    cfg: EvalConfig,
+    arm: Arm,
+    seed: int,
+    shards: list[str],
+    evaluate: Evaluator,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one unit; write and return its results. `evaluate(net, tokenizer)`
+    gives {eval set: {metric: value}}."""
+    r = cfg.recipe
+    began = time.time()
+    torch.manual_seed(seed)
+    spec = ModelSpec(r.model, device=cfg.device, precision=r.precision, init_seed=seed)
+    model = load_model(resolve_spec(spec), warn_random=False)
+    from jestcurate.pipelines.train import Trainer
+
+    trainer = Trainer(model, r.lr, r.weight_decay, r.warmup, r.steps)
+    preprocess = model.train_transform()
+    data = streams.batches_of(arm, shards, model, preprocess, r.batch_size, seed, cfg.workers)
+    curve = [_point(0, evaluate, trainer.net, model.tokenizer, arm, seed)]
+    loss = float("nan")
+    for step in range(r.steps):
+        images, tokens = next(data)
+        loss = trainer.step(step, images, tokens)
+        done = step + 1
+        if on_step is not None:
+            on_step(done, r.steps, loss)
+        if done % r.eval_every == 0 or done == r.steps:
+            curve.append(_point(done, evaluate, trainer.net, model.tokenizer, arm, seed))
+    result = {
+        "fingerprint": cfg.fingerprint(),
+        "arm": arm.name,
+        "selection": None if arm.selection is None else str(arm.selection.resolve()),
+        "seed": seed,
+        "steps": r.steps,
+        "samples_seen": r.steps * r.batch_size,
+        "final_loss": loss,
+        "curve": curve,
+        "seconds": time.time() - began,
+    }
+    write_json_atomic(unit_path(cfg.out, arm, seed), result)
+    return result
+
+
+def _point(
+    step: int, evaluate: Evaluator, net: torch.nn.Module, tokenizer: Any, arm: Arm, seed: int
+) -> dict[str, Any]:
+    metrics = evaluate(net, tokenizer)
+    shown = "; ".join(
+        f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+        for name, values in metrics.items()
+    )
+    log.info("eval %s seed %d step %d: %s", arm.name, seed, step, shown)
+    return {"step": step, "metrics": metrics}

@@ -1,0 +1,127 @@
+"""`jestcurate eval` end to end on the tiny model: the uniform pool and two selections, two
+seeds, a zero-shot and a retrieval set; results.json, results.md, the plot and the report
+section agree; a rerun trains nothing; the same seeds give the same numbers; bad input is one
+line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from jestcurate.pipelines.synth import (
+    PRESETS,
+    CorpusSpec,
+    write_corpus,
+    write_retrieval_set,
+    write_zeroshot_set,
+)
+
+pytestmark = pytest.mark.slow
+
+RECIPE = ["--steps", 6, "--eval-every", 3, "-b", 16, "--seeds", 2, "--workers", 0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A noisy pool scored by the (random) tiny model, two selections of b 16 from it, and a
+    zero-shot and a retrieval set."""
+    root = tmp_path_factory.mktemp("eval")
+    write_corpus(root / "pool", CorpusSpec(4, 48, 21, 64, PRESETS["noisy"]))
+    code, output = run_cli("score", root / "pool", "--out", root / "scores", "-m", "jc-tiny",
+                           "--workers", 0)  # fmt: skip
+    assert code == 0, output
+    for name, method in (("jest", "jest"), ("clip-score", "clip-score")):
+        code, output = run_cli("select", root / "scores", "--out", root / name, "--method",
+                               method, "-b", 16, "--ratio", 0.5)  # fmt: skip
+        assert code == 0, output
+    write_zeroshot_set(root / "zeroshot", samples=64, seed=5)
+    write_retrieval_set(root / "retrieval", samples=48, seed=6)
+    return {name: root / name for name in
+            ("pool", "scores", "jest", "clip-score", "zeroshot", "retrieval")}  # fmt: skip
+
+
+def eval_args(world: dict[str, Path], out: Path, *more: object) -> list[object]:
+    return ["eval", world["pool"], "--out", out, "-s", world["jest"], "-s", world["clip-score"],
+            "--eval", world["zeroshot"], "--eval", world["retrieval"], *RECIPE, *more]  # fmt: skip
+
+
+def test_eval_end_to_end_rerun_and_report(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    code, output = run_cli(*eval_args(world, out))
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    arms = results["summary"]["arms"]
+    assert list(arms) == ["uniform", "jest", "clip-score"]
+    assert results["summary"]["compared_on"] == {"eval_set": "zeroshot", "metric": "acc1"}
+    for arm, row in arms.items():
+        assert row["seeds"] == [0, 1]
+        assert set(row["final"]) == {"zeroshot", "retrieval"}
+        assert 0 <= row["final"]["zeroshot"]["acc1"]["mean"] <= 1
+        curves = results["units"][arm]
+        assert [p["step"] for p in curves[0]] == [0, 3, 6]  # step 0, every 3, the end
+    # results.md and the printed table carry the same final numbers as results.json
+    text = (out / "results.md").read_text()
+    for arm, row in arms.items():
+        mean = row["final"]["zeroshot"]["acc1"]["mean"]
+        assert re.search(rf"\| {re.escape(arm)} \| {mean:.3f} ±", text), text
+        assert f"| {arm} | {mean:.3f} ±" in output
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "units" / "jest").iterdir()) == ["seed-0.json",
+                                                                            "seed-1.json"]  # fmt: skip
+
+    # A rerun trains nothing and writes the same results.
+    before = (out / "results.json").read_bytes()
+    code, output = run_cli(*eval_args(world, out))
+    assert code == 0 and re.search(r"trained now\s+0", output), output
+    assert (out / "results.json").read_bytes() == before
+
+    # The same seeds in another folder, as two array tasks: the same numbers.
+    again = tmp_path / "again"
+    for task in (1, 0):
+        code, output = run_cli(*eval_args(world, again, "--task-index", task, "--num-tasks", 2))
+        assert code == 0, output
+    assert json.loads((again / "results.json").read_text())["units"] == results["units"]
+
+    # The report shows the comparison.
+    page = tmp_path / "report.html"
+    code, output = run_cli("report", world["scores"], "--out", page, "--eval", out)
+    assert code == 0, output
+    html = page.read_text()
+    assert "Training on the selections" in html and "data:image/png;base64," in html
+    for arm, row in arms.items():
+        mean = row["final"]["zeroshot"]["acc1"]["mean"]
+        assert f"data-arm='{arm}'" in html and f"data-value='{mean:.6f}'" in html
+
+
+def test_bad_input_is_one_line(world: dict[str, Path], tmp_path: Path) -> None:
+    # an eval set in the wrong layout: zero-shot tars without classnames.txt
+    broken = tmp_path / "broken"
+    shutil.copytree(world["zeroshot"], broken)
+    (broken / "classnames.txt").unlink()
+    # a selection from another pool
+    write_corpus(tmp_path / "other", CorpusSpec(2, 48, 99, 64, PRESETS["noisy"]))
+    code, output = run_cli("score", tmp_path / "other", "--out", tmp_path / "other-scores",
+                           "-m", "jc-tiny", "--workers", 0)  # fmt: skip
+    assert code == 0, output
+    code, output = run_cli("select", tmp_path / "other-scores", "--out", tmp_path / "foreign",
+                           "-b", 16, "--ratio", 0.5)  # fmt: skip
+    assert code == 0, output
+    cases = [
+        (["eval", world["pool"], "--out", tmp_path / "a", "--eval", broken, *RECIPE],
+         "classnames.txt"),
+        (["eval", world["pool"], "--out", tmp_path / "b", "-s", tmp_path / "foreign",
+          "--eval", world["zeroshot"], *RECIPE], "selected from another pool"),
+        (["eval", world["pool"], "--out", tmp_path / "c", "-s", world["jest"],
+          "--eval", world["zeroshot"], *RECIPE[:4], "-b", 8], "give --batch-size 16"),
+        (["eval", world["pool"], "--out", tmp_path / "d", *RECIPE], "at least one --eval"),
+    ]  # fmt: skip
+    for args, message in cases:
+        code, output = run_cli(*args)
+        assert code == 2 and message in output, output
+        assert len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / "a" / "results.json").exists()
