@@ -123,6 +123,7 @@ class CorpusSpec:
     image_size: int = 96
     noise: Mapping[str, float] = field(default_factory=lambda: dict(PRESETS["clean"]))
     first_shard: int = 0
+    stream: int = 0  # nonzero: a random stream of its own, never a corpus's with the same seed
 
 
 def _kinds(noise: Mapping[str, float], n: int, rng: np.random.Generator) -> list[str]:
@@ -136,7 +137,9 @@ def _kinds(noise: Mapping[str, float], n: int, rng: np.random.Generator) -> list
 
 def shard_samples(spec: CorpusSpec, shard: int) -> list[dict[str, Any]]:
     """The samples of one shard as webdataset dicts, reproducible from (seed, shard) alone."""
-    rng = np.random.default_rng([spec.seed, shard])
+    rng = np.random.default_rng(
+        [spec.seed, shard, spec.stream] if spec.stream else [spec.seed, shard]
+    )
     samples: list[dict[str, Any]] = []
     for i, kind in enumerate(_kinds(spec.noise, spec.samples_per_shard, rng)):
         key = f"{shard:05d}{i:04d}"
@@ -210,6 +213,83 @@ def write_corpus(out_dir: str | os.PathLike[str], spec: CorpusSpec) -> list[Path
         write_tar(path, shard_samples(spec, shard))
         paths.append(path)
     return paths
+
+
+# --- evaluation sets, in the layouts `jestcurate eval` reads ---------------------------------
+
+# Stream tags: an evaluation set never repeats the images of a corpus made with the same seed.
+_ZEROSHOT_STREAM = 0xE7A1
+_RETRIEVAL_STREAM = 0xE7A2
+_LOSSLESS = {"lossless": True, "method": 0}
+EVAL_TEMPLATES = (
+    "a photo of a {c}.",
+    "a {c}.",
+    "a picture showing a {c}.",
+    "a {c} on a plain background.",
+)
+
+
+def class_name(label: int) -> str:
+    color, shape = CLASSES[label]
+    return f"{color} {shape}"
+
+
+def _lines(path: Path, lines: list[str] | tuple[str, ...]) -> None:
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def write_zeroshot_set(
+    folder: str | os.PathLike[str],
+    samples: int,
+    seed: int,
+    image_size: int = 64,
+    per_shard: int = 1000,
+) -> Path:
+    """A zero-shot classification set in clip_benchmark's WebDataset layout, as its
+    clip_benchmark_export_wds writes one: classnames.txt, zeroshot_classification_templates.txt,
+    test/0.tar, 1.tar, ... (keys s0000000, ..., lossless .webp, .cls the label as text) and
+    test/nshards.txt. Classes are balanced; returns the folder."""
+    out = Path(folder)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    _lines(out / "classnames.txt", [class_name(i) for i in range(len(CLASSES))])
+    _lines(out / "zeroshot_classification_templates.txt", EVAL_TEMPLATES)
+    labels = np.random.default_rng([seed, _ZEROSHOT_STREAM]).permutation(
+        np.arange(samples) % len(CLASSES)
+    )
+    shards = max(1, math.ceil(samples / per_shard))
+    for shard in range(shards):
+        rng = np.random.default_rng([seed, shard, _ZEROSHOT_STREAM])
+        records = [
+            {
+                "__key__": f"s{i:07d}",
+                # Lossless, as clip_benchmark's converter writes; method 0: same pixels, 10x faster.
+                "webp": encode(draw_image(int(labels[i]), rng, image_size), "WEBP", **_LOSSLESS),
+                "cls": int(labels[i]),  # webdataset's cls encoder writes str(label)
+            }
+            for i in range(shard * per_shard, min(samples, (shard + 1) * per_shard))
+        ]
+        write_tar(out / "test" / f"{shard}.tar", records)
+    _lines(out / "test" / "nshards.txt", [str(shards)])
+    return out
+
+
+def write_retrieval_set(
+    folder: str | os.PathLike[str],
+    samples: int,
+    seed: int,
+    image_size: int = 64,
+    per_shard: int = 1000,
+) -> Path:
+    """A held-out image-text split for retrieval: clean samples as write_corpus makes them
+    (img2dataset layout, 00000.tar, ... in the folder itself, one caption per image), from a
+    stream of their own so no corpus with the same seed contains them. Returns the folder."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in range(max(1, math.ceil(samples / per_shard))):
+        count = min(per_shard, samples - shard * per_shard)
+        spec = CorpusSpec(1, count, seed, image_size, stream=_RETRIEVAL_STREAM)
+        write_tar(out / f"{shard:05d}.tar", shard_samples(spec, shard))
+    return out
 
 
 # --- hostile input, for the error-handling tests --------------------------------------------
