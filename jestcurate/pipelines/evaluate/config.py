@@ -58,6 +58,7 @@ class EvalConfig:
     eval_sets: tuple[str, ...] = ()
     recipe: Recipe = field(default_factory=Recipe)
     seeds: tuple[int, ...] = (0,)
+    eval_samples: int | None = None  # per eval set, its first N (all: None)
     device: str = "auto"
     workers: int = 1
     task_index: int | None = None
@@ -82,6 +83,7 @@ class EvalConfig:
             "pool": list(self.pool),
             "selections": [str(p.resolve()) for p in self.selections],
             "eval_sets": [str(Path(e).resolve()) for e in self.eval_sets],
+            "eval_samples": self.eval_samples,
         }
 
     def fingerprint(self) -> str:
@@ -114,6 +116,8 @@ def check(cfg: EvalConfig) -> None:
         raise JCError("--lr must be positive")
     if not cfg.seeds:
         raise JCError("--seeds needs at least one seed")
+    if cfg.eval_samples is not None and cfg.eval_samples < 10:
+        raise JCError("--eval-samples must be at least 10 (recall@10 needs ten images)")
     for arm in cfg.arms()[1:]:
         assert arm.selection is not None
         summary_path = arm.selection / "summary.json"

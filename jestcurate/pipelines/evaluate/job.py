@@ -76,7 +76,7 @@ def _evaluator(cfg: EvalConfig, opened: list[sets_mod.EvalSet]) -> Any:
     spec = ModelSpec(cfg.recipe.model, device=cfg.device, precision=cfg.recipe.precision)
     model = load_model(resolve_spec(spec), warn_random=False)
     device = str(model.device)
-    loaded = [(s.name, sets_mod.load(s, model.preprocess)) for s in opened]
+    loaded = [(s.name, sets_mod.load(s, model.preprocess, cfg.eval_samples)) for s in opened]
 
     def evaluate(net: Any, tokenizer: Any) -> dict[str, dict[str, float]]:
         return {name: sets_mod.evaluate(net, tokenizer, data, device) for name, data in loaded}

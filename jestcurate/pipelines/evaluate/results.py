@@ -43,7 +43,7 @@ def summarise(
     batch = int(uniform[0]["samples_seen"]) // steps
     baseline = float(np.mean([curve(u, first, key)[-1] for u in uniform]))
     step_flops = 3 * flops["learner"] * batch
-    arms: dict[str, Any] = {}
+    arms: list[dict[str, Any]] = []  # in the eval's order (the uniform arm first)
     for arm, runs in units.items():
         finals: dict[str, dict[str, Any]] = {}
         for eval_set in runs[0]["curve"][-1]["metrics"]:
@@ -56,20 +56,23 @@ def summarise(
         reach = [steps_to_reach(u["curve"], curve(u, first, key), baseline) for u in runs]
         mean_reach = float(np.mean(reach)) if all(r is not None for r in reach) else None
         scoring = float(flops.get("scoring", {}).get(arm, 0.0))
-        arms[arm] = {
-            "seeds": [int(u["seed"]) for u in runs],
-            "final": finals,
-            "steps_to_uniform_final": reach,
-            "steps_to_uniform_final_mean": mean_reach,
-            "speedup": steps / mean_reach if mean_reach else None,
-            "learner_tflops_to_uniform_final": None
-            if mean_reach is None
-            else mean_reach * step_flops / 1e12,
-            "with_scoring_tflops_to_uniform_final": None
-            if mean_reach is None
-            else (mean_reach * step_flops + scoring) / 1e12,
-            "scoring_tflops": scoring / 1e12,
-        }
+        arms.append(
+            {
+                "arm": arm,
+                "seeds": [int(u["seed"]) for u in runs],
+                "final": finals,
+                "steps_to_uniform_final": reach,
+                "steps_to_uniform_final_mean": mean_reach,
+                "speedup": steps / mean_reach if mean_reach else None,
+                "learner_tflops_to_uniform_final": None
+                if mean_reach is None
+                else mean_reach * step_flops / 1e12,
+                "with_scoring_tflops_to_uniform_final": None
+                if mean_reach is None
+                else (mean_reach * step_flops + scoring) / 1e12,
+                "scoring_tflops": scoring / 1e12,
+            }
+        )
     return {
         "compared_on": {"eval_set": first, "metric": key},
         "uniform_final": baseline,
@@ -92,7 +95,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "| speed-up | learner TFLOP to it | + scoring TFLOP |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for arm, row in summary["arms"].items():
+    for row in summary["arms"]:
+        arm = row["arm"]
         final = row["final"][on["eval_set"]][on["metric"]]
         reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_uniform_final"])
         speed = "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x"

@@ -89,7 +89,9 @@ def train_unit(
         "curve": curve,
         "seconds": time.time() - began,
     }
-    write_json_atomic(unit_path(cfg.out, arm, seed), result)
+    path = unit_path(cfg.out, arm, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
     return result
 
 

@@ -28,7 +28,8 @@ def eval_section(folder: Path) -> str:
         "<table id='eval'><tr><th>arm</th><th>final (mean ± std)</th><th>steps to uniform's "
         "final</th><th>speed-up</th><th>learner TFLOP to it</th><th>+ scoring TFLOP</th></tr>",
     ]
-    for arm, row in summary["arms"].items():
+    for row in summary["arms"]:
+        arm = row["arm"]
         final = row["final"][on["eval_set"]][on["metric"]]
         reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_uniform_final"])
         speed = "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x"
