@@ -84,29 +84,43 @@ def summarise(
     }
 
 
-def markdown(summary: dict[str, Any]) -> str:
+COLUMNS = ("arm", "final (mean ± std)", "steps to uniform's final (per seed)", "speed-up",
+           "learner TFLOP to it", "+ scoring TFLOP")  # fmt: skip
+
+
+def table(summary: dict[str, Any]) -> list[tuple[str, float, list[str]]]:
+    """Per arm: its name, its final mean on the compared metric, and the cells of COLUMNS
+    after the name, as results.md and the report show them."""
     on = summary["compared_on"]
-    lines = [
-        f"Compared on {on['eval_set']} {on['metric']}; the uniform arm ends at "
-        f"{summary['uniform_final']:.3f} after {summary['steps']} steps of "
-        f"{summary['batch_size']}.",
-        "",
-        f"| arm | final {on['metric']} (mean ± std) | steps to uniform's final (per seed) "
-        "| speed-up | learner TFLOP to it | + scoring TFLOP |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = []
     for row in summary["arms"]:
-        arm = row["arm"]
         final = row["final"][on["eval_set"]][on["metric"]]
         reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_uniform_final"])
-        speed = "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x"
         learner = row["learner_tflops_to_uniform_final"]
         total = row["with_scoring_tflops_to_uniform_final"]
-        lines.append(
-            f"| {arm} | {final['mean']:.3f} ± {final['std']:.3f} | {reach} | {speed} | "
-            f"{'—' if learner is None else f'{learner:.3g}'} | "
-            f"{'—' if total is None else f'{total:.3g}'} |"
-        )
+        cells = [
+            f"{final['mean']:.3f} ± {final['std']:.3f}",
+            reach,
+            "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x",
+            "—" if learner is None else f"{learner:.3g}",
+            "—" if total is None else f"{total:.3g}",
+        ]
+        rows.append((row["arm"], float(final["mean"]), cells))
+    return rows
+
+
+def headline(summary: dict[str, Any]) -> str:
+    on = summary["compared_on"]
+    return (
+        f"Compared on {on['eval_set']} {on['metric']}; the uniform arm ends at "
+        f"{summary['uniform_final']:.3f} after {summary['steps']} steps of "
+        f"{summary['batch_size']}."
+    )
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [headline(summary), "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * 6]
+    lines += [f"| {arm} | " + " | ".join(cells) + " |" for arm, _, cells in table(summary)]
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from jestcurate.errors import JCError
 from jestcurate.io.files import read_json
+from jestcurate.pipelines.evaluate.results import COLUMNS, headline, table
 
 
 def eval_section(folder: Path) -> str:
@@ -19,30 +20,18 @@ def eval_section(folder: Path) -> str:
         raise JCError(f"{folder} holds no finished eval (no results.json); run jestcurate eval")
     found: dict[str, Any] = read_json(path)
     summary = found["summary"]
-    on = summary["compared_on"]
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     rows = [
         "<h2>Training on the selections (jestcurate eval)</h2>",
-        f"<p class='muted'>{html.escape(on['eval_set'])} {html.escape(on['metric'])}; the uniform "
-        f"arm ends at {summary['uniform_final']:.3f} after {summary['steps']} steps of "
-        f"{summary['batch_size']}</p>",
-        "<table id='eval'><tr><th>arm</th><th>final (mean ± std)</th><th>steps to uniform's "
-        "final</th><th>speed-up</th><th>learner TFLOP to it</th><th>+ scoring TFLOP</th></tr>",
+        f"<p class='muted'>{html.escape(headline(summary))}</p>",
+        f"<table id='eval'><tr>{header}</tr>",
     ]
-    for row in summary["arms"]:
-        arm = row["arm"]
-        final = row["final"][on["eval_set"]][on["metric"]]
-        reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_uniform_final"])
-        speed = "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x"
-        learner, total = (
-            row["learner_tflops_to_uniform_final"],
-            row["with_scoring_tflops_to_uniform_final"],
-        )
+    for arm, mean, cells in table(summary):
+        name = html.escape(arm)
+        shown = "".join(f"<td>{html.escape(c)}</td>" for c in cells[1:])
         rows.append(
-            f"<tr data-arm='{html.escape(arm)}'><td>{html.escape(arm)}</td>"
-            f"<td data-value='{final['mean']:.6f}'>{final['mean']:.3f} ± {final['std']:.3f}</td>"
-            f"<td>{reach}</td><td>{speed}</td>"
-            f"<td>{'—' if learner is None else f'{learner:.3g}'}</td>"
-            f"<td>{'—' if total is None else f'{total:.3g}'}</td></tr>"
+            f"<tr data-arm='{name}'><td>{name}</td>"
+            f"<td data-value='{mean:.6f}'>{html.escape(cells[0])}</td>{shown}</tr>"
         )
     rows.append("</table>")
     png = folder / (found.get("plot") or "")
