@@ -62,6 +62,10 @@ def test_eval_end_to_end_rerun_and_report(world: dict[str, Path], tmp_path: Path
     arms = {row["arm"]: row for row in results["summary"]["arms"]}
     assert list(arms) == ["uniform", "jest", "clip-score"]
     assert results["summary"]["compared_on"] == {"eval_set": "zeroshot", "metric": "acc1"}
+    # no arm's data was decontaminated against the sets: said loudly, and recorded
+    both = ["zeroshot", "retrieval"]
+    assert results["not_decontaminated"] == {"uniform": both, "jest": both, "clip-score": both}
+    assert "uniform: not decontaminated against zeroshot, retrieval" in output
     for arm, row in arms.items():
         assert row["seeds"] == [0, 1]
         assert set(row["final"]) == {"zeroshot", "retrieval"}

@@ -6,6 +6,7 @@ alone (the same units give the same bytes)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,14 @@ def run(cfg: EvalConfig) -> EvalReport:
     names = [s.name for s in opened]
     if len(set(names)) != len(names):
         raise_duplicate(names)
+    undecontaminated = not_decontaminated(arms, opened)
+    for arm, missing in undecontaminated.items():
+        log.warning(
+            "%s was not decontaminated against %s: near copies of their images may be in its "
+            "training data and lift its scores (jestcurate decontaminate, then select --exclude)",
+            "the uniform pool" if arm == "uniform" else f"selection {arm}",
+            ", ".join(missing),
+        )
     index, count = resolve_task(cfg.task_index, cfg.num_tasks)
     every = [(arm, seed) for arm in arms for seed in cfg.seeds]
     mine = for_task(every, index, count)
@@ -60,7 +69,7 @@ def run(cfg: EvalConfig) -> EvalReport:
     done = {(a.name, s): units.finished(cfg, a, s) for a, s in every}
     found = None
     if all(v is not None for v in done.values()):
-        found = _write_results(cfg, arms, opened, done)
+        found = _write_results(cfg, arms, opened, done, undecontaminated)
     return EvalReport(cfg.out, len(every), len(mine), len(todo), found, time.time() - began)
 
 
@@ -68,6 +77,33 @@ def raise_duplicate(names: list[str]) -> None:
     from jestcurate.errors import JCError
 
     raise JCError(f"two --eval sets share a folder name ({', '.join(names)}): rename one")
+
+
+def not_decontaminated(arms: list[Arm], opened: list[sets_mod.EvalSet]) -> dict[str, list[str]]:
+    """Per arm, the eval sets its data was not decontaminated against: a selection made with
+    `select --exclude` of `jestcurate decontaminate` outputs that searched for a set (by its
+    folder, or its name) is clean of it; the uniform arm trains on the pool as it is."""
+    found: dict[str, list[str]] = {}
+    for arm in arms:
+        covered: set[str] = set()
+        if arm.selection is not None:
+            summary = read_json(arm.selection / "summary.json")
+            for exclusion in summary.get("parameters", {}).get("exclude") or []:
+                try:
+                    made = read_json(Path(exclusion["path"]) / "summary.json")
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                for against in made.get("against") or []:
+                    covered.add(str(against.get("name")))
+                    covered.add(os.path.realpath(str(against.get("location", ""))))
+        missing = [
+            s.name
+            for s in opened
+            if s.name not in covered and os.path.realpath(s.path) not in covered
+        ]
+        if missing:
+            found[arm.name] = missing
+    return found
 
 
 def _evaluator(cfg: EvalConfig, opened: list[sets_mod.EvalSet]) -> Any:
@@ -89,6 +125,7 @@ def _write_results(
     arms: list[Arm],
     opened: list[sets_mod.EvalSet],
     done: dict[tuple[str, int], dict[str, Any] | None],
+    undecontaminated: dict[str, list[str]],
 ) -> dict[str, Any]:
     by_arm = {a.name: [done[(a.name, s)] for s in cfg.seeds] for a in arms}
     primary = {s.name: sets_mod.primary_metric(s.kind) for s in opened}
@@ -100,6 +137,7 @@ def _write_results(
         "fingerprint": cfg.fingerprint(),
         "eval_sets": [{"name": s.name, "kind": s.kind, "path": str(s.path)} for s in opened],
         "primary_metrics": primary,
+        "not_decontaminated": undecontaminated,  # arm -> eval sets its data may overlap
         "summary": summary,
         "units": {a: [u["curve"] for u in us] for a, us in by_arm.items()},  # type: ignore[index]
     }
@@ -147,4 +185,6 @@ def print_summary(report: EvalReport, console: Console = ui.stdout) -> None:
         ui.note(f"units of other tasks are unfinished; results follow when all are ({report.out})")
         return
     console.print(results_mod.markdown(report.results["summary"]), highlight=False)
+    for arm, missing in report.results.get("not_decontaminated", {}).items():
+        ui.note(f"{arm}: not decontaminated against {', '.join(missing)}")
     ui.say(f"results: {report.out / results_mod.RESULTS}")
