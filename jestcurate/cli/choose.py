@@ -1,4 +1,5 @@
-"""`select`, `slurm select` and `dedup`: choosing training batches and dropping duplicates."""
+"""`select`, `slurm select`, `dedup` and `decontaminate`: choosing training batches, dropping
+duplicates and near copies of evaluation images."""
 
 from __future__ import annotations
 
@@ -119,6 +120,13 @@ def select(
         Path | None,
         typer.Option(help="A `jestcurate dedup` output: the duplicates it dropped are excluded."),
     ] = None,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A `jestcurate decontaminate` output: the rows it names are excluded "
+            "(repeatable; combines with --dedup).",
+        ),
+    ] = None,
     balance_clusters: Annotated[
         bool,
         typer.Option(
@@ -171,6 +179,7 @@ def select(
         reference=score_set_dir(reference),
         learner=score_set_dir(learner) if learner else None,
         sampling=config_from(SamplerOptions, options, criterion=score),
+        exclude=tuple(exclude or ()),
     )
     select_mod.print_exported(select_mod.run(cfg, on_selected=select_mod.print_selected))
 
@@ -275,3 +284,50 @@ def dedup(
     cfg = config_from(dedup_mod.DedupConfig, locals(), scores=score_set_dir(scores))
     done = dedup_mod.run(cfg)
     dedup_mod.print_summary(done, out)
+
+
+@app.command(short_help="Find the pool's near copies of evaluation images (faiss), to exclude.")
+@one_line_errors
+def decontaminate(
+    scores: Annotated[
+        str, typer.Argument(help="The pool's score set (path or URL).", show_default=False)
+    ],
+    against: Annotated[
+        list[str],
+        typer.Option(
+            help="An evaluation set (repeatable): a score set made by `score` with the pool's "
+            "model and checkpoint, or its WebDataset tars (a folder, clip_benchmark's with its "
+            "test/ folder, a pattern or a list), embedded with the model the pool's meta.json "
+            "records.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for decontam.parquet.")],
+    threshold: Annotated[
+        float,
+        typer.Option(
+            help="A pool row is a near copy when its image's cosine to an evaluation image, or "
+            "the mean of its image's and caption's cosines to an evaluation pair, is at least "
+            "this. For a trained CLIP; a collapsed space (tiny or untrained model) gets a "
+            "warning with a suggested threshold."
+        ),
+    ] = 0.95,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu or cuda: faiss's search, and the model for tars.")
+    ] = "auto",
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Images per model batch when embedding tars (256 on CUDA, 64 on a CPU)."),
+    ] = None,
+) -> None:
+    """Compare every ok row of the pool with each evaluation set's images (exact cosines, faiss)
+    and write OUT/decontam.parquet (one row per near copy: shard, part, key, index, match,
+    cosine, the evaluation set and key it copies) and OUT/summary.json (counts and examples per
+    set) for `select --exclude OUT`."""
+    from jestcurate.pipelines import decontam
+
+    cfg = config_from(
+        decontam.DecontamConfig, locals(), scores=score_set_dir(scores), against=tuple(against)
+    )
+    done = decontam.run(cfg)
+    decontam.print_summary(done, out)

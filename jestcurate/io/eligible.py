@@ -70,24 +70,29 @@ class Counts:
     errors: int = 0
     below_min_clip_score: int = 0
     duplicates: int = 0
+    excluded: int = 0  # ok rows an exclusion (select --exclude: decontaminate) made ineligible
     eligible: int = 0
 
 
 COUNTS = tuple(f.name for f in fields(Counts))
 
 
-def count_masks(ok: np.ndarray, low: np.ndarray, duplicate: np.ndarray) -> tuple[np.ndarray, ...]:
+def count_masks(
+    ok: np.ndarray, low: np.ndarray, duplicate: np.ndarray, excluded: np.ndarray
+) -> tuple[np.ndarray, ...]:
     """The rows each Counts field counts, in COUNTS order; the last is the eligible rows."""
-    return (np.ones_like(ok), ~ok, low, duplicate, ok & ~low & ~duplicate)
+    return (np.ones_like(ok), ~ok, low, duplicate, excluded, ok & ~low & ~duplicate & ~excluded)
 
 
 @dataclass(frozen=True)
 class Filters:
-    """What makes an ok row ineligible: a low clip_score, or being a duplicate (dedup)."""
+    """What makes an ok row ineligible: a low clip_score, being a duplicate (dedup), or being
+    excluded (decontaminate: a near copy of an evaluation image)."""
 
     min_clip: float | None = None
     dropped: dict[str, np.ndarray] | None = None  # shard -> indexes dedup dropped
     clusters: dict[str, np.ndarray] | None = None  # shard -> dedup cluster by index
+    excluded: dict[str, np.ndarray] | None = None  # shard -> indexes an exclusion names
 
 
 def identities(part: str, table: pa.Table) -> np.ndarray:
@@ -124,9 +129,10 @@ def join_learner(name: str, ref: pa.Table, learner: pa.Table | None) -> None:
 
 def eligible_masks(
     ref: pa.Table, learner: pa.Table | None, filters: Filters | None, shard: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: ok (status ok in both sets), low (ok but below --min-clip-score) and duplicate
-    (ok, not low, but dropped by dedup). Eligible is ok & ~low & ~duplicate."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: ok (status ok in both sets), low (ok but below --min-clip-score), duplicate
+    (ok, not low, but dropped by dedup) and excluded (ok, not low, not a duplicate, but named
+    by an exclusion). Eligible is ok & ~low & ~duplicate & ~excluded."""
     filters = filters or Filters()
     ok = np.asarray(ref.column("status").to_numpy(zero_copy_only=False)) == "ok"
     if learner is not None:
@@ -135,12 +141,18 @@ def eligible_masks(
     if filters.min_clip is not None:
         clip = ref.column("clip_score").fill_null(-np.inf).to_numpy()
         low = ok & (clip < filters.min_clip)
-    duplicate = np.zeros(len(ok), dtype=bool)
-    if filters.dropped is not None and shard in filters.dropped:
-        idx = filters.dropped[shard]
-        duplicate[idx[idx < len(ok)]] = True
-        duplicate &= ok & ~low
-    return ok, low, duplicate
+    duplicate = _named(filters.dropped, shard, len(ok)) & ok & ~low
+    excluded = _named(filters.excluded, shard, len(ok)) & ok & ~low & ~duplicate
+    return ok, low, duplicate, excluded
+
+
+def _named(rows: dict[str, np.ndarray] | None, shard: str, n: int) -> np.ndarray:
+    """The rows of a shard's n that `rows` (shard -> indexes) names."""
+    mask = np.zeros(n, dtype=bool)
+    if rows is not None and shard in rows:
+        idx = rows[shard]
+        mask[idx[idx < n]] = True
+    return mask
 
 
 def _eligible(

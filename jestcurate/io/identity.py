@@ -26,11 +26,19 @@ IDENTITY_FIELDS = (
     "decode",
 )
 
+# The fields that say which model made the embeddings: two score sets agreeing on these hold
+# embeddings of one space (precision and decoding move them only by rounding).
+MODEL_FIELDS = ("model", "model_config_sha256", "pretrained_sha256", "init_seed")
 
-def identity_mismatches(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """Names and values of the identity fields on which two metas disagree."""
+
+def identity_mismatches(
+    existing: Mapping[str, Any],
+    wanted: Mapping[str, Any],
+    fields: tuple[str, ...] = IDENTITY_FIELDS,
+) -> list[str]:
+    """Names and values of the identity `fields` on which two metas disagree."""
     out = []
-    for field in IDENTITY_FIELDS:
+    for field in fields:
         if field == "model" and existing.get("model_config_sha256"):
             continue  # a config file is identified by its content, not its name
         if existing.get(field) == wanted.get(field):

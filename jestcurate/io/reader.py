@@ -199,10 +199,12 @@ def parse_sample(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     defer_jpeg: bool = False,
     draft: int | None = None,
+    need_caption: bool = True,
 ) -> tuple[dict[str, Any], Image.Image | bytes | None]:
     """Turn a raw sample into its metadata row and, if valid, its decoded RGB image; with
     `defer_jpeg`, an RGB or greyscale JPEG comes back undecoded, as its bytes (header checked);
-    `draft` as for load_image."""
+    `draft` as for load_image. Without `need_caption` a sample with no caption is valid (an
+    image-only evaluation set's, say) and its caption None."""
     row: dict[str, Any] = {
         "key": raw.key,
         "index": raw.index,
@@ -243,7 +245,7 @@ def parse_sample(
             raise SampleError("duplicate key", "an earlier sample in this shard has the same key")
         if image_bytes is None:
             raise SampleError("missing image", f"no {'/'.join(IMAGE_EXTS[:3])} file")
-        if row["caption"] is None:
+        if row["caption"] is None and need_caption:
             raise SampleError("missing caption", "no .txt file and no caption in .json")
         if (
             defer_jpeg

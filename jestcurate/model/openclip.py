@@ -12,7 +12,7 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,23 @@ class ResolvedSpec:
             "precision": self.precision,
             "pretrained": self.pretrained,  # not compared (the hash is), but named in refusals
         }
+
+
+def spec_from_meta(meta: Mapping[str, Any], device: str = "auto") -> ModelSpec:
+    """The spec that rebuilds the model a score set's meta.json describes (its config file or
+    name, its checkpoint or tag, its seed for random weights), at the device's default precision.
+    The caller compares the resolved spec's hashes with the meta's: files may have changed."""
+    config = meta.get("model_config_path")
+    if meta.get("model_config_sha256") and not (config and os.path.isfile(config)):
+        raise JCError(
+            f"the model config the score set was made with is gone ({config}); it is needed to "
+            "embed images with the same model"
+        )
+    model = config if meta.get("model_config_sha256") else meta.get("model")
+    if not model:
+        raise JCError("the score set's meta.json names no model to embed images with")
+    seed = meta.get("init_seed")
+    return ModelSpec(str(model), meta.get("pretrained"), device, None, int(seed or 0))
 
 
 def _looks_like_path(text: str) -> bool:

@@ -112,6 +112,26 @@ def encode(image: Image.Image, fmt: str = "JPEG", **params: Any) -> bytes:
     return buf.getvalue()
 
 
+def colour_field(rng: np.random.Generator, size: int, cells: int = 4) -> Image.Image:
+    """A smooth field of random colours (cells x cells of them, interpolated): every one
+    distinct, unlike the shapes, whose images of one class differ little. The evaluation
+    images of the decontamination tests."""
+    small = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def near_copy(
+    image_bytes: bytes, rng: np.random.Generator, crop: int = 4, quality: tuple[int, int] = (55, 80)
+) -> bytes:
+    """An image re-cropped by 1 to `crop` pixels on each side and re-encoded as a JPEG at a
+    quality drawn from `quality`: what a copy of an evaluation image found on the web looks like."""
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    width, height = image.size
+    left, top, right, bottom = (int(v) for v in rng.integers(1, crop + 1, size=4))
+    image = image.crop((left, top, width - right, height - bottom))
+    return encode(image, quality=int(rng.integers(quality[0], quality[1] + 1)))
+
+
 @dataclass(frozen=True)
 class CorpusSpec:
     """What to generate. `noise` maps kinds to fractions (normalised); `first_shard` offsets
@@ -290,6 +310,81 @@ def write_retrieval_set(
         spec = CorpusSpec(1, count, seed, image_size, stream=_RETRIEVAL_STREAM)
         write_tar(out / f"{shard:05d}.tar", shard_samples(spec, shard))
     return out
+
+
+# --- evaluation images planted in a pool, for the decontamination tests ----------------------
+
+
+@dataclass(frozen=True)
+class Plant:
+    """Where write_plant put things: the evaluation tars, the pool's tars, and the pool's
+    (shard path, key) of each planted near copy with the evaluation key it copies, and of every
+    other pool sample by kind ("shapes": the synthetic corpus, "fields": colour fields that
+    copy no evaluation image)."""
+
+    eval_dir: Path
+    pool_dir: Path
+    planted: dict[tuple[str, str], str]
+    others: dict[str, set[tuple[str, str]]]
+
+
+def write_plant(
+    out_dir: str | os.PathLike[str],
+    eval_images: int = 200,
+    planted: int = 100,
+    fields: int = 200,
+    shapes: CorpusSpec | None = None,
+    size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 100,
+) -> Plant:
+    """An evaluation set of `eval_images` colour fields (class captions, as a retrieval set's),
+    and a pool of a shapes corpus plus `fields` other colour fields and near copies (near_copy:
+    re-cropped, re-encoded at another quality) of `planted` evaluation images under captions
+    of their own, copies and other fields shuffled together into their own shards."""
+    out = Path(out_dir)
+    rng = np.random.default_rng([seed, 29])
+    samples = []
+    for i in range(eval_images):
+        key = f"eval{i:06d}"
+        caption = class_caption(int(rng.integers(len(CLASSES))), rng)
+        image = encode(colour_field(rng, size))
+        samples.append({"__key__": key, "jpg": image, "txt": caption, "json": {"key": key}})
+    eval_dir, pool_dir = out / "eval", out / "pool"
+    for dirs in (eval_dir, pool_dir):
+        dirs.mkdir(parents=True, exist_ok=True)
+    for n, first in enumerate(range(0, eval_images, samples_per_shard)):
+        write_tar(eval_dir / f"{n:05d}.tar", samples[first : first + samples_per_shard])
+    spec = shapes or CorpusSpec(shards=4, samples_per_shard=samples_per_shard, seed=seed,
+                                image_size=size, noise=dict(PRESETS["noisy"]))  # fmt: skip
+    others: dict[str, set[tuple[str, str]]] = {"shapes": set(), "fields": set()}
+    for path in write_corpus(pool_dir, spec):
+        keys = [s["__key__"] for s in shard_samples(spec, int(path.stem))]
+        others["shapes"].update((str(path.resolve()), k) for k in keys)
+    copies = rng.choice(eval_images, size=planted, replace=False)
+    mixed: list[tuple[str, dict[str, Any]]] = []
+    for i in copies.tolist():
+        image = near_copy(samples[i]["jpg"], rng)
+        mixed.append((samples[i]["__key__"], {"jpg": image, "txt": _JUNK[i % len(_JUNK)]}))
+    for _ in range(fields):
+        caption = class_caption(int(rng.integers(len(CLASSES))), rng)
+        mixed.append(("", {"jpg": encode(colour_field(rng, size)), "txt": caption}))
+    order = rng.permutation(len(mixed))
+    found: dict[tuple[str, str], str] = {}
+    first_shard = spec.first_shard + spec.shards
+    for n, start in enumerate(range(0, len(mixed), samples_per_shard)):
+        path = pool_dir / f"{first_shard + n:05d}.tar"
+        shard = []
+        for j in order[start : start + samples_per_shard].tolist():
+            copied, sample = mixed[j]
+            key = f"{first_shard + n:05d}{len(shard):04d}"
+            shard.append({"__key__": key, **sample, "json": {"key": key}})
+            if copied:
+                found[(str(path.resolve()), key)] = copied
+            else:
+                others["fields"].add((str(path.resolve()), key))
+        write_tar(path, shard)
+    return Plant(eval_dir, pool_dir, found, others)
 
 
 # --- hostile input, for the error-handling tests --------------------------------------------

@@ -82,8 +82,13 @@ def _recorded(directory: Path, files: dict[str, Any], problems: list[dict[str, s
     return len(files)
 
 
+# The derived outputs other than selections, by the file that makes one.
+_PRODUCTS = {"dedup.parquet": "dedup", "decontam.parquet": "decontamination"}
+
+
 def _derived(path: Path, product: str, problems: list[dict[str, str]]) -> int:
-    """A selection or dedup output: its summary's recorded files, else its product read."""
+    """A selection, dedup or decontamination output: its summary's recorded files, else its
+    product read."""
     summary = _json(path / "summary.json", problems)
     if summary is None:
         return 1
@@ -114,9 +119,11 @@ def verify(location: str | Path) -> dict[str, Any]:
     if is_url(str(location)):
         return _score_set_report(str(location), *remote_score_set(str(location)))
     path = Path(str(location).removeprefix("file://"))
-    if (path / "dedup.parquet").is_file() or (path / "summary.json").is_file():
-        product = "dedup.parquet" if (path / "dedup.parquet").is_file() else "manifest.parquet"
-        kind = "dedup" if product == "dedup.parquet" else "selection"
+    if (path / "summary.json").is_file() or any((path / p).is_file() for p in _PRODUCTS):
+        product, kind = next(
+            ((p, k) for p, k in _PRODUCTS.items() if (path / p).is_file()),
+            ("manifest.parquet", "selection"),
+        )
         checked = _derived(path, product, problems)
     elif any((path / d).is_dir() for d in (PARTS_DIR, DONE_DIR)) or (path / META_NAME).exists():
         return _score_set_report(str(path), path, PartFiles(path))

@@ -1,4 +1,5 @@
-"""`jestcurate info`: a terminal summary of a score set, a selection or a dedup output."""
+"""`jestcurate info`: a terminal summary of a score set, a selection, a dedup or a
+decontamination output."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def describe(path: Path) -> dict[str, Any]:
         )
     if (path / "dedup.parquet").is_file():
         return {"kind": "dedup", "summary": read_json(path / "summary.json")}
+    if (path / "decontam.parquet").is_file():
+        return {"kind": "decontamination", "summary": read_json(path / "summary.json")}
     if (path / "summary.json").is_file():
         summary = read_json(path / "summary.json")
         export = path / "shards" / "export.json"
@@ -56,7 +59,12 @@ def print_info(path: Any, info: dict[str, Any], console: Console = ui.stdout) ->
     )
     table.add_column(style="bold")
     table.add_column()
-    rows = {"dedup": _dedup_rows, "selection": _selection_rows, "score set": _score_set_rows}
+    rows = {
+        "dedup": _dedup_rows,
+        "decontamination": _decontam_rows,
+        "selection": _selection_rows,
+        "score set": _score_set_rows,
+    }
     rows[info["kind"]](table, info)
     console.print(table)
 
@@ -88,6 +96,30 @@ def _dedup_rows(table: Table, info: dict[str, Any]) -> None:
         )
     if s.get("warning"):
         table.add_row("warning", s["warning"])
+    table.add_row("took", f"{s['seconds']:.1f} s on {s['device']}")
+
+
+def _decontam_rows(table: Table, info: dict[str, Any]) -> None:
+    s = info["summary"]
+    table.add_row("scores", f"{s['scores']['path']} ({s['scores']['rows']:,} rows)")
+    table.add_row("  threshold", f"{s['params']['threshold']:g}")
+    table.add_row("excluded", f"{s['excluded']:,} of {s['searched']:,} searched rows")
+    for e in s["sets"]:
+        table.add_row(
+            e["name"],
+            f"{e['hits']:,} hits ({e['image_hits']:,} image, {e['pair_hits']:,} pair) against "
+            f"{e['images']:,} images ({e['kind']}: {e['location']})",
+        )
+        own = e.get("own_nearest_cosine")
+        if own:
+            table.add_row("  own nearest cosine", f"p1 {own['p1']:.6g}  median {own['median']:.6g}"
+                          f"  p99 {own['p99']:.6g}")  # fmt: skip
+        pool = e.get("pool_closest_cosine")
+        if pool:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in pool.items())
+            table.add_row("  pool closest cosine", shown)
+        if e.get("warning"):
+            table.add_row("  warning", e["warning"])
     table.add_row("took", f"{s['seconds']:.1f} s on {s['device']}")
 
 

@@ -36,6 +36,7 @@ class SelectConfig:
     max_steps: int | None = None
     device: str = "auto"
     dedup: Path | None = None  # a `jestcurate dedup` output: its dropped rows are not eligible
+    exclude: tuple[Path, ...] = ()  # `jestcurate decontaminate` outputs: their rows neither
     balance_clusters: bool = False  # cap each dedup cluster's share of every batch / kept set
     task_index: int | None = None  # array task I of N; None: from Slurm's variables, else 0 of 1
     num_tasks: int | None = None

@@ -1,5 +1,5 @@
 """select's inputs: the score sets, the identity a selection records (inputs and parameters),
-and the filters (min clip score, dedup) that make rows ineligible."""
+and the filters (min clip score, dedup, exclusions) that make rows ineligible."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from jestcurate import ui
 from jestcurate.errors import JCError, some
@@ -72,15 +74,27 @@ def partition_identity(count: int) -> dict[str, Any]:
 
 
 def _dedup_fingerprint(dedup: Path | None) -> dict[str, Any] | None:
-    from jestcurate.pipelines.dedup import SUMMARY
-
     if dedup is None:
         return None
-    summary = dedup / SUMMARY
+    return _summary_fingerprint(dedup, "a finished dedup output")
+
+
+def _summary_fingerprint(directory: Path, what: str) -> dict[str, Any]:
+    """A derived output as a selection records it: its path and its summary's hash."""
+    summary = directory / "summary.json"
     if not summary.is_file():
-        raise JCError(f"{dedup} is not a finished dedup output (no summary.json)")
+        raise JCError(f"{directory} is not {what} (no summary.json)")
     content = summary.read_bytes()
-    return {"path": str(dedup.resolve()), "summary_sha256": hashlib.sha256(content).hexdigest()}
+    return {"path": str(directory.resolve()), "summary_sha256": hashlib.sha256(content).hexdigest()}
+
+
+def _exclude_fingerprints(exclude: tuple[Path, ...]) -> list[dict[str, Any]] | None:
+    """The exclusions (decontaminate outputs) in path order: None without any, so selections
+    made before the option compare equal."""
+    if not exclude:
+        return None
+    found = [_summary_fingerprint(d, "a finished decontamination output") for d in exclude]
+    return sorted(found, key=lambda f: f["path"])
 
 
 def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dict[str, Any]:
@@ -104,29 +118,46 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
             "min_clip_score": cfg.min_clip_score,
             "max_steps": cfg.max_steps,
             "dedup": _dedup_fingerprint(cfg.dedup),
+            "exclude": _exclude_fingerprints(cfg.exclude),
             "balance_clusters": cfg.balance_clusters,
         },
     }
 
 
 def filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
-    """What makes a row ineligible: --min-clip-score, and --dedup's dropped rows."""
-    if cfg.dedup is None:
-        return Filters(cfg.min_clip_score)
-    from jestcurate.pipelines.dedup import SUMMARY, load_clusters, load_dropped
+    """What makes a row ineligible: --min-clip-score, --dedup's dropped rows and the rows
+    --exclude names."""
+    dropped = clusters = excluded = None
+    if cfg.dedup is not None:
+        from jestcurate.pipelines.dedup import load_clusters, load_dropped
 
+        _check_made_from(cfg.dedup, ref, cfg.reference, "dedup")
+        dropped = load_dropped(cfg.dedup)
+        clusters = load_clusters(cfg.dedup) if cfg.balance_clusters else None
+    if cfg.exclude:
+        from jestcurate.pipelines.decontam import load_excluded
+
+        excluded = {}
+        for directory in cfg.exclude:
+            _check_made_from(directory, ref, cfg.reference, "decontaminate")
+            for shard, rows in load_excluded(directory).items():
+                known = excluded.get(shard)
+                excluded[shard] = rows if known is None else np.union1d(known, rows)
+    return Filters(cfg.min_clip_score, dropped, clusters, excluded)
+
+
+def _check_made_from(directory: Path, ref: ScoreSet, reference: Path, command: str) -> None:
+    """A dedup or decontaminate output must have been made from the reference score set."""
     try:
-        summary = read_json(cfg.dedup / SUMMARY)
+        summary = read_json(directory / "summary.json")
     except (OSError, ValueError) as exc:
-        raise JCError(f"{cfg.dedup / SUMMARY} is unreadable ({exc})") from None
+        raise JCError(f"{directory / 'summary.json'} is unreadable ({exc})") from None
     made_from = summary.get("scores", {}).get("parts_sha256")
     if made_from != fingerprint(ref)["parts_sha256"]:
         raise JCError(
-            f"{cfg.dedup} was made from another score set ({summary.get('scores', {}).get('path')}"
-            f"), not {cfg.reference}; rerun jestcurate dedup on the reference"
+            f"{directory} was made from another score set ({summary.get('scores', {}).get('path')}"
+            f"), not {reference}; rerun jestcurate {command} on the reference"
         )
-    clusters = load_clusters(cfg.dedup) if cfg.balance_clusters else None
-    return Filters(cfg.min_clip_score, load_dropped(cfg.dedup), clusters)
 
 
 def _warn_failed_shards(scores: ScoreSet | None) -> None:

@@ -77,6 +77,10 @@ def print_summary(report: SelectReport, console: Console = ui.stdout) -> None:
     table.add_row("  errors (never selected)", f"{counts['errors']:,}")
     if counts["below_min_clip_score"]:
         table.add_row("  below --min-clip-score", f"{counts['below_min_clip_score']:,}")
+    if counts.get("duplicates"):
+        table.add_row("  duplicates (--dedup)", f"{counts['duplicates']:,}")
+    if counts.get("excluded"):  # selections before --exclude have no such count
+        table.add_row("  excluded (--exclude)", f"{counts['excluded']:,}")
     table.add_row("eligible", f"{counts['eligible']:,}")
     if counts["tail_dropped"]:
         table.add_row("  tail (no full super-batch)", f"{counts['tail_dropped']:,}")

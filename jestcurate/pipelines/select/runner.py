@@ -142,10 +142,16 @@ def _existing(cfg: SelectConfig, identity: dict[str, Any], task: Task) -> dict[s
 
 
 def _refuse_other_outputs(out: Path) -> None:
-    """A score set or a dedup output in OUT is not a selection, to reuse or to replace."""
+    """A score set, a dedup or a decontamination output in OUT is not a selection, to reuse or
+    to replace."""
+    from jestcurate.pipelines.decontam import OUTPUT as DECONTAM_OUTPUT
     from jestcurate.pipelines.dedup import OUTPUT as DEDUP_OUTPUT
 
-    for name, what in ((META_NAME, "a score set"), (DEDUP_OUTPUT, "a dedup output")):
+    for name, what in (
+        (META_NAME, "a score set"),
+        (DEDUP_OUTPUT, "a dedup output"),
+        (DECONTAM_OUTPUT, "a decontamination output"),
+    ):
         if (out / name).exists():
             raise JCError(f"{out} is {what}, not a selection; use another --out")
     summary = out / SUMMARY
@@ -169,6 +175,7 @@ def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
         (counts.errors, "are errors"),
         (counts.below_min_clip_score, "are below --min-clip-score"),
         (counts.duplicates, f"were dropped by --dedup {cfg.dedup}"),
+        (counts.excluded, "were excluded by --exclude"),
     ]
     said = ", ".join(f"{n:,} {what}" for n, what in removed if n)
     line = (
@@ -182,6 +189,12 @@ def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
             f"the dedup dropped most rows ({counts.duplicates:,} of {offered:,}): rerun "
             "`jestcurate dedup` with a smaller --eps (its warning suggests one when the embedding "
             "space looks collapsed), or "
+        )
+    elif counts.excluded > (offered - counts.duplicates) / 2:
+        line += (
+            f"the exclusions took most rows ({counts.excluded:,}): rerun `jestcurate "
+            "decontaminate` with a higher --threshold (its warning suggests one when the "
+            "embedding space looks collapsed), or "
         )
     elif counts.below_min_clip_score and counts.below_min_clip_score == ok:
         return (
