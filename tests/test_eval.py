@@ -132,3 +132,23 @@ def test_bad_input_is_one_line(world: dict[str, Path], tmp_path: Path) -> None:
         assert code == 2 and message in output, output
         assert len(output.strip().splitlines()) == 1, output
     assert not (tmp_path / "a" / "results.json").exists()
+
+
+def test_a_selection_decontaminated_against_a_set_is_not_flagged(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    decon, clean = tmp_path / "decontam", tmp_path / "clean"
+    code, output = run_cli("decontaminate", world["scores"], "--against", world["zeroshot"],
+                           "--out", decon, "--threshold", 0.9999)  # fmt: skip
+    assert code == 0, output
+    code, output = run_cli("select", world["scores"], "--out", clean, "-b", 16, "--ratio", 0.5,
+                           "--exclude", decon)  # fmt: skip
+    assert code == 0, output
+    out = tmp_path / "eval"
+    code, output = run_cli("eval", world["pool"], "--out", out, "-s", clean, "--eval",
+                           world["zeroshot"], "--eval", world["retrieval"], *RECIPE[:6],
+                           "--seeds", 1, "--workers", 0)  # fmt: skip
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    both = ["zeroshot", "retrieval"]
+    assert results["not_decontaminated"] == {"uniform": both, "clean": ["retrieval"]}
