@@ -8,7 +8,7 @@
 2. selections of b 32 at ratio 0.2: jest (learnability) and the CLIP-score filter;
 3. `jestcurate eval` with its tiny recipe on the uniform pool and both selections, evaluated
    on a zero-shot set in clip_benchmark's layout and a retrieval split.
-Every step is the CLI; the eval's results.md and curves.png are copied to --out.
+Every step is the CLI; the eval's results.json, results.md and curves.png are copied to --out.
 """
 
 from __future__ import annotations

@@ -83,10 +83,18 @@ def test_eval_end_to_end_rerun_and_report(world: dict[str, Path], tmp_path: Path
     units = sorted(p.name for p in (out / "units" / "jest").iterdir())
     assert units == ["seed-0.json", "seed-1.json"]
 
-    # A rerun trains nothing and writes the same results.
+    # A rerun trains nothing and writes the same results, from another folder too.
     before = (out / "results.json").read_bytes()
     code, output = run_cli(*eval_args(world, out))
     assert code == 0 and re.search(r"trained now\s+0", output), output
+    again = eval_args(world, out)
+    again[1] = world["pool"].parent / "." / "pool"
+    code, output = run_cli(*again)
+    assert code == 0 and re.search(r"trained now\s+0", output), output
+    # Another recipe into the same folder is refused, not mixed in.
+    code, output = run_cli(*eval_args(world, out), "--lr", "5e-4")
+    assert code == 2 and "recipe.lr: 0.001 there, 0.0005 now" in output, output
+    assert len(output.strip().splitlines()) == 1, output
     assert (out / "results.json").read_bytes() == before
     # A unit trained again with the same seed gives the same numbers.
     (out / "units" / "jest" / "seed-1.json").unlink()
@@ -126,6 +134,8 @@ def test_bad_input_is_one_line(world: dict[str, Path], tmp_path: Path) -> None:
         (["eval", world["pool"], "--out", tmp_path / "c", "-s", world["jest"],
           "--eval", world["zeroshot"], *RECIPE[:4], "-b", 8], "give --batch-size 16"),
         (["eval", world["pool"], "--out", tmp_path / "d", *RECIPE], "at least one --eval"),
+        (["eval", world["pool"], "--out", tmp_path / "e", "-s", world["scores"],
+          "--eval", world["zeroshot"], *RECIPE], "is not a finished selection"),
     ]  # fmt: skip
     for args, message in cases:
         code, output = run_cli(*args)

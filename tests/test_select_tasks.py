@@ -285,3 +285,23 @@ def test_tasks_honour_dedup_and_cluster_balance(sets: Path, tmp_path: Path) -> N
                     for d in ("single", "two"))  # fmt: skip
     assert whole["duplicates"] > 0 and parts["duplicates"] == whole["duplicates"]
     assert parts["eligible"] == whole["eligible"]
+
+
+def test_scatter_counts_from_before_and_after_the_excluded_count_sum(tmp_path: Path) -> None:
+    """An array select interrupted before the `excluded` count was added and resumed after it
+    holds scatters of both widths; each is read as its own width."""
+    import numpy as np
+
+    from jestcurate.io.eligible import COUNTS
+    from jestcurate.io.scatter import COUNTS_FILE, counts_for, scatter_directory
+
+    width = len(COUNTS)
+    old = np.arange(2 * (width - 1)).reshape(2, width - 1)  # no `excluded` column
+    new = np.ones((2, width), dtype=np.int64)
+    for s, rows in enumerate((old, new)):
+        folder = scatter_directory(tmp_path, s, 2)
+        folder.mkdir(parents=True)
+        np.save(folder / COUNTS_FILE, rows)
+    found = counts_for(tmp_path, 2, 1)
+    expected = np.insert(old[1], COUNTS.index("excluded"), 0) + new[1]
+    assert [getattr(found, name) for name in COUNTS] == expected.tolist()

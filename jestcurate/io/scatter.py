@@ -203,10 +203,16 @@ def _row(root: Path, s: int, count: int, name: str, task: int) -> np.ndarray:
 
 def counts_for(root: Path, count: int, task: int) -> Counts:
     """The eligibility counts of task `task`'s partition, summed over every scatter."""
-    total = sum(_row(root, s, count, COUNTS_FILE, task) for s in range(count))
-    if len(total) == len(COUNTS) - 1:  # a scatter from before the `excluded` count: none then
-        total = np.insert(total, COUNTS.index("excluded"), 0)
+    total = sum(_padded(_row(root, s, count, COUNTS_FILE, task)) for s in range(count))
     return Counts(**dict(zip(COUNTS, map(int, total), strict=True)))
+
+
+def _padded(row: np.ndarray) -> np.ndarray:
+    """A scatter's counts from before the `excluded` count (none were excluded then), so that
+    old and new scatters of one interrupted select sum alike."""
+    if len(row) == len(COUNTS) - 1:
+        return np.insert(row, COUNTS.index("excluded"), 0)
+    return row
 
 
 def gather(

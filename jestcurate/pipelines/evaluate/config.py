@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from jestcurate.errors import JCError
 from jestcurate.io.files import read_json
+from jestcurate.io.remote import is_url
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,13 @@ class EvalConfig:
         return arms
 
     def identity(self) -> dict[str, Any]:
-        """What every unit of one eval shares; a unit written under another is not reused."""
+        """What every unit of one eval shares; a unit written under another is not reused.
+        Paths are resolved (a rerun from another folder is the same eval); --workers is in it
+        because the data loading processes draw the augmentation."""
         return {
             "recipe": asdict(self.recipe),
-            "pool": list(self.pool),
+            "workers": self.workers,
+            "pool": [p if is_url(p) else os.path.realpath(p) for p in self.pool],
             "selections": [str(p.resolve()) for p in self.selections],
             "eval_sets": [str(Path(e).resolve()) for e in self.eval_sets],
             "eval_samples": self.eval_samples,
@@ -121,9 +126,13 @@ def check(cfg: EvalConfig) -> None:
     for arm in cfg.arms()[1:]:
         assert arm.selection is not None
         summary_path = arm.selection / "summary.json"
-        if not summary_path.is_file():
+        if not summary_path.is_file() or not (arm.selection / "manifest.parquet").is_file():
             raise JCError(f"{arm.selection} is not a finished selection (no summary.json)")
-        b = int(read_json(summary_path)["parameters"]["batch_size"])
+        try:
+            b = int(read_json(summary_path)["parameters"]["batch_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise JCError(f"{arm.selection} is not a selection (its summary.json has no "
+                          "batch size): give -s the folders `select` wrote") from None  # fmt: skip
         if b != r.batch_size:
             raise JCError(
                 f"{arm.selection} holds batches of b = {b}, the recipe trains batches of "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,11 @@ class EvalReport:
 def run(cfg: EvalConfig) -> EvalReport:
     began = time.time()
     check(cfg)
+    # The precision as the device resolves it (bf16 on CUDA, fp32 on a CPU when unset): units
+    # trained at another precision are another eval.
+    resolved = resolve_spec(ModelSpec(cfg.recipe.model, device=cfg.device,
+                                      precision=cfg.recipe.precision), fetch=False)  # fmt: skip
+    cfg = replace(cfg, recipe=replace(cfg.recipe, precision=resolved.precision))
     shards = streams.pool_shards(cfg.pool)
     arms = cfg.arms()
     for arm in arms[1:]:
@@ -48,6 +53,10 @@ def run(cfg: EvalConfig) -> EvalReport:
     names = [s.name for s in opened]
     if len(set(names)) != len(names):
         raise_duplicate(names)
+    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
+    every = [(arm, seed) for arm in arms for seed in cfg.seeds]
+    mine = for_task(every, index, count)
+    todo = [(arm, seed) for arm, seed in mine if units.finished(cfg, arm, seed) is None]
     undecontaminated = not_decontaminated(arms, opened)
     for arm, missing in undecontaminated.items():
         log.warning(
@@ -56,10 +65,6 @@ def run(cfg: EvalConfig) -> EvalReport:
             "the uniform pool" if arm == "uniform" else f"selection {arm}",
             ", ".join(missing),
         )
-    index, count = resolve_task(cfg.task_index, cfg.num_tasks)
-    every = [(arm, seed) for arm in arms for seed in cfg.seeds]
-    mine = for_task(every, index, count)
-    todo = [(arm, seed) for arm, seed in mine if units.finished(cfg, arm, seed) is None]
     cfg.out.mkdir(parents=True, exist_ok=True)
     if todo:
         evaluate = _evaluator(cfg, opened)
@@ -81,8 +86,8 @@ def raise_duplicate(names: list[str]) -> None:
 
 def not_decontaminated(arms: list[Arm], opened: list[sets_mod.EvalSet]) -> dict[str, list[str]]:
     """Per arm, the eval sets its data was not decontaminated against: a selection made with
-    `select --exclude` of `jestcurate decontaminate` outputs that searched for a set (by its
-    folder, or its name) is clean of it; the uniform arm trains on the pool as it is."""
+    `select --exclude` of `jestcurate decontaminate` outputs that searched that set's folder
+    is clean of it; the uniform arm trains on the pool as it is."""
     found: dict[str, list[str]] = {}
     for arm in arms:
         covered: set[str] = set()
@@ -94,13 +99,8 @@ def not_decontaminated(arms: list[Arm], opened: list[sets_mod.EvalSet]) -> dict[
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
                 for against in made.get("against") or []:
-                    covered.add(str(against.get("name")))
                     covered.add(os.path.realpath(str(against.get("location", ""))))
-        missing = [
-            s.name
-            for s in opened
-            if s.name not in covered and os.path.realpath(s.path) not in covered
-        ]
+        missing = [s.name for s in opened if os.path.realpath(s.path) not in covered]
         if missing:
             found[arm.name] = missing
     return found

@@ -17,7 +17,9 @@ RESULTS = "results.json"
 
 
 def curve(unit: dict[str, Any], eval_set: str, metric: str) -> list[float]:
-    return [float(p["metrics"][eval_set][metric]) for p in unit["curve"]]
+    """A unit's values of one metric (NaN where the set leaves it undefined)."""
+    values = [p["metrics"][eval_set][metric] for p in unit["curve"]]
+    return [float("nan") if v is None else float(v) for v in values]
 
 
 def steps_to_reach(points: list[dict[str, Any]], values: list[float], target: float) -> int | None:
@@ -49,11 +51,15 @@ def summarise(
         for eval_set in runs[0]["curve"][-1]["metrics"]:
             for metric in runs[0]["curve"][-1]["metrics"][eval_set]:
                 values = [curve(u, eval_set, metric)[-1] for u in runs]
+                defined = not any(np.isnan(values))
                 finals.setdefault(eval_set, {})[metric] = {
-                    "mean": float(np.mean(values)),
-                    "std": float(np.std(values)),
+                    "mean": float(np.mean(values)) if defined else None,
+                    "std": float(np.std(values)) if defined else None,
                 }
-        reach = [steps_to_reach(u["curve"], curve(u, first, key), baseline) for u in runs]
+        if arm == "uniform":  # the baseline itself: its final is where it ends, by definition
+            reach: list[int | None] = [steps] * len(runs)
+        else:
+            reach = [steps_to_reach(u["curve"], curve(u, first, key), baseline) for u in runs]
         mean_reach = float(np.mean(reach)) if all(r is not None for r in reach) else None
         scoring = float(flops.get("scoring", {}).get(arm, 0.0))
         arms.append(

@@ -82,13 +82,15 @@ def selection(path: Path, model: LoadedModel, preprocess: Any, seed: int, worker
 
     source = "export" if export_meta(path) is not None else "original"
     decode = Decode(preprocess, model.tokenizer)
-    while True:
+    epoch = 0
+    while True:  # each pass over the batches seeded anew, so repeats get other augmentations
         batches = SelectionBatches(path, source=source, rank=0, world_size=1, transform=decode)
         loader = torch.utils.data.DataLoader(
             batches, batch_size=None, num_workers=workers,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(seed * 1000 + epoch),
         )  # fmt: skip
         yield from loader
+        epoch += 1
 
 
 def batches_of(

@@ -40,9 +40,22 @@ def finished(cfg: EvalConfig, arm: Arm, seed: int) -> dict[str, Any] | None:
     if found.get("fingerprint") != cfg.fingerprint():
         raise JCError(
             f"{cfg.out} holds an eval with another recipe, pool, selections or eval sets "
-            f"({path}); use another --out"
+            f"({_difference(found.get('identity') or {}, cfg.identity())}); use another --out"
         )
     return found
+
+
+def _difference(there: dict[str, Any], now: dict[str, Any]) -> str:
+    """The first field that differs, as "recipe.lr: 0.001 there, 0.0005 now"."""
+    for key in now:
+        a, b = there.get(key), now[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in b:
+                if a.get(sub) != b[sub]:
+                    return f"{key}.{sub}: {a.get(sub)!r} there, {b[sub]!r} now"
+        elif a != b:
+            return f"{key}: {a!r} there, {b!r} now"
+    return "made by another version"
 
 
 Evaluator = Callable[[torch.nn.Module, Any], dict[str, dict[str, float]]]
@@ -80,6 +93,7 @@ def train_unit(
             curve.append(_point(done, evaluate, trainer.net, model.tokenizer, arm, seed))
     result = {
         "fingerprint": cfg.fingerprint(),
+        "identity": cfg.identity(),
         "arm": arm.name,
         "selection": None if arm.selection is None else str(arm.selection.resolve()),
         "seed": seed,
@@ -98,9 +112,13 @@ def train_unit(
 def _point(
     step: int, evaluate: Evaluator, net: torch.nn.Module, tokenizer: Any, arm: Arm, seed: int
 ) -> dict[str, Any]:
-    metrics = evaluate(net, tokenizer)
+    # a metric that is undefined for the set (acc5 under five classes) is null, not NaN
+    metrics = {
+        name: {k: (None if v != v else v) for k, v in values.items()}
+        for name, values in evaluate(net, tokenizer).items()
+    }
     shown = "; ".join(
-        f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+        f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in values.items() if v is not None)
         for name, values in metrics.items()
     )
     log.info("eval %s seed %d step %d: %s", arm.name, seed, step, shown)
