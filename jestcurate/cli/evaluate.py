@@ -23,6 +23,7 @@ def eval_(
             help="The pool: its shards (paths, globs, {a..b} or @list.txt, as score takes them) "
             "or its score set. The uniform arm trains on it; every selection must come from it.",
             show_default=False,
+            metavar="POOL",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for units/ and results.")],
@@ -45,15 +46,26 @@ def eval_(
             "medium or large (ViT-B, batch 4096 or 8192); options below override it."
         ),
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model to train.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps per arm and seed.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", "-b", help="Must equal every selection's b.")
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model to train (tiny: jc-tiny).")
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine).")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Warm-up steps.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every K steps.")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps per arm and seed (tiny: 300).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", help="Must equal every selection's b (tiny: 32)."),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate, cosine (tiny: 1e-3).")
+    ] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up steps (tiny: 20).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay (tiny: 0.1).")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate every K steps (tiny: 25).")
+    ] = None,
     precision: Precision = None,
     seeds: Annotated[int, typer.Option(help="Seeds per arm (0, 1, ...).")] = 2,
     eval_samples: Annotated[
