@@ -82,9 +82,15 @@ class Outcome:
         """Why it failed: the log's last line, or the signal that ended it."""
         if self.code < 0:
             return f"killed by signal {-self.code}"
-        text = self.log.read_text(errors="replace") if self.log.is_file() else ""
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return f"exit {self.code}: {lines[-1]}" if lines else f"exit {self.code}"
+        last = last_line(self.log)
+        return f"exit {self.code}: {last}" if last else f"exit {self.code}"
+
+
+def last_line(log: Path) -> str:
+    """A log's last non-blank line, where a failed command says why ("" without one)."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 @dataclass
@@ -155,11 +161,7 @@ def plan(
 
 
 def _earlier_count(out: Path, command: str) -> int | None:
-    path = out / LOCAL_DIR / PLAN
-    try:
-        earlier = read_json(path) if path.is_file() else {}
-    except (OSError, ValueError):
-        return None
+    earlier = read_plan(out) or {}
     return int(earlier["num_tasks"]) if earlier.get("command") == command else None
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.remote import is_url, local_dir, remote_score_set
-from jestcurate.pipelines.local import LOCAL_DIR, read_plan
+from jestcurate.pipelines.local import LOCAL_DIR, last_line, read_plan
 from jestcurate.pipelines.select import MANIFEST, SUMMARY, TASKS_DIR, task_count, unfinished_rounds
 from jestcurate.scale import slurm, slurm_select
 from jestcurate.scale.status import score_status
@@ -47,11 +47,6 @@ def export_status(selection: Path) -> dict[str, Any]:
     }
 
 
-def _last_line(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
 def _task_log(out: Path, step: str, task: int) -> Path | None:
     """The newer of `task`'s logs in `step`: `jestcurate local`'s and Slurm's."""
     local = out / LOCAL_DIR / "logs" / f"{step.replace(' ', '')}-{task:05d}.log"
@@ -75,7 +70,7 @@ def selection_status(out: Path) -> dict[str, Any]:
         for step, tasks in (("round 1", rounds.scatter), ("round 2", rounds.select)):
             for task in tasks:
                 log = _task_log(out, step, task)
-                last = _last_line(log) if log else None
+                last = last_line(log)[:300] if log else None
                 left.append({"step": step, "task": task, "log": log and str(log), "last": last})
     local = read_plan(out)
     planned = (out / slurm.SLURM_DIR / "select-export.sbatch").is_file() or bool(

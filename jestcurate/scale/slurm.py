@@ -211,10 +211,13 @@ def write_select_scripts(
     return SelectScripts(array, merge, export)
 
 
-def read_plan(out: Path) -> dict[str, Any]:
-    path = out / SLURM_DIR / PLAN
+def read_plan(out: Path, name: str = PLAN, command: str = "score") -> dict[str, Any]:
+    """The plan `slurm COMMAND` wrote as OUT/slurm/NAME, which --retry needs."""
+    path = out / SLURM_DIR / name
     if not path.is_file():
-        raise JCError(f"nothing to retry: {path} does not exist (run slurm score without --retry)")
+        raise JCError(
+            f"nothing to retry: {path} does not exist (run slurm {command} without --retry)"
+        )
     try:
         return read_json(path)
     except (OSError, ValueError) as exc:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from jestcurate import __version__
 from jestcurate.errors import JCError
 from jestcurate.io.remote import is_url
-from jestcurate.io.store import read_json, write_json_atomic
+from jestcurate.io.store import write_json_atomic
 from jestcurate.scale import slurm
 
 SCRIPT = "import.sbatch"
@@ -140,16 +140,6 @@ def _write(out: Path, args: list[str], count: int, cfg: ImportArrayConfig) -> Pa
     return script
 
 
-def _read_plan(out: Path) -> dict[str, Any]:
-    path = out / slurm.SLURM_DIR / PLAN
-    if not path.is_file():
-        raise JCError(f"nothing to retry: {path} does not exist (run slurm import without --retry)")
-    try:
-        return read_json(path)
-    except (OSError, ValueError) as exc:
-        raise JCError(f"{path} is unreadable: {exc}") from None
-
-
 def run(
     cfg: ImportArrayConfig,
     targets: Targets,
@@ -170,7 +160,7 @@ def run(
     listed = len(targets(job))
     tied = bool(job.shards)
     if cfg.retry:
-        plan = _read_plan(job.out)
+        plan = slurm.read_plan(job.out, PLAN, "import")
         if plan.get("import_args") != args or plan.get("asked_num_tasks") != cfg.num_tasks:
             raise JCError(
                 f"these options differ from the plan in {job.out / slurm.SLURM_DIR / PLAN}; "
