@@ -126,9 +126,17 @@ def test_bad_input_is_one_line(world: dict[str, Path], tmp_path: Path) -> None:
     code, output = run_cli("select", tmp_path / "other-scores", "--out", tmp_path / "foreign",
                            "-b", 16, "--ratio", 0.5)  # fmt: skip
     assert code == 0, output
+    code, output = run_cli("decontaminate", tmp_path / "other-scores", "--against",
+                           world["zeroshot"], "--out", tmp_path / "other-decon", "--threshold",
+                           0.01)  # fmt: skip
+    assert code == 0, output
     cases = [
         (["eval", world["pool"], "--out", tmp_path / "a", "--eval", broken, *RECIPE],
          "classnames.txt"),
+        (["eval", world["pool"], "--out", tmp_path / "f", "--exclude", tmp_path / "other-decon",
+          "--eval", world["zeroshot"], *RECIPE], "was made from another pool"),
+        (["eval", world["pool"], "--out", tmp_path / "g", "--exclude", world["jest"],
+          "--eval", world["zeroshot"], *RECIPE], "is not a decontamination output"),
         (["eval", world["pool"], "--out", tmp_path / "b", "-s", tmp_path / "foreign",
           "--eval", world["zeroshot"], *RECIPE], "selected from another pool"),
         (["eval", world["pool"], "--out", tmp_path / "c", "-s", world["jest"],
@@ -162,3 +170,93 @@ def test_a_selection_decontaminated_against_a_set_is_not_flagged(
     results = json.loads((out / "results.json").read_text())
     both = ["zeroshot", "retrieval"]
     assert results["not_decontaminated"] == {"uniform": both, "clean": ["retrieval"]}
+
+
+def test_a_chain_trains_its_selections_one_after_another(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+    from jestcurate.pipelines.evaluate import streams
+
+    second = tmp_path / "jest-seed-1"
+    code, output = run_cli("select", world["scores"], "--out", second, "--method", "jest",
+                           "-b", 16, "--ratio", 0.5, "--seed", 1)  # fmt: skip
+    assert code == 0, output
+    model = load_model(resolve_spec(ModelSpec("jc-tiny", device="cpu")), warn_random=False)
+
+    def tokens(paths: tuple[Path, ...], n: int) -> list[list[int]]:
+        data = streams.selections(paths, model, model.preprocess, 0, 0)
+        return [next(data)[1].tolist() for _ in range(n)]
+
+    first, then = (json.loads((p / "summary.json").read_text())["counts"]["steps"]
+                   for p in (world["jest"], second))  # fmt: skip
+    assert first > 0 and then > 0
+    chain = tokens((world["jest"], second), first + then + 1)
+    alone = tokens((world["jest"],), first)
+    assert chain[:first] == alone  # the first selection's batches in step order,
+    assert chain[first : first + then] == tokens((second,), then)  # then the second's,
+    assert chain[first + then] == alone[0]  # then the first's again
+    assert tokens((second,), then) != alone[:then]  # another seed: other batches
+
+    # Through the CLI: a named chain is one arm, its units under its name.
+    out = tmp_path / "eval"
+    code, output = run_cli("eval", world["pool"], "--out", out, "-s",
+                           f"jest-chain={world['jest']},{second}", "--eval", world["zeroshot"],
+                           *RECIPE[:6], "--seeds", 1, "--workers", 0)  # fmt: skip
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert [row["arm"] for row in results["summary"]["arms"]] == ["uniform", "jest-chain"]
+    assert results["identity"]["selections"] == [[str(world["jest"]), str(second)]]
+    unit = json.loads((out / "units" / "jest-chain" / "seed-0.json").read_text())
+    assert unit["selection"] == [str(world["jest"]), str(second)]
+    for bad, message in (("uniform=" + str(second), "not 'uniform'"),
+                         ("a b=" + str(second), "an arm name is"),
+                         ("named=", "names no selection")):  # fmt: skip
+        code, output = run_cli("eval", world["pool"], "--out", tmp_path / "bad", "-s", bad,
+                               "--eval", world["zeroshot"], *RECIPE)  # fmt: skip
+        assert code == 2 and message in output and len(output.strip().splitlines()) == 1, output
+
+
+def test_exclude_leaves_the_rows_out_of_the_uniform_arm(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import os
+
+    import numpy as np
+
+    from jestcurate.model.openclip import ModelSpec, load_model, resolve_spec
+    from jestcurate.pipelines.train import batches
+
+    # The stream skips exactly the rows named, by shard and sample index.
+    model = load_model(resolve_spec(ModelSpec("jc-tiny", device="cpu")), warn_random=False)
+    shard = sorted(world["pool"].glob("*.tar"))[0]
+    skip = {os.path.realpath(shard): np.array([0, 5, 7])}
+
+    def last_counts(skip: dict | None) -> dict[str, int]:
+        stream = batches([str(shard)], model.preprocess, model.tokenizer, 8, 10, 0, skip)
+        return list(stream)[-1][2][1]
+
+    counts, plain = last_counts(skip), last_counts(None)
+    assert counts["excluded"] == 3
+    assert sum(counts.values()) == sum(plain.values())
+
+    # Through the CLI: the uniform arm is decontaminated against the set the exclusion searched.
+    decon = tmp_path / "decontam"
+    code, output = run_cli("decontaminate", world["scores"], "--against", world["zeroshot"],
+                           "--out", decon, "--threshold", 0.9999)  # fmt: skip
+    assert code == 0, output
+    out = tmp_path / "eval"
+    code, output = run_cli("eval", world["pool"], "--out", out, "--exclude", decon, "--eval",
+                           world["zeroshot"], "--eval", world["retrieval"], *RECIPE[:6],
+                           "--seeds", 1, "--workers", 0)  # fmt: skip
+    assert code == 0, output
+    results = json.loads((out / "results.json").read_text())
+    assert results["not_decontaminated"] == {"uniform": ["retrieval"]}
+    assert results["identity"]["exclude"] == [str(decon)]
+    # without --exclude the identity has no such field: evals made before it are reused
+    code, output = run_cli("eval", world["pool"], "--out", tmp_path / "plain", "--eval",
+                           world["zeroshot"], *RECIPE[:6], "--seeds", 1,
+                           "--workers", 0)  # fmt: skip
+    assert code == 0, output
+    plain_results = json.loads((tmp_path / "plain" / "results.json").read_text())
+    assert "exclude" not in plain_results["identity"]

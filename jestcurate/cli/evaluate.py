@@ -28,8 +28,15 @@ def eval_(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for units/ and results.")],
     selection: Annotated[
-        list[Path] | None,
-        typer.Option("--selection", "-s", help="A selection to train on, in step order (repeat)."),
+        list[str] | None,
+        typer.Option(
+            "--selection",
+            "-s",
+            help="An arm (repeat): a selection, trained in step order; or NAME=SEL1,SEL2,... to "
+            "train several selections one after another (select's --seed 0, 1, ...: fresh "
+            "super-batches, as a learner that keeps filtering sees them).",
+            metavar="[NAME=]SEL[,SEL...]",
+        ),
     ] = None,
     eval_sets: Annotated[
         list[str] | None,
@@ -75,6 +82,13 @@ def eval_(
             "decoded in memory: 3 x H x W x 4 bytes a sample, 0.6 MB at 224 px."
         ),
     ] = None,
+    exclude: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A `jestcurate decontaminate` output (repeat): the uniform arm skips the pool "
+            "rows it names (selections apply it with select --exclude).",
+        ),
+    ] = None,
     device: Device = "auto",
     workers: Annotated[int, typer.Option(help="Data loading processes per arm.")] = 1,
     task_index: TaskIndex = None,
@@ -96,7 +110,9 @@ def eval_(
         warmup=warmup, weight_decay=weight_decay, eval_every=eval_every, precision=precision,
     )  # fmt: skip
     cfg = config_from(
-        config_mod.EvalConfig, given, pool=tuple(pool), selections=tuple(selection or ()),
+        config_mod.EvalConfig, given, pool=tuple(pool),
+        selections=tuple(config_mod.parse_arm(s) for s in selection or ()),
         eval_sets=tuple(eval_sets or ()), recipe=recipe, seeds=tuple(range(seeds)),
+        exclude=tuple(exclude or ()),
     )  # fmt: skip
     job.print_summary(job.run(cfg))

@@ -45,37 +45,58 @@ SCALES: dict[str, Recipe] = {
 
 @dataclass(frozen=True)
 class Arm:
-    """What one arm trains on: the pool, uniformly (selection None), or a selection's batches
-    in step order."""
+    """What one arm trains on: the pool, uniformly (no selections), or the batches of one or
+    more selections in step order, one after another (successive selections of one pool, as a
+    learner that keeps filtering fresh super-batches would see them), then again."""
 
     name: str
-    selection: Path | None = None
+    selections: tuple[Path, ...] = ()
+
+    @property
+    def uniform(self) -> bool:
+        return not self.selections
+
+
+def parse_arm(spec: str) -> Arm:
+    """`-s [NAME=]SEL[,SEL...]`: an arm of one selection, or of several chained; unnamed, it is
+    named after its first selection's folder."""
+    name, _, paths = spec.partition("=") if "=" in spec else ("", "", spec)
+    parts = tuple(Path(p) for p in paths.split(",") if p)
+    if not parts:
+        raise JCError(f"-s {spec!r} names no selection: give -s [NAME=]SELECTION[,SELECTION...]")
+    if name and (_slug(name) != name or name == "uniform"):
+        raise JCError(
+            f"-s {spec!r}: an arm name is letters, digits, '.', '_' or '-', and not 'uniform'"
+        )
+    return Arm(name, parts)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     pool: tuple[str, ...]  # the pool's shards (INPUTS as score takes them) or its score set
     out: Path
-    selections: tuple[Path, ...] = ()
+    selections: tuple[Arm, ...] = ()  # the arms besides uniform (parse_arm)
     eval_sets: tuple[str, ...] = ()
     recipe: Recipe = field(default_factory=Recipe)
     seeds: tuple[int, ...] = (0,)
     eval_samples: int | None = None  # per eval set, its first N (all: None)
+    exclude: tuple[Path, ...] = ()  # decontaminate outputs whose rows the uniform arm skips
     device: str = "auto"
     workers: int = 1
     task_index: int | None = None
     num_tasks: int | None = None
 
     def arms(self) -> list[Arm]:
-        """The uniform arm, then one per selection, named by its folder (made unique)."""
+        """The uniform arm, then each given arm, named as given or by its first selection's
+        folder (made unique)."""
         arms, seen = [Arm("uniform")], {"uniform"}
-        for path in self.selections:
-            name = _slug(path.resolve().name) or "selection"
+        for arm in self.selections:
+            name = arm.name or _slug(arm.selections[0].resolve().name) or "selection"
             unique, k = name, 2
             while unique in seen:
                 unique, k = f"{name}-{k}", k + 1
             seen.add(unique)
-            arms.append(Arm(unique, path))
+            arms.append(Arm(unique, arm.selections))
         return arms
 
     def identity(self) -> dict[str, Any]:
@@ -86,9 +107,17 @@ class EvalConfig:
             "recipe": asdict(self.recipe),
             "workers": self.workers,
             "pool": [p if is_url(p) else os.path.realpath(p) for p in self.pool],
-            "selections": [str(p.resolve()) for p in self.selections],
+            # an arm of one selection is its path (as before chains), a chain the list of them
+            "selections": [
+                str(a.selections[0].resolve())
+                if len(a.selections) == 1
+                else [str(p.resolve()) for p in a.selections]
+                for a in self.selections
+            ],
             "eval_sets": [str(Path(e).resolve()) for e in self.eval_sets],
             "eval_samples": self.eval_samples,
+            # only when given, so evals made before --exclude keep their fingerprint
+            **({"exclude": [str(p.resolve()) for p in self.exclude]} if self.exclude else {}),
         }
 
     def fingerprint(self) -> str:
@@ -124,17 +153,21 @@ def check(cfg: EvalConfig) -> None:
     if cfg.eval_samples is not None and cfg.eval_samples < 10:
         raise JCError("--eval-samples must be at least 10 (recall@10 needs ten images)")
     for arm in cfg.arms()[1:]:
-        assert arm.selection is not None
-        summary_path = arm.selection / "summary.json"
-        if not summary_path.is_file() or not (arm.selection / "manifest.parquet").is_file():
-            raise JCError(f"{arm.selection} is not a finished selection (no summary.json)")
-        try:
-            b = int(read_json(summary_path)["parameters"]["batch_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise JCError(f"{arm.selection} is not a selection (its summary.json has no "
-                          "batch size): give -s the folders `select` wrote") from None  # fmt: skip
-        if b != r.batch_size:
-            raise JCError(
-                f"{arm.selection} holds batches of b = {b}, the recipe trains batches of "
-                f"{r.batch_size}: give --batch-size {b}, or select again with -b {r.batch_size}"
-            )
+        for path in arm.selections:
+            _check_selection(path, r.batch_size)
+
+
+def _check_selection(path: Path, batch_size: int) -> None:
+    summary_path = path / "summary.json"
+    if not summary_path.is_file() or not (path / "manifest.parquet").is_file():
+        raise JCError(f"{path} is not a finished selection (no summary.json)")
+    try:
+        b = int(read_json(summary_path)["parameters"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise JCError(f"{path} is not a selection (its summary.json has no batch size): "
+                      "give -s the folders `select` wrote") from None  # fmt: skip
+    if b != batch_size:
+        raise JCError(
+            f"{path} holds batches of b = {b}, the recipe trains batches of {batch_size}: "
+            f"give --batch-size {b}, or select again with -b {batch_size}"
+        )

@@ -5,6 +5,7 @@ alone (the same units give the same bytes)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -47,8 +48,9 @@ def run(cfg: EvalConfig) -> EvalReport:
     shards = streams.pool_shards(cfg.pool)
     arms = cfg.arms()
     for arm in arms[1:]:
-        assert arm.selection is not None
-        streams.check_from_pool(arm.selection, shards)
+        for path in arm.selections:
+            streams.check_from_pool(path, shards)
+    skip = streams.excluded_rows(cfg.exclude, shards)
     opened = [sets_mod.open_eval_set(e) for e in cfg.eval_sets]
     names = [s.name for s in opened]
     if len(set(names)) != len(names):
@@ -57,7 +59,7 @@ def run(cfg: EvalConfig) -> EvalReport:
     every = [(arm, seed) for arm in arms for seed in cfg.seeds]
     mine = for_task(every, index, count)
     todo = [(arm, seed) for arm, seed in mine if units.finished(cfg, arm, seed) is None]
-    undecontaminated = not_decontaminated(arms, opened)
+    undecontaminated = not_decontaminated(arms, opened, cfg.exclude)
     for arm, missing in undecontaminated.items():
         log.warning(
             "%s was not decontaminated against %s: near copies of their images may be in its "
@@ -70,7 +72,7 @@ def run(cfg: EvalConfig) -> EvalReport:
         evaluate = _evaluator(cfg, opened)
         for arm, seed in todo:
             with ui.training_progress(f"{arm.name}, seed {seed}") as tick:
-                units.train_unit(cfg, arm, seed, shards, evaluate, tick)
+                units.train_unit(cfg, arm, seed, shards, evaluate, tick, skip)
     done = {(a.name, s): units.finished(cfg, a, s) for a, s in every}
     found = None
     if all(v is not None for v in done.values()):
@@ -84,26 +86,43 @@ def raise_duplicate(names: list[str]) -> None:
     raise JCError(f"two --eval sets share a folder name ({', '.join(names)}): rename one")
 
 
-def not_decontaminated(arms: list[Arm], opened: list[sets_mod.EvalSet]) -> dict[str, list[str]]:
+def not_decontaminated(
+    arms: list[Arm], opened: list[sets_mod.EvalSet], exclude: tuple[Path, ...] = ()
+) -> dict[str, list[str]]:
     """Per arm, the eval sets its data was not decontaminated against: a selection made with
     `select --exclude` of `jestcurate decontaminate` outputs that searched that set's folder
-    is clean of it; the uniform arm trains on the pool as it is."""
+    is clean of it (a chain, when each of its selections is); the uniform arm, when eval's own
+    --exclude outputs searched it."""
     found: dict[str, list[str]] = {}
     for arm in arms:
-        covered: set[str] = set()
-        if arm.selection is not None:
-            summary = read_json(arm.selection / "summary.json")
-            for exclusion in summary.get("parameters", {}).get("exclude") or []:
-                try:
-                    made = read_json(Path(exclusion["path"]) / "summary.json")
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-                for against in made.get("against") or []:
-                    covered.add(os.path.realpath(str(against.get("location", ""))))
+        if arm.uniform:
+            covered = _searched(exclude)
+        else:
+            each = [_searched(_exclusions_of(path)) for path in arm.selections]
+            covered = set.intersection(*each)
         missing = [s.name for s in opened if os.path.realpath(s.path) not in covered]
         if missing:
             found[arm.name] = missing
     return found
+
+
+def _exclusions_of(selection: Path) -> tuple[Path, ...]:
+    summary = read_json(selection / "summary.json")
+    given = summary.get("parameters", {}).get("exclude") or []
+    return tuple(Path(e["path"]) for e in given if isinstance(e, dict) and "path" in e)
+
+
+def _searched(exclusions: tuple[Path, ...]) -> set[str]:
+    """The eval set folders these decontaminate outputs searched (resolved)."""
+    covered: set[str] = set()
+    for exclusion in exclusions:
+        try:
+            made = read_json(exclusion / "summary.json")
+        except (OSError, ValueError):
+            continue
+        for against in made.get("against") or []:
+            covered.add(os.path.realpath(str(against.get("location", ""))))
+    return covered
 
 
 def _evaluator(cfg: EvalConfig, opened: list[sets_mod.EvalSet]) -> Any:
@@ -161,12 +180,14 @@ def _scoring_flops(arms: list[Arm]) -> dict[str, float]:
     (trainings of the reference and learner are not counted here)."""
     found: dict[str, float] = {}
     for arm in arms[1:]:
-        assert arm.selection is not None
-        inputs = read_json(arm.selection / "summary.json").get("inputs", {})
-        total = 0.0
-        for role in ("reference", "learner"):
-            scored = inputs.get(role)
-            if scored:
+        total, seen = 0.0, set()
+        for path in arm.selections:  # a chain's selections of one score set count it once
+            inputs = read_json(path / "summary.json").get("inputs", {})
+            for role in ("reference", "learner"):
+                scored = inputs.get(role)
+                if not scored or json.dumps(scored, sort_keys=True) in seen:
+                    continue
+                seen.add(json.dumps(scored, sort_keys=True))
                 try:
                     total += float(scored["rows"]) * _forward_flops(str(scored["model"]))
                 except Exception as exc:  # a model config no longer at hand: say so, count 0

@@ -1,8 +1,8 @@
 """Each arm's training batches: the pool uniformly (pipelines/train's shuffled stream, as
-`jestcurate train` reads it), or a selection's batches in step order (trainer/loader's
-SelectionBatches, exported shards or the source tars), both through the same training
-transform and tokenizer. A selection shorter than the recipe is trained again from its first
-step, as an epoch."""
+`jestcurate train` reads it, less the rows of any --exclude), or its selections' batches in
+step order, one selection after another (trainer/loader's SelectionBatches, exported shards or
+the source tars), both through the same training transform and tokenizer. Selections shorter
+than the recipe are trained again from the first one's first step, as an epoch."""
 
 from __future__ import annotations
 
@@ -54,14 +54,16 @@ def check_from_pool(selection: Path, shards: list[str]) -> None:
 
 
 def uniform(
-    shards: list[str], model: LoadedModel, preprocess: Any, b: int, seed: int, workers: int
-) -> Iterator[Batch]:
-    """Endless shuffled full batches of the pool, epoch after epoch (seeded per epoch)."""
+    shards: list[str], model: LoadedModel, preprocess: Any, b: int, seed: int, workers: int,
+    skip: dict[str, Any] | None = None,
+) -> Iterator[Batch]:  # fmt: skip
+    """Endless shuffled full batches of the pool, epoch after epoch (seeded per epoch), without
+    the rows `skip` names (resolved shard path -> sorted sample indexes)."""
     from jestcurate.pipelines.train import batches
 
     epoch = 0
     while True:
-        stream = batches(shards, preprocess, model.tokenizer, b, 2000, seed * 1000 + epoch)
+        stream = batches(shards, preprocess, model.tokenizer, b, 2000, seed * 1000 + epoch, skip)
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=workers,
             generator=torch.Generator().manual_seed(seed * 1000 + epoch),
@@ -76,27 +78,54 @@ def uniform(
         epoch += 1
 
 
-def selection(path: Path, model: LoadedModel, preprocess: Any, seed: int, workers: int):
-    """Endless batches of the selection in step order (its steps again once all are used)."""
+def selections(paths: tuple[Path, ...], model: LoadedModel, preprocess: Any, seed: int,
+               workers: int) -> Iterator[Batch]:  # fmt: skip
+    """Endless batches of the selections in step order, one after another (all again once all
+    are used)."""
     from jestcurate.trainer.openclip.steps import Decode
 
-    source = "export" if export_meta(path) is not None else "original"
     decode = Decode(preprocess, model.tokenizer)
-    epoch = 0
-    while True:  # each pass over the batches seeded anew, so repeats get other augmentations
-        batches = SelectionBatches(path, source=source, rank=0, world_size=1, transform=decode)
-        loader = torch.utils.data.DataLoader(
-            batches, batch_size=None, num_workers=workers,
-            generator=torch.Generator().manual_seed(seed * 1000 + epoch),
-        )  # fmt: skip
-        yield from loader
-        epoch += 1
+    passes = 0
+    while True:  # each pass over a selection seeded anew, so repeats get other augmentations
+        for path in paths:
+            source = "export" if export_meta(path) is not None else "original"
+            batches = SelectionBatches(path, source=source, rank=0, world_size=1, transform=decode)
+            loader = torch.utils.data.DataLoader(
+                batches, batch_size=None, num_workers=workers,
+                generator=torch.Generator().manual_seed(seed * 1000 + passes),
+            )  # fmt: skip
+            yield from loader
+            passes += 1
+
+
+def excluded_rows(exclude: tuple[Path, ...], shards: list[str]) -> dict[str, Any] | None:
+    """The rows the --exclude outputs name, by resolved shard path; an output naming a shard
+    the pool does not hold was made from another pool and is refused."""
+    if not exclude:
+        return None
+    import numpy as np
+
+    from jestcurate.pipelines.decontam import load_excluded
+    from jestcurate.pipelines.train.stream import shard_location
+
+    mine = {shard_location(s) for s in shards}
+    found: dict[str, Any] = {}
+    for directory in exclude:
+        for shard, rows in load_excluded(directory).items():
+            path = shard_location(shard)
+            if path not in mine:
+                raise JCError(
+                    f"--exclude {directory} was made from another pool: it names {shard}, "
+                    "which the pool does not hold"
+                )
+            found[path] = np.union1d(found[path], rows) if path in found else rows
+    return found
 
 
 def batches_of(
     arm: Arm, shards: list[str], model: LoadedModel, preprocess: Any, b: int, seed: int,
-    workers: int,
+    workers: int, skip: dict[str, Any] | None = None,
 ) -> Iterator[Batch]:  # fmt: skip
-    if arm.selection is None:
-        return uniform(shards, model, preprocess, b, seed, workers)
-    return selection(arm.selection, model, preprocess, seed, workers)
+    if arm.uniform:
+        return uniform(shards, model, preprocess, b, seed, workers, skip)
+    return selections(arm.selections, model, preprocess, seed, workers)

@@ -68,9 +68,10 @@ def train_unit(
     shards: list[str],
     evaluate: Evaluator,
     on_step: Callable[[int, int, float], None] | None = None,
+    skip: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one unit; write and return its results. `evaluate(net, tokenizer)`
-    gives {eval set: {metric: value}}."""
+    gives {eval set: {metric: value}}; `skip`: the pool rows the uniform arm leaves out."""
     r = cfg.recipe
     began = time.time()
     torch.manual_seed(seed)
@@ -80,7 +81,7 @@ def train_unit(
 
     trainer = Trainer(model, r.lr, r.weight_decay, r.warmup, r.steps)
     preprocess = model.train_transform()
-    data = streams.batches_of(arm, shards, model, preprocess, r.batch_size, seed, cfg.workers)
+    data = streams.batches_of(arm, shards, model, preprocess, r.batch_size, seed, cfg.workers, skip)
     curve = [_point(0, evaluate, trainer.net, model.tokenizer, arm, seed)]
     loss = float("nan")
     for step in range(r.steps):
@@ -95,7 +96,14 @@ def train_unit(
         "fingerprint": cfg.fingerprint(),
         "identity": cfg.identity(),
         "arm": arm.name,
-        "selection": None if arm.selection is None else str(arm.selection.resolve()),
+        # one selection: its path (as before chains); a chain: the list; uniform: None
+        "selection": (
+            None
+            if arm.uniform
+            else str(arm.selections[0].resolve())
+            if len(arm.selections) == 1
+            else [str(p.resolve()) for p in arm.selections]
+        ),
         "seed": seed,
         "steps": r.steps,
         "samples_seen": r.steps * r.batch_size,

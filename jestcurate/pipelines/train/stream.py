@@ -1,11 +1,13 @@
-"""The data stream: an epoch of shuffled, augmented, full batches from the shards, whose order
-and augmentation follow from (--seed, epoch) alone, with the sample counts travelling beside
-the batches; and a count of the samples without decoding them."""
+"""The data stream: an epoch of shuffled, augmented, full batches from the shards (less any
+rows an exclusion names), whose order and augmentation follow from (--seed, epoch) alone, with
+the sample counts travelling beside the batches; and a count of the samples without decoding
+them."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from jestcurate.io.reader import (
     iter_raw_samples,
     parse_sample,
 )
+from jestcurate.io.remote import is_url
 from jestcurate.io.shards import open_shard
 from jestcurate.model.openclip import LoadedModel
 from jestcurate.pipelines.train.config import TrainConfig
@@ -28,15 +31,22 @@ from jestcurate.pipelines.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def _samples(urls: Iterator[dict[str, Any]], stats: Counter[str]) -> Iterator[dict[str, Any]]:
-    """webdataset pipeline stage: shard urls in, valid (image, caption) samples out. Bad
-    samples and shards are counted, never fatal."""
+def _samples(
+    urls: Iterator[dict[str, Any]], stats: Counter[str], skip: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
+    """webdataset pipeline stage: shard urls in, valid (image, caption) samples out, less the
+    samples `skip` names (shard_location(url) -> sorted sample indexes). Bad samples and shards
+    are counted, never fatal."""
     for item in urls:
         url = item["url"]
         seen: set[str] = set()
+        skipped = None if skip is None else skip.get(shard_location(url))
         try:
             with open_shard(url) as f:
                 for raw in iter_raw_samples(f):
+                    if skipped is not None and _holds(skipped, raw.index):
+                        stats["excluded"] += 1
+                        continue
                     row, image = parse_sample(raw, seen)
                     if image is None:
                         stats[error_reason(row["error"])] += 1
@@ -49,6 +59,16 @@ def _samples(urls: Iterator[dict[str, Any]], stats: Counter[str]) -> Iterator[di
         except OSError as exc:
             stats["unreadable shards"] += 1
             log.warning("cannot read %s: %s", url, exc)
+
+
+def _holds(sorted_rows: Any, index: int) -> bool:
+    at = int(sorted_rows.searchsorted(index))
+    return at < len(sorted_rows) and int(sorted_rows[at]) == index
+
+
+def shard_location(url: str) -> str:
+    """A shard as exclusions are matched: a resolved path, or the URL as it is."""
+    return url if is_url(url) else os.path.realpath(url)
 
 
 def _augment_seed(seed: int, worker: int) -> int:
@@ -92,6 +112,7 @@ def batches(
     batch_size: int,
     shuffle_buffer: int,
     seed: int,
+    skip: dict[str, Any] | None = None,
 ) -> Any:
     """One epoch of shuffled (images, tokens, (worker, counts)) batches, full batches only,
     ending with a (None, None, (worker, counts)) from each worker; `counts` are the worker's
@@ -109,7 +130,7 @@ def batches(
     return wds.DataPipeline(
         wds.SimpleShardList(urls, seed=seed),
         wds.split_by_worker,
-        lambda src: _samples(src, stats),
+        lambda src: _samples(src, stats, skip),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
         wds.batched(batch_size, collation_fn=collate, partial=False),
         lambda src: _with_counts(src, stats),
