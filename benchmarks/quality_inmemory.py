@@ -1,25 +1,23 @@
-"""A miniature JEST replication: does training on a selection reach the baseline's quality in
-fewer steps?
+"""The quality arms `jestcurate eval` cannot express, in an in-memory training loop on the
+same corpus, reference, learner and recipe as quality.py (which trains every selection arm
+through `jestcurate eval`):
 
-    python benchmarks/quality.py [--out docs/quality] [--quick] [--workdir DIR]
+    python benchmarks/quality_inmemory.py [--out DIR] [--quick] [--workdir DIR] [--methods ...]
 
-On the project's synthetic corpus (a clean guide split, a noisy pool, a clean eval split):
-1. train a tiny reference on the guide split and a proxy learner on a pool slice (`train`),
-   score the pool with both (`score`);
-2. select with every method at the same kept ratio and batch size (select's own code: the
-   on-disk row cache and `choose`); a selection yields floor(pool / B) batches, so the training
-   stream is built from selections with successive seeds (fresh permutations), as the paper's
-   learner keeps filtering new super-batches;
-3. train a fresh tiny learner from scratch on each stream in manifest batch order, for the same
-   steps and batch size, and on the uniform pool as the baseline, over several seeds; and once
-   more with online JEST (jestcurate.trainer.online), where the learner being trained embeds each
-   super-batch and the selector picks from it, against the cached reference embeddings;
-4. measure zero-shot accuracy on the eval split (the 32 class prompts) every --eval-every steps.
-Two more arms train jest (learnability)'s stream another way: through open_clip_train (its
-selections written to disk with select's own run and export, checked batch for batch against the
-in-memory stream, and trained by `python -m jestcurate.openclip_train`; quality_openclip.py),
-and with its samples shuffled and re-batched (what open_clip_train does with an export).
-Writes results.json, results.md (the tables) and accuracy.png to --out.
+- online JEST (jestcurate.online): the learner being trained embeds each super-batch and the
+  selector picks from it against the cached reference embeddings, at full and at half
+  resolution;
+- jest (learnability)'s stream trained by open_clip_train through the launcher (its selections
+  written with select's own run and export, checked batch for batch against the in-memory
+  stream; quality_openclip.py), and with its samples shuffled and re-batched (what
+  open_clip_train does with an export);
+- the samplers' diagnostic: batch learnability of each sampler's batches drawn from the same
+  super-batches (--diagnostic-only prints it without training).
+Beside them, for comparison within this loop, the uniform pool and jest (learnability)'s
+offline stream (successive selections, seeds seed*1000, +1, ...). The learners train on
+pre-decoded, eval-preprocessed images (no augmentation), unlike eval's. Zero-shot accuracy on
+the eval split is measured every --eval-every steps. Writes results.json, results.md and
+accuracy.png to --out.
 """
 
 from __future__ import annotations
@@ -75,7 +73,6 @@ class Setup:
     eval_every: int = 25
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0, 1, 2)
-    ablation_ratios: tuple[float, ...] = (0.1,)
     diagnostic_super_batches: int = 30
     methods: tuple[str, ...] = ()  # a subset of METHODS to run (uniform always); empty: all
 
@@ -91,18 +88,12 @@ QUICK = Setup(
     steps=20,
     eval_every=10,
     seeds=(0,),
-    ablation_ratios=(0.5,),
     diagnostic_super_batches=2,
 )
 
 # method name -> select settings; "uniform" is the unfiltered pool
 METHODS: dict[str, dict[str, Any]] = {
     "uniform": {},
-    "random": {"method": "random"},
-    "clip-score": {"method": "clip-score"},
-    "easy-ref": {"method": "easy-ref"},
-    "learnability": {"method": "learnability"},
-    "jest (easy-ref)": {"method": "jest", "score": "easy-ref"},
     "jest (learnability)": {"method": "jest", "score": "learnability"},
     # The same selections, trained by open_clip_train through the launcher (from the exports)
     "jest (learnability), open_clip_train": {
@@ -112,13 +103,6 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     # The same stream's samples, shuffled and re-batched: the batches do not survive
     "jest (learnability), shuffled": {"method": "jest", "score": "learnability", "arm": "shuffled"},
-    "jest (learnability, 2 sweeps)": {"method": "jest", "score": "learnability", "sweeps": 2},
-    # The paper's Algorithm 1 as written (select --sampler paper), for comparison.
-    "jest (learnability, Algorithm 1)": {
-        "method": "jest",
-        "score": "learnability",
-        "sampler": "paper",
-    },
     "jest (online)": {"online": True},  # jestcurate.trainer.online: the learner in training scores
     # Flexi-JEST-like: the learner scores super-batches at half resolution (position embeddings
     # resampled), at about a third of the forward cost.
@@ -572,15 +556,6 @@ def markdown(results: dict[str, Any], setup: Setup) -> str:
             f"| {name} | {row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f} "
             f"| {reach} | {speed} |"
         )
-    lines += [
-        "",
-        "| ablation | final accuracy | steps to baseline final |",
-        "| --- | --- | --- |",
-    ]
-    for name, row in results["ablation"].items():
-        reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_baseline"])
-        accuracy = f"{row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f}"
-        lines.append(f"| {name} | {accuracy} | {reach} |")
     for diag in results["diagnostic"].values():
         lines += ["", *diagnostic_table(diag)]
     c = results["compute"]
@@ -620,24 +595,6 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
         final = np.mean([c[-1] for c in curves[name]])
         print(f"{name}: final {final:.3f} ({time.time() - began:.0f}s)", flush=True)
     summary = summarise(curves, setup)
-    ablation_curves: dict[str, list[list[float]]] = {"uniform": curves["uniform"]}
-    # Where the paper says joint selection matters most: a lower kept ratio; the joint samplers
-    # beside the independent baseline with the same criterion.
-    variants = [
-        (f"{name}, ratio {r}", {**METHODS[name], "ratio": r})
-        for r in setup.ablation_ratios
-        for name in ("learnability", "jest (learnability)", "jest (learnability, Algorithm 1)")
-        if name in curves
-    ]
-    for label, kw in variants:
-        for seed in setup.seeds:
-            stream = selection_stream(kw, setup, seed, env, pool)
-            ablation_curves.setdefault(label, []).append(
-                train_on(stream, pool, seed, setup, env["eval"])
-            )
-        print(f"{label}: final {np.mean([c[-1] for c in ablation_curves[label]]):.3f}")
-    ablation = summarise(ablation_curves, setup)["methods"]
-    ablation.pop("uniform")
 
     flops = env["flops"]
     step_flops = 3 * flops * setup.batch
@@ -666,7 +623,6 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
     results = {
         "setup": asdict(setup),
         "summary": summary,
-        "ablation": ablation,
         "diagnostic": diagnostics(env, setup),
         "compute": compute,
         "curves": curves,

@@ -1,4 +1,6 @@
-"""The quality benchmark's code path at a tiny size (the real run is in docs/benchmarks.md)."""
+"""The quality benchmarks' code paths at a tiny size (the real runs are in docs/benchmarks.md):
+quality.py (selections chained per method, trained through `jestcurate eval`) and
+quality_inmemory.py (the arms eval cannot express, and the samplers' diagnostic)."""
 
 from __future__ import annotations
 
@@ -7,37 +9,65 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(script: str, tmp_path: Path, *more: str) -> Path:
+    out = tmp_path / "out"
+    command = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out),
+               "--workdir", str(tmp_path / "w"), *more]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return out
 
 
 @pytest.mark.slow
-def test_quality_benchmark_runs_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARK),
-            "--quick",
-            "--out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "w"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+def test_quality_benchmark_trains_every_arm_through_eval(tmp_path: Path) -> None:
+    out = run_benchmark("quality.py", tmp_path, "--tasks", "2")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["arms"]) == {
+        "random", "clip-score", "easy-ref", "learnability", "jest (easy-ref)",
+        "jest (learnability)", "jest (learnability, 2 sweeps)",
+        "jest (learnability, Algorithm 1)", "learnability, ratio 0.5",
+        "jest (learnability), ratio 0.5", "jest (learnability, Algorithm 1), ratio 0.5",
+    }  # fmt: skip
+    summary = results["eval"]["summary"]
+    trained = [row["arm"] for row in summary["arms"]]
+    assert trained == ["uniform", *results["arms"].values()]
+    steps = results["setup"]["steps"]
+    for name, paths in results["selections"].items():
+        # a chain of successive selections holding at least the recipe's steps, each its own
+        held = [json.loads((Path(p) / "summary.json").read_text())["counts"]["steps"]
+                for p in paths]  # fmt: skip
+        assert sum(held) >= steps and sum(held[:-1]) < steps, (name, held)
+        seeds = [json.loads((Path(p) / "summary.json").read_text())["parameters"]["seed"]
+                 for p in paths]  # fmt: skip
+        assert seeds == list(range(len(paths)))
+    first = results["selections"]["jest-learnability"]
+    if len(first) > 1:
+        keys = [pq.read_table(Path(p) / "manifest.parquet").column("key").to_pylist()
+                for p in first[:2]]  # fmt: skip
+        assert keys[0] != keys[1]
+    for curves in results["eval"]["units"].values():
+        assert all([p["step"] for p in c] == [0, 10, 20] for c in curves)
+    text = (out / "results.md").read_text()
+    row = next(r for r in summary["arms"] if r["arm"] == "jest-learnability")
+    mean = row["final"]["zeroshot"]["acc1"]["mean"]
+    assert f"| jest (learnability) | {mean:.3f} ±" in text, text
+
+
+@pytest.mark.slow
+def test_quality_inmemory_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    out = run_benchmark("quality_inmemory.py", tmp_path)
     results = json.loads((out / "results.json").read_text())
     methods = results["summary"]["methods"]
     assert set(methods) == {
-        "uniform", "random", "clip-score", "easy-ref", "learnability",
-        "jest (easy-ref)", "jest (learnability)", "jest (learnability), open_clip_train",
-        "jest (learnability), shuffled", "jest (learnability, 2 sweeps)",
-        "jest (learnability, Algorithm 1)",
-        "jest (online)", "jest (online, 32 px scoring)",
+        "uniform", "jest (learnability)", "jest (learnability), open_clip_train",
+        "jest (learnability), shuffled", "jest (online)", "jest (online, 32 px scoring)",
     }  # fmt: skip
     for curves in results["curves"].values():
         assert all(len(c) == 3 and all(0 <= a <= 1 for a in c) for c in curves)
@@ -47,7 +77,5 @@ def test_quality_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         # the refine sampler's batches are never below independent top-k's on this objective
         top = diag["independent top-k"]["mean"]
         assert all(d["mean"] >= top - 1e-6 for k, d in diag.items() if "refine" in k), diag
-    assert "ratio 0.5" in " ".join(results["ablation"])
     assert results["compute"]["forward_flops_per_sample"] > 1e6
-    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| jest (learnability) |" in (out / "results.md").read_text()

@@ -56,6 +56,7 @@ def write_zeroshot_set(
     seed: int,
     image_size: int = 64,
     per_shard: int = 1000,
+    templates: tuple[str, ...] = EVAL_TEMPLATES,
 ) -> Path:
     """A zero-shot classification set in clip_benchmark's WebDataset layout, as its
     clip_benchmark_export_wds writes one: classnames.txt, zeroshot_classification_templates.txt,
@@ -64,7 +65,7 @@ def write_zeroshot_set(
     out = Path(folder)
     (out / "test").mkdir(parents=True, exist_ok=True)
     _lines(out / "classnames.txt", [class_name(i) for i in range(len(CLASSES))])
-    _lines(out / "zeroshot_classification_templates.txt", EVAL_TEMPLATES)
+    _lines(out / "zeroshot_classification_templates.txt", templates)
     labels = np.random.default_rng([seed, _ZEROSHOT_STREAM]).permutation(
         np.arange(samples) % len(CLASSES)
     )

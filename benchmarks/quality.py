@@ -1,0 +1,263 @@
+"""A miniature JEST replication through `jestcurate eval`: does training on a selection reach
+the uniform pool's quality in fewer steps?
+
+    python benchmarks/quality.py [--out docs/quality/softmax] [--workdir DIR] [--model jc-tiny]
+                                 [--methods ...] [--tasks N] [--quick]
+
+On the project's synthetic corpus (a clean guide split, a noisy pool, a clean zero-shot set):
+1. train a tiny reference on the guide split and a proxy learner on a slice of the pool
+   (`train`), and score the pool with both (`score`);
+2. select with every method at the same kept ratio and batch size (`select`); a selection holds
+   floor(pool / B) batches, so each method makes successive selections (--seed 0, 1, ...: fresh
+   permutations, as the paper's learner keeps filtering new super-batches) until they hold the
+   recipe's steps; the ablation does the same at another kept ratio;
+3. `jestcurate eval` trains a fresh tiny learner on the uniform pool and on each method's chain
+   of selections (one arm each, `-s NAME=SEL0,SEL1,...`), same recipe, several seeds, split over
+   --tasks array tasks, and evaluates zero-shot accuracy every --eval-every steps.
+Everything is the project's own code; this script only lays out the corpus and the arms. Writes
+results.json (the eval's results with the setup), results.md and accuracy.png to --out. The arms
+eval cannot express (online JEST, open_clip_train, shuffled batches) and the samplers'
+diagnostic are in quality_inmemory.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from jestcurate.math.sampling import SamplerOptions
+from jestcurate.pipelines import score as score_mod
+from jestcurate.pipelines import select as select_mod
+from jestcurate.pipelines import train as train_mod
+from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus, write_zeroshot_set
+
+TEMPLATE = "a photo of a {c}"  # the zero-shot prompt: "a photo of a red circle", ...
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str = "jc-tiny"  # jc-tiny (CLIP softmax loss) or jc-tiny-sigmoid (SigLIP, as the paper)
+    guide: tuple[int, int] = (4, 1000)  # shards, samples per shard
+    pool: tuple[int, int] = (40, 500)
+    eval_samples: int = 640
+    learner_shards: int = 4
+    reference_steps: int = 300
+    learner_steps: int = 60
+    reference_batch: int = 64
+    batch: int = 32
+    ratio: float = 0.2
+    chunks: int = 16
+    steps: int = 400
+    eval_every: int = 25
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.1
+    seeds: int = 3
+    ablation_ratios: tuple[float, ...] = (0.1,)
+    methods: tuple[str, ...] = ()  # a subset of METHODS to run (uniform always); empty: all
+
+
+QUICK = Setup(
+    guide=(1, 256), pool=(2, 256), eval_samples=64, learner_shards=1, reference_steps=20,
+    learner_steps=5, batch=16, steps=20, eval_every=10, seeds=1, ablation_ratios=(0.5,),
+)  # fmt: skip
+
+# method -> (its arm's name in the eval, select's settings)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "random": ("random", {"method": "random"}),
+    "clip-score": ("clip-score", {"method": "clip-score"}),
+    "easy-ref": ("easy-ref", {"method": "easy-ref"}),
+    "learnability": ("learnability", {"method": "learnability"}),
+    "jest (easy-ref)": ("jest-easy-ref", {"method": "jest", "score": "easy-ref"}),
+    "jest (learnability)": ("jest-learnability", {"method": "jest", "score": "learnability"}),
+    "jest (learnability, 2 sweeps)": (
+        "jest-learnability-2-sweeps",
+        {"method": "jest", "score": "learnability", "sweeps": 2},
+    ),
+    # The paper's Algorithm 1 as written (select --sampler paper), for comparison.
+    "jest (learnability, Algorithm 1)": (
+        "jest-learnability-algorithm-1",
+        {"method": "jest", "score": "learnability", "sampler": "paper"},
+    ),
+}
+# Where the paper says joint selection matters most, a lower kept ratio: the joint samplers
+# beside the independent baseline with the same criterion.
+ABLATED = ("learnability", "jest (learnability)", "jest (learnability, Algorithm 1)")
+
+
+def prepare(work: Path, setup: Setup) -> None:
+    """Corpus, zero-shot set, reference and learner, and the pool scored with both; each step
+    skipped or resumed on a rerun (train and score are idempotent)."""
+    if not (work / "zeroshot" / "classnames.txt").is_file():
+        for name, (shards, samples), noise, first, seed in (
+            ("guide", setup.guide, "clean", 0, 11),
+            ("pool", setup.pool, "noisy", 100, 12),
+        ):
+            spec = CorpusSpec(shards, samples, seed, 64, PRESETS[noise], first_shard=first)
+            write_corpus(work / name, spec)
+        write_zeroshot_set(work / "zeroshot", setup.eval_samples, 13, templates=(TEMPLATE,))
+    common = {"model": setup.model, "batch_size": setup.reference_batch, "workers": 1,
+              "lr": setup.lr}  # fmt: skip
+    pool = sorted(str(p) for p in (work / "pool").glob("*.tar"))
+    for role, inputs, steps in (
+        ("reference", (str(work / "guide"),), setup.reference_steps),
+        ("learner", tuple(pool[: setup.learner_shards]), setup.learner_steps),
+    ):
+        out = work / f"{role}.pt"
+        train_mod.run(train_mod.TrainConfig(inputs=inputs, out=out, steps=steps, **common))
+        score_mod.run(
+            score_mod.ScoreConfig(
+                inputs=(str(work / "pool"),), out=work / "scores" / role, model=setup.model,
+                pretrained=str(out), role=role,
+            )
+        )  # fmt: skip
+
+
+def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str) -> list[Path]:
+    """Successive selections of one method (--seed 0, 1, ...) until they hold setup.steps
+    batches; reruns reuse the finished ones (select is idempotent)."""
+    made: list[Path] = []
+    held = 0
+    while held < setup.steps:
+        out = work / "selections" / name / f"seed-{len(made)}"
+        sampling = SamplerOptions(
+            setup.batch, ratio, criterion=kw.get("score"), chunks=setup.chunks,
+            **{k: v for k, v in kw.items() if k in ("sampler", "sweeps")},
+        )  # fmt: skip
+        # the learner's scores only where the method reads them (the FLOPs count its pass)
+        needs = kw["method"] == "learnability" or kw.get("score") == "learnability"
+        cfg = select_mod.SelectConfig(
+            reference=work / "scores" / "reference",
+            learner=work / "scores" / "learner" if needs else None,
+            out=out, method=kw["method"], sampling=sampling, seed=len(made), device="cpu",
+        )  # fmt: skip
+        select_mod.run(cfg)
+        steps = json.loads((out / "summary.json").read_text())["counts"]["steps"]
+        if steps < 1:
+            raise SystemExit(f"{name}: a selection of no batches; the pool is too small")
+        held += steps
+        made.append(out)
+    return made
+
+
+def arms(work: Path, setup: Setup) -> dict[str, tuple[str, list[Path]]]:
+    """method label -> (arm name, its chain of selections), the ablation's after the rest."""
+    chosen = [m for m in METHODS if not setup.methods or m in setup.methods]
+    found = {}
+    for label in chosen:
+        name, kw = METHODS[label]
+        found[label] = (name, chain(work, setup, kw, setup.ratio, name))
+    for ratio in setup.ablation_ratios:
+        for label in (m for m in ABLATED if m in chosen):
+            name, kw = METHODS[label]
+            name = f"{name}-ratio-{ratio}"
+            found[f"{label}, ratio {ratio}"] = (name, chain(work, setup, kw, ratio, name))
+    return found
+
+
+def evaluate(work: Path, setup: Setup, found: dict[str, tuple[str, list[Path]]], tasks: int):
+    """`jestcurate eval` over every arm as `tasks` array tasks side by side, then once more to
+    print the table (it trains nothing then); returns its results.json."""
+    command = [
+        sys.executable, "-m", "jestcurate", "eval", str(work / "pool"), "--out",
+        str(work / "eval"), "--eval", str(work / "zeroshot"), "--model", setup.model,
+        "--steps", str(setup.steps), "-b", str(setup.batch), "--lr", str(setup.lr),
+        "--warmup", str(setup.warmup), "--weight-decay", str(setup.weight_decay),
+        "--eval-every", str(setup.eval_every), "--seeds", str(setup.seeds),
+    ]  # fmt: skip
+    for name, paths in found.values():
+        command += ["-s", f"{name}={','.join(str(p) for p in paths)}"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    running = [
+        subprocess.Popen([*command, "--task-index", str(i), "--num-tasks", str(tasks)], env=env)
+        for i in range(tasks)
+    ]
+    if any(p.wait() != 0 for p in running):
+        raise SystemExit("an eval task failed (its output is above); rerun to finish it")
+    subprocess.run(command, env=env, check=True)
+    return json.loads((work / "eval" / "results.json").read_text())
+
+
+def markdown(results: dict[str, Any], setup: Setup) -> str:
+    summary = results["eval"]["summary"]
+    rows = {row["arm"]: row for row in summary["arms"]}
+    labels = {"uniform": "uniform", **{name: label for label, name in results["arms"].items()}}
+
+    def line(name: str) -> str:
+        row = rows[name]
+        final = row["final"]["zeroshot"]["acc1"]
+        reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_uniform_final"])
+        speed = "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x"
+        learner, total = (row[k] for k in ("learner_tflops_to_uniform_final",
+                                           "with_scoring_tflops_to_uniform_final"))  # fmt: skip
+        tflop = "— | —" if learner is None else f"{learner:.2f} | {total:.2f}"
+        return (f"| {labels[name]} | {final['mean']:.3f} ± {final['std']:.3f} | {reach} | "
+                f"{speed} | {tflop} |")  # fmt: skip
+
+    ablated = {name for label, name in results["arms"].items() if ", ratio " in label}
+    header = [
+        "| method | final accuracy (mean ± std) | steps to baseline final (per seed) | speed-up "
+        "| learner TFLOP to it | + scoring passes TFLOP |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    flops = summary["learner_forward_flops_per_sample"]
+    aux = 3 * flops * setup.reference_batch * (setup.reference_steps + setup.learner_steps)
+    return "\n".join([
+        f"Baseline (uniform pool) final accuracy after {setup.steps} steps: "
+        f"{summary['uniform_final']:.3f}",
+        "", *header, *(line(n) for n in rows if n not in ablated),
+        "", *header, *(line(n) for n in rows if n in ablated),
+        "",
+        f"Compute: {flops / 1e6:.1f} MFLOP per sample forward (image + text), a training step "
+        f"≈ 3 forward passes. Baseline: {summary['train_tflops']:.2f} TFLOP for {setup.steps} "
+        f"steps. Training the reference and learner: {aux / 1e12:.2f} TFLOP (not counted "
+        "above).",
+    ]) + "\n"  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/quality/softmax"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-quality"))
+    parser.add_argument("--quick", action="store_true", help="a tiny run of the code path")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--tasks", type=int, default=1, help="eval array tasks side by side")
+    parser.add_argument("--model", default="jc-tiny", help="jc-tiny or jc-tiny-sigmoid")
+    parser.add_argument(
+        "--methods", nargs="+", default=(), choices=list(METHODS), help="run only these"
+    )
+    args = parser.parse_args()
+    setup = replace(QUICK if args.quick else Setup(), model=args.model, methods=tuple(args.methods))
+    setup = replace(setup, **{k: v for k in ("steps", "seeds") if (v := getattr(args, k))})
+    began = time.time()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    prepare(work, setup)
+    found = arms(work, setup)
+    print(f"selections made ({time.time() - began:.0f} s); eval follows", flush=True)
+    results = {
+        "setup": asdict(setup),
+        "arms": {label: name for label, (name, _) in found.items()},
+        "selections": {name: [str(p) for p in paths] for name, paths in found.values()},
+        "eval": evaluate(work, setup, found, args.tasks),
+        "seconds": time.time() - began,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text(markdown(results, setup))
+    shutil.copy(work / "eval" / "curves.png", args.out / "accuracy.png")
+    print(markdown(results, setup))
+    print(f"{results['seconds']:.0f} s; wrote {args.out}/results.json, results.md, accuracy.png")
+
+
+if __name__ == "__main__":
+    main()
