@@ -23,6 +23,7 @@ diagnostic are in quality_inmemory.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines import train as train_mod
+from jestcurate.pipelines.evaluate import results as results_mod
 from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus, write_zeroshot_set
 
 TEMPLATE = "a photo of a {c}"  # the zero-shot prompt: "a photo of a red circle", ...
@@ -165,56 +167,48 @@ def arms(work: Path, setup: Setup) -> dict[str, tuple[str, list[Path]]]:
 
 def evaluate(work: Path, setup: Setup, found: dict[str, tuple[str, list[Path]]], tasks: int):
     """`jestcurate eval` over every arm as `tasks` array tasks side by side, then once more to
-    print the table (it trains nothing then); returns its results.json."""
+    print the table (it trains nothing then); returns its results.json. The eval's folder is
+    named after its options, so a rerun with others starts its own."""
     command = [
-        sys.executable, "-m", "jestcurate", "eval", str(work / "pool"), "--out",
-        str(work / "eval"), "--eval", str(work / "zeroshot"), "--model", setup.model,
+        sys.executable, "-m", "jestcurate", "eval", str(work / "pool"),
+        "--eval", str(work / "zeroshot"), "--model", setup.model, "--device", "cpu",
         "--steps", str(setup.steps), "-b", str(setup.batch), "--lr", str(setup.lr),
         "--warmup", str(setup.warmup), "--weight-decay", str(setup.weight_decay),
         "--eval-every", str(setup.eval_every), "--seeds", str(setup.seeds),
     ]  # fmt: skip
     for name, paths in found.values():
         command += ["-s", f"{name}={','.join(str(p) for p in paths)}"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = work / f"eval-{hashlib.sha256(' '.join(command[3:]).encode()).hexdigest()[:10]}"
+    command += ["--out", str(out)]
+    env = dict(os.environ)
+    if tasks > 1:  # tasks side by side share the cores
+        env.setdefault("OMP_NUM_THREADS", "1")
     running = [
         subprocess.Popen([*command, "--task-index", str(i), "--num-tasks", str(tasks)], env=env)
         for i in range(tasks)
     ]
-    if any(p.wait() != 0 for p in running):
-        raise SystemExit("an eval task failed (its output is above); rerun to finish it")
+    codes = [p.wait() for p in running]  # every task, so none is left running on a failure
+    if any(codes):
+        raise SystemExit(f"an eval task failed (its output is above); rerun to finish ({out})")
     subprocess.run(command, env=env, check=True)
-    return json.loads((work / "eval" / "results.json").read_text())
+    return out, json.loads((out / "results.json").read_text())
 
 
 def markdown(results: dict[str, Any], setup: Setup) -> str:
+    """eval's own table (results_mod.table) with each arm under its method's label, the ablation
+    in a table of its own, and the compute behind the TFLOP columns."""
     summary = results["eval"]["summary"]
-    rows = {row["arm"]: row for row in summary["arms"]}
     labels = {"uniform": "uniform", **{name: label for label, name in results["arms"].items()}}
-
-    def line(name: str) -> str:
-        row = rows[name]
-        final = row["final"]["zeroshot"]["acc1"]
-        reach = ", ".join("—" if r is None else str(r) for r in row["steps_to_uniform_final"])
-        speed = "not reached" if row["speedup"] is None else f"{row['speedup']:.1f}x"
-        learner, total = (row[k] for k in ("learner_tflops_to_uniform_final",
-                                           "with_scoring_tflops_to_uniform_final"))  # fmt: skip
-        tflop = "— | —" if learner is None else f"{learner:.2f} | {total:.2f}"
-        return (f"| {labels[name]} | {final['mean']:.3f} ± {final['std']:.3f} | {reach} | "
-                f"{speed} | {tflop} |")  # fmt: skip
-
     ablated = {name for label, name in results["arms"].items() if ", ratio " in label}
-    header = [
-        "| method | final accuracy (mean ± std) | steps to baseline final (per seed) | speed-up "
-        "| learner TFLOP to it | + scoring passes TFLOP |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    rows = {arm: f"| {labels[arm]} | " + " | ".join(cells) + " |"
+            for arm, _, cells in results_mod.table(summary)}  # fmt: skip
+    header = ["| method | " + " | ".join(results_mod.COLUMNS[1:]) + " |", "|" + " --- |" * 6]
     flops = summary["learner_forward_flops_per_sample"]
     aux = 3 * flops * setup.reference_batch * (setup.reference_steps + setup.learner_steps)
     return "\n".join([
-        f"Baseline (uniform pool) final accuracy after {setup.steps} steps: "
-        f"{summary['uniform_final']:.3f}",
-        "", *header, *(line(n) for n in rows if n not in ablated),
-        "", *header, *(line(n) for n in rows if n in ablated),
+        results_mod.headline(summary),
+        "", *header, *(row for arm, row in rows.items() if arm not in ablated),
+        "", *header, *(row for arm, row in rows.items() if arm in ablated),
         "",
         f"Compute: {flops / 1e6:.1f} MFLOP per sample forward (image + text), a training step "
         f"≈ 3 forward passes. Baseline: {summary['train_tflops']:.2f} TFLOP for {setup.steps} "
@@ -248,13 +242,13 @@ def main() -> None:
         "setup": asdict(setup),
         "arms": {label: name for label, (name, _) in found.items()},
         "selections": {name: [str(p) for p in paths] for name, paths in found.values()},
-        "eval": evaluate(work, setup, found, args.tasks),
-        "seconds": time.time() - began,
     }
+    folder, results["eval"] = evaluate(work, setup, found, args.tasks)
+    results["seconds"] = time.time() - began
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(markdown(results, setup))
-    shutil.copy(work / "eval" / "curves.png", args.out / "accuracy.png")
+    shutil.copy(folder / "curves.png", args.out / "accuracy.png")
     print(markdown(results, setup))
     print(f"{results['seconds']:.0f} s; wrote {args.out}/results.json, results.md, accuracy.png")
 

@@ -637,8 +637,8 @@ def run(setup: Setup, out: Path, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/quality"))
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-quality"))
+    parser.add_argument("--out", type=Path, default=Path("docs/quality/inmemory"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/jestcurate-quality-inmemory"))
     parser.add_argument("--quick", action="store_true", help="a tiny run of the code path")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)

@@ -134,7 +134,7 @@ def test_bad_input_is_one_line(world: dict[str, Path], tmp_path: Path) -> None:
         (["eval", world["pool"], "--out", tmp_path / "a", "--eval", broken, *RECIPE],
          "classnames.txt"),
         (["eval", world["pool"], "--out", tmp_path / "f", "--exclude", tmp_path / "other-decon",
-          "--eval", world["zeroshot"], *RECIPE], "was made from another pool"),
+          "--eval", world["zeroshot"], *RECIPE], "did not search the whole pool"),
         (["eval", world["pool"], "--out", tmp_path / "g", "--exclude", world["jest"],
           "--eval", world["zeroshot"], *RECIPE], "is not a decontamination output"),
         (["eval", world["pool"], "--out", tmp_path / "b", "-s", tmp_path / "foreign",
@@ -201,20 +201,39 @@ def test_a_chain_trains_its_selections_one_after_another(
     # Through the CLI: a named chain is one arm, its units under its name.
     out = tmp_path / "eval"
     code, output = run_cli("eval", world["pool"], "--out", out, "-s",
-                           f"jest-chain={world['jest']},{second}", "--eval", world["zeroshot"],
-                           *RECIPE[:6], "--seeds", 1, "--workers", 0)  # fmt: skip
+                           f"jest-chain={world['jest']},{second}", "-s", f"single={second}",
+                           "--eval", world["zeroshot"], *RECIPE[:6], "--seeds", 1,
+                           "--workers", 0)  # fmt: skip
     assert code == 0, output
     results = json.loads((out / "results.json").read_text())
-    assert [row["arm"] for row in results["summary"]["arms"]] == ["uniform", "jest-chain"]
-    assert results["identity"]["selections"] == [[str(world["jest"]), str(second)]]
+    arms = [row["arm"] for row in results["summary"]["arms"]]
+    assert arms == ["uniform", "jest-chain", "single"]
+    assert results["identity"]["selections"] == [[str(world["jest"]), str(second)], str(second)]
     unit = json.loads((out / "units" / "jest-chain" / "seed-0.json").read_text())
     assert unit["selection"] == [str(world["jest"]), str(second)]
+    # The same selections under swapped names are not the units trained under the old ones.
+    code, output = run_cli("eval", world["pool"], "--out", out, "-s",
+                           f"single={world['jest']},{second}", "-s", f"jest-chain={second}",
+                           "--eval", world["zeroshot"], *RECIPE[:6], "--seeds", 1,
+                           "--workers", 0)  # fmt: skip
+    assert code == 2 and "keep each arm's name" in output, output
     for bad, message in (("uniform=" + str(second), "not 'uniform'"),
-                         ("a b=" + str(second), "an arm name is"),
+                         ("a b=" + str(second), "an arm name starts"),
+                         ("..=" + str(second), "an arm name starts"),
                          ("named=", "names no selection")):  # fmt: skip
         code, output = run_cli("eval", world["pool"], "--out", tmp_path / "bad", "-s", bad,
                                "--eval", world["zeroshot"], *RECIPE)  # fmt: skip
         assert code == 2 and message in output and len(output.strip().splitlines()) == 1, output
+    code, output = run_cli("eval", world["pool"], "--out", tmp_path / "bad", "-s",
+                           f"x={second}", "-s", f"x={world['jest']}", "--eval", world["zeroshot"],
+                           *RECIPE)  # fmt: skip
+    assert code == 2 and "two arms are named 'x'" in output, output
+    # a selection folder whose path holds '=' and ',' is one selection
+    odd = tmp_path / "lr=0.1,b=16"
+    shutil.copytree(second, odd)
+    from jestcurate.pipelines.evaluate.config import parse_arm
+
+    assert parse_arm(str(odd)).selections == (odd,)
 
 
 def test_exclude_leaves_the_rows_out_of_the_uniform_arm(
@@ -240,10 +259,14 @@ def test_exclude_leaves_the_rows_out_of_the_uniform_arm(
     assert counts["excluded"] == 3
     assert sum(counts.values()) == sum(plain.values())
 
-    # Through the CLI: the uniform arm is decontaminated against the set the exclusion searched.
+    # Through the CLI: a pool shard copied into an eval set is found, its rows are left out of the
+    # uniform arm, which counts as decontaminated against the set the exclusion searched.
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    shutil.copy(shard, plant / shard.name)
     decon = tmp_path / "decontam"
     code, output = run_cli("decontaminate", world["scores"], "--against", world["zeroshot"],
-                           "--out", decon, "--threshold", 0.9999)  # fmt: skip
+                           "--against", plant, "--out", decon, "--threshold", 0.9999)  # fmt: skip
     assert code == 0, output
     out = tmp_path / "eval"
     code, output = run_cli("eval", world["pool"], "--out", out, "--exclude", decon, "--eval",
@@ -252,7 +275,9 @@ def test_exclude_leaves_the_rows_out_of_the_uniform_arm(
     assert code == 0, output
     results = json.loads((out / "results.json").read_text())
     assert results["not_decontaminated"] == {"uniform": ["retrieval"]}
-    assert results["identity"]["exclude"] == [str(decon)]
+    assert [e["path"] for e in results["identity"]["exclude"]] == [str(decon)]
+    per_shard = 48  # the world's pool: 4 shards of 48
+    assert per_shard <= results["excluded_rows"] < 4 * per_shard - 16, results["excluded_rows"]
     # without --exclude the identity has no such field: evals made before it are reused
     code, output = run_cli("eval", world["pool"], "--out", tmp_path / "plain", "--eval",
                            world["zeroshot"], *RECIPE[:6], "--seeds", 1,

@@ -57,16 +57,23 @@ class Arm:
         return not self.selections
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def parse_arm(spec: str) -> Arm:
     """`-s [NAME=]SEL[,SEL...]`: an arm of one selection, or of several chained; unnamed, it is
-    named after its first selection's folder."""
+    named after its first selection's folder. A spec that is itself an existing folder is one
+    selection, whatever '=' or ',' its path holds."""
+    if Path(spec).is_dir():
+        return Arm("", (Path(spec),))
     name, _, paths = spec.partition("=") if "=" in spec else ("", "", spec)
     parts = tuple(Path(p) for p in paths.split(",") if p)
     if not parts:
         raise JCError(f"-s {spec!r} names no selection: give -s [NAME=]SELECTION[,SELECTION...]")
-    if name and (_slug(name) != name or name == "uniform"):
+    if name and (not _NAME.fullmatch(name) or name.lower() == "uniform"):
         raise JCError(
-            f"-s {spec!r}: an arm name is letters, digits, '.', '_' or '-', and not 'uniform'"
+            f"-s {spec!r}: an arm name starts with a letter or digit, then letters, digits, '.', "
+            "'_' or '-', and is not 'uniform'"
         )
     return Arm(name, parts)
 
@@ -90,8 +97,16 @@ class EvalConfig:
         """The uniform arm, then each given arm, named as given or by its first selection's
         folder (made unique)."""
         arms, seen = [Arm("uniform")], {"uniform"}
+        named = [a.name for a in self.selections if a.name]
+        twice = sorted({n for n in named if named.count(n) > 1})
+        if twice:
+            raise JCError(f"two arms are named {twice[0]!r}: give each -s its own NAME=")
+        seen |= set(named)
         for arm in self.selections:
-            name = arm.name or _slug(arm.selections[0].resolve().name) or "selection"
+            if arm.name:
+                arms.append(arm)
+                continue
+            name = _slug(arm.selections[0].resolve().name) or "selection"
             unique, k = name, 2
             while unique in seen:
                 unique, k = f"{name}-{k}", k + 1
@@ -109,20 +124,27 @@ class EvalConfig:
             "pool": [p if is_url(p) else os.path.realpath(p) for p in self.pool],
             # an arm of one selection is its path (as before chains), a chain the list of them
             "selections": [
-                str(a.selections[0].resolve())
-                if len(a.selections) == 1
-                else [str(p.resolve()) for p in a.selections]
+                [str(p.resolve()) for p in a.selections]
+                if len(a.selections) > 1
+                else str(a.selections[0].resolve())
                 for a in self.selections
             ],
             "eval_sets": [str(Path(e).resolve()) for e in self.eval_sets],
             "eval_samples": self.eval_samples,
-            # only when given, so evals made before --exclude keep their fingerprint
-            **({"exclude": [str(p.resolve()) for p in self.exclude]} if self.exclude else {}),
+            # only when given, so evals made before --exclude keep their fingerprint; with its
+            # summary's hash, so an output rewritten in place is another eval
+            **({"exclude": [_fingerprint_of(p) for p in self.exclude]} if self.exclude else {}),
         }
 
     def fingerprint(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fingerprint_of(output: Path) -> dict[str, str]:
+    summary = output / "summary.json"
+    digest = hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else ""
+    return {"path": str(output.resolve()), "summary_sha256": digest}
 
 
 def _slug(name: str) -> str:

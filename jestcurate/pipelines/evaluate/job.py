@@ -76,7 +76,8 @@ def run(cfg: EvalConfig) -> EvalReport:
     done = {(a.name, s): units.finished(cfg, a, s) for a, s in every}
     found = None
     if all(v is not None for v in done.values()):
-        found = _write_results(cfg, arms, opened, done, undecontaminated)
+        excluded = sum(len(rows) for rows in (skip or {}).values())
+        found = _write_results(cfg, arms, opened, done, undecontaminated, excluded)
     return EvalReport(cfg.out, len(every), len(mine), len(todo), found, time.time() - began)
 
 
@@ -120,8 +121,10 @@ def _searched(exclusions: tuple[Path, ...]) -> set[str]:
             made = read_json(exclusion / "summary.json")
         except (OSError, ValueError):
             continue
-        for against in made.get("against") or []:
-            covered.add(os.path.realpath(str(against.get("location", ""))))
+        searched = made.get("against") if isinstance(made, dict) else None
+        for against in searched if isinstance(searched, list) else []:
+            if isinstance(against, dict):
+                covered.add(os.path.realpath(str(against.get("location", ""))))
     return covered
 
 
@@ -145,6 +148,7 @@ def _write_results(
     opened: list[sets_mod.EvalSet],
     done: dict[tuple[str, int], dict[str, Any] | None],
     undecontaminated: dict[str, list[str]],
+    excluded: int,
 ) -> dict[str, Any]:
     by_arm = {a.name: [done[(a.name, s)] for s in cfg.seeds] for a in arms}
     primary = {s.name: sets_mod.primary_metric(s.kind) for s in opened}
@@ -157,6 +161,7 @@ def _write_results(
         "eval_sets": [{"name": s.name, "kind": s.kind, "path": str(s.path)} for s in opened],
         "primary_metrics": primary,
         "not_decontaminated": undecontaminated,  # arm -> eval sets its data may overlap
+        "excluded_rows": excluded,  # pool rows --exclude left out of the uniform arm
         "summary": summary,
         "units": {a: [u["curve"] for u in us] for a, us in by_arm.items()},  # type: ignore[index]
     }

@@ -74,7 +74,8 @@ def uniform(
                 got += 1
                 yield images, tokens
         if not got:
-            raise JCError(f"the pool holds less than one batch of {b} valid samples")
+            less = " once --exclude's rows are left out" if skip else ""
+            raise JCError(f"the pool holds less than one batch of {b} valid samples{less}")
         epoch += 1
 
 
@@ -99,8 +100,10 @@ def selections(paths: tuple[Path, ...], model: LoadedModel, preprocess: Any, see
 
 
 def excluded_rows(exclude: tuple[Path, ...], shards: list[str]) -> dict[str, Any] | None:
-    """The rows the --exclude outputs name, by resolved shard path; an output naming a shard
-    the pool does not hold was made from another pool and is refused."""
+    """The rows the --exclude outputs name, by shard_location. Each output must have searched
+    the whole pool: the score set it was made from holds every pool shard (an output of
+    another pool, or of a part of this one, would clear the warning for shards never searched).
+    """
     if not exclude:
         return None
     import numpy as np
@@ -111,7 +114,16 @@ def excluded_rows(exclude: tuple[Path, ...], shards: list[str]) -> dict[str, Any
     mine = {shard_location(s) for s in shards}
     found: dict[str, Any] = {}
     for directory in exclude:
-        for shard, rows in load_excluded(directory).items():
+        rows_by_shard = load_excluded(directory)
+        searched = _searched_shards(directory)
+        unsearched = sorted(mine - searched)
+        if unsearched:
+            raise JCError(
+                f"--exclude {directory} did not search the whole pool: {unsearched[0]}"
+                f"{f' and {len(unsearched) - 1} more shards' if len(unsearched) > 1 else ''} "
+                "are not in the score set it was made from; decontaminate that pool's score set"
+            )
+        for shard, rows in rows_by_shard.items():
             path = shard_location(shard)
             if path not in mine:
                 raise JCError(
@@ -120,6 +132,18 @@ def excluded_rows(exclude: tuple[Path, ...], shards: list[str]) -> dict[str, Any
                 )
             found[path] = np.union1d(found[path], rows) if path in found else rows
     return found
+
+
+def _searched_shards(directory: Path) -> set[str]:
+    """The shards of the score set a decontaminate output was made from."""
+    from jestcurate.pipelines.train.stream import shard_location
+
+    try:
+        made_from = str(read_json(directory / "summary.json")["scores"]["path"])
+        return {shard_location(s) for s in pool_shards((made_from,))}
+    except (OSError, ValueError, KeyError, TypeError, JCError) as exc:
+        message = f"--exclude {directory}: cannot tell which shards it searched ({exc})"
+        raise JCError(message) from None
 
 
 def batches_of(

@@ -42,7 +42,21 @@ def finished(cfg: EvalConfig, arm: Arm, seed: int) -> dict[str, Any] | None:
             f"{cfg.out} holds an eval with another recipe, pool, selections or eval sets "
             f"({_difference(found.get('identity') or {}, cfg.identity())}); use another --out"
         )
+    if found.get("selection") != trained_on(arm):  # the same selections, named otherwise
+        raise JCError(
+            f"{path} was trained on {found.get('selection') or 'the uniform pool'}, not on what "
+            f"arm {arm.name} names now: keep each arm's name, or use another --out"
+        )
     return found
+
+
+def trained_on(arm: Arm) -> str | list[str] | None:
+    """What a unit records it trained on: None (the uniform pool), a selection's path, or a
+    chain's paths (one selection is its path, as before chains)."""
+    if arm.uniform:
+        return None
+    paths = [str(p.resolve()) for p in arm.selections]
+    return paths[0] if len(paths) == 1 else paths
 
 
 def _difference(there: dict[str, Any], now: dict[str, Any]) -> str:
@@ -96,14 +110,7 @@ def train_unit(
         "fingerprint": cfg.fingerprint(),
         "identity": cfg.identity(),
         "arm": arm.name,
-        # one selection: its path (as before chains); a chain: the list; uniform: None
-        "selection": (
-            None
-            if arm.uniform
-            else str(arm.selections[0].resolve())
-            if len(arm.selections) == 1
-            else [str(p.resolve()) for p in arm.selections]
-        ),
+        "selection": trained_on(arm),
         "seed": seed,
         "steps": r.steps,
         "samples_seen": r.steps * r.batch_size,
