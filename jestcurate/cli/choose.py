@@ -135,6 +135,53 @@ def select(
             "(of the kept set for random and clip-score).",
         ),
     ] = False,
+    min_caption_words: Annotated[
+        int | None, typer.Option(help="Filter: drop rows whose caption has fewer words.")
+    ] = None,
+    max_caption_words: Annotated[
+        int | None, typer.Option(help="Filter: drop rows whose caption has more words.")
+    ] = None,
+    min_caption_chars: Annotated[
+        int | None, typer.Option(help="Filter: drop rows whose caption has fewer characters.")
+    ] = None,
+    max_caption_chars: Annotated[
+        int | None, typer.Option(help="Filter: drop rows whose caption has more characters.")
+    ] = None,
+    language: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Filter: keep rows whose caption is in this language, an ISO 639-1 code "
+            "(repeatable, or a comma list), identified by lingua (pip install "
+            "'jestcurate[filters]').",
+            show_default=False,
+        ),
+    ] = None,
+    target: Annotated[
+        Path | None,
+        typer.Option(
+            help="Filter: a score set of target images (a guide split, scored with the "
+            "reference's model) for --target-filter."
+        ),
+    ] = None,
+    target_filter: Annotated[
+        str | None,
+        typer.Option(
+            help="clusters (keep rows in the pool's k-means clusters nearest the target "
+            "images, DataComp's image-based filter), normsim2 or normsiminf (NormSim: the "
+            "2-norm or max of a row's image cosines to the target images)."
+        ),
+    ] = None,
+    target_keep: Annotated[
+        float | None,
+        typer.Option(help="normsim: keep this top fraction of the scored rows by NormSim."),
+    ] = None,
+    target_threshold: Annotated[
+        float | None, typer.Option(help="normsim: keep rows whose NormSim is at least this.")
+    ] = None,
+    target_clusters: Annotated[
+        int | None,
+        typer.Option(help="clusters: k of the k-means (default: the square root of its sample)."),
+    ] = None,
     task_index: Annotated[
         int | None,
         typer.Option(
@@ -172,7 +219,9 @@ def select(
     options = dict(locals())
     from jestcurate.math.sampling import SamplerOptions
     from jestcurate.pipelines import select as select_mod
+    from jestcurate.pipelines.select.filters import FilterOptions
 
+    codes = tuple(c for given in language or () for c in given.split(","))
     cfg = config_from(
         select_mod.SelectConfig,
         options,
@@ -180,6 +229,7 @@ def select(
         learner=score_set_dir(learner) if learner else None,
         sampling=config_from(SamplerOptions, options, criterion=score),
         exclude=tuple(exclude or ()),
+        filters=config_from(FilterOptions, options, language=codes),
     )
     select_mod.print_exported(select_mod.run(cfg, on_selected=select_mod.print_selected))
 

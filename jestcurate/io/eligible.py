@@ -11,8 +11,9 @@ here once (`layout`), for the cache and for select's scatter buckets (io/scatter
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -66,33 +67,123 @@ def layout(
 
 @dataclass
 class Counts:
+    """Rows of the score set, what made ok rows ineligible (each filter counts only the rows
+    the filters before it left), and the eligible rows. The fields are always reported; the
+    other filters (select's caption, language and target-set filters) by name in `filtered`,
+    only when given."""
+
     rows: int = 0
     errors: int = 0
     below_min_clip_score: int = 0
     duplicates: int = 0
     excluded: int = 0  # ok rows an exclusion (select --exclude: decontaminate) made ineligible
     eligible: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)  # by filter name, in filter order
+
+    def add(self, name: str, n: int) -> None:
+        if name in COUNTS:
+            setattr(self, name, getattr(self, name) + n)
+        else:
+            self.filtered[name] = self.filtered.get(name, 0) + n
+
+    def get(self, name: str) -> int:
+        return getattr(self, name) if name in COUNTS else self.filtered.get(name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        """As summary.json's counts: the fields, each other filter's count, then eligible."""
+        fixed = {name: getattr(self, name) for name in COUNTS if name != "eligible"}
+        return {**fixed, **self.filtered, "eligible": self.eligible}
+
+    @classmethod
+    def of(cls, names: tuple[str, ...], values: list[int]) -> Counts:
+        counts = cls()
+        for name, value in zip(names, values, strict=True):
+            counts.add(name, int(value))
+        return counts
 
 
-COUNTS = tuple(f.name for f in fields(Counts))
+COUNTS = tuple(f.name for f in fields(Counts) if f.name != "filtered")
 
 
-def count_masks(
-    ok: np.ndarray, low: np.ndarray, duplicate: np.ndarray, excluded: np.ndarray
-) -> tuple[np.ndarray, ...]:
-    """The rows each Counts field counts, in COUNTS order; the last is the eligible rows."""
-    return (np.ones_like(ok), ~ok, low, duplicate, excluded, ok & ~low & ~duplicate & ~excluded)
+@dataclass(frozen=True)
+class Verdict:
+    """A filter's verdict on one part's rows: which it removes, and each row's value (the
+    number the filter decided on, NaN where it looked at nothing), or None."""
+
+    removed: np.ndarray
+    value: np.ndarray | None = None
+
+
+class RowFilter(Protocol):
+    """A filter of the rows of a score-set part (select's caption, language and target-set
+    filters: pipelines/select/filters). It sees the reference's part table, holding at least
+    `columns`, and the rows still in play (`candidate`, ok and left by the filters before
+    it); rows outside `candidate` it may skip."""
+
+    name: str  # its count in Counts and summary.json
+    columns: tuple[str, ...]  # the part columns it reads
+
+    def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict: ...
 
 
 @dataclass(frozen=True)
 class Filters:
-    """What makes an ok row ineligible: a low clip_score, being a duplicate (dedup), or being
-    excluded (decontaminate: a near copy of an evaluation image)."""
+    """What makes an ok row ineligible, in this order: a low clip_score, being a duplicate
+    (dedup), being excluded (decontaminate: a near copy of an evaluation image), then each
+    of `rows` (select's other filters)."""
 
     min_clip: float | None = None
     dropped: dict[str, np.ndarray] | None = None  # shard -> indexes dedup dropped
     clusters: dict[str, np.ndarray] | None = None  # shard -> dedup cluster by index
     excluded: dict[str, np.ndarray] | None = None  # shard -> indexes an exclusion names
+    rows: tuple[Any, ...] = ()  # RowFilter instances
+
+    def chain(self) -> list[RowFilter]:
+        """Every filter as a RowFilter, in the order they apply."""
+        return [
+            MinClip(self.min_clip),
+            Named("duplicates", self.dropped),
+            Named("excluded", self.excluded),
+            *self.rows,
+        ]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The part columns select's other filters read (beyond what eligibility reads)."""
+        return tuple(dict.fromkeys(c for f in self.rows for c in f.columns))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The counts, in order (the scatter's counts.npy columns)."""
+        extra = tuple(f.name for f in self.rows)
+        return (*COUNTS[:-1], *extra, COUNTS[-1])
+
+
+@dataclass(frozen=True)
+class MinClip:
+    """--min-clip-score: rows whose clip_score is below it (or null)."""
+
+    threshold: float | None
+    name: str = "below_min_clip_score"
+    columns: tuple[str, ...] = ("clip_score",)
+
+    def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
+        clip = table.column("clip_score").fill_null(-np.inf).to_numpy()
+        if self.threshold is None:
+            return Verdict(np.zeros(len(candidate), dtype=bool), clip)
+        return Verdict(clip < self.threshold, clip)
+
+
+@dataclass(frozen=True)
+class Named:
+    """--dedup's dropped rows, --exclude's excluded ones: rows a derived output names."""
+
+    name: str
+    rows: dict[str, np.ndarray] | None
+    columns: tuple[str, ...] = ()
+
+    def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
+        return Verdict(_named(self.rows, shard, len(candidate)))
 
 
 def identities(part: str, table: pa.Table) -> np.ndarray:
@@ -129,21 +220,28 @@ def join_learner(name: str, ref: pa.Table, learner: pa.Table | None) -> None:
 
 def eligible_masks(
     ref: pa.Table, learner: pa.Table | None, filters: Filters | None, shard: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: ok (status ok in both sets), low (ok but below --min-clip-score), duplicate
-    (ok, not low, but dropped by dedup) and excluded (ok, not low, not a duplicate, but named
-    by an exclusion). Eligible is ok & ~low & ~duplicate & ~excluded."""
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per row: ok (status ok in both sets) and, per filter in order (Filters.chain), the ok
+    rows it removed that the filters before it left. Eligible: ok and removed by none."""
     filters = filters or Filters()
     ok = np.asarray(ref.column("status").to_numpy(zero_copy_only=False)) == "ok"
     if learner is not None:
         ok &= np.asarray(learner.column("status").to_numpy(zero_copy_only=False)) == "ok"
-    low = np.zeros(len(ok), dtype=bool)
-    if filters.min_clip is not None:
-        clip = ref.column("clip_score").fill_null(-np.inf).to_numpy()
-        low = ok & (clip < filters.min_clip)
-    duplicate = _named(filters.dropped, shard, len(ok)) & ok & ~low
-    excluded = _named(filters.excluded, shard, len(ok)) & ok & ~low & ~duplicate
-    return ok, low, duplicate, excluded
+    left = ok.copy()
+    removed = {}
+    for step in filters.chain():
+        gone = step(ref, shard, left).removed & left if left.any() else np.zeros_like(ok)
+        removed[step.name] = gone
+        left &= ~gone
+    return ok, removed
+
+
+def count_masks(ok: np.ndarray, removed: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The rows each count counts, in Filters.names order; the last is the eligible rows."""
+    eligible = ok.copy()
+    for gone in removed.values():
+        eligible &= ~gone
+    return (np.ones_like(ok), ~ok, *removed.values(), eligible)
 
 
 def _named(rows: dict[str, np.ndarray] | None, shard: str, n: int) -> np.ndarray:
@@ -163,9 +261,12 @@ def _eligible(
     shard: str,
 ) -> np.ndarray:
     masks = count_masks(*eligible_masks(ref, learner, filters, shard))
-    for name, mask in zip(COUNTS, masks, strict=True):
-        setattr(counts, name, getattr(counts, name) + int(mask.sum()))
+    for name, mask in zip((filters or Filters()).names, masks, strict=True):
+        counts.add(name, int(mask.sum()))
     return masks[-1]
+
+
+SCAN_COLUMNS = ["key", "shard", "status", "clip_score", "uid"]
 
 
 @dataclass
@@ -187,8 +288,9 @@ def scan(
     """First pass, small columns only: join check, eligibility counts, column widths."""
     check_same_parts(ref, learner)
     result = Scan(Counts(), [], 1, 1)
+    extra = [c for c in (filters or Filters()).columns if c not in SCAN_COLUMNS]
     for name in ref.part_names():
-        table = ref.read_part(name, ["key", "shard", "status", "clip_score", "uid"])
+        table = ref.read_part(name, [*SCAN_COLUMNS, *extra])
         other = learner.read_part(name, ["key", "status"]) if learner else None
         join_learner(name, table, other)
         shard = table.column("shard")
@@ -206,14 +308,18 @@ def scan(
 
 
 def read_rows(
-    ref: ScoreSet, learner: ScoreSet | None, name: str, embeddings: bool
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    name: str,
+    embeddings: bool,
+    extra: tuple[str, ...] = (),
 ) -> tuple[pa.Table, pa.Table | None]:
     """One part's columns that the cache is filled from, of the reference and the learner
-    (joined: the same rows in the same order)."""
+    (joined: the same rows in the same order), and the reference's `extra` columns (what
+    the filters read)."""
     emb = ["img_emb", "txt_emb"] if embeddings else []
-    table = ref.read_part(
-        name, ["key", "shard", "status", "clip_score", "index", "uid", "ref_loss", *emb]
-    )
+    wanted = ["key", "shard", "status", "clip_score", "index", "uid", "ref_loss", *emb]
+    table = ref.read_part(name, [*wanted, *(c for c in extra if c not in wanted)])
     other = learner.read_part(name, ["key", "status", "ref_loss", *emb]) if learner else None
     join_learner(name, table, other)
     return table, other
@@ -227,9 +333,13 @@ def row_values(
     shard: str,
     clusters: dict[str, np.ndarray] | None,
     widths: tuple[int, int],
+    embeddings: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """The cache's columns of one part's kept rows (key and uid `widths` bytes wide;
-    embeddings when the tables hold them; the dedup cluster when `clusters` is given)."""
+    embeddings when asked, by default when the tables hold them (a filter may have read the
+    image embeddings alone); the dedup cluster when `clusters` is given)."""
+    if embeddings is None:
+        embeddings = "img_emb" in table.column_names
     rows = table.filter(keep)
     values = {
         PART: np.full(rows.num_rows, part_id, dtype=np.int32),
@@ -247,13 +357,13 @@ def row_values(
             inside = index < len(known)
             cluster[inside] = known[index[inside]]
         values[CLUSTER] = cluster
-    if "img_emb" in table.column_names:
+    if embeddings:
         values[REF_IMG] = embedding_rows(rows.column("img_emb"))
         values[REF_TXT] = embedding_rows(rows.column("txt_emb"))
     if other is not None:
         theirs = other.filter(keep)
         values[LEARNER_LOSS] = theirs.column("ref_loss").to_numpy()
-        if "img_emb" in other.column_names:
+        if embeddings:
             values[LEARNER_IMG] = embedding_rows(theirs.column("img_emb"))
             values[LEARNER_TXT] = embedding_rows(theirs.column("txt_emb"))
     return values
@@ -277,10 +387,11 @@ def fill_cache(
     writers = column_writers(directory, record, n)
     try:
         for part_id, name in enumerate(ref.part_names()):
-            table, other = read_rows(ref, learner, name, embeddings)
+            extra = filters.columns if filters is not None else ()
+            table, other = read_rows(ref, learner, name, embeddings, extra)
             shard = found.shards[part_id]
             ok = pa.array(_eligible(table, other, filters, Counts(), shard))
-            values = row_values(table, other, ok, part_id, shard, clusters, widths)
+            values = row_values(table, other, ok, part_id, shard, clusters, widths, embeddings)
             for column, data in values.items():
                 writers[column].append(data)
             if on_part:

@@ -138,14 +138,14 @@ def scatter(
     partial = final.with_name(f".{final.name}.{socket.gethostname()}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    counts = np.zeros((count, len(COUNTS)), dtype=np.int64)  # per destination task
+    counts = np.zeros((count, len(filters.names)), dtype=np.int64)  # per destination task
     index = np.zeros((count, len(mine)), dtype=np.int64)  # rows of each part per task
     shards: list[str] = []
     files = [open(bucket(partial, j), "wb") for j in range(count)]  # noqa: SIM115 (closed below)
     try:
         for q, p in enumerate(mine):
             name = names[p]
-            table, other = read_rows(ref, learner, name, embeddings)
+            table, other = read_rows(ref, learner, name, embeddings, filters.columns)
             shard_col = table.column("shard")
             shard = shard_col[0].as_py() if len(shard_col) else name
             shards.append(shard)
@@ -155,7 +155,9 @@ def scatter(
                 counts[:, c] += np.bincount(dest[mask], minlength=count)
             keep = masks[-1]
             widths = (key_width, uid_width)
-            values = row_values(table, other, pa.array(keep), p, shard, filters.clusters, widths)
+            values = row_values(
+                table, other, pa.array(keep), p, shard, filters.clusters, widths, embeddings
+            )
             records = np.zeros(int(keep.sum()), dtype=dtype)
             for column, data in values.items():
                 records[column] = data
@@ -184,6 +186,7 @@ def scatter(
         "key_width": key_width,
         "uid_width": uid_width,
         "columns": sorted(columns),
+        **({"counts": list(filters.names)} if filters.rows else {}),  # counts.npy's columns
     }
     write_json_atomic(partial / DONE, done)
     shutil.rmtree(final, ignore_errors=True)
@@ -201,10 +204,11 @@ def _row(root: Path, s: int, count: int, name: str, task: int) -> np.ndarray:
     return np.array(np.load(scatter_directory(root, s, count) / name, mmap_mode="r")[task])
 
 
-def counts_for(root: Path, count: int, task: int) -> Counts:
-    """The eligibility counts of task `task`'s partition, summed over every scatter."""
+def counts_for(root: Path, count: int, task: int, names: tuple[str, ...] = COUNTS) -> Counts:
+    """The eligibility counts of task `task`'s partition, summed over every scatter (`names`:
+    counts.npy's columns, done.json's "counts" where select's other filters added some)."""
     total = sum(_padded(_row(root, s, count, COUNTS_FILE, task)) for s in range(count))
-    return Counts(**dict(zip(COUNTS, map(int, total), strict=True)))
+    return Counts.of(names, list(map(int, total)))
 
 
 def _padded(row: np.ndarray) -> np.ndarray:

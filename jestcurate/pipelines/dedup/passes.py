@@ -86,7 +86,9 @@ def use_gpu(device: str) -> bool:
     raise JCError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
-def _kmeans(x: np.ndarray, k: int, seed: int, iterations: int, gpu: bool) -> np.ndarray:
+def kmeans(x: np.ndarray, k: int, seed: int, iterations: int, gpu: bool) -> np.ndarray:
+    """Spherical k-means of the unit rows of `x` with faiss, seeded: the k centroids (also
+    select's target-set cluster filter's)."""
     import faiss
 
     # min_points_per_centroid=1: small sets are fine to cluster, and faiss would print a warning.
@@ -263,7 +265,7 @@ def find_duplicates(
     rng = np.random.default_rng(cfg.seed)
     training = np.sort(rng.choice(n, size=min(n, k * 256), replace=False))
     with ui.stage(f"k-means, {k:,} clusters"):
-        centroids = _kmeans(_vectors(cache, columns, training), k, cfg.seed, cfg.iterations, gpu)
+        centroids = kmeans(_vectors(cache, columns, training), k, cfg.seed, cfg.iterations, gpu)
         lap("kmeans")
         assigned = _assign(cache, columns, centroids, cfg.neighbors)
         found.cluster = assigned[:, 0]

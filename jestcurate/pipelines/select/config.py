@@ -10,6 +10,7 @@ from pathlib import Path
 from jestcurate.errors import JCError
 from jestcurate.math.sampling import SamplerOptions
 from jestcurate.model.openclip import resolve_device
+from jestcurate.pipelines.select.filters.options import FilterOptions, check
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class SelectConfig:
     dedup: Path | None = None  # a `jestcurate dedup` output: its dropped rows are not eligible
     exclude: tuple[Path, ...] = ()  # `jestcurate decontaminate` outputs: their rows neither
     balance_clusters: bool = False  # cap each dedup cluster's share of every batch / kept set
+    # caption length, language and target-set filters (pipelines/select/filters)
+    filters: FilterOptions = field(default_factory=FilterOptions)
     task_index: int | None = None  # array task I of N; None: from Slurm's variables, else 0 of 1
     num_tasks: int | None = None
     merge: bool = False  # only join finished task outputs into OUT
@@ -78,6 +81,7 @@ def validate(cfg: SelectConfig) -> None:
         raise JCError(
             f"--min-clip-score is a cosine similarity, in [-1, 1]; got {cfg.min_clip_score}"
         )
+    check(cfg.filters)
     b = cfg.sampling.batch_size
     if cfg.method in SUPER_BATCH_METHODS and cfg.sampling.super_batch == b:
         # B = round(b / ratio) exceeds b from b / ratio >= b + 0.5 on: shown rounded down

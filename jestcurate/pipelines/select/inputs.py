@@ -1,5 +1,6 @@
 """select's inputs: the score sets, the identity a selection records (inputs and parameters),
-and the filters (min clip score, dedup, exclusions) that make rows ineligible."""
+and the filters (min clip score, dedup, exclusions, then pipelines/select/filters: caption
+length, language, a target set) that make rows ineligible."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from jestcurate.io.eligible import Counts, Filters, fill_cache, scan
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_json
 from jestcurate.math.partition import PARTITION_BY, PARTITION_HASH
+from jestcurate.pipelines.select import filters as filters_mod
 from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ def _exclude_fingerprints(exclude: tuple[Path, ...]) -> list[dict[str, Any]] | N
 def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dict[str, Any]:
     sampling = cfg.sampling
     jest = sampling.applied()
+    others = filters_mod.identity(cfg.filters, ref)
     return {
         "inputs": {
             "reference": fingerprint(ref),
@@ -120,13 +123,15 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
             "dedup": _dedup_fingerprint(cfg.dedup),
             "exclude": _exclude_fingerprints(cfg.exclude),
             "balance_clusters": cfg.balance_clusters,
+            **({"filters": others} if others is not None else {}),  # only when given
         },
     }
 
 
 def filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
-    """What makes a row ineligible: --min-clip-score, --dedup's dropped rows and the rows
-    --exclude names."""
+    """What makes a row ineligible: --min-clip-score, --dedup's dropped rows, the rows
+    --exclude names, then the caption, language and target-set filters (whose target set
+    first takes its pass over the pool: a k-means sample or the NormSim quantile)."""
     dropped = clusters = excluded = None
     if cfg.dedup is not None:
         from jestcurate.pipelines.dedup import load_clusters, load_dropped
@@ -143,7 +148,8 @@ def filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
             for shard, rows in load_excluded(directory).items():
                 known = excluded.get(shard)
                 excluded[shard] = rows if known is None else np.union1d(known, rows)
-    return Filters(cfg.min_clip_score, dropped, clusters, excluded)
+    rows = filters_mod.build(cfg.filters, ref, cfg.seed, cfg.device)
+    return Filters(cfg.min_clip_score, dropped, clusters, excluded, rows)
 
 
 def _check_made_from(directory: Path, ref: ScoreSet, reference: Path, command: str) -> None:

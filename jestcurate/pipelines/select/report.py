@@ -10,6 +10,13 @@ from rich.console import Console
 
 from jestcurate import ui
 
+# select's other filters' counts (pipelines/select/filters), as the summary shows them
+FILTERED = {
+    "caption_length": "caption length (--min/max-caption-*)",
+    "language": "other language (--language)",
+    "target": "off target (--target)",
+}
+
 
 @dataclass(frozen=True)
 class Exported:
@@ -81,6 +88,9 @@ def print_summary(report: SelectReport, console: Console = ui.stdout) -> None:
         table.add_row("  duplicates (--dedup)", f"{counts['duplicates']:,}")
     if counts.get("excluded"):  # selections before --exclude have no such count
         table.add_row("  excluded (--exclude)", f"{counts['excluded']:,}")
+    for name, label in FILTERED.items():  # present only when the filter was given
+        if name in counts:
+            table.add_row(f"  {label}", f"{counts[name]:,}")
     table.add_row("eligible", f"{counts['eligible']:,}")
     if counts["tail_dropped"]:
         table.add_row("  tail (no full super-batch)", f"{counts['tail_dropped']:,}")

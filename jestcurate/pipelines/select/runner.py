@@ -8,7 +8,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +175,11 @@ def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
         (counts.below_min_clip_score, "are below --min-clip-score"),
         (counts.duplicates, f"were dropped by --dedup {cfg.dedup}"),
         (counts.excluded, "were excluded by --exclude"),
+        *((n, f"were removed by the {name} filter") for name, n in counts.filtered.items()),
     ]
     said = ", ".join(f"{n:,} {what}" for n, what in removed if n)
+    if counts.eligible == 0 and counts.filtered and any(counts.filtered.values()):
+        return f"no row passes the filters (of {counts.rows:,} rows: {said}); loosen them"
     line = (
         f"{counts.eligible:,} eligible rows{f' (of {counts.rows:,}: {said})' if said else ''} are "
         f"fewer than one super-batch of B = round(b / ratio) = {cfg.sampling.super_batch:,}; "
@@ -256,7 +258,7 @@ def _select_into(
         shutil.rmtree(cache_dir, ignore_errors=True)
     candidates = steps * cfg.sampling.super_batch if big else counts.eligible
     totals = {
-        **asdict(counts),
+        **counts.as_dict(),
         "steps": steps,
         "super_batches": steps if big else None,
         "candidates": candidates,

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
+from jestcurate.io.eligible import COUNTS
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import atomic_write, finished_output
 from jestcurate.math.partition import interleave
@@ -190,7 +191,8 @@ def gathered_rows(
         with ui.step_progress("gathering this task's rows", len(ref.parts), "parts") as tick:
             return scatter_mod.gather(ref, learner, root, dones, task.index, cache_dir, tick)
 
-    return Rows(scatter_mod.counts_for(root, task.count, task.index), build)
+    names = tuple(dones[0].get("counts", COUNTS))
+    return Rows(scatter_mod.counts_for(root, task.count, task.index, names), build)
 
 
 def drop_buckets(cfg: SelectConfig, task: Task) -> None:
