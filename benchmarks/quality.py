@@ -6,7 +6,8 @@ the uniform pool's quality in fewer steps?
 
 On the project's synthetic corpus (a clean guide split, a noisy pool, a clean zero-shot set):
 1. train a tiny reference on the guide split and a proxy learner on a slice of the pool
-   (`train`), and score the pool with both (`score`);
+   (`train`), score the pool with both and the guide split with the reference, the target set
+   of the filter arms (`score`);
 2. select with every method at the same kept ratio and batch size (`select`); a selection holds
    floor(pool / B) batches, so each method makes successive selections (--seed 0, 1, ...: fresh
    permutations, as the paper's learner keeps filtering new super-batches) until they hold the
@@ -39,6 +40,7 @@ from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines import train as train_mod
 from jestcurate.pipelines.evaluate import results as results_mod
+from jestcurate.pipelines.select.filters.options import FilterOptions
 from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus, write_zeroshot_set
 
 TEMPLATE = "a photo of a {c}"  # the zero-shot prompt: "a photo of a red circle", ...
@@ -64,7 +66,7 @@ class Setup:
     weight_decay: float = 0.1
     seeds: int = 3
     ablation_ratios: tuple[float, ...] = (0.1,)
-    methods: tuple[str, ...] = ()  # a subset of METHODS to run (uniform always); empty: all
+    methods: tuple[str, ...] = ()  # METHODS to run (uniform always); empty: all but FILTERED
 
 
 QUICK = Setup(
@@ -90,6 +92,33 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         {"method": "jest", "score": "learnability", "sampler": "paper"},
     ),
 }
+# The field's filters (issue 30), with the guide split scored by the reference as the target
+# set: DataComp's best baseline (CLIP score ∩ the image-based cluster filter), NormSim (top 20 %
+# of the pool by p = 2 and p = ∞, in random order: ratio 1 of what the filter keeps), and a
+# filter composed with jest. Not in the default run (--methods names them).
+FILTERED: dict[str, tuple[str, dict[str, Any]]] = {
+    "clip-score ∩ image-based": (
+        "clip-score-image-based",
+        {"method": "clip-score", "filters": {"target_filter": "clusters"}},
+    ),
+    "NormSim2 (top 20 %)": (
+        "normsim2",
+        {"method": "random", "ratio": 1.0,
+         "filters": {"target_filter": "normsim2", "target_keep": 0.2}},
+    ),
+    "NormSim∞ (top 20 %)": (
+        "normsiminf",
+        {"method": "random", "ratio": 1.0,
+         "filters": {"target_filter": "normsiminf", "target_keep": 0.2}},
+    ),
+    "image-based ∩ jest (learnability)": (
+        "image-based-jest-learnability",
+        {"method": "jest", "score": "learnability", "filters": {"target_filter": "clusters"}},
+    ),
+}  # fmt: skip
+METHODS.update(FILTERED)
+DEFAULT = [m for m in METHODS if m not in FILTERED]
+
 # Where the paper says joint selection matters most, a lower kept ratio: the joint samplers
 # beside the independent baseline with the same criterion.
 ABLATED = ("learnability", "jest (learnability)", "jest (learnability, Algorithm 1)")
@@ -115,12 +144,14 @@ def prepare(work: Path, setup: Setup) -> None:
     ):
         out = work / f"{role}.pt"
         train_mod.run(train_mod.TrainConfig(inputs=inputs, out=out, steps=steps, **common))
-        score_mod.run(
-            score_mod.ScoreConfig(
-                inputs=(str(work / "pool"),), out=work / "scores" / role, model=setup.model,
-                pretrained=str(out), role=role,
-            )
-        )  # fmt: skip
+        scored = [("pool", role)] + ([("guide", "guide")] if role == "reference" else [])
+        for data, folder in scored:  # the guide split, by the reference: the filters' target
+            score_mod.run(
+                score_mod.ScoreConfig(
+                    inputs=(str(work / data),), out=work / "scores" / folder,
+                    model=setup.model, pretrained=str(out), role=role,
+                )
+            )  # fmt: skip
 
 
 def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str) -> list[Path]:
@@ -136,10 +167,13 @@ def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str)
         )  # fmt: skip
         # the learner's scores only where the method reads them (the FLOPs count its pass)
         needs = kw["method"] == "learnability" or kw.get("score") == "learnability"
+        filters = FilterOptions(target=work / "scores" / "guide", **kw["filters"]) if (
+            "filters" in kw) else FilterOptions()  # fmt: skip
         cfg = select_mod.SelectConfig(
             reference=work / "scores" / "reference",
             learner=work / "scores" / "learner" if needs else None,
             out=out, method=kw["method"], sampling=sampling, seed=len(made), device="cpu",
+            filters=filters,
         )  # fmt: skip
         select_mod.run(cfg)
         steps = json.loads((out / "summary.json").read_text())["counts"]["steps"]
@@ -152,11 +186,11 @@ def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str)
 
 def arms(work: Path, setup: Setup) -> dict[str, tuple[str, list[Path]]]:
     """method label -> (arm name, its chain of selections), the ablation's after the rest."""
-    chosen = [m for m in METHODS if not setup.methods or m in setup.methods]
+    chosen = [m for m in METHODS if m in setup.methods or (not setup.methods and m in DEFAULT)]
     found = {}
     for label in chosen:
         name, kw = METHODS[label]
-        found[label] = (name, chain(work, setup, kw, setup.ratio, name))
+        found[label] = (name, chain(work, setup, kw, kw.get("ratio", setup.ratio), name))
     for ratio in setup.ablation_ratios:
         for label in (m for m in ABLATED if m in chosen):
             name, kw = METHODS[label]
@@ -208,7 +242,8 @@ def markdown(results: dict[str, Any], setup: Setup) -> str:
     return "\n".join([
         results_mod.headline(summary),
         "", *header, *(row for arm, row in rows.items() if arm not in ablated),
-        "", *header, *(row for arm, row in rows.items() if arm in ablated),
+        *(["", *header] if ablated else []),
+        *(row for arm, row in rows.items() if arm in ablated),
         "",
         f"Compute: {flops / 1e6:.1f} MFLOP per sample forward (image + text), a training step "
         f"≈ 3 forward passes. Baseline: {summary['train_tflops']:.2f} TFLOP for {setup.steps} "

@@ -181,14 +181,19 @@ def _forward_flops(model: str) -> int:
 
 def _scoring_flops(arms: list[Arm]) -> dict[str, float]:
     """Per selection arm, the forward passes that scored its pool: every row of its reference
-    score set, and of its learner score set when it has one, through the model that scored it
-    (trainings of the reference and learner are not counted here)."""
+    score set, of its learner score set when it has one, and of a target-set filter's score set,
+    through the model that scored it (trainings of the reference and learner are not counted
+    here)."""
     found: dict[str, float] = {}
     for arm in arms[1:]:
         total, seen = 0.0, set()
         for path in arm.selections:  # a chain's selections of one score set count it once
-            inputs = read_json(path / "summary.json").get("inputs", {})
-            for role in ("reference", "learner"):
+            summary = read_json(path / "summary.json")
+            inputs = dict(summary.get("inputs", {}))
+            target = ((summary.get("parameters") or {}).get("filters") or {}).get("target")
+            if isinstance(target, dict) and target.get("scores"):
+                inputs["target"] = target["scores"]  # the filter's target set was scored too
+            for role in ("reference", "learner", "target"):
                 scored = inputs.get(role)
                 if not scored or json.dumps(scored, sort_keys=True) in seen:
                     continue
