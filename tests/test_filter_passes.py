@@ -194,6 +194,18 @@ def test_array_tasks_with_filters_agree_with_single_runs(sets, tmp_path):
 
 
 @pytest.mark.slow
+def test_filters_removing_every_row_in_array_tasks_is_one_line(sets, tmp_path):
+    out = tmp_path / "out"
+    runs = _tasks(sets, out, 2, "--min-caption-chars", "500")
+    assert runs[0][0] == 0  # task 0 scattered and waits for task 1
+    for code, output in runs[1:]:
+        assert code == 2 and "no row passes the filters" in output, output
+        (error,) = [line for line in output.splitlines() if "error" in line]  # one line
+        assert "removed by the caption_length filter" in error, output
+    assert not list((out / "tasks").glob("0000?-of-00002"))  # no task wrote a selection
+
+
+@pytest.mark.slow
 def test_a_target_filter_reruns_to_the_same_bytes(sets, tmp_path):
     args = ("--target", sets["target"], "--target-filter", "normsiminf", "--target-keep", "0.3")
     for out in ("one", "two"):
@@ -202,3 +214,16 @@ def test_a_target_filter_reruns_to_the_same_bytes(sets, tmp_path):
     for name in ("manifest.parquet", "uids.npy"):
         if (tmp_path / "one" / name).exists():
             assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_the_merge_names_the_filters_when_no_row_passes(sets, tmp_path, monkeypatch):
+    """Tasks from before the tasks' own check (or any that got past it) finish with no row;
+    the merge then says what the filters took, not "use fewer tasks"."""
+    from jestcurate.pipelines.select import runner
+
+    monkeypatch.setattr(runner, "refuse_when_nothing_passes", lambda *args: None)
+    runs = _tasks(sets, tmp_path / "out", 2, "--min-caption-chars", "500")
+    code, output = runs[2]  # task 0's round 2: the last to finish, it merges
+    assert code == 2 and "no row passes the filters" in output, output
+    assert "removed by the caption_length filter" in output and "fewer tasks" not in output
