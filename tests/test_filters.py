@@ -23,7 +23,7 @@ from jestcurate.pipelines.select.filters.target import (
     NormSim,
     build_clusters,
     open_target,
-    target_images,
+    read_target,
     top_fraction_threshold,
 )
 from jestcurate.pipelines.synth import write_score_set
@@ -173,7 +173,7 @@ def test_target_filters_keep_the_planted_blob(sets, kind):
 
 def test_clusters_picked_by_the_target(sets):
     pool = open_score_set(sets["pool"])
-    images = target_images(sets["target"], pool)
+    images = read_target(sets["target"], pool)
     found = build_clusters(pool, images, 20, seed=0, gpu=False)
     assert 1 <= len(found.kept) < 20
     assert set(found.nearest(centres()[:1]).tolist()) <= set(found.kept.tolist())
@@ -294,7 +294,9 @@ def test_language_and_clusters_through_the_cli(sets, tmp_path):
     keys = manifest_keys(tmp_path / "out")
     assert keys and all(facts[k]["lang"] in ("en", "de") and facts[k]["blob"] == 0 for k in keys)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["counts"]["language"] == sum(f["lang"] == "fr" for f in facts.values())
+    # language runs last (the costliest): it counts only what the target left, blob 0
+    fr = sum(f["lang"] == "fr" and f["blob"] == 0 for f in facts.values())
+    assert summary["counts"]["language"] == fr
     # without the filters it is another selection
     code, output = select_cli(sets, tmp_path / "out", "--method", "random")
     assert code == 2 and "different selection (parameters.filters" in output

@@ -173,7 +173,11 @@ def select(
     ] = None,
     target_keep: Annotated[
         float | None,
-        typer.Option(help="normsim: keep this top fraction of the scored rows by NormSim."),
+        typer.Option(
+            help="normsim: keep this top fraction F by NormSim of the reference's ok rows, "
+            "all of them, whatever the other filters remove (F means the same with any "
+            "combination)."
+        ),
     ] = None,
     target_threshold: Annotated[
         float | None, typer.Option(help="normsim: keep rows whose NormSim is at least this.")

@@ -2,9 +2,12 @@
 on-disk cache: fixed-width .npy columns read back by row id with positioned reads, so memory
 does not grow with the corpus (docs/architecture.md says why not Arrow or memory maps).
 
-Two passes over the parts: `scan` reads the small columns (join check, eligibility counts,
-text column widths), `fill_cache` copies the eligible rows. select and the online selector
-share both, so they see the same rows under the same ids. The cache's columns are declared
+Two passes over the parts: `scan` reads what eligibility needs (the small columns, and the
+caption or image embeddings only when a filter reads them), counts, measures the text columns
+and keeps each part's eligible rows as a bitmask (1 bit per row, in memory); `fill_cache`
+copies the rows those bitmasks name, so the filters run once per row and both passes agree by
+construction. select and the online selector share both, so they see the same rows under the
+same ids. The cache's columns are declared
 here once (`layout`), for the cache and for select's scatter buckets (io/scatter.py) alike.
 """
 
@@ -86,13 +89,26 @@ class Counts:
         else:
             self.filtered[name] = self.filtered.get(name, 0) + n
 
-    def get(self, name: str) -> int:
-        return getattr(self, name) if name in COUNTS else self.filtered.get(name, 0)
-
     def as_dict(self) -> dict[str, int]:
         """As summary.json's counts: the fields, each other filter's count, then eligible."""
         fixed = {name: getattr(self, name) for name in COUNTS if name != "eligible"}
         return {**fixed, **self.filtered, "eligible": self.eligible}
+
+    @classmethod
+    def from_summary(cls, counts: dict[str, Any], filtered: tuple[str, ...]) -> Counts:
+        """Back from summary.json's counts (whose other fields are the selection's own), with
+        the `filtered` counts in this order."""
+        return cls.of((*COUNTS, *filtered), [counts.get(n) or 0 for n in (*COUNTS, *filtered)])
+
+    @property
+    def removed(self) -> int:
+        """The ok rows some filter removed."""
+        return (
+            self.below_min_clip_score
+            + self.duplicates
+            + self.excluded
+            + sum(self.filtered.values())
+        )
 
     @classmethod
     def of(cls, names: tuple[str, ...], values: list[int]) -> Counts:
@@ -107,11 +123,9 @@ COUNTS = tuple(f.name for f in fields(Counts) if f.name != "filtered")
 
 @dataclass(frozen=True)
 class Verdict:
-    """A filter's verdict on one part's rows: which it removes, and each row's value (the
-    number the filter decided on, NaN where it looked at nothing), or None."""
+    """A filter's verdict on one part's rows: which it removes."""
 
     removed: np.ndarray
-    value: np.ndarray | None = None
 
 
 class RowFilter(Protocol):
@@ -168,10 +182,10 @@ class MinClip:
     columns: tuple[str, ...] = ("clip_score",)
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
-        clip = table.column("clip_score").fill_null(-np.inf).to_numpy()
         if self.threshold is None:
-            return Verdict(np.zeros(len(candidate), dtype=bool), clip)
-        return Verdict(clip < self.threshold, clip)
+            return Verdict(np.zeros(len(candidate), dtype=bool))
+        clip = table.column("clip_score").fill_null(-np.inf).to_numpy()
+        return Verdict(clip < self.threshold)
 
 
 @dataclass(frozen=True)
@@ -271,12 +285,22 @@ SCAN_COLUMNS = ["key", "shard", "status", "clip_score", "uid"]
 
 @dataclass
 class Scan:
-    """What the first pass learns: counts, each part's shard, the widths of the text columns."""
+    """What the first pass learns: counts, each part's shard, the widths of the text columns,
+    and each part's eligible rows (np.packbits: 1 bit per row, 125 MB per 10⁹ rows)."""
 
     counts: Counts
     shards: list[str]
     key_width: int
     uid_width: int
+    masks: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (bits, rows) by part
+
+    def keep(self, mask: np.ndarray) -> None:
+        self.masks.append((np.packbits(mask), len(mask)))
+
+    def eligible(self, part_id: int) -> np.ndarray:
+        """The eligible rows of part `part_id`, as the scan found them."""
+        bits, rows = self.masks[part_id]
+        return np.unpackbits(bits, count=rows).astype(bool)
 
 
 def scan(
@@ -285,7 +309,9 @@ def scan(
     filters: Filters | None,
     on_part: Callable[[], None] | None = None,
 ) -> Scan:
-    """First pass, small columns only: join check, eligibility counts, column widths."""
+    """First pass: join check, eligibility counts, column widths, each part's eligible rows.
+    It reads the small columns, and a filter's (the caption, the image embeddings) only when
+    one is given."""
     check_same_parts(ref, learner)
     result = Scan(Counts(), [], 1, 1)
     extra = [c for c in (filters or Filters()).columns if c not in SCAN_COLUMNS]
@@ -295,13 +321,16 @@ def scan(
         join_learner(name, table, other)
         shard = table.column("shard")
         result.shards.append(shard[0].as_py() if len(shard) else name)
-        ok = pa.array(_eligible(table, other, filters, result.counts, result.shards[-1]))
+        eligible = _eligible(table, other, filters, result.counts, result.shards[-1])
+        result.keep(eligible)
+        ok = pa.array(eligible)
         widths = [
             pc.max(pc.binary_length(table.column(c).cast(pa.binary())).filter(ok)).as_py() or 0
             for c in ("key", "uid")
         ]
         result.key_width = max(result.key_width, widths[0])
         result.uid_width = max(result.uid_width, widths[1])
+        del table, other
         if on_part:
             on_part()
     return result
@@ -378,26 +407,45 @@ def fill_cache(
     embeddings: bool,
     on_part: Callable[[], None] | None = None,
 ) -> RowCache:
-    """Second pass: copy the eligible rows' columns into the flat cache."""
+    """Second pass: copy the rows the scan found eligible into the flat cache (the filters do
+    not run again; `filters` gives only the dedup clusters)."""
     n = found.counts.eligible
     clusters = filters.clusters if filters is not None else None
     widths = (found.key_width, found.uid_width)
     record = layout(*widths, ref, learner, clusters is not None, embeddings)
     directory.mkdir(parents=True, exist_ok=True)
     writers = column_writers(directory, record, n)
+    written = 0
     try:
         for part_id, name in enumerate(ref.part_names()):
-            extra = filters.columns if filters is not None else ()
-            table, other = read_rows(ref, learner, name, embeddings, extra)
+            table, other = read_rows(ref, learner, name, embeddings)
+            keep = found.eligible(part_id)
+            if len(keep) != table.num_rows:
+                raise JCError(
+                    f"part {name} of {ref.path} has {table.num_rows:,} rows now but had "
+                    f"{len(keep):,} when first read: it changed while select read it; rerun"
+                )
             shard = found.shards[part_id]
-            ok = pa.array(_eligible(table, other, filters, Counts(), shard))
-            values = row_values(table, other, ok, part_id, shard, clusters, widths, embeddings)
+            values = row_values(
+                table, other, pa.array(keep), part_id, shard, clusters, widths, embeddings
+            )
             for column, data in values.items():
                 writers[column].append(data)
+            written += len(values[PART])
             if on_part:
                 on_part()
     finally:
         for writer in writers.values():
             writer.close()
         pa.default_memory_pool().release_unused()  # parts are read; give their buffers back
+    check_written(written, n, directory)
     return RowCache(directory, found.shards, n)
+
+
+def check_written(written: int, counted: int, directory: Path) -> None:
+    """A cache holds exactly the rows the first pass counted: never a silently wrong one."""
+    if written != counted:
+        raise JCError(
+            f"the row cache in {directory} got {written:,} rows but {counted:,} were counted "
+            "eligible: the score set changed while it was read; rerun"
+        )

@@ -211,6 +211,16 @@ def counts_for(root: Path, count: int, task: int, names: tuple[str, ...] = COUNT
     return Counts.of(names, list(map(int, total)))
 
 
+def total_counts(root: Path, count: int, names: tuple[str, ...] = COUNTS) -> Counts:
+    """The eligibility counts of the whole score set: every task's, summed over every scatter
+    (each task learns them once round 1 is done)."""
+    total = 0
+    for s in range(count):
+        rows = np.load(scatter_directory(root, s, count) / COUNTS_FILE)
+        total = total + sum(_padded(row) for row in rows)
+    return Counts.of(names, list(map(int, total)))
+
+
 def _padded(row: np.ndarray) -> np.ndarray:
     """A scatter's counts from before the `excluded` count (none were excluded then), so that
     old and new scatters of one interrupted select sum alike."""

@@ -71,6 +71,24 @@ def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
     return Rows(found.counts, build)
 
 
+def removed_by(counts: Counts, dedup: Path | str | None) -> str:
+    """What the errors and each filter took out of the rows, in words ("" for nothing)."""
+    removed = [
+        (counts.errors, "are errors"),
+        (counts.below_min_clip_score, "are below --min-clip-score"),
+        (counts.duplicates, f"were dropped by --dedup {dedup}"),
+        (counts.excluded, "were excluded by --exclude"),
+        *((n, f"were removed by the {name} filter") for name, n in counts.filtered.items()),
+    ]
+    return ", ".join(f"{n:,} {what}" for n, what in removed if n)
+
+
+def nothing_passes(counts: Counts, dedup: Path | str | None, hint: str = "") -> str:
+    """The one line for filters that left no row."""
+    said = removed_by(counts, dedup)
+    return f"no row passes the filters (of {counts.rows:,} rows: {said}); loosen them{hint}"
+
+
 def partition_identity(count: int) -> dict[str, Any]:
     return {"num_tasks": count, "by": PARTITION_BY, "hash": PARTITION_HASH}
 

@@ -13,8 +13,8 @@ from jestcurate import ui
 # select's other filters' counts (pipelines/select/filters), as the summary shows them
 FILTERED = {
     "caption_length": "caption length (--min/max-caption-*)",
-    "language": "other language (--language)",
     "target": "off target (--target)",
+    "language": "other language (--language)",
 }
 
 

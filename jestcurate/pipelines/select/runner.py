@@ -24,7 +24,14 @@ from jestcurate.pipelines.select.config import (
     SelectConfig,
     validate,
 )
-from jestcurate.pipelines.select.inputs import Inputs, Rows, eligible_rows, open_inputs
+from jestcurate.pipelines.select.inputs import (
+    Inputs,
+    Rows,
+    eligible_rows,
+    nothing_passes,
+    open_inputs,
+    removed_by,
+)
 from jestcurate.pipelines.select.outputs import (
     Means,
     datacomp_uids,
@@ -39,6 +46,7 @@ from jestcurate.pipelines.select.tasks import (
     gathered_rows,
     merge,
     refuse_other_task_counts,
+    refuse_when_nothing_passes,
     scatter_round,
     task_directory,
     this_task,
@@ -90,6 +98,7 @@ def _array_task(cfg: SelectConfig, inputs: Inputs, task: Task) -> SelectReport:
         dones = scatter_round(cfg, inputs, task)
         if dones is None:  # round 2 waits for every task's round 1
             return SelectReport(task_dir, {}, task=task.index, waiting="scatter")
+        refuse_when_nothing_passes(cfg, task, dones)
         rows = gathered_rows(cfg, inputs, task, dones)
         mine = _select_into(cfg, task_dir, inputs, task_identity, rows, task)
         drop_buckets(cfg, task)
@@ -170,16 +179,9 @@ def _made_as(partition: dict[str, Any] | None) -> str:
 def _too_few_rows(cfg: SelectConfig, counts: Counts) -> str:
     """Why there is no super-batch: the eligible rows, what the filters took out of the rows and
     the option to change (the filter's own when one took most of what it was given)."""
-    removed = [
-        (counts.errors, "are errors"),
-        (counts.below_min_clip_score, "are below --min-clip-score"),
-        (counts.duplicates, f"were dropped by --dedup {cfg.dedup}"),
-        (counts.excluded, "were excluded by --exclude"),
-        *((n, f"were removed by the {name} filter") for name, n in counts.filtered.items()),
-    ]
-    said = ", ".join(f"{n:,} {what}" for n, what in removed if n)
+    said = removed_by(counts, cfg.dedup)
     if counts.eligible == 0 and counts.filtered and any(counts.filtered.values()):
-        return f"no row passes the filters (of {counts.rows:,} rows: {said}); loosen them"
+        return nothing_passes(counts, cfg.dedup)
     line = (
         f"{counts.eligible:,} eligible rows{f' (of {counts.rows:,}: {said})' if said else ''} are "
         f"fewer than one super-batch of B = round(b / ratio) = {cfg.sampling.super_batch:,}; "

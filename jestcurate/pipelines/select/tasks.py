@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
-from jestcurate.io.eligible import COUNTS
+from jestcurate.io.eligible import COUNTS, Counts
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import atomic_write, finished_output
 from jestcurate.math.partition import interleave
@@ -31,7 +31,8 @@ from jestcurate.pipelines.select.config import (
     UIDS,
     SelectConfig,
 )
-from jestcurate.pipelines.select.inputs import Inputs, Rows, filters
+from jestcurate.pipelines.select.filters.options import ORDER as FILTER_ORDER
+from jestcurate.pipelines.select.inputs import Inputs, Rows, filters, nothing_passes
 from jestcurate.pipelines.select.outputs import Means, manifest_schema, write_summary
 from jestcurate.scale.tasks import resolve_task
 
@@ -195,6 +196,17 @@ def gathered_rows(
     return Rows(scatter_mod.counts_for(root, task.count, task.index, names), build)
 
 
+def refuse_when_nothing_passes(cfg: SelectConfig, task: Task, dones: list[dict[str, Any]]) -> None:
+    """Filters that leave no row of the whole score set: one line in every task, before
+    round 2 writes anything (the counts of every scatter are global)."""
+    root = cfg.out / TASKS_DIR / SCATTER_DIR
+    names = tuple(dones[0].get("counts", COUNTS))
+    counts = scatter_mod.total_counts(root, task.count, names)
+    if counts.eligible == 0 and counts.removed:
+        hint = f" (in another --out, or remove {cfg.out / TASKS_DIR} first)"
+        raise JCError(nothing_passes(counts, cfg.dedup, hint))
+
+
 def drop_buckets(cfg: SelectConfig, task: Task) -> None:
     """A task that selected no longer needs the rows bucketed for it."""
     scatter_mod.drop_buckets(cfg.out / TASKS_DIR / SCATTER_DIR, task.index, task.count)
@@ -215,7 +227,13 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
     tasks: list[dict[str, Any]] = [s for s in summaries if s is not None]
     steps = [int(s["counts"]["steps"]) for s in tasks]
     if not sum(steps):
-        eligible = sum(int(s["counts"]["eligible"]) for s in tasks)
+        given = identity["parameters"].get("filters") or {}
+        names = tuple(name for name in FILTER_ORDER if name in given)
+        total = Counts.from_summary(_summed([s["counts"] for s in tasks]), names)
+        if total.eligible == 0 and total.removed:
+            dedup = (identity["parameters"].get("dedup") or {}).get("path")
+            raise JCError(nothing_passes(total, dedup))
+        eligible = total.eligible
         b, ratio = identity["parameters"]["batch_size"], identity["parameters"]["ratio"]
         raise JCError(
             f"no task's partition holds one super-batch of B = {super_batch_size(b, ratio)} rows "
@@ -244,10 +262,7 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
     if all(s["outputs"]["uids"] for s in tasks):
         parts = [np.load(task_directory(out, i, count) / UIDS) for i in range(count)]
         subset = np.sort(np.concatenate(parts))
-    counts: dict[str, Any] = {}
-    for s in tasks:
-        for name, value in s["counts"].items():
-            counts[name] = None if value is None else counts.get(name, 0) + value
+    counts = _summed([s["counts"] for s in tasks])
     kept, eligible = Means(), Means()
     for s in tasks:
         kept.merge(s["sums"]["kept"])
@@ -258,3 +273,12 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
     summary = write_summary(out, identity, counts, kept, eligible, subset, images, tasks=shares)
     shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # every task has its rows
     return summary
+
+
+def _summed(counts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The tasks' counts, summed name by name (None stays None)."""
+    total: dict[str, Any] = {}
+    for found in counts:
+        for name, value in found.items():
+            total[name] = None if value is None else total.get(name, 0) + value
+    return total

@@ -44,5 +44,4 @@ class CaptionLength:
                 removed |= values < low
             if high is not None:
                 removed |= values > high
-        by_words = self.min_words is not None or self.max_words is not None
-        return Verdict(removed, (words if by_words else chars).astype(np.float64))
+        return Verdict(removed)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from jestcurate.errors import JCError
 
 TARGET_FILTERS = ("clusters", "normsim2", "normsiminf")
+ORDER = ("caption_length", "target", "language")  # the filters' counts, in the order they apply
 
 
 @dataclass(frozen=True)
 class FilterOptions:
-    """The filters select applies after --min-clip-score, --dedup and --exclude, in this order:
-    caption length, caption language, a target set's (docs/select.md, "Filters")."""
+    """The filters select applies after --min-clip-score, --dedup and --exclude, in this order
+    (cheap first): caption length, a target set's, caption language (docs/select.md,
+    "Filters")."""
 
     min_caption_words: int | None = None
     max_caption_words: int | None = None
@@ -73,6 +76,8 @@ def _check_target(opts: FilterOptions) -> None:
         raise JCError("--target-clusters is for --target-filter clusters")
     if normsim and (opts.target_keep is None) == (opts.target_threshold is None):
         raise JCError(f"--target-filter {kind} needs one of --target-keep or --target-threshold")
+    if opts.target_threshold is not None and not math.isfinite(opts.target_threshold):
+        raise JCError(f"--target-threshold must be a finite number; got {opts.target_threshold}")
     if opts.target_keep is not None and not 0 < opts.target_keep <= 1:
         raise JCError(f"--target-keep is a fraction in (0, 1]; got {opts.target_keep}")
     if opts.target_clusters is not None and opts.target_clusters < 1:

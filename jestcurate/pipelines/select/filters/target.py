@@ -54,12 +54,29 @@ def target_identity(path: Path, pool: ScoreSet) -> dict[str, Any]:
     return {"scores": fingerprint(open_target(path, pool))}
 
 
-def target_images(path: Path, pool: ScoreSet) -> np.ndarray:
-    """The target's ok rows' unit image embeddings, (M, D) float32."""
-    from jestcurate.pipelines.decontam.evalsets import SCORE_SET, Located, read_score_set
+def read_target(path: Path, pool: ScoreSet) -> np.ndarray:
+    """The target's unit image embeddings, (M, D) float32: its ok rows with a finite image
+    embedding, in one array of 4·M·D bytes (filled part by part; only a part's rows beside
+    it). Refused in one line unless scored with the pool's model."""
+    target = open_target(path, pool)
+    names = target.part_names()
+    ok = [_ok(target.read_part(name, ["status"])) for name in names]
+    images = np.empty((sum(len(rows) for rows in ok), target.dim), dtype=np.float32)
+    filled = 0
+    for name, rows in zip(names, ok, strict=True):
+        if not len(rows):
+            continue
+        x, finite = unit_images(target.read_part(name, ["img_emb"]), rows)
+        images[filled : filled + int(finite.sum())] = x[finite]
+        filled += int(finite.sum())
+    if not filled:
+        raise JCError(f"--target {path} has no ok rows with an image embedding")
+    return images[:filled]
 
-    found = read_score_set(Located(path.name, str(path), SCORE_SET))
-    return found.images
+
+def _ok(table: pa.Table) -> np.ndarray:
+    """The ok rows of a part (their positions)."""
+    return np.flatnonzero(np.asarray(table.column("status").to_numpy(zero_copy_only=False)) == "ok")
 
 
 def unit_images(table: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,12 +117,10 @@ class NormSim:
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         rows = np.flatnonzero(candidate)
-        value = np.full(len(candidate), np.nan)
         removed = np.ones(len(candidate), dtype=bool)
         x, finite = unit_images(table, rows)
-        value[rows[finite]] = self.scores(x[finite])
-        removed[rows[finite]] = value[rows[finite]] < self.threshold
-        return Verdict(removed, value)
+        removed[rows[finite]] = self.scores(x[finite]) < self.threshold
+        return Verdict(removed)
 
 
 @dataclass(frozen=True)
@@ -126,49 +141,77 @@ class Clusters:
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         rows = np.flatnonzero(candidate)
-        value = np.full(len(candidate), np.nan)
         removed = np.ones(len(candidate), dtype=bool)
         x, finite = unit_images(table, rows)
-        cluster = self.nearest(x[finite])
-        value[rows[finite]] = cluster
-        removed[rows[finite]] = ~np.isin(cluster, self.kept)
-        return Verdict(removed, value)
+        removed[rows[finite]] = ~np.isin(self.nearest(x[finite]), self.kept)
+        return Verdict(removed)
 
 
 class BottomK:
-    """A uniform sample of at most `size` items from a stream: the smallest random keys."""
+    """A uniform sample of at most `size` items from a stream: the smallest random keys.
+
+    Keys at or above `bound` (the size-th smallest key at the last compaction) can no longer
+    enter, so their items need not even be computed. Entering items are held beside the sample
+    and compacted into it when they first fill it and then each time they number `size` more:
+    per add, the work is proportional to the items added (amortised), and at most 2·size are
+    held."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.keys = np.zeros(0)
-        self.values: np.ndarray | None = None
+        self.bound = math.inf
+        self._keys: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._held = 0
 
     def add(self, keys: np.ndarray, values: np.ndarray) -> None:
-        self.keys = np.concatenate([self.keys, keys])
-        self.values = values if self.values is None else np.concatenate([self.values, values])
-        if len(self.keys) > self.size:
-            keep = np.argpartition(self.keys, self.size)[: self.size]
-            self.keys, self.values = self.keys[keep], self.values[keep]
+        entering = keys < self.bound
+        if not entering.any():
+            return
+        self._keys.append(keys[entering])
+        self._values.append(values[entering])
+        self._held += int(entering.sum())
+        if self._held > self.size and (self.bound == math.inf or self._held >= 2 * self.size):
+            self._compact()
+
+    def _compact(self) -> None:
+        keys, values = np.concatenate(self._keys), np.concatenate(self._values)
+        if len(keys) > self.size:
+            keep = np.argpartition(keys, self.size - 1)[: self.size]
+            keys, values = keys[keep], values[keep]
+        if len(keys) >= self.size:
+            self.bound = float(keys.max())
+        self._keys, self._values, self._held = [keys], [values], len(keys)
+
+    @property
+    def values(self) -> np.ndarray | None:
+        """The sample's items (None if nothing was added)."""
+        if not self._keys:
+            return None
+        self._compact()
+        return self._values[0]
 
 
 def sample_pool(
     pool: ScoreSet, size: int, seed: int, what: str, score: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray:
     """`score` of the unit image embeddings of a uniform sample of at most `size` ok rows of
-    the pool (one pass, part by part; the sample is the same for the same seed)."""
+    the pool (one pass, part by part; the sample is the same for the same seed). Each ok row
+    draws its key first, and only rows whose key can still enter the sample are scored."""
     sample = BottomK(size)
     names = pool.part_names()
     with ui.step_progress(what, len(names), "parts") as tick:
         for part_id, name in enumerate(names):
             table = pool.read_part(name, ["status", "img_emb"])
-            status = np.asarray(table.column("status").to_numpy(zero_copy_only=False))
-            x, finite = unit_images(table, np.flatnonzero(status == "ok"))
-            keys = np.random.default_rng([seed, part_id, 31]).random(int(finite.sum()))
-            sample.add(keys, score(x[finite]))
+            ok = _ok(table)
+            keys = np.random.default_rng([seed, part_id, 31]).random(len(ok))
+            entering = keys < sample.bound
+            x, finite = unit_images(table, ok[entering])
+            sample.add(keys[entering][finite], score(x[finite]))
             tick()
-    if sample.values is None or not len(sample.values):
+    values = sample.values
+    if values is None or not len(values):
         raise JCError(f"{pool.path} has no ok rows with an image embedding for --target")
-    return sample.values
+    return values
 
 
 def top_fraction_threshold(scores: np.ndarray, keep: float) -> float:
@@ -198,6 +241,9 @@ def build_clusters(
     """k-means on a sample of the pool's images; the clusters the target's images fall in."""
     from jestcurate.pipelines.dedup.passes import kmeans
 
+    rows = fingerprint(pool)["rows"]  # from the parts' metadata: before the sampling pass
+    if k is not None and k > rows:
+        raise JCError(f"--target-clusters {k} is more than the pool's {rows:,} rows")
     size = max(CLUSTER_SAMPLE, 40 * (k or 0))
     x = sample_pool(pool, size, seed, "target: k-means sample", lambda v: v).astype(np.float32)
     k = k or max(1, round(math.sqrt(len(x))))
