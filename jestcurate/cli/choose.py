@@ -160,6 +160,15 @@ def select(
             "exported shards) instead of refusing a different one. Not for array tasks.",
         ),
     ] = False,
+    ledger: Annotated[
+        bool,
+        typer.Option(
+            "--ledger/--no-ledger",
+            help="Write OUT/ledger/ (one Parquet file per score-set part): every row's fate "
+            "(kept, error, filtered, duplicate, excluded, not chosen, tail) and why. One run "
+            "only: array tasks write none yet.",
+        ),
+    ] = True,
 ) -> None:
     """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy

@@ -52,6 +52,7 @@ class Rows:
 
     counts: Counts
     build: Callable[[Path], RowCache]
+    filters: Filters | None = None  # what made the others ineligible (for the ledger)
 
 
 def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
@@ -66,7 +67,7 @@ def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
         with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
             return fill_cache(ref, learner, found, cache_dir, found_by, embeddings, tick)
 
-    return Rows(found.counts, build)
+    return Rows(found.counts, build, found_by)
 
 
 def partition_identity(count: int) -> dict[str, Any]:

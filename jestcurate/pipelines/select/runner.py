@@ -25,7 +25,9 @@ from jestcurate.pipelines.select.config import (
     SelectConfig,
     validate,
 )
-from jestcurate.pipelines.select.inputs import Inputs, Rows, eligible_rows, open_inputs
+from jestcurate.pipelines.select.evidence import Evidence
+from jestcurate.pipelines.select.inputs import Inputs, Rows, eligible_rows, filters, open_inputs
+from jestcurate.pipelines.select.ledger import Choice, Recorder, one_run, settle, write_ledger
 from jestcurate.pipelines.select.outputs import (
     Means,
     datacomp_uids,
@@ -242,6 +244,7 @@ def _select_into(
         remove_selection(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / ".cache"
+    choice = None
     try:
         cache = rows.build(cache_dir)
         everything = Means()
@@ -249,9 +252,15 @@ def _select_into(
             stop = min(start + (1 << 20), cache.size)
             columns = score_columns(learner is not None)
             everything.add({c: cache.read_range(c, start, stop) for c in columns})
+        # the ledger notes where each kept row went (one run only, for now: not array tasks)
+        recorder = Recorder(cache.size, cfg.sampling.batch_size) if _ledger(cfg, task) else None
         with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:
             batches = choose(cfg, cache, inputs.ref, learner, steps, on_batch=tick)
+            if recorder is not None:
+                batches = recorder.watch(batches)
             kept, halves = write_manifest(out / MANIFEST, cache, batches, learner is not None)
+        if recorder is not None:
+            choice = settle(cfg, cache, recorder, steps)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     candidates = steps * cfg.sampling.super_batch if big else counts.eligible
@@ -267,6 +276,25 @@ def _select_into(
     subset = None if halves is None else datacomp_uids(halves)
     # an array task's summary keeps exact sums for the merge, not only rounded means
     sums = {"kept": kept.state(), "eligible": everything.state()}
-    extra = {"sums": sums} if task.partitioned else {}
+    extra: dict[str, Any] = {"sums": sums} if task.partitioned else {}
+    if choice is not None:
+        extra.update(_write_ledger(cfg, out, inputs, rows, choice))
     images = inputs.ref.has_images
     return write_summary(out, identity, totals, kept, everything, subset, images, **extra)
+
+
+def _ledger(cfg: SelectConfig, task: Task) -> bool:
+    """Whether this run writes the ledger: asked for, and one run over every row."""
+    return cfg.ledger and not task.partitioned and not task.merge
+
+
+def _write_ledger(
+    cfg: SelectConfig, out: Path, inputs: Inputs, rows: Rows, choice: Choice
+) -> dict[str, Any]:
+    """OUT/ledger/ (before summary.json, which marks the selection finished); returns the
+    summary's `fates` and `ledger`."""
+    found_by = rows.filters if rows.filters is not None else filters(cfg, inputs.ref)
+    evidence = Evidence.open(cfg.min_clip_score, cfg.dedup, cfg.exclude)
+    with ui.step_progress("writing the ledger", len(inputs.ref.parts), "parts") as tick:
+        return write_ledger(out, inputs.ref, inputs.learner, found_by, evidence,
+                            one_run(choice), tick)  # fmt: skip
