@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
+from jestcurate.errors import JCError
 from jestcurate.io.schema import LEDGER_FATES, ledger_schema
 from jestcurate.io.store import fingerprint, open_score_set, write_json_atomic
 from jestcurate.math.sampling import SamplerOptions
@@ -60,6 +61,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def select(pool: dict[str, Path], out: Path, **kw) -> dict:
     sampling = SamplerOptions(B, ratio=0.2, chunks=2)
+    kw.setdefault("ledger", True)
     cfg = select_mod.SelectConfig(reference=pool["ref"], out=out, sampling=sampling,
                                   device="cpu", **kw)  # fmt: skip
     return select_mod.run(cfg).summary
@@ -172,19 +174,28 @@ def test_other_methods(pool: dict[str, Path], tmp_path: Path, method: str, extra
 
 
 def test_no_ledger_and_selections_from_before(pool: dict[str, Path], tmp_path: Path) -> None:
+    """The ledger is opt-in and no part of a selection's identity: a selection made without
+    one (or before ledgers) is reused without --ledger, and --ledger asks for --overwrite."""
     out = tmp_path / "s"
     summary = select(pool, out, method="random", ledger=False)
     assert not (out / "ledger").exists() and "fates" not in summary and "ledger" not in summary
-    again = select(pool, out, method="random")  # a ledger is no part of the identity: reused
-    assert again == summary and not (out / "ledger").exists()
+    assert select(pool, out, method="random", ledger=False) == summary  # reused
+    with pytest.raises(JCError, match="without a ledger; pass --overwrite"):
+        select(pool, out, method="random")
     code, output = run_cli("info", out, "--why", "000000001")
     assert code == 2 and "has no ledger" in output and len(output.strip().splitlines()) == 1
+    manifest = (out / "manifest.parquet").read_bytes()
+    again = select(pool, out, method="random", overwrite=True)
+    assert (out / "manifest.parquet").read_bytes() == manifest and again["fates"]
+    with pytest.raises(JCError, match="array tasks write none"):
+        select(pool, tmp_path / "t", method="random", task_index=0, num_tasks=2)
 
 
 @pytest.mark.slow
 def test_info_why(pool: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "s"
     code, _ = run_cli("select", pool["ref"], "--out", out, "--batch-size", B, "--chunks", 2,
+                      "--ledger",
                       "--device", "cpu", "--min-clip-score", 0, "--dedup", pool["dedup"],
                       "--exclude", pool["decontam"])  # fmt: skip
     assert code == 0

@@ -163,12 +163,12 @@ def select(
     ledger: Annotated[
         bool,
         typer.Option(
-            "--ledger/--no-ledger",
-            help="Write OUT/ledger/ (one Parquet file per score-set part): every row's fate "
-            "(kept, error, filtered, duplicate, excluded, not chosen, tail) and why. One run "
-            "only: array tasks write none yet.",
+            "--ledger",
+            help="Also write OUT/ledger/ (one Parquet file per score-set part): every row's "
+            "fate (kept, error, filtered, duplicate, excluded, not chosen, tail) and why, for "
+            "`info OUT --why KEY` and DuckDB. One run only: not as array tasks.",
         ),
-    ] = True,
+    ] = False,
 ) -> None:
     """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy

@@ -81,8 +81,8 @@ def find(selection: Path, key: str) -> list[dict[str, Any]]:
     folder = selection / LEDGER_DIR
     if "ledger" not in read_json(summary_path) or not folder.is_dir():
         raise JCError(
-            f"{selection} has no ledger (made with --no-ledger, as array tasks, or before "
-            "ledgers existed); rerun its select with --overwrite to write one"
+            f"{selection} has no ledger (made without --ledger); rerun its select with "
+            "--ledger --overwrite to write one (the same batches)"
         )
     try:
         table = ds.dataset(folder, format="parquet").to_table(filter=ds.field("key") == key)

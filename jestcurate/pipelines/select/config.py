@@ -45,7 +45,7 @@ class SelectConfig:
     overwrite: bool = False  # replace whatever selection OUT holds
     export: bool = False  # then write the kept samples to OUT/shards (pipelines/export.py)
     samples_per_shard: int | None = None  # with export; None: export's default
-    ledger: bool = True  # write OUT/ledger/: every row's fate and why (pipelines/select/ledger.py)
+    ledger: bool = False  # write OUT/ledger/: every row's fate and why (pipelines/select/ledger.py)
 
     @property
     def criterion(self) -> str | None:

@@ -63,8 +63,18 @@ def run(
     began = time.time()
     validate(cfg)
     task = this_task(cfg)
+    if cfg.ledger and (task.partitioned or task.merge):
+        raise JCError(
+            "--ledger is written by a selection made in one run; array tasks write none yet "
+            "(select without --ledger, or in one run with --num-tasks 1)"
+        )
     inputs = open_inputs(cfg, task.count)
     done = _existing(cfg, inputs.identity, task)
+    if done is not None and cfg.ledger and "ledger" not in done:
+        raise JCError(
+            f"{cfg.out} holds this selection without a ledger; pass --overwrite to make it "
+            "again with one (the same batches), or leave out --ledger to reuse it"
+        )
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         report = SelectReport(cfg.out, done, reused=True)
@@ -252,8 +262,8 @@ def _select_into(
             stop = min(start + (1 << 20), cache.size)
             columns = score_columns(learner is not None)
             everything.add({c: cache.read_range(c, start, stop) for c in columns})
-        # the ledger notes where each kept row went (one run only, for now: not array tasks)
-        recorder = Recorder(cache.size, cfg.sampling.batch_size) if _ledger(cfg, task) else None
+        # with --ledger (one run only): where each kept row went
+        recorder = Recorder(cache.size, cfg.sampling.batch_size) if cfg.ledger else None
         with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:
             batches = choose(cfg, cache, inputs.ref, learner, steps, on_batch=tick)
             if recorder is not None:
@@ -281,11 +291,6 @@ def _select_into(
         extra.update(_write_ledger(cfg, out, inputs, rows, choice))
     images = inputs.ref.has_images
     return write_summary(out, identity, totals, kept, everything, subset, images, **extra)
-
-
-def _ledger(cfg: SelectConfig, task: Task) -> bool:
-    """Whether this run writes the ledger: asked for, and one run over every row."""
-    return cfg.ledger and not task.partitioned and not task.merge
 
 
 def _write_ledger(
