@@ -14,8 +14,10 @@ import pytest
 from conftest import run_cli
 
 from jestcurate.errors import JCError
+from jestcurate.io.eligible import identities
 from jestcurate.io.schema import LEDGER_FATES, ledger_schema
 from jestcurate.io.store import fingerprint, open_score_set, write_json_atomic
+from jestcurate.math.partition import task_of
 from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import dedup
 from jestcurate.pipelines import select as select_mod
@@ -187,8 +189,6 @@ def test_no_ledger_and_selections_from_before(pool: dict[str, Path], tmp_path: P
     manifest = (out / "manifest.parquet").read_bytes()
     again = select(pool, out, method="random", overwrite=True)
     assert (out / "manifest.parquet").read_bytes() == manifest and again["fates"]
-    with pytest.raises(JCError, match="array tasks write none"):
-        select(pool, tmp_path / "t", method="random", task_index=0, num_tasks=2)
 
 
 @pytest.mark.slow
@@ -230,3 +230,45 @@ def test_info_why(pool: dict[str, Path], tmp_path: Path) -> None:
     assert code == 0 and "Fates by reason" in html.read_text()
     assert json.loads((out / "summary.json").read_text())["ledger"]["parts"] == SHARDS
     assert np.isfinite(json.loads((out / "summary.json").read_text())["ledger"]["bytes_per_row"])
+
+
+def _tasks(pool: dict[str, Path], out: Path, count: int, **kw) -> dict:
+    """Every array task twice (round 1 scatters, round 2 selects); the last one merges."""
+    for i in [*range(count), *range(count - 1)]:
+        summary = select(pool, out, task_index=i, num_tasks=count, **kw)
+    return summary
+
+
+@pytest.mark.parametrize("method", ["jest", "clip-score"])
+def test_array_tasks_merge_a_ledger(pool: dict[str, Path], tmp_path: Path, method: str) -> None:
+    out = tmp_path / "s"
+    kw = {"method": method, "dedup": pool["dedup"], "exclude": (pool["decontam"],), **FILTERS}
+    summary = _tasks(pool, out, 3, **kw)
+    assert summary["partition"]["num_tasks"] == 3
+    rows = check(pool, out, summary)
+    for part in sorted((pool["ref"] / "parts").glob("*.parquet")):
+        table = pq.read_table(part)
+        dest = task_of(identities(part.stem, table), 3)
+        ledger = pq.read_table(out / "ledger" / part.name).to_pylist()
+        for r, t in zip(ledger, dest.tolist(), strict=True):
+            eligible = r["fate"] in ("kept", "not_chosen", "tail")
+            assert r["task"] == (t if eligible else None)
+    if method == "jest":  # step s of a task is chosen from its super-batch s
+        local = {}
+        for r in sorted((r for r in rows if r["fate"] == "kept"), key=lambda r: r["step"]):
+            local.setdefault(r["task"], {}).setdefault(r["step"], r["super_batch"])
+        for steps in local.values():
+            assert list(steps.values()) == list(range(len(steps)))
+    # The merge again: the same bytes.
+    before = {p.name: p.read_bytes() for p in (out / "ledger").glob("*.parquet")}
+    (out / "summary.json").unlink()
+    select(pool, out, merge=True, num_tasks=3, **kw)
+    assert {p.name: p.read_bytes() for p in (out / "ledger").glob("*.parquet")} == before
+
+
+def test_a_merge_with_ledger_needs_tasks_with_it(pool: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    _tasks(pool, out, 2, method="random", ledger=False)
+    (out / "summary.json").unlink()
+    with pytest.raises(JCError, match="selected without --ledger"):
+        select(pool, out, method="random", merge=True, num_tasks=2)

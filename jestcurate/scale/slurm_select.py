@@ -49,8 +49,6 @@ def plan(
         )
     if "--overwrite" in args:
         raise JCError("--overwrite is for one run, not array tasks: remove OUT first instead")
-    if "--ledger" in args:
-        raise JCError("--ledger is for one run, not array tasks (they write no ledger yet)")
     parsed = parse(args)
     base = [a for a in args if a != "--export"]
     return SelectPlan(Path(parsed["out"]), base, "--export" in args, num_tasks)

@@ -33,12 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jestcurate.io.eligible import Filters, eligible_masks, join_learner
+from jestcurate.io.eligible import Filters, eligible_masks, identities, join_learner
 from jestcurate.io.files import atomic_write
 from jestcurate.io.reader import error_reason
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.schema import LEDGER_FATES, ledger_schema
 from jestcurate.io.store import ScoreSet
+from jestcurate.math.partition import task_of
 from jestcurate.pipelines.select.choosing import draw_order
 from jestcurate.pipelines.select.config import LEDGER_DIR, SUPER_BATCH_METHODS, SelectConfig
 from jestcurate.pipelines.select.evidence import Evidence, Verdict
@@ -195,6 +196,50 @@ def one_run(choice: Choice) -> Resolve:
         _eligible(choice, ids, clip, rows, at)
 
     return resolve
+
+
+def merged(names: list[str], choices: list[Choice], step_of: list[np.ndarray]) -> Resolve:
+    """Array tasks' eligible rows: each goes to the task its hash names (as the scatter sent
+    it) and takes that task's next cache id (a task gathers its rows in part and row order);
+    kept rows' steps are the merged manifest's (`step_of[task][local step]`)."""
+    count = len(choices)
+    taken = np.zeros(count, dtype=np.int64)
+
+    def resolve(part_id: int, table: pa.Table, eligible: np.ndarray, rows: Rows) -> None:
+        at = np.flatnonzero(eligible)
+        dest = task_of(identities(names[part_id], table), count)[at]
+        clip = table.column("clip_score").take(pa.array(at)).to_numpy(zero_copy_only=False)
+        for t in np.unique(dest).tolist():
+            mine = dest == t
+            ids = np.arange(taken[t], taken[t] + int(mine.sum()))
+            taken[t] += len(ids)
+            _eligible(choices[t], ids, clip[mine], rows, at[mine], step_of[t])
+            rows.task[at[mine]] = t
+
+    return resolve
+
+
+CHOICE_FILES = ("ledger-drawn.npy", "ledger-slot.npy")
+
+
+def save_choice(directory: Path, choice: Choice) -> dict[str, Any]:
+    """An array task's choice, for the merge's ledger: its arrays beside its manifest (before
+    its summary, which marks the task finished), and the rest for its summary."""
+    for name, array in zip(CHOICE_FILES, (choice.drawn, choice.slot), strict=True):
+        atomic_write(directory / name, lambda tmp, a=array: _save(tmp, a))
+    return {"method": choice.method, "b": choice.b, "big": choice.big, "steps": choice.steps,
+            "cut": choice.cut, "cut_value": choice.cut_value}  # fmt: skip
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file, not a name: np.save would add .npy to the name
+        np.save(f, array)
+
+
+def load_choice(directory: Path, facts: dict[str, Any]) -> Choice:
+    """A task's saved choice (its arrays memory-mapped: the merge reads the rows it needs)."""
+    drawn, slot = (np.load(directory / name, mmap_mode="r") for name in CHOICE_FILES)
+    return Choice(drawn=drawn, slot=slot, **facts)
 
 
 def _text(values: np.ndarray) -> pa.Array:

@@ -12,9 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jestcurate import ui
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Counts, score_columns
+from jestcurate.io.eligible import Counts, Filters, score_columns
 from jestcurate.io.store import META_NAME, finished_output, read_json
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.choosing import choose
@@ -27,7 +29,16 @@ from jestcurate.pipelines.select.config import (
 )
 from jestcurate.pipelines.select.evidence import Evidence
 from jestcurate.pipelines.select.inputs import Inputs, Rows, eligible_rows, filters, open_inputs
-from jestcurate.pipelines.select.ledger import Choice, Recorder, one_run, settle, write_ledger
+from jestcurate.pipelines.select.ledger import (
+    Choice,
+    Recorder,
+    Resolve,
+    merged,
+    one_run,
+    save_choice,
+    settle,
+    write_ledger,
+)
 from jestcurate.pipelines.select.outputs import (
     Means,
     datacomp_uids,
@@ -63,11 +74,6 @@ def run(
     began = time.time()
     validate(cfg)
     task = this_task(cfg)
-    if cfg.ledger and (task.partitioned or task.merge):
-        raise JCError(
-            "--ledger is written by a selection made in one run; array tasks write none yet "
-            "(select without --ledger, or in one run with --num-tasks 1)"
-        )
     inputs = open_inputs(cfg, task.count)
     done = _existing(cfg, inputs.identity, task)
     if done is not None and cfg.ledger and "ledger" not in done:
@@ -79,7 +85,7 @@ def run(
         log.info("%s already holds this selection; nothing to do", cfg.out)
         report = SelectReport(cfg.out, done, reused=True)
     elif task.merge:
-        report = SelectReport(cfg.out, merge(cfg.out, inputs.identity, task.count))
+        report = SelectReport(cfg.out, _merge(cfg, inputs, task.count))
     elif not task.partitioned:
         rows = eligible_rows(cfg, inputs)
         summary = _select_into(cfg, cfg.out, inputs, inputs.identity, rows, task)
@@ -113,7 +119,7 @@ def _array_task(cfg: SelectConfig, inputs: Inputs, task: Task) -> SelectReport:
         log.info("task %d of %d done; %d tasks still to finish", task.index, task.count,
                  len(waiting))  # fmt: skip
         return SelectReport(task_dir, mine, task=task.index)
-    return SelectReport(cfg.out, merge(cfg.out, identity, task.count))
+    return SelectReport(cfg.out, _merge(cfg, inputs, task.count))
 
 
 def _export(cfg: SelectConfig, report: SelectReport, task: Task) -> SelectReport:
@@ -287,19 +293,30 @@ def _select_into(
     # an array task's summary keeps exact sums for the merge, not only rounded means
     sums = {"kept": kept.state(), "eligible": everything.state()}
     extra: dict[str, Any] = {"sums": sums} if task.partitioned else {}
-    if choice is not None:
-        extra.update(_write_ledger(cfg, out, inputs, rows, choice))
+    if choice is not None and task.partitioned:  # the merge writes the ledger
+        extra["ledger_choice"] = save_choice(out, choice)
+    elif choice is not None:
+        extra.update(_write_ledger(cfg, out, inputs, rows.filters, one_run(choice)))
     images = inputs.ref.has_images
     return write_summary(out, identity, totals, kept, everything, subset, images, **extra)
 
 
 def _write_ledger(
-    cfg: SelectConfig, out: Path, inputs: Inputs, rows: Rows, choice: Choice
+    cfg: SelectConfig, out: Path, inputs: Inputs, found_by: Filters | None, resolve: Resolve
 ) -> dict[str, Any]:
     """OUT/ledger/ (before summary.json, which marks the selection finished); returns the
     summary's `fates` and `ledger`."""
-    found_by = rows.filters if rows.filters is not None else filters(cfg, inputs.ref)
+    found_by = found_by if found_by is not None else filters(cfg, inputs.ref)
     evidence = Evidence.open(cfg.min_clip_score, cfg.dedup, cfg.exclude)
     with ui.step_progress("writing the ledger", len(inputs.ref.parts), "parts") as tick:
-        return write_ledger(out, inputs.ref, inputs.learner, found_by, evidence,
-                            one_run(choice), tick)  # fmt: skip
+        return write_ledger(out, inputs.ref, inputs.learner, found_by, evidence, resolve, tick)
+
+
+def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
+    """The tasks' selections joined into OUT, with the ledger when asked for."""
+
+    def ledger(choices: list[Choice], step_of: list[np.ndarray]) -> dict[str, Any]:
+        resolve = merged(inputs.ref.part_names(), choices, step_of)
+        return _write_ledger(cfg, cfg.out, inputs, None, resolve)
+
+    return merge(cfg.out, inputs.identity, count, ledger if cfg.ledger else None)
