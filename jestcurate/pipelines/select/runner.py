@@ -21,6 +21,7 @@ from jestcurate.io.store import META_NAME, finished_output, read_json
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.choosing import choose
 from jestcurate.pipelines.select.config import (
+    LEDGER_DIR,
     MANIFEST,
     SUMMARY,
     SUPER_BATCH_METHODS,
@@ -297,6 +298,8 @@ def _select_into(
         extra["ledger_choice"] = save_choice(out, choice)
     elif choice is not None:
         extra.update(_write_ledger(cfg, out, inputs, rows.filters, one_run(choice)))
+    elif not task.partitioned:  # an unfinished earlier run's ledger is not this selection's
+        shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     images = inputs.ref.has_images
     return write_summary(out, identity, totals, kept, everything, subset, images, **extra)
 
