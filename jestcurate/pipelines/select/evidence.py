@@ -76,6 +76,14 @@ def _spread(n: int, index: np.ndarray, values: list[object]) -> np.ndarray:
     return out
 
 
+def _floats(n: int, index: np.ndarray, column: pa.ChunkedArray) -> np.ndarray:
+    """A float32 array over a part's n rows holding `column` at the rows `index` names."""
+    out = np.full(n, np.nan, dtype=np.float32)
+    inside = index < n
+    out[index[inside]] = column.fill_null(np.nan).to_numpy()[inside]
+    return out
+
+
 class Dedup:
     """A dedup output's duplicates: reason (exact or semantic), the kept row it duplicates and
     their cosine; the threshold is 1 - eps for semantic duplicates."""
@@ -96,10 +104,7 @@ class Dedup:
         found = found.filter(pc.invert(found.column("kept")))
         index = found.column("index").to_numpy().astype(np.int64)
         reason = _spread(n, index, found.column("reason").to_pylist())
-        similarity = np.full(n, np.nan, dtype=np.float32)
-        inside = index < n
-        values = found.column("similarity").fill_null(np.nan).to_numpy()
-        similarity[index[inside]] = values[inside]
+        similarity = _floats(n, index, found.column("similarity"))
         cosine = np.nan if self.cosine is None else self.cosine
         threshold = np.where(reason == "semantic", cosine, np.nan)
         return Verdict(
@@ -144,18 +149,13 @@ class Exclusions:
         first = order[np.r_[True, index[order][1:] != index[order][:-1]]]
         best = found.take(pa.array(first))
         index = index[first]
-        floats = {}
-        for column in ("cosine", "threshold"):
-            values = np.full(n, np.nan, dtype=np.float32)
-            inside = index < n
-            values[index[inside]] = best.column(column).fill_null(np.nan).to_numpy()[inside]
-            floats[column] = values
+        cosine, threshold = (_floats(n, index, best.column(c)) for c in ("cosine", "threshold"))
         return Verdict(
             "excluded",
             mask,
             _spread(n, index, best.column("match").to_pylist()),
-            floats["cosine"],
-            floats["threshold"],
+            cosine,
+            threshold,
             _spread(n, index, best.column("eval_shard").to_pylist()),
             _spread(n, index, best.column("eval_key").to_pylist()),
             _spread(n, index, best.column("eval_set").to_pylist()),
