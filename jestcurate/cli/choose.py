@@ -211,6 +211,15 @@ def select(
             "exported shards) instead of refusing a different one. Not for array tasks.",
         ),
     ] = False,
+    ledger: Annotated[
+        bool,
+        typer.Option(
+            "--ledger",
+            help="Also write OUT/ledger/ (one Parquet file per score-set part): every row's "
+            "fate (kept, error, filtered, duplicate, excluded, not chosen, tail) and why, for "
+            "`info OUT --why KEY` and DuckDB. One run only: not as array tasks.",
+        ),
+    ] = False,
 ) -> None:
     """Choose training batches from score sets and write OUT/manifest.parquet (one row per kept
     sample: step, position, shard, key, index, uid, scores), OUT/summary.json and OUT/uids.npy

@@ -55,12 +55,26 @@ def info(
             help="A score set (path or URL), a selection or a dedup output.", show_default=False
         ),
     ],
+    why: Annotated[
+        str | None,
+        typer.Option(
+            "--why",
+            metavar="KEY",
+            help="With a selection: what became of the sample with this key, and why (from "
+            "its ledger).",
+        ),
+    ] = None,
 ) -> None:
     """Summarise a score set (model, counts, errors, score quantiles, shard states), a
-    selection (method, parameters, counts, mean scores kept vs dropped, export) or a dedup
-    output (parameters, clusters used, kept and dropped counts, cluster sizes, nearest-neighbour
-    cosine and any collapsed-space warning)."""
+    selection (method, parameters, counts, fates by reason, mean scores kept vs dropped,
+    export) or a dedup output (parameters, clusters used, kept and dropped counts, cluster
+    sizes, nearest-neighbour cosine and any collapsed-space warning). With --why KEY, one
+    selection's verdict on one sample: kept (step, position), or which filter, duplicate,
+    exclusion, super-batch or cut dropped it."""
     from jestcurate.pipelines import report as report_mod
 
     folder = score_set_dir(path)
-    report_mod.print_info(path, report_mod.describe(folder))
+    if why is not None:
+        report_mod.print_why(folder, why)
+    else:
+        report_mod.print_info(path, report_mod.describe(folder))

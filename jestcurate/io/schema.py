@@ -113,3 +113,33 @@ def write_part(path: Path, table: pa.Table) -> dict[str, Any]:
 
     atomic_write(path, write)
     return digest
+
+
+# A selection's ledger (docs/select.md, "Ledger"): one row per row of the score set, one file
+# per part, saying what became of it and why. Declared once, here; fate and the repeated text
+# columns are dictionary-encoded (fate's dictionary is LEDGER_FATES, in this order, in every file).
+LEDGER_FATES = ("kept", "not_chosen", "tail", "error", "filtered", "duplicate", "excluded")
+_TEXT = pa.dictionary(pa.int32(), pa.string())
+
+
+def ledger_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("shard", _TEXT, nullable=False),
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("index", pa.int32(), nullable=False),
+            pa.field("uid", pa.string()),
+            pa.field("fate", pa.dictionary(pa.int8(), pa.string()), nullable=False),
+            pa.field("reason", _TEXT),  # which filter, error text, how it lost: per fate
+            pa.field("value", pa.float32()),  # the row's value the reason compared
+            pa.field("threshold", pa.float32()),  # ... and what it was compared with
+            pa.field("other_shard", _TEXT),  # the duplicate's (or evaluation item's) shard
+            pa.field("other_key", pa.string()),  # ... and key
+            pa.field("other_set", _TEXT),  # the evaluation set an exclusion matched
+            pa.field("super_batch", pa.int64()),  # super-batch methods: the one it was drawn in
+            pa.field("step", pa.int64()),  # kept: the training batch
+            pa.field("position", pa.int32()),  # kept: its place in the batch
+            pa.field("task", pa.int32()),  # array task whose partition held it (null: one run)
+        ],
+        metadata={"jestcurate.ledger_schema_version": "1"},
+    )

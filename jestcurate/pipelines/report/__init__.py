@@ -11,6 +11,7 @@ from jestcurate.pipelines.report.info import describe, print_info
 from jestcurate.pipelines.report.page import choose_groups, print_written, render, write_report
 from jestcurate.pipelines.report.stats import Stats, gather, kept_mask, quantiles
 from jestcurate.pipelines.report.thumbnails import fetch_samples
+from jestcurate.pipelines.report.why import print_why
 
 __all__ = [
     "Stats",
@@ -20,6 +21,7 @@ __all__ = [
     "gather",
     "kept_mask",
     "print_info",
+    "print_why",
     "print_written",
     "quantiles",
     "render",

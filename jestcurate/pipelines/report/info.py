@@ -141,6 +141,13 @@ def _selection_rows(table: Table, info: dict[str, Any]) -> None:
     for key, value in s["counts"].items():
         if value is not None:
             table.add_row(key.replace("_", " "), f"{value:,}")
+    if s.get("ledger"):  # selections with a ledger
+        facts = s["ledger"]
+        table.add_row("ledger", f"{facts['folder']}/: {facts['parts']:,} parts, "
+                      f"{facts['bytes_per_row']} bytes per row; by fate and reason:")  # fmt: skip
+    for fate, reasons in s.get("fates", {}).items():
+        shown = ", ".join(f"{reason} {count:,}" for reason, count in reasons.items())
+        table.add_row(f"  {fate.replace('_', ' ')}", shown)
     for name, kept in s["means"]["kept"].items():
         dropped = s["means"]["dropped"].get(name)
         if kept is not None and dropped is not None:

@@ -117,6 +117,22 @@ def _count(name: str, value: int) -> str:
     return f'<td id="count-{name}" data-value="{value}">{value:,}</td>'
 
 
+def _fates(summary: dict[str, Any] | None) -> list[str]:
+    """A selection's rows by fate and reason (from its ledger; older selections have none)."""
+    fates = (summary or {}).get("fates")
+    if not fates:
+        return []
+    rows = ["<h2>Fates by reason</h2><table><tr><th>fate</th><th>reason</th><th>rows</th></tr>"]
+    for fate, reasons in fates.items():
+        for reason, count in reasons.items():
+            rows.append(
+                f"<tr><td>{html.escape(fate)}</td><td>{html.escape(reason)}</td>"
+                f'<td id="fate-{html.escape(fate)}-{html.escape(reason)}">{count:,}</td></tr>'
+            )
+    rows.append("</table>")
+    return rows
+
+
 def render(
     stats: Stats,
     samples: dict[int, dict[str, Any]],
@@ -148,6 +164,7 @@ def render(
             f"<tr><th>dropped (ok, not kept)</th>{_count('dropped', ok - int(kept.sum()))}</tr>"
         )
     parts.append("</table>")
+    parts.extend(_fates(summary))
     if stats.reasons:
         parts.append("<h2>Errors by reason</h2><table><tr><th>reason</th><th>samples</th></tr>")
         for reason, count in stats.reasons.most_common():

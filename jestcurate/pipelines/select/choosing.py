@@ -22,7 +22,7 @@ from jestcurate.math.jest import (
 )
 from jestcurate.math.losses import Embeddings
 from jestcurate.model.openclip import resolve_device
-from jestcurate.pipelines.select.config import SelectConfig
+from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
 
 Batch = tuple[np.ndarray, np.ndarray]  # (row ids, selection scores) of one training batch
 
@@ -59,14 +59,23 @@ def _cap(items: int, clusters: int) -> int:
     return max(1, math.ceil(2 * items / clusters))
 
 
+def draw_order(cfg: SelectConfig, cache: RowCache) -> np.ndarray:
+    """The order a method draws the eligible rows in (the ledger reads it too): a seeded
+    permutation cut into super-batches (easy-ref, learnability, jest), a seeded permutation
+    (random) or the ranking by clip_score (clip-score), whose first kept rows are kept."""
+    n = cache.size
+    if cfg.method in SUPER_BATCH_METHODS:
+        return np.random.default_rng([cfg.seed, 0]).permutation(n)
+    if cfg.method == "random":
+        return np.random.default_rng([cfg.seed, 2]).permutation(n)
+    return np.argsort(-cache.read_range(CLIP_SCORE, 0, n), kind="stable")
+
+
 def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
     """random and clip-score: a kept set chosen over all eligible rows at once."""
     b = cfg.sampling.batch_size
-    n, kept = cache.size, steps * b
-    if cfg.method == "random":
-        order = np.random.default_rng([cfg.seed, 2]).permutation(n)
-    else:
-        order = np.argsort(-cache.read_range(CLIP_SCORE, 0, n), kind="stable")
+    kept = steps * b
+    order = draw_order(cfg, cache)
     balance = _clusters(cfg, cache)
     if balance is None:
         ids = order[:kept]
@@ -86,7 +95,7 @@ def super_batches(
 ) -> Iterator[tuple[np.ndarray, Embeddings, Embeddings | None]]:
     """Consecutive slices of B rows of a global seeded permutation, with their embeddings."""
     device = resolve_device(cfg.device)
-    perm = np.random.default_rng([cfg.seed, 0]).permutation(cache.size)
+    perm = draw_order(cfg, cache)
     big = cfg.sampling.super_batch
     for s in range(steps):
         ids = perm[s * big : (s + 1) * big]

@@ -21,6 +21,7 @@ SUMMARY = "summary.json"
 UIDS = "uids.npy"
 TASKS_DIR = "tasks"
 SCATTER_DIR = "scatter"
+LEDGER_DIR = "ledger"  # one Parquet file per score-set part: every row's fate and why
 SELECTION_SCHEMA_VERSION = 1
 
 
@@ -47,6 +48,7 @@ class SelectConfig:
     overwrite: bool = False  # replace whatever selection OUT holds
     export: bool = False  # then write the kept samples to OUT/shards (pipelines/export.py)
     samples_per_shard: int | None = None  # with export; None: export's default
+    ledger: bool = False  # write OUT/ledger/: every row's fate and why (pipelines/select/ledger.py)
 
     @property
     def criterion(self) -> str | None:

@@ -54,6 +54,7 @@ class Rows:
 
     counts: Counts
     build: Callable[[Path], RowCache]
+    filters: Filters | None = None  # what made the others ineligible (for the ledger)
 
 
 def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
@@ -68,7 +69,7 @@ def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
         with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
             return fill_cache(ref, learner, found, cache_dir, found_by, embeddings, tick)
 
-    return Rows(found.counts, build)
+    return Rows(found.counts, build, found_by)
 
 
 def removed_by(counts: Counts, dedup: Path | str | None) -> str:

@@ -27,6 +27,7 @@ from jestcurate.io.eligible import (
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import atomic_write, file_digests, write_json_atomic
 from jestcurate.pipelines.select.config import (
+    LEDGER_DIR,
     MANIFEST,
     SELECTION_SCHEMA_VERSION,
     SUMMARY,
@@ -207,5 +208,5 @@ def remove_selection(out: Path) -> None:
         return
     for name in (SUMMARY, MANIFEST, UIDS, SHARD_LIST):
         (out / name).unlink(missing_ok=True)
-    for name in (TASKS_DIR, SHARDS_DIR, ".cache"):
+    for name in (TASKS_DIR, SHARDS_DIR, LEDGER_DIR, ".cache"):
         shutil.rmtree(out / name, ignore_errors=True)

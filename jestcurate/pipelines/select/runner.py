@@ -11,26 +11,41 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jestcurate import ui
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Counts, score_columns
+from jestcurate.io.eligible import Counts, Filters, score_columns
 from jestcurate.io.store import META_NAME, finished_output, read_json
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.choosing import choose
 from jestcurate.pipelines.select.config import (
+    LEDGER_DIR,
     MANIFEST,
     SUMMARY,
     SUPER_BATCH_METHODS,
     SelectConfig,
     validate,
 )
+from jestcurate.pipelines.select.evidence import Evidence
 from jestcurate.pipelines.select.inputs import (
     Inputs,
     Rows,
     eligible_rows,
+    filters,
     nothing_passes,
     open_inputs,
     removed_by,
+)
+from jestcurate.pipelines.select.ledger import (
+    Choice,
+    Recorder,
+    Resolve,
+    merged,
+    one_run,
+    save_choice,
+    settle,
+    write_ledger,
 )
 from jestcurate.pipelines.select.outputs import (
     Means,
@@ -70,11 +85,16 @@ def run(
     task = this_task(cfg)
     inputs = open_inputs(cfg, task.count)
     done = _existing(cfg, inputs.identity, task)
+    if done is not None and cfg.ledger and "ledger" not in done:
+        raise JCError(
+            f"{cfg.out} holds this selection without a ledger; pass --overwrite to make it "
+            "again with one (the same batches), or leave out --ledger to reuse it"
+        )
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         report = SelectReport(cfg.out, done, reused=True)
     elif task.merge:
-        report = SelectReport(cfg.out, merge(cfg.out, inputs.identity, task.count))
+        report = SelectReport(cfg.out, _merge(cfg, inputs, task.count))
     elif not task.partitioned:
         rows = eligible_rows(cfg, inputs)
         summary = _select_into(cfg, cfg.out, inputs, inputs.identity, rows, task)
@@ -109,7 +129,7 @@ def _array_task(cfg: SelectConfig, inputs: Inputs, task: Task) -> SelectReport:
         log.info("task %d of %d done; %d tasks still to finish", task.index, task.count,
                  len(waiting))  # fmt: skip
         return SelectReport(task_dir, mine, task=task.index)
-    return SelectReport(cfg.out, merge(cfg.out, identity, task.count))
+    return SelectReport(cfg.out, _merge(cfg, inputs, task.count))
 
 
 def _export(cfg: SelectConfig, report: SelectReport, task: Task) -> SelectReport:
@@ -246,6 +266,7 @@ def _select_into(
         remove_selection(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / ".cache"
+    choice = None
     try:
         cache = rows.build(cache_dir)
         everything = Means()
@@ -253,9 +274,15 @@ def _select_into(
             stop = min(start + (1 << 20), cache.size)
             columns = score_columns(learner is not None)
             everything.add({c: cache.read_range(c, start, stop) for c in columns})
+        # with --ledger (one run only): where each kept row went
+        recorder = Recorder(cache.size, cfg.sampling.batch_size) if cfg.ledger else None
         with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:
             batches = choose(cfg, cache, inputs.ref, learner, steps, on_batch=tick)
+            if recorder is not None:
+                batches = recorder.watch(batches)
             kept, halves = write_manifest(out / MANIFEST, cache, batches, learner is not None)
+        if recorder is not None:
+            choice = settle(cfg, cache, recorder, steps)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     candidates = steps * cfg.sampling.super_batch if big else counts.eligible
@@ -271,6 +298,33 @@ def _select_into(
     subset = None if halves is None else datacomp_uids(halves)
     # an array task's summary keeps exact sums for the merge, not only rounded means
     sums = {"kept": kept.state(), "eligible": everything.state()}
-    extra = {"sums": sums} if task.partitioned else {}
+    extra: dict[str, Any] = {"sums": sums} if task.partitioned else {}
+    if choice is not None and task.partitioned:  # the merge writes the ledger
+        extra["ledger_choice"] = save_choice(out, choice)
+    elif choice is not None:
+        extra.update(_write_ledger(cfg, out, inputs, rows.filters, one_run(choice)))
+    elif not task.partitioned:  # an unfinished earlier run's ledger is not this selection's
+        shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     images = inputs.ref.has_images
     return write_summary(out, identity, totals, kept, everything, subset, images, **extra)
+
+
+def _write_ledger(
+    cfg: SelectConfig, out: Path, inputs: Inputs, found_by: Filters | None, resolve: Resolve
+) -> dict[str, Any]:
+    """OUT/ledger/ (before summary.json, which marks the selection finished); returns the
+    summary's `fates` and `ledger`."""
+    found_by = found_by if found_by is not None else filters(cfg, inputs.ref)
+    evidence = Evidence.open(cfg.min_clip_score, cfg.dedup, cfg.exclude)
+    with ui.step_progress("writing the ledger", len(inputs.ref.parts), "parts") as tick:
+        return write_ledger(out, inputs.ref, inputs.learner, found_by, evidence, resolve, tick)
+
+
+def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
+    """The tasks' selections joined into OUT, with the ledger when asked for."""
+
+    def ledger(choices: list[Choice], step_of: list[np.ndarray]) -> dict[str, Any]:
+        resolve = merged(inputs.ref.part_names(), choices, step_of)
+        return _write_ledger(cfg, cfg.out, inputs, None, resolve)
+
+    return merge(cfg.out, inputs.identity, count, ledger if cfg.ledger else None)

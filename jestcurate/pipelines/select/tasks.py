@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from jestcurate.pipelines.select.config import (
 )
 from jestcurate.pipelines.select.filters.options import ORDER as FILTER_ORDER
 from jestcurate.pipelines.select.inputs import Inputs, Rows, filters, nothing_passes
+from jestcurate.pipelines.select.ledger import Choice, load_choice
 from jestcurate.pipelines.select.outputs import Means, manifest_schema, write_summary
 from jestcurate.scale.tasks import resolve_task
 
@@ -212,10 +214,38 @@ def drop_buckets(cfg: SelectConfig, task: Task) -> None:
     scatter_mod.drop_buckets(cfg.out / TASKS_DIR / SCATTER_DIR, task.index, task.count)
 
 
-def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
+# Writes the merged selection's ledger from the tasks' choices and each task's local step ->
+# merged step; returns what the summary records of it (runner._write_ledger).
+MergedLedger = Callable[[list[Choice], list[np.ndarray]], dict[str, Any]]
+
+
+def _task_choices(
+    out: Path, tasks: list[dict[str, Any]], order: list[tuple[int, int]]
+) -> tuple[list[Choice], list[np.ndarray]]:
+    """What each task chose (saved with --ledger), and where its steps went in the merge."""
+    count = len(tasks)
+    missing = [i for i, s in enumerate(tasks) if "ledger_choice" not in s]
+    if missing:
+        raise JCError(
+            f"tasks {', '.join(map(str, missing[:10]))} of {out} selected without --ledger, so "
+            "the merge has no ledger to write: merge without --ledger, or remove those tasks' "
+            "folders and rerun them with it"
+        )
+    choices = [load_choice(task_directory(out, i, count), s["ledger_choice"])
+               for i, s in enumerate(tasks)]  # fmt: skip
+    step_of = [np.zeros(int(s["counts"]["steps"]), dtype=np.int64) for s in tasks]
+    for step, (task, local) in enumerate(order):
+        step_of[task][local] = step
+    return choices, step_of
+
+
+def merge(
+    out: Path, identity: dict[str, Any], count: int, ledger: MergedLedger | None = None
+) -> dict[str, Any]:
     """Join the N tasks' selections into OUT/manifest.parquet, uids.npy and summary.json: their
     batches interleaved into one step order (partition.interleave), counts summed, means from
-    the tasks' exact sums. Deterministic: the same task outputs give the same bytes."""
+    the tasks' exact sums; with `ledger`, the ledger too. Deterministic: the same task outputs
+    give the same bytes."""
     summaries = [_task_summary(out, identity, i) for i in range(count)]
     missing = [i for i, s in enumerate(summaries) if s is None]
     if missing:
@@ -270,7 +300,9 @@ def merge(out: Path, identity: dict[str, Any], count: int) -> dict[str, Any]:
     images = all(s["outputs"]["images"] for s in tasks)
     shares = [{"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
               for i, s in enumerate(tasks)]  # fmt: skip
-    summary = write_summary(out, identity, counts, kept, eligible, subset, images, tasks=shares)
+    extra = ledger(*_task_choices(out, tasks, order)) if ledger is not None else {}
+    summary = write_summary(out, identity, counts, kept, eligible, subset, images,
+                            tasks=shares, **extra)  # fmt: skip
     shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # every task has its rows
     return summary
 
