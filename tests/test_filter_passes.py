@@ -35,7 +35,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 class Counting:
     """A RowFilter that removes odd rows and counts the rows it was asked about."""
 
-    name, columns = "odd", ("caption",)
+    name, fate, columns = "odd", "filtered", ("caption",)
 
     def __init__(self) -> None:
         self.seen = 0

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import rewrite_part, run_cli
 
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import identities
@@ -23,6 +23,7 @@ from jestcurate.pipelines import dedup
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines.decontam import OUTPUT as DECONTAM_OUTPUT
 from jestcurate.pipelines.decontam import SCHEMA as DECONTAM_SCHEMA
+from jestcurate.pipelines.select.filters import FilterOptions
 from jestcurate.pipelines.select.ledger import category
 from jestcurate.pipelines.synth import plant_duplicates, write_score_set
 
@@ -95,7 +96,8 @@ def check(pool: dict[str, Path], out: Path, summary: dict) -> list[dict]:
     fates = Counter(r["fate"] for r in rows)
     counts = summary["counts"]
     assert fates["error"] == counts["errors"] and fates["kept"] == counts["kept"]
-    assert fates["filtered"] == counts["below_min_clip_score"]
+    others = sum(counts.get(name, 0) for name in ("caption_length", "target", "language"))
+    assert fates["filtered"] == counts["below_min_clip_score"] + others
     assert fates["duplicate"] == counts["duplicates"]
     assert fates["excluded"] == counts["excluded"]
     assert fates["tail"] == counts["tail_dropped"] and sum(fates.values()) == counts["rows"]
@@ -230,6 +232,61 @@ def test_info_why(pool: dict[str, Path], tmp_path: Path) -> None:
     assert code == 0 and "Fates by reason" in html.read_text()
     assert json.loads((out / "summary.json").read_text())["ledger"]["parts"] == SHARDS
     assert np.isfinite(json.loads((out / "summary.json").read_text())["ledger"]["bytes_per_row"])
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """600 rows (5 % errors) whose row i has a caption of i mod 6 words."""
+    ref = tmp_path_factory.mktemp("captioned") / "ref"
+    write_score_set(ref, shards=2, rows_per_shard=300, dim=16, seed=2, error_fraction=0.05)
+    for part in sorted((ref / "parts").glob("*.parquet")):
+        table = pq.read_table(part)
+        words = [" ".join(["word"] * (i % 6)) for i in table.column("index").to_pylist()]
+        at = table.schema.get_field_index("caption")
+        rewrite_part(part, table.set_column(at, "caption", pa.array(words, pa.string())))
+    return {"ref": ref}
+
+
+# Caption length, then NormSim against the pool itself (the same model): both remove rows.
+NEW_FILTERS = {"method": "random"}
+
+
+def new_filters(captioned: dict[str, Path]) -> FilterOptions:
+    return FilterOptions(min_caption_words=2, target=captioned["ref"], target_filter="normsim2",
+                         target_keep=0.7)  # fmt: skip
+
+
+def test_caption_length_and_target_rows(captioned: dict[str, Path], tmp_path: Path) -> None:
+    """The new filters' rows: fate filtered, reason the filter's name, what it compared and the
+    bound it broke as data (noted when the filter ran); `info --why` says so."""
+    out = tmp_path / "s"
+    summary = select(captioned, out, filters=new_filters(captioned), **NEW_FILTERS)
+    rows = check(captioned, out, summary)
+    caption = [r for r in rows if r["reason"] == "caption_length"]
+    target = [r for r in rows if r["reason"] == "target"]
+    assert len(caption) == summary["counts"]["caption_length"] > 0
+    assert len(target) == summary["counts"]["target"] > 0
+    for r in caption:  # min 2 words: captions of 0 and 1 word
+        assert r["fate"] == "filtered" and r["detail"] == "min_words"
+        assert r["value"] == r["index"] % 6 < r["threshold"] == 2
+    bound = target[0]["threshold"]
+    assert all(r["fate"] == "filtered" and r["detail"] == "normsim2"
+               and r["value"] < r["threshold"] == bound for r in target)  # fmt: skip
+    assert summary["fates"]["filtered"]["caption_length"] == len(caption)
+    assert summary["fates"]["filtered"]["target"] == len(target)
+    for r, words in (
+        (caption[0], "filtered by caption length: "),
+        (target[0], "filtered by --target (normsim2): score "),
+    ):
+        code, output = run_cli("info", out, "--why", r["key"])
+        assert code == 0 and words in output, output
+    # As array tasks (the scatters note what the filters said): the same fates and values.
+    tasks = _tasks(captioned, tmp_path / "t", 2, filters=new_filters(captioned), **NEW_FILTERS)
+    assert tasks["fates"]["filtered"] == summary["fates"]["filtered"]
+    single = {(r["shard"], r["index"]): r for r in rows if r["fate"] == "filtered"}
+    merged = {(r["shard"], r["index"]): r for r in ledger_rows(tmp_path / "t")
+              if r["fate"] == "filtered"}  # fmt: skip
+    assert merged == single
 
 
 def _tasks(pool: dict[str, Path], out: Path, count: int, **kw) -> dict:

@@ -14,7 +14,7 @@ here once (`layout`), for the cache and for select's scatter buckets (io/scatter
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jestcurate.errors import JCError
+from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache, column_writers, embedding_rows, fixed_bytes
 from jestcurate.io.store import ScoreSet
 
@@ -119,22 +120,32 @@ class Counts:
 
 
 COUNTS = tuple(f.name for f in fields(Counts) if f.name != "filtered")
+MIN_CLIP_SCORE = "min_clip_score"  # --min-clip-score's reason in select's ledger
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """A filter's verdict on one part's rows: which it removes."""
+    """A filter's verdict on one part's rows: which it removes and why, as data for select's
+    ledger. Each of reason, detail and threshold is one value for every row or an array over
+    the part's rows (read at the removed rows only); value is an array or None."""
 
     removed: np.ndarray
+    reason: str | np.ndarray | None = None  # None: the filter's name
+    detail: str | np.ndarray | None = None  # which bound, which language, which kind
+    value: np.ndarray | None = None  # the row's value the filter compared (NaN: none)
+    threshold: float | np.ndarray | None = None  # ... and what it was compared with
 
 
 class RowFilter(Protocol):
-    """A filter of the rows of a score-set part (select's caption, language and target-set
-    filters: pipelines/select/filters). It sees the reference's part table, holding at least
-    `columns`, and the rows still in play (`candidate`, ok and left by the filters before
-    it); rows outside `candidate` it may skip."""
+    """A filter of the rows of a score-set part (--min-clip-score, --dedup, --exclude and
+    select's caption, language and target-set filters: pipelines/select/filters). It sees the
+    reference's part table, holding at least `columns`, and the rows still in play
+    (`candidate`, ok and left by the filters before it); rows outside `candidate` it may
+    skip. A filter whose rows point at another row (a duplicate's kept row, an evaluation
+    item) also has `others(shard, n)`: that row's shard, key and set, over the part's n rows."""
 
     name: str  # its count in Counts and summary.json
+    fate: str  # the ledger's fate of the rows it removes: filtered, duplicate or excluded
     columns: tuple[str, ...]  # the part columns it reads
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict: ...
@@ -147,19 +158,23 @@ class Filters:
     of `rows` (select's other filters)."""
 
     min_clip: float | None = None
-    dropped: dict[str, np.ndarray] | None = None  # shard -> indexes dedup dropped
+    dedup: Any = None  # a RowFilter: the rows a dedup output dropped
     clusters: dict[str, np.ndarray] | None = None  # shard -> dedup cluster by index
-    excluded: dict[str, np.ndarray] | None = None  # shard -> indexes an exclusion names
+    exclude: Any = None  # a RowFilter: the rows decontamination outputs name
     rows: tuple[Any, ...] = ()  # RowFilter instances
 
     def chain(self) -> list[RowFilter]:
         """Every filter as a RowFilter, in the order they apply."""
         return [
             MinClip(self.min_clip),
-            Named("duplicates", self.dropped),
-            Named("excluded", self.excluded),
+            self.dedup or Nothing("duplicates", "duplicate"),
+            self.exclude or Nothing("excluded", "excluded"),
             *self.rows,
         ]
+
+    def pointing(self) -> dict[str, Any]:
+        """The filters whose rows point at another row, by the fate of those rows."""
+        return {f.fate: f for f in self.chain() if hasattr(f, "others")}
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -179,25 +194,27 @@ class MinClip:
 
     threshold: float | None
     name: str = "below_min_clip_score"
+    fate: str = "filtered"
     columns: tuple[str, ...] = ("clip_score",)
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         if self.threshold is None:
             return Verdict(np.zeros(len(candidate), dtype=bool))
-        clip = table.column("clip_score").fill_null(-np.inf).to_numpy()
-        return Verdict(clip < self.threshold)
+        clip = table.column("clip_score").fill_null(np.nan).to_numpy().astype(np.float32)
+        low = ~(clip >= self.threshold)  # a null clip_score (NaN) is below any threshold
+        return Verdict(low, MIN_CLIP_SCORE, None, clip, self.threshold)
 
 
 @dataclass(frozen=True)
-class Named:
-    """--dedup's dropped rows, --exclude's excluded ones: rows a derived output names."""
+class Nothing:
+    """A filter not given (--dedup, --exclude): removes no row, counts 0."""
 
     name: str
-    rows: dict[str, np.ndarray] | None
+    fate: str
     columns: tuple[str, ...] = ()
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
-        return Verdict(_named(self.rows, shard, len(candidate)))
+        return Verdict(np.zeros(len(candidate), dtype=bool))
 
 
 def identities(part: str, table: pa.Table) -> np.ndarray:
@@ -232,22 +249,45 @@ def join_learner(name: str, ref: pa.Table, learner: pa.Table | None) -> None:
         )
 
 
-def eligible_masks(
-    ref: pa.Table, learner: pa.Table | None, filters: Filters | None, shard: str
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per row: ok (status ok in both sets) and, per filter in order (Filters.chain), the ok
-    rows it removed that the filters before it left. Eligible: ok and removed by none."""
-    filters = filters or Filters()
+def ok_rows(ref: pa.Table, learner: pa.Table | None) -> np.ndarray:
+    """The rows whose status is ok in the reference and (given) the learner."""
     ok = np.asarray(ref.column("status").to_numpy(zero_copy_only=False)) == "ok"
     if learner is not None:
         ok &= np.asarray(learner.column("status").to_numpy(zero_copy_only=False)) == "ok"
+    return ok
+
+
+def eligible_masks(
+    ref: pa.Table,
+    learner: pa.Table | None,
+    filters: Filters | None,
+    shard: str,
+    notes: Notes | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per row: ok (status ok in both sets) and, per filter in order (Filters.chain), the ok
+    rows it removed that the filters before it left. Eligible: ok and removed by none. With
+    `notes`, each filter's verdict on the rows it removed is noted too (for the ledger)."""
+    filters = filters or Filters()
+    ok = ok_rows(ref, learner)
+    if notes is not None:
+        notes.start(len(ok))
     left = ok.copy()
     removed = {}
     for step in filters.chain():
-        gone = step(ref, shard, left).removed & left if left.any() else np.zeros_like(ok)
+        gone = np.zeros_like(ok)
+        if left.any():
+            verdict = step(ref, shard, left)
+            gone = verdict.removed & left
+            if notes is not None:
+                notes.note(step.fate, _named_reason(verdict, step.name), gone)
         removed[step.name] = gone
         left &= ~gone
     return ok, removed
+
+
+def _named_reason(verdict: Verdict, name: str) -> Verdict:
+    """A verdict whose reason is given (the filter's name where it gave none)."""
+    return verdict if verdict.reason is not None else replace(verdict, reason=name)
 
 
 def count_masks(ok: np.ndarray, removed: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -258,23 +298,15 @@ def count_masks(ok: np.ndarray, removed: dict[str, np.ndarray]) -> tuple[np.ndar
     return (np.ones_like(ok), ~ok, *removed.values(), eligible)
 
 
-def _named(rows: dict[str, np.ndarray] | None, shard: str, n: int) -> np.ndarray:
-    """The rows of a shard's n that `rows` (shard -> indexes) names."""
-    mask = np.zeros(n, dtype=bool)
-    if rows is not None and shard in rows:
-        idx = rows[shard]
-        mask[idx[idx < n]] = True
-    return mask
-
-
 def _eligible(
     ref: pa.Table,
     learner: pa.Table | None,
     filters: Filters | None,
     counts: Counts,
     shard: str,
+    notes: Notes | None = None,
 ) -> np.ndarray:
-    masks = count_masks(*eligible_masks(ref, learner, filters, shard))
+    masks = count_masks(*eligible_masks(ref, learner, filters, shard, notes))
     for name, mask in zip((filters or Filters()).names, masks, strict=True):
         counts.add(name, int(mask.sum()))
     return masks[-1]
@@ -293,6 +325,7 @@ class Scan:
     key_width: int
     uid_width: int
     masks: list[tuple[np.ndarray, int]] = field(default_factory=list)  # (bits, rows) by part
+    notes: Notes | None = None  # with select --ledger: what the filters said of each row
 
     def keep(self, mask: np.ndarray) -> None:
         self.masks.append((np.packbits(mask), len(mask)))
@@ -308,12 +341,13 @@ def scan(
     learner: ScoreSet | None,
     filters: Filters | None,
     on_part: Callable[[], None] | None = None,
+    notes: Notes | None = None,
 ) -> Scan:
-    """First pass: join check, eligibility counts, column widths, each part's eligible rows.
-    It reads the small columns, and a filter's (the caption, the image embeddings) only when
-    one is given."""
+    """First pass: join check, eligibility counts, column widths, each part's eligible rows
+    (and, given `notes`, what the filters said of each row). It reads the small columns, and
+    a filter's (the caption, the image embeddings) only when one is given."""
     check_same_parts(ref, learner)
-    result = Scan(Counts(), [], 1, 1)
+    result = Scan(Counts(), [], 1, 1, notes=notes)
     extra = [c for c in (filters or Filters()).columns if c not in SCAN_COLUMNS]
     for name in ref.part_names():
         table = ref.read_part(name, [*SCAN_COLUMNS, *extra])
@@ -321,7 +355,7 @@ def scan(
         join_learner(name, table, other)
         shard = table.column("shard")
         result.shards.append(shard[0].as_py() if len(shard) else name)
-        eligible = _eligible(table, other, filters, result.counts, result.shards[-1])
+        eligible = _eligible(table, other, filters, result.counts, result.shards[-1], notes)
         result.keep(eligible)
         ok = pa.array(eligible)
         widths = [

@@ -17,7 +17,9 @@ score set (N times the corpus in all). So select's array tasks work in two round
 
 Reading is then about 1/N of the corpus per task per round, and the bucket files hold what the
 single run's cache would: one record per eligible row (about 4 D bytes per row for a reference
-alone). A finished task deletes its buckets; the merge deletes the rest.
+alone). A finished task deletes its buckets; the merge deletes the rest (with --ledger, it
+keeps each scatter's done.json, counts and the notes of what the filters said of each row,
+io/notes.py, so that a merge can be made again).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from jestcurate.io.eligible import (
     read_rows,
     row_values,
 )
+from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache, column_writers
 from jestcurate.io.store import ScoreSet, dead_local_writer, finished_output, write_json_atomic
 from jestcurate.math.partition import task_of
@@ -112,11 +115,13 @@ def scatter(
     count: int,
     identity: dict[str, Any],
     on_part: Callable[[], None] | None = None,
+    notes: bool = False,
 ) -> dict[str, Any]:
-    """Round 1 for task `task` of `count`: bucket the eligible rows of this task's parts.
-    Returns done.json (reused when an identical scatter is already finished)."""
+    """Round 1 for task `task` of `count`: bucket the eligible rows of this task's parts (and,
+    with `notes`, save what the filters said of each row: io/notes.py). Returns done.json
+    (reused when an identical scatter is already finished)."""
     final = scatter_directory(root, task, count)
-    existing = read_done(final, identity)
+    existing = read_done(final, identity, notes)
     if existing is not None:
         return existing
     names = ref.part_names()
@@ -141,6 +146,7 @@ def scatter(
     counts = np.zeros((count, len(filters.names)), dtype=np.int64)  # per destination task
     index = np.zeros((count, len(mine)), dtype=np.int64)  # rows of each part per task
     shards: list[str] = []
+    noted = Notes() if notes else None
     files = [open(bucket(partial, j), "wb") for j in range(count)]  # noqa: SIM115 (closed below)
     try:
         for q, p in enumerate(mine):
@@ -150,7 +156,7 @@ def scatter(
             shard = shard_col[0].as_py() if len(shard_col) else name
             shards.append(shard)
             dest = task_of(identities(name, table), count)
-            masks = count_masks(*eligible_masks(table, other, filters, shard))
+            masks = count_masks(*eligible_masks(table, other, filters, shard, noted))
             for c, mask in enumerate(masks):
                 counts[:, c] += np.bincount(dest[mask], minlength=count)
             keep = masks[-1]
@@ -187,6 +193,7 @@ def scatter(
         "uid_width": uid_width,
         "columns": sorted(columns),
         **({"counts": list(filters.names)} if filters.rows else {}),  # counts.npy's columns
+        **({"notes": noted.save(partial)} if noted is not None else {}),
     }
     write_json_atomic(partial / DONE, done)
     shutil.rmtree(final, ignore_errors=True)
@@ -194,9 +201,26 @@ def scatter(
     return done
 
 
-def read_done(directory: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """A finished scatter's done.json, None if unfinished; an error if made for other inputs."""
-    return finished_output(directory, DONE, DONE, identity, "scatter (of another selection)")
+def read_done(
+    directory: Path, identity: dict[str, Any], notes: bool = False
+) -> dict[str, Any] | None:
+    """A finished scatter's done.json, None if unfinished (or, wanting `notes`, made without
+    them); an error if made for other inputs."""
+    done = finished_output(directory, DONE, DONE, identity, "scatter (of another selection)")
+    return None if done is None or (notes and "notes" not in done) else done
+
+
+def read_notes(root: Path, dones: list[dict[str, Any]]) -> Callable[[int], tuple[Notes, int]]:
+    """For the merge's ledger: part p's notes are part p // N of scatter p % N's."""
+    count = len(dones)
+    if any("notes" not in d for d in dones):
+        raise JCError(
+            f"the scatters in {root} were made without --ledger, so the merge has no notes of "
+            "the filters to write a ledger from: rerun the tasks with --ledger"
+        )
+    loaded = [Notes.load(scatter_directory(root, s, count), d["notes"])
+              for s, d in enumerate(dones)]  # fmt: skip
+    return lambda part_id: (loaded[part_id % count], part_id // count)
 
 
 def _row(root: Path, s: int, count: int, name: str, task: int) -> np.ndarray:

@@ -131,6 +131,7 @@ def ledger_schema() -> pa.Schema:
             pa.field("uid", pa.string()),
             pa.field("fate", pa.dictionary(pa.int8(), pa.string()), nullable=False),
             pa.field("reason", _TEXT),  # which filter, error text, how it lost: per fate
+            pa.field("detail", _TEXT),  # the filter's: which bound, which language, which kind
             pa.field("value", pa.float32()),  # the row's value the reason compared
             pa.field("threshold", pa.float32()),  # ... and what it was compared with
             pa.field("other_shard", _TEXT),  # the duplicate's (or evaluation item's) shard

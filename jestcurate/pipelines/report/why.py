@@ -12,9 +12,9 @@ from rich.markup import escape
 
 from jestcurate import ui
 from jestcurate.errors import JCError, first_line
+from jestcurate.io.eligible import MIN_CLIP_SCORE
 from jestcurate.io.files import read_json
 from jestcurate.pipelines.select.config import LEDGER_DIR, SUMMARY
-from jestcurate.pipelines.select.evidence import MIN_CLIP_SCORE
 
 
 def _num(value: float | None) -> str:
@@ -67,10 +67,38 @@ def sentence(row: dict[str, Any]) -> str:
         return (f"excluded ({reason} match): cosine {_num(row['value'])} (threshold "
                 f"{_num(row['threshold'])}) to {row['other_set']} {row['other_key']} in "
                 f"{row['other_shard']}")  # fmt: skip
+    return _filtered(row)
+
+
+BOUNDS = {  # a caption-length detail: what was counted, how it broke the bound, which option
+    "min_words": ("words", "fewer than", "--min-caption-words"),
+    "max_words": ("words", "more than", "--max-caption-words"),
+    "min_chars": ("characters", "fewer than", "--min-caption-chars"),
+    "max_chars": ("characters", "more than", "--max-caption-chars"),
+}
+
+
+def _filtered(row: dict[str, Any]) -> str:
+    """A row a filter removed, by the filter (its reason) and what it compared."""
+    reason, detail, value, threshold = (row[c] for c in ("reason", "detail", "value", "threshold"))
     if reason == MIN_CLIP_SCORE:
-        return (f"filtered by --min-clip-score: clip_score {_num(row['value'])} is below "
-                f"{_num(row['threshold'])}")  # fmt: skip
-    return f"{fate} by {reason}: value {_num(row['value'])}, threshold {_num(row['threshold'])}"
+        return f"filtered by --min-clip-score: clip_score {_num(value)} is below {_num(threshold)}"
+    if reason == "caption_length" and detail in BOUNDS:
+        what, broke, option = BOUNDS[detail]
+        return (
+            f"filtered by caption length: {_num(value)} {what}, {broke} {option} {_num(threshold)}"
+        )
+    if reason == "language":
+        found = f"detected as {detail}" if detail else "no language detected"
+        return f"filtered by --language: caption {found}"
+    if reason == "target" and detail == "clusters":
+        return (f"filtered by --target (clusters): its nearest cluster {_num(value)} is none that "
+                "a target image picked")  # fmt: skip
+    if reason == "target":
+        return (f"filtered by --target ({detail}): score {_num(value)} is below "
+                f"{_num(threshold)}")  # fmt: skip
+    shown = f" ({detail})" if detail else ""
+    return f"filtered by {reason}{shown}: value {_num(value)}, threshold {_num(threshold)}"
 
 
 def find(selection: Path, key: str) -> list[dict[str, Any]]:

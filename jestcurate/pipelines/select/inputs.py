@@ -7,15 +7,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from jestcurate import ui
 from jestcurate.errors import JCError, some
 from jestcurate.io.eligible import Counts, Filters, fill_cache, scan
+from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_json
 from jestcurate.math.partition import PARTITION_BY, PARTITION_HASH
@@ -55,21 +54,23 @@ class Rows:
     counts: Counts
     build: Callable[[Path], RowCache]
     filters: Filters | None = None  # what made the others ineligible (for the ledger)
+    notes: Notes | None = None  # with --ledger: what they said of each row (io/notes.py)
 
 
 def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
     """One run's rows: every eligible row of the score sets."""
     ref, learner = inputs.ref, inputs.learner
     found_by = filters(cfg, ref)
+    notes = Notes() if cfg.ledger else None
     with ui.step_progress("checking score sets", len(ref.parts), "parts") as tick:
-        found = scan(ref, learner, found_by, on_part=tick)
+        found = scan(ref, learner, found_by, on_part=tick, notes=notes)
 
     def build(cache_dir: Path) -> RowCache:
         embeddings = cfg.method in SUPER_BATCH_METHODS
         with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
             return fill_cache(ref, learner, found, cache_dir, found_by, embeddings, tick)
 
-    return Rows(found.counts, build, found_by)
+    return Rows(found.counts, build, found_by, notes)
 
 
 def removed_by(counts: Counts, dedup: Path | str | None) -> str:
@@ -151,24 +152,29 @@ def filters(cfg: SelectConfig, ref: ScoreSet) -> Filters:
     """What makes a row ineligible: --min-clip-score, --dedup's dropped rows, the rows
     --exclude names, then the caption, language and target-set filters (whose target set
     first takes its pass over the pool: a k-means sample or the NormSim quantile)."""
-    dropped = clusters = excluded = None
+    rows = filters_mod.build(cfg.filters, ref, cfg.seed, cfg.device)
+    return replace(derived(cfg, ref), rows=rows)
+
+
+def derived(cfg: SelectConfig, ref: ScoreSet) -> Filters:
+    """--min-clip-score and the filters read from derived outputs (--dedup, --exclude), with
+    the dedup clusters for --balance-clusters: what the merge's ledger needs (for the rows
+    they point at), with no pass over the pool."""
+    dedup = clusters = exclude = None
     if cfg.dedup is not None:
-        from jestcurate.pipelines.dedup import load_clusters, load_dropped
+        from jestcurate.pipelines.dedup import load_clusters
+        from jestcurate.pipelines.select.filters.derived import Dedup
 
         _check_made_from(cfg.dedup, ref, cfg.reference, "dedup")
-        dropped = load_dropped(cfg.dedup)
+        dedup = Dedup(cfg.dedup)
         clusters = load_clusters(cfg.dedup) if cfg.balance_clusters else None
     if cfg.exclude:
-        from jestcurate.pipelines.decontam import load_excluded
+        from jestcurate.pipelines.select.filters.derived import Exclusions
 
-        excluded = {}
         for directory in cfg.exclude:
             _check_made_from(directory, ref, cfg.reference, "decontaminate")
-            for shard, rows in load_excluded(directory).items():
-                known = excluded.get(shard)
-                excluded[shard] = rows if known is None else np.union1d(known, rows)
-    rows = filters_mod.build(cfg.filters, ref, cfg.seed, cfg.device)
-    return Filters(cfg.min_clip_score, dropped, clusters, excluded, rows)
+        exclude = Exclusions(cfg.exclude)
+    return Filters(cfg.min_clip_score, dedup, clusters, exclude)
 
 
 def _check_made_from(directory: Path, ref: ScoreSet, reference: Path, command: str) -> None:

@@ -13,11 +13,13 @@ the schema io/schema.py declares (ledger_schema). A row's fate is one of
     tail        eligible but never drawn (no_full_super_batch: after the last full one;
                 max_steps: in a super-batch beyond --max-steps)
 
-Fates of ineligible rows are found again part by part (eligible_masks and each filter's
-evidence: evidence.py); those of eligible rows from what choosing did, kept per eligible row
-(its id in the cache, assigned in part and row order): its place in the method's draw order
-and, when kept, its slot step * b + position. That is 8 bytes per eligible row (16 from 2^31
-eligible rows on), held from choosing until the ledger is written.
+Fates of ineligible rows come from what the filters said when they ran, in select's first
+pass (io/notes.py: a code and a value per row, 5 bytes; no filter runs again), and each row's
+status; those of eligible rows from what choosing did, kept per eligible row (its id in the
+cache, assigned in part and row order): its place in the method's draw order and, when kept,
+its slot step * b + position. That is 8 bytes per eligible row (16 from 2^31 eligible rows on),
+held from choosing until the ledger is written. Filters whose rows point at another row
+(--dedup, --exclude) name it from their outputs, read one shard at a time.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jestcurate.io.eligible import Filters, eligible_masks, identities, join_learner
+from jestcurate.errors import JCError
+from jestcurate.io.eligible import identities, join_learner, ok_rows
 from jestcurate.io.files import atomic_write
+from jestcurate.io.notes import Notes
 from jestcurate.io.reader import error_reason
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.schema import LEDGER_FATES, ledger_schema
@@ -42,7 +46,6 @@ from jestcurate.io.store import ScoreSet
 from jestcurate.math.partition import task_of
 from jestcurate.pipelines.select.choosing import draw_order
 from jestcurate.pipelines.select.config import LEDGER_DIR, SUPER_BATCH_METHODS, SelectConfig
-from jestcurate.pipelines.select.evidence import Evidence, Verdict
 
 CODE = {fate: code for code, fate in enumerate(LEDGER_FATES)}
 LEARNER_ERROR = "learner: "  # an error of the learner's score set (the reference's has none)
@@ -98,6 +101,7 @@ class Rows:
 
     fate: np.ndarray
     reason: np.ndarray
+    detail: np.ndarray
     value: np.ndarray
     threshold: np.ndarray
     other_shard: np.ndarray
@@ -119,20 +123,25 @@ class Rows:
         def absent() -> np.ndarray:
             return np.full(n, -1, dtype=np.int64)
 
-        return cls(np.full(n, -1, np.int8), none(), nan(), nan(), none(), none(), none(),
-                   absent(), absent(), absent(), absent())  # fmt: skip
+        return cls(np.full(n, -1, np.int8), none(), none(), nan(), nan(), none(), none(),
+                   none(), absent(), absent(), absent(), absent())  # fmt: skip
 
-    def take(self, verdict: Verdict, rows: np.ndarray) -> None:
-        """The rows a filter took (`rows`: a mask of those not taken before)."""
-        self.fate[rows] = CODE[verdict.fate]
-        for name in ("reason", "value", "threshold", "other_shard", "other_key", "other_set"):
-            given = getattr(verdict, name)
-            if given is None:
-                continue
-            target = getattr(self, name)
-            target[rows] = given[rows] if isinstance(given, np.ndarray) and given.ndim else given
-        missing = rows & np.equal(self.reason, None)
-        self.reason[missing] = verdict.fate  # evidence lacking: the fate says it all
+    def filtered(self, notes: Notes, at: int, shard: str, pointing: dict[str, Any]) -> None:
+        """The rows a filter removed, as its notes say (part `at` of them); the row each points
+        at from the filters that point (by fate: --dedup's, --exclude's)."""
+        code, value = notes.part(at)
+        if len(code) != len(self.fate):
+            raise JCError(f"shard {shard} has {len(self.fate):,} rows now but had {len(code):,} "
+                          "when select first read it: it changed meanwhile; rerun")  # fmt: skip
+        for c in np.unique(code[code > 0]).tolist():
+            fate, reason, detail, threshold = notes.reasons[c - 1]
+            rows = code == c
+            self.fate[rows], self.reason[rows], self.detail[rows] = CODE[fate], reason, detail
+            self.value[rows] = value[rows]
+            self.threshold[rows] = np.nan if threshold is None else threshold
+            if fate in pointing:
+                for name, found in pointing[fate].others(shard, len(rows)).items():
+                    getattr(self, name)[rows] = found[rows]
 
 
 def _errors(table: pa.Table, other: pa.Table | None, ok: np.ndarray, rows: Rows) -> None:
@@ -261,6 +270,7 @@ def _table(table: pa.Table, shard: str, rows: Rows) -> pa.Table:
         uid,
         pa.DictionaryArray.from_arrays(pa.array(rows.fate, pa.int8()), pa.array(LEDGER_FATES)),
         _text(rows.reason),
+        _text(rows.detail),
         pa.array(rows.value, pa.float32(), from_pandas=True),
         pa.array(rows.threshold, pa.float32(), from_pandas=True),
         _text(rows.other_shard),
@@ -304,34 +314,38 @@ def fates(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
     return out
 
 
+# part id -> the notes that hold the part (io/notes.py) and its place in them
+NotesOf = Callable[[int], tuple[Notes, int]]
+
+
 def write_ledger(
     out: Path,
     ref: ScoreSet,
     learner: ScoreSet | None,
-    filters: Filters,
-    evidence: Evidence,
+    notes_of: NotesOf,
+    pointing: dict[str, Any],
     resolve: Resolve,
     on_part: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """OUT/ledger/NAME.parquet for every part (each atomically); returns what summary.json
-    records: `fates` (counts by fate and reason) and `ledger` (parts, rows, bytes)."""
+    records: `fates` (counts by fate and reason) and `ledger` (parts, rows, bytes).
+    `pointing`: Filters.pointing() (the filters whose rows point at another row)."""
     directory = out / LEDGER_DIR
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     counts: Counter[tuple[str, str]] = Counter()
     total_rows = total_bytes = 0
     for part_id, name in enumerate(ref.part_names()):
-        wanted = ["key", "shard", "index", "uid", "status", "error", "clip_score"]
-        table = ref.read_part(name, [*wanted, *(c for c in filters.columns if c not in wanted)])
+        table = ref.read_part(
+            name, ["key", "shard", "index", "uid", "status", "error", "clip_score"]
+        )
         other = learner.read_part(name, ["key", "status", "error"]) if learner else None
         join_learner(name, table, other)
         shard = table.column("shard")[0].as_py() if table.num_rows else name
-        ok, removed = eligible_masks(table, other, filters, shard)
+        ok = ok_rows(table, other)
         rows = Rows.empty(table.num_rows)
         _errors(table, other, ok, rows)
-        clip = table.column("clip_score").fill_null(np.nan).to_numpy()
-        for verdict in evidence.verdicts(shard, clip, removed):
-            rows.take(verdict, verdict.mask & ok & (rows.fate < 0))
+        rows.filtered(*notes_of(part_id), shard, pointing)
         eligible = ok & (rows.fate < 0)
         resolve(part_id, table, eligible, rows)
         ledger = _table(table, shard, rows)

@@ -15,7 +15,7 @@ import numpy as np
 
 from jestcurate import ui
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Counts, Filters, score_columns
+from jestcurate.io.eligible import Counts, score_columns
 from jestcurate.io.store import META_NAME, finished_output, read_json
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.choosing import choose
@@ -27,18 +27,18 @@ from jestcurate.pipelines.select.config import (
     SelectConfig,
     validate,
 )
-from jestcurate.pipelines.select.evidence import Evidence
 from jestcurate.pipelines.select.inputs import (
     Inputs,
     Rows,
+    derived,
     eligible_rows,
-    filters,
     nothing_passes,
     open_inputs,
     removed_by,
 )
 from jestcurate.pipelines.select.ledger import (
     Choice,
+    NotesOf,
     Recorder,
     Resolve,
     merged,
@@ -62,6 +62,7 @@ from jestcurate.pipelines.select.tasks import (
     merge,
     refuse_other_task_counts,
     refuse_when_nothing_passes,
+    scatter_notes,
     scatter_round,
     task_directory,
     this_task,
@@ -302,7 +303,10 @@ def _select_into(
     if choice is not None and task.partitioned:  # the merge writes the ledger
         extra["ledger_choice"] = save_choice(out, choice)
     elif choice is not None:
-        extra.update(_write_ledger(cfg, out, inputs, rows.filters, one_run(choice)))
+        assert rows.notes is not None and rows.filters is not None  # eligible_rows, --ledger
+        notes = rows.notes
+        extra.update(_write_ledger(out, inputs, lambda p: (notes, p), rows.filters.pointing(),
+                                   one_run(choice)))  # fmt: skip
     elif not task.partitioned:  # an unfinished earlier run's ledger is not this selection's
         shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     images = inputs.ref.has_images
@@ -310,14 +314,13 @@ def _select_into(
 
 
 def _write_ledger(
-    cfg: SelectConfig, out: Path, inputs: Inputs, found_by: Filters | None, resolve: Resolve
+    out: Path, inputs: Inputs, notes_of: NotesOf, pointing: dict[str, Any], resolve: Resolve
 ) -> dict[str, Any]:
-    """OUT/ledger/ (before summary.json, which marks the selection finished); returns the
-    summary's `fates` and `ledger`."""
-    found_by = found_by if found_by is not None else filters(cfg, inputs.ref)
-    evidence = Evidence.open(cfg.min_clip_score, cfg.dedup, cfg.exclude)
-    with ui.step_progress("writing the ledger", len(inputs.ref.parts), "parts") as tick:
-        return write_ledger(out, inputs.ref, inputs.learner, found_by, evidence, resolve, tick)
+    """OUT/ledger/ (before summary.json, which marks the selection finished) from what the
+    filters noted of each row; returns the summary's `fates` and `ledger`."""
+    ref, learner = inputs.ref, inputs.learner
+    with ui.step_progress("writing the ledger", len(ref.parts), "parts") as tick:
+        return write_ledger(out, ref, learner, notes_of, pointing, resolve, tick)
 
 
 def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
@@ -325,6 +328,8 @@ def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
 
     def ledger(choices: list[Choice], step_of: list[np.ndarray]) -> dict[str, Any]:
         resolve = merged(inputs.ref.part_names(), choices, step_of)
-        return _write_ledger(cfg, cfg.out, inputs, None, resolve)
+        notes_of = scatter_notes(cfg.out, inputs.identity, count)
+        pointing = derived(cfg, inputs.ref).pointing()  # no filter's pass over the pool
+        return _write_ledger(cfg.out, inputs, notes_of, pointing, resolve)
 
     return merge(cfg.out, inputs.identity, count, ledger if cfg.ledger else None)

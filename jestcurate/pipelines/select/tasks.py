@@ -19,6 +19,7 @@ from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.eligible import COUNTS, Counts
+from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import atomic_write, finished_output
 from jestcurate.math.partition import interleave
@@ -167,13 +168,13 @@ def scatter_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> list[dict[st
     root = cfg.out / TASKS_DIR / SCATTER_DIR
     parts = len(range(index, len(inputs.ref.parts), count))
     mine = scatter_mod.scatter_directory(root, index, count)
-    if scatter_mod.read_done(mine, identity) is not None:
+    if scatter_mod.read_done(mine, identity, cfg.ledger) is not None:
         log.info("task %d of %d already scattered its rows", index, count)
     else:
         embeddings = cfg.method in SUPER_BATCH_METHODS
         with ui.step_progress("scattering rows to tasks", parts, "parts") as tick:
             scatter_mod.scatter(inputs.ref, inputs.learner, filters(cfg, inputs.ref), embeddings,
-                                root, index, count, identity, on_part=tick)  # fmt: skip
+                                root, index, count, identity, tick, cfg.ledger)  # fmt: skip
     dones = [scatter_mod.read_done(scatter_mod.scatter_directory(root, s, count), identity)
              for s in range(count)]  # fmt: skip
     missing = [s for s, d in enumerate(dones) if d is None]
@@ -207,6 +208,22 @@ def refuse_when_nothing_passes(cfg: SelectConfig, task: Task, dones: list[dict[s
     if counts.eligible == 0 and counts.removed:
         hint = f" (in another --out, or remove {cfg.out / TASKS_DIR} first)"
         raise JCError(nothing_passes(counts, cfg.dedup, hint))
+
+
+def scatter_notes(
+    out: Path, identity: dict[str, Any], count: int
+) -> Callable[[int], tuple[Notes, int]]:
+    """For the merge's ledger: what the scatters' filters said of each row (io/notes.py), as
+    part id -> (a scatter's notes, the part's place in them)."""
+    root = out / TASKS_DIR / SCATTER_DIR
+    dones = [scatter_mod.read_done(scatter_mod.scatter_directory(root, s, count), identity)
+             for s in range(count)]  # fmt: skip
+    if any(d is None for d in dones):
+        raise JCError(
+            f"{root} no longer holds every scatter, so the merge cannot write a ledger: "
+            "remove OUT/tasks and rerun the tasks with --ledger"
+        )
+    return scatter_mod.read_notes(root, [d for d in dones if d is not None])
 
 
 def drop_buckets(cfg: SelectConfig, task: Task) -> None:
@@ -303,7 +320,8 @@ def merge(
     extra = ledger(*_task_choices(out, tasks, order)) if ledger is not None else {}
     summary = write_summary(out, identity, counts, kept, eligible, subset, images,
                             tasks=shares, **extra)  # fmt: skip
-    shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # every task has its rows
+    if ledger is None:  # every task has its rows; with a ledger, the scatters' notes stay
+        shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # (a merge again)
     return summary
 
 

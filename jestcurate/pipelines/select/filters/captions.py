@@ -24,24 +24,33 @@ def caption_lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class CaptionLength:
-    """Removes rows whose caption has fewer or more words or characters than the bounds."""
+    """Removes rows whose caption has fewer or more words or characters than the bounds; why:
+    the first bound a row breaks (detail min_words, max_words, min_chars or max_chars), its
+    length (value) and the bound (threshold)."""
 
     min_words: int | None = None
     max_words: int | None = None
     min_chars: int | None = None
     max_chars: int | None = None
     name: str = "caption_length"
+    fate: str = "filtered"
     columns: tuple[str, ...] = ("caption",)
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         words, chars = caption_lengths(table)
-        removed = np.zeros(len(words), dtype=bool)
-        for values, low, high in (
-            (words, self.min_words, self.max_words),
-            (chars, self.min_chars, self.max_chars),
+        n = len(words)
+        removed = np.zeros(n, dtype=bool)
+        detail = np.full(n, None, dtype=object)
+        value, threshold = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        for values, bound, kind, broken in (
+            (words, self.min_words, "min_words", np.less),
+            (words, self.max_words, "max_words", np.greater),
+            (chars, self.min_chars, "min_chars", np.less),
+            (chars, self.max_chars, "max_chars", np.greater),
         ):
-            if low is not None:
-                removed |= values < low
-            if high is not None:
-                removed |= values > high
-        return Verdict(removed)
+            if bound is None:
+                continue
+            first = broken(values, bound) & ~removed
+            removed |= first
+            detail[first], value[first], threshold[first] = kind, values[first], bound
+        return Verdict(removed, None, detail, value, threshold)

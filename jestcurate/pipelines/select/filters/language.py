@@ -70,17 +70,21 @@ def detect(captions: list[str]) -> list[str | None]:
 
 @dataclass(frozen=True)
 class CaptionLanguage:
-    """Removes rows whose caption is not in one of `codes`."""
+    """Removes rows whose caption is not in one of `codes`; why: the detected language's code
+    (detail; null where lingua found none)."""
 
     codes: tuple[str, ...]
     name: str = "language"
+    fate: str = "filtered"
     columns: tuple[str, ...] = ("caption",)
 
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         removed = np.ones(len(candidate), dtype=bool)
+        detail = np.full(len(candidate), None, dtype=object)
         rows = np.flatnonzero(candidate)
         captions = table.column("caption").take(pa.array(rows)).to_pylist()
-        texts = [c or "" for c in captions]
+        found = detect([c or "" for c in captions])
         wanted = set(self.codes)
-        removed[rows] = [code not in wanted for code in detect(texts)]
-        return Verdict(removed)
+        removed[rows] = [code not in wanted for code in found]
+        detail[rows] = np.array(found, dtype=object)
+        return Verdict(removed, None, detail)

@@ -90,9 +90,11 @@ def unit_images(table: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 class NormSim:
-    """Removes rows whose NormSim_p score is below `threshold` (p = 2 or ∞)."""
+    """Removes rows whose NormSim_p score is below `threshold` (p = 2 or ∞); why: detail
+    normsim2 or normsiminf, the score (value; NaN without a finite image embedding) and the
+    threshold."""
 
-    name = "target"
+    name, fate = "target", "filtered"
     columns = ("img_emb",)
 
     def __init__(self, target: np.ndarray, p: float, threshold: float = -math.inf) -> None:
@@ -118,18 +120,25 @@ class NormSim:
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         rows = np.flatnonzero(candidate)
         removed = np.ones(len(candidate), dtype=bool)
+        value = np.full(len(candidate), np.nan, dtype=np.float32)
         x, finite = unit_images(table, rows)
-        removed[rows[finite]] = self.scores(x[finite]) < self.threshold
-        return Verdict(removed)
+        scores = self.scores(x[finite])
+        removed[rows[finite]] = scores < self.threshold
+        value[rows[finite]] = scores
+        detail = "normsim2" if self.p == 2 else "normsiminf"
+        return Verdict(removed, None, detail, value, self.threshold)
 
 
 @dataclass(frozen=True)
 class Clusters:
-    """Removes rows whose nearest pool centroid is none of the target images' nearest."""
+    """Removes rows whose nearest pool centroid is none of the target images' nearest; why:
+    detail clusters, the row's nearest cluster (value; NaN without a finite image embedding),
+    no threshold."""
 
     centroids: np.ndarray  # (K, D)
     kept: np.ndarray  # the clusters target images picked, sorted
     name: str = "target"
+    fate: str = "filtered"
     columns: tuple[str, ...] = ("img_emb",)
 
     def nearest(self, x: np.ndarray) -> np.ndarray:
@@ -142,9 +151,12 @@ class Clusters:
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         rows = np.flatnonzero(candidate)
         removed = np.ones(len(candidate), dtype=bool)
+        value = np.full(len(candidate), np.nan, dtype=np.float32)
         x, finite = unit_images(table, rows)
-        removed[rows[finite]] = ~np.isin(self.nearest(x[finite]), self.kept)
-        return Verdict(removed)
+        nearest = self.nearest(x[finite])
+        removed[rows[finite]] = ~np.isin(nearest, self.kept)
+        value[rows[finite]] = nearest
+        return Verdict(removed, None, "clusters", value)
 
 
 class BottomK:
