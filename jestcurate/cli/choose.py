@@ -135,6 +135,22 @@ def select(
             "(of the kept set for random and clip-score).",
         ),
     ] = False,
+    cluster_quotas: Annotated[
+        str | None,
+        typer.Option(
+            help="density, with --dedup: each dedup cluster keeps its own quota of the kept "
+            "rows, more from diffuse, isolated clusters (density-based pruning, Abbas et al. "
+            "2024); of each batch's share for the super-batch methods. Instead of "
+            "--balance-clusters.",
+        ),
+    ] = None,
+    quota_temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="--cluster-quotas density: the softmax temperature over cluster complexity "
+            "(default 0.5; larger: nearer equal quotas)."
+        ),
+    ] = None,
     min_caption_words: Annotated[
         int | None, typer.Option(help="Filter: drop rows whose caption has fewer words.")
     ] = None,

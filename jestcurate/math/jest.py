@@ -115,10 +115,13 @@ def _top(logits: torch.Tensor, k: int, quota: Quota | None = None) -> torch.Tens
 
 
 class Quota:
-    """At most `cap` picks per group (cluster); if that cannot fill a batch, the best of the
-    rest fill it, so every batch still has exactly b examples."""
+    """At most `cap` picks per group (cluster): one cap for all, or each group's own (a group
+    not named gets none); if that cannot fill a batch, the best of the rest fill it, so every
+    batch still has exactly b examples."""
 
-    def __init__(self, groups: list[int], cap: int, used: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, groups: list[int], cap: int | dict[int, int], used: dict[int, int] | None = None
+    ) -> None:
         self.groups = groups
         self.cap = cap
         self.used: dict[int, int] = used or {}
@@ -128,7 +131,9 @@ class Quota:
         over: list[int] = []
         for i in order:
             g = self.groups[i]
-            if self.used.get(g, 0) < self.cap:
+            if self.used.get(g, 0) < (
+                self.cap if isinstance(self.cap, int) else self.cap.get(g, 0)
+            ):
                 chosen.append(i)
                 self.used[g] = self.used.get(g, 0) + 1
                 if len(chosen) == k:

@@ -39,6 +39,8 @@ def _not_chosen(row: dict[str, Any]) -> str:
         return "not chosen: random's seeded sample did not draw it"
     if reason == "cluster_cap":
         return "not chosen: its dedup cluster had its share (--balance-clusters)"
+    if reason == "cluster_quota":
+        return "not chosen: its dedup cluster's density quota was full (--cluster-quotas)"
     return f"not chosen ({reason})"
 
 

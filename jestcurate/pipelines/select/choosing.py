@@ -23,6 +23,7 @@ from jestcurate.math.jest import (
 from jestcurate.math.losses import Embeddings
 from jestcurate.model.openclip import resolve_device
 from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
+from jestcurate.pipelines.select.quotas import ClusterQuotas
 
 Batch = tuple[np.ndarray, np.ndarray]  # (row ids, selection scores) of one training batch
 
@@ -46,9 +47,10 @@ def _shuffled(
         yield ids[part], scores[part]
 
 
-def _clusters(cfg: SelectConfig, cache: RowCache) -> tuple[np.ndarray, int] | None:
-    """With --balance-clusters: each eligible row's cluster, and how many clusters there are."""
-    if not cfg.balance_clusters:
+def clusters(cfg: SelectConfig, cache: RowCache) -> tuple[np.ndarray, int] | None:
+    """With --balance-clusters or --cluster-quotas: each eligible row's cluster, and how many
+    clusters there are."""
+    if not cfg.balance_clusters and cfg.cluster_quotas is None:
         return None
     cluster = cache.read_range(CLUSTER, 0, cache.size)
     return cluster, max(1, len(np.unique(cluster[cluster >= 0])))
@@ -71,17 +73,20 @@ def draw_order(cfg: SelectConfig, cache: RowCache) -> np.ndarray:
     return np.argsort(-cache.read_range(CLIP_SCORE, 0, n), kind="stable")
 
 
-def _global(cfg: SelectConfig, cache: RowCache, steps: int) -> Iterator[Batch]:
+def _global(
+    cfg: SelectConfig, cache: RowCache, steps: int, quotas: ClusterQuotas | None
+) -> Iterator[Batch]:
     """random and clip-score: a kept set chosen over all eligible rows at once."""
     b = cfg.sampling.batch_size
     kept = steps * b
     order = draw_order(cfg, cache)
-    balance = _clusters(cfg, cache)
+    balance = clusters(cfg, cache)
     if balance is None:
         ids = order[:kept]
     else:
         cluster, count = balance
-        quota = Quota(cluster.tolist(), _cap(kept, count))
+        caps = quotas.caps() if quotas is not None else _cap(kept, count)
+        quota = Quota(cluster.tolist(), caps)
         ids = np.array(quota.take(order.tolist(), kept), dtype=np.int64)
     if cfg.method == "random":
         scores = np.full(kept, np.nan, dtype=np.float32)
@@ -111,22 +116,26 @@ def choose(
     learner: ScoreSet | None,
     steps: int,
     on_batch: Callable[[], None] | None = None,
+    quotas: ClusterQuotas | None = None,
 ) -> Iterator[Batch]:
-    """Yield (row ids, selection scores) of each training batch, in step order."""
+    """Yield (row ids, selection scores) of each training batch, in step order. `quotas`
+    (--cluster-quotas) replace --balance-clusters' equal caps."""
     tick = on_batch or (lambda: None)
     b = cfg.sampling.batch_size
     if cfg.method in ("random", "clip-score"):
-        for batch in _global(cfg, cache, steps):
+        for batch in _global(cfg, cache, steps, quotas):
             yield batch
             tick()
         return
     rows = super_batches(cfg, cache, ref, learner, steps)
-    balance = _clusters(cfg, cache)
+    balance = clusters(cfg, cache)
 
     def quota(ids: np.ndarray) -> Quota | None:
         if balance is None:
             return None
         cluster, count = balance
+        if quotas is not None:
+            return Quota(cluster[ids].tolist(), quotas.batch_caps(cluster[ids], b))
         return Quota(cluster[ids].tolist(), _cap(b, count))
 
     if cfg.method == "jest":

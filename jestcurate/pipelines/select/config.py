@@ -40,6 +40,9 @@ class SelectConfig:
     dedup: Path | None = None  # a `jestcurate dedup` output: its dropped rows are not eligible
     exclude: tuple[Path, ...] = ()  # `jestcurate decontaminate` outputs: their rows neither
     balance_clusters: bool = False  # cap each dedup cluster's share of every batch / kept set
+    # or each cluster's own quota from its density (pipelines/select/quotas.py)
+    cluster_quotas: str | None = None  # "density"
+    quota_temperature: float | None = None  # the softmax's temperature (default 0.5)
     # caption length, language and target-set filters (pipelines/select/filters)
     filters: FilterOptions = field(default_factory=FilterOptions)
     task_index: int | None = None  # array task I of N; None: from Slurm's variables, else 0 of 1
@@ -49,6 +52,12 @@ class SelectConfig:
     export: bool = False  # then write the kept samples to OUT/shards (pipelines/export.py)
     samples_per_shard: int | None = None  # with export; None: export's default
     ledger: bool = False  # write OUT/ledger/: every row's fate and why (pipelines/select/ledger.py)
+
+    @property
+    def cached_embeddings(self) -> bool:
+        """Whether the row cache holds the embeddings: jest's and the independent methods'
+        candidates, and the density quotas' centroids."""
+        return self.method in SUPER_BATCH_METHODS or self.cluster_quotas is not None
 
     @property
     def criterion(self) -> str | None:
@@ -79,6 +88,9 @@ def validate(cfg: SelectConfig) -> None:
         resolve_device(cfg.device)  # an unusable --device fails now, not after the cache pass
     if cfg.balance_clusters and cfg.dedup is None:
         raise JCError("--balance-clusters needs --dedup (the clusters come from jestcurate dedup)")
+    from jestcurate.pipelines.select import quotas
+
+    quotas.check(cfg)
     if cfg.min_clip_score is not None and not -1 <= cfg.min_clip_score <= 1:
         raise JCError(
             f"--min-clip-score is a cosine similarity, in [-1, 1]; got {cfg.min_clip_score}"

@@ -20,6 +20,7 @@ from jestcurate.io.store import ScoreSet, fingerprint, open_score_set, read_json
 from jestcurate.math.partition import PARTITION_BY, PARTITION_HASH
 from jestcurate.pipelines.select import filters as filters_mod
 from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
+from jestcurate.pipelines.select.quotas import identity as quotas_identity
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:
         found = scan(ref, learner, found_by, on_part=tick, notes=notes)
 
     def build(cache_dir: Path) -> RowCache:
-        embeddings = cfg.method in SUPER_BATCH_METHODS
+        embeddings = cfg.cached_embeddings
         with ui.step_progress("copying eligible rows", len(ref.parts), "parts") as tick:
             return fill_cache(ref, learner, found, cache_dir, found_by, embeddings, tick)
 
@@ -123,6 +124,7 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
     sampling = cfg.sampling
     jest = sampling.applied()
     others = filters_mod.identity(cfg.filters, ref)
+    quotas = quotas_identity(cfg)
     return {
         "inputs": {
             "reference": fingerprint(ref),
@@ -143,6 +145,7 @@ def _identity(cfg: SelectConfig, ref: ScoreSet, learner: ScoreSet | None) -> dic
             "dedup": _dedup_fingerprint(cfg.dedup),
             "exclude": _exclude_fingerprints(cfg.exclude),
             "balance_clusters": cfg.balance_clusters,
+            **({"cluster_quotas": quotas} if quotas is not None else {}),  # only when given
             **({"filters": others} if others is not None else {}),  # only when given
         },
     }
@@ -167,7 +170,8 @@ def derived(cfg: SelectConfig, ref: ScoreSet) -> Filters:
 
         _check_made_from(cfg.dedup, ref, cfg.reference, "dedup")
         dedup = Dedup(cfg.dedup)
-        clusters = load_clusters(cfg.dedup) if cfg.balance_clusters else None
+        balance = cfg.balance_clusters or cfg.cluster_quotas is not None
+        clusters = load_clusters(cfg.dedup) if balance else None
     if cfg.exclude:
         from jestcurate.pipelines.select.filters.derived import Exclusions
 

@@ -9,7 +9,8 @@ the schema io/schema.py declares (ledger_schema). A row's fate is one of
     kept        chosen (step, position; the super-batch it was drawn in)
     not_chosen  eligible but not chosen (super_batch: lost in that super-batch; below_cut:
                 ranked after the kept rows by clip-score; not_drawn: random's sample missed it;
-                cluster_cap: --balance-clusters skipped it)
+                cluster_cap: --balance-clusters skipped it; cluster_quota: its cluster's
+                --cluster-quotas quota was full)
     tail        eligible but never drawn (no_full_super_batch: after the last full one;
                 max_steps: in a super-batch beyond --max-steps)
 
@@ -46,6 +47,7 @@ from jestcurate.io.store import ScoreSet
 from jestcurate.math.partition import task_of
 from jestcurate.pipelines.select.choosing import draw_order
 from jestcurate.pipelines.select.config import LEDGER_DIR, SUPER_BATCH_METHODS, SelectConfig
+from jestcurate.pipelines.select.quotas import REASON as QUOTA_REASON
 
 CODE = {fate: code for code, fate in enumerate(LEDGER_FATES)}
 LEARNER_ERROR = "learner: "  # an error of the learner's score set (the reference's has none)
@@ -77,6 +79,7 @@ class Choice:
     slot: np.ndarray  # per eligible row: step * b + position when kept, else -1
     cut: int  # global methods: the last place in the draw order that was kept (-1: none)
     cut_value: float | None  # clip-score: the clip_score at that place
+    capped: str = "cluster_cap"  # global methods: why a row drawn before the cut was skipped
 
 
 def settle(cfg: SelectConfig, cache: RowCache, recorder: Recorder, steps: int) -> Choice:
@@ -92,7 +95,8 @@ def settle(cfg: SelectConfig, cache: RowCache, recorder: Recorder, steps: int) -
         cut_value = float(cache.read("clip_score", order[cut : cut + 1])[0])
     big = cfg.sampling.super_batch if cfg.method in SUPER_BATCH_METHODS else None
     b = cfg.sampling.batch_size
-    return Choice(cfg.method, b, big, steps, drawn, recorder.slot, cut, cut_value)
+    capped = QUOTA_REASON if cfg.cluster_quotas is not None else "cluster_cap"
+    return Choice(cfg.method, b, big, steps, drawn, recorder.slot, cut, cut_value, capped)
 
 
 @dataclass
@@ -181,7 +185,7 @@ def _eligible(choice: Choice, ids: np.ndarray, clip: np.ndarray, rows: Rows, at:
     else:
         lost = ~kept
         below = "below_cut" if choice.method == "clip-score" else "not_drawn"
-        reason[lost] = np.where(drawn[lost] > choice.cut, below, "cluster_cap")
+        reason[lost] = np.where(drawn[lost] > choice.cut, below, choice.capped)
         if choice.cut_value is not None:
             rows.value[at[lost]] = clip[lost]
             rows.threshold[at[lost]] = choice.cut_value
@@ -237,7 +241,7 @@ def save_choice(directory: Path, choice: Choice) -> dict[str, Any]:
     for name, array in zip(CHOICE_FILES, (choice.drawn, choice.slot), strict=True):
         atomic_write(directory / name, lambda tmp, a=array: _save(tmp, a))
     return {"method": choice.method, "b": choice.b, "big": choice.big, "steps": choice.steps,
-            "cut": choice.cut, "cut_value": choice.cut_value}  # fmt: skip
+            "cut": choice.cut, "cut_value": choice.cut_value, "capped": choice.capped}  # fmt: skip
 
 
 def _save(path: Path, array: np.ndarray) -> None:

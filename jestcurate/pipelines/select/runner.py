@@ -18,7 +18,8 @@ from jestcurate.errors import JCError
 from jestcurate.io.eligible import Counts, score_columns
 from jestcurate.io.store import META_NAME, finished_output, read_json
 from jestcurate.math.sampling import super_batch_size
-from jestcurate.pipelines.select.choosing import choose
+from jestcurate.pipelines.select import quotas as quotas_mod
+from jestcurate.pipelines.select.choosing import choose, clusters
 from jestcurate.pipelines.select.config import (
     LEDGER_DIR,
     MANIFEST,
@@ -267,7 +268,7 @@ def _select_into(
         remove_selection(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / ".cache"
-    choice = None
+    choice = quotas = None
     try:
         cache = rows.build(cache_dir)
         everything = Means()
@@ -275,10 +276,11 @@ def _select_into(
             stop = min(start + (1 << 20), cache.size)
             columns = score_columns(learner is not None)
             everything.add({c: cache.read_range(c, start, stop) for c in columns})
+        quotas = _quotas(cfg, cache, steps)
         # with --ledger (one run only): where each kept row went
         recorder = Recorder(cache.size, cfg.sampling.batch_size) if cfg.ledger else None
         with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:
-            batches = choose(cfg, cache, inputs.ref, learner, steps, on_batch=tick)
+            batches = choose(cfg, cache, inputs.ref, learner, steps, tick, quotas)
             if recorder is not None:
                 batches = recorder.watch(batches)
             kept, halves = write_manifest(out / MANIFEST, cache, batches, learner is not None)
@@ -300,6 +302,8 @@ def _select_into(
     # an array task's summary keeps exact sums for the merge, not only rounded means
     sums = {"kept": kept.state(), "eligible": everything.state()}
     extra: dict[str, Any] = {"sums": sums} if task.partitioned else {}
+    if quotas is not None:
+        extra["cluster_quotas"] = quotas.summary(cfg)
     if choice is not None and task.partitioned:  # the merge writes the ledger
         extra["ledger_choice"] = save_choice(out, choice)
     elif choice is not None:
@@ -311,6 +315,14 @@ def _select_into(
         shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     images = inputs.ref.has_images
     return write_summary(out, identity, totals, kept, everything, subset, images, **extra)
+
+
+def _quotas(cfg: SelectConfig, cache: Any, steps: int) -> quotas_mod.ClusterQuotas | None:
+    """With --cluster-quotas: each dedup cluster's quota of the steps * b kept rows."""
+    found = clusters(cfg, cache) if cfg.cluster_quotas is not None and steps else None
+    if found is None:
+        return None
+    return quotas_mod.compute(cfg, cache, found[0], steps * cfg.sampling.batch_size)
 
 
 def _write_ledger(

@@ -28,7 +28,6 @@ from jestcurate.pipelines.select.config import (
     MANIFEST,
     SCATTER_DIR,
     SUMMARY,
-    SUPER_BATCH_METHODS,
     TASKS_DIR,
     UIDS,
     SelectConfig,
@@ -171,7 +170,7 @@ def scatter_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> list[dict[st
     if scatter_mod.read_done(mine, identity, cfg.ledger) is not None:
         log.info("task %d of %d already scattered its rows", index, count)
     else:
-        embeddings = cfg.method in SUPER_BATCH_METHODS
+        embeddings = cfg.cached_embeddings
         with ui.step_progress("scattering rows to tasks", parts, "parts") as tick:
             scatter_mod.scatter(inputs.ref, inputs.learner, filters(cfg, inputs.ref), embeddings,
                                 root, index, count, identity, tick, cfg.ledger)  # fmt: skip

@@ -1,0 +1,108 @@
+"""Density-based cluster quotas (Abbas et al. 2024, "Effective pruning of web-scale datasets
+based on complexity of concept clusters", arXiv 2401.04578): how many examples each cluster
+keeps, from how diffuse the cluster is and how far it lies from its neighbours. Arrays in,
+arrays out.
+
+Per cluster j with n_j members x (unit vectors) and centroid c_j = normalise(sum x):
+    d_intra_j = mean over members of 1 - cos(x, c_j) = 1 - |sum x| / n_j
+    d_inter_j = mean of 1 - cos(c_j, c_k) over its `neighbours` nearest other centroids
+    C_j = d_inter_j * d_intra_j,  p = softmax(C / temperature)
+and the quotas N_j solve the authors' quadratic program: N_j as near p_j * N as possible with
+sum N_j = N and 0 <= N_j <= n_j (the excess of a capped cluster spread as an equal shift over
+the others), rounded to integers that keep both constraints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEIGHBOURS = 20  # l: the authors' default number of nearest centroids for d_inter
+BLOCK = 1024  # centroids compared with all the others at a time (memory BLOCK x clusters)
+
+
+def complexity(sums: np.ndarray, counts: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
+    """C_j = d_inter_j * d_intra_j from each cluster's sum of unit embeddings (K x D) and
+    member count (K). A cluster without members takes the mean complexity of the others."""
+    sums = np.asarray(sums, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    norms = np.linalg.norm(sums, axis=1)
+    filled = counts > 0
+    d_intra = np.zeros(len(counts))
+    d_intra[filled] = np.clip(1.0 - norms[filled] / counts[filled], 0.0, 2.0)
+    centroids = sums / np.maximum(norms, 1e-12)[:, None]
+    d_inter = inter_distances(centroids, filled, neighbours)
+    out = d_inter * d_intra
+    if filled.any() and not filled.all():
+        out[~filled] = out[filled].mean()
+    return out
+
+
+def inter_distances(centroids: np.ndarray, filled: np.ndarray, neighbours: int) -> np.ndarray:
+    """Mean cosine distance of each centroid to its `neighbours` nearest other (filled)
+    centroids, in blocks so that memory is O(BLOCK x K), not O(K^2)."""
+    k = len(centroids)
+    out = np.zeros(k)
+    others = np.flatnonzero(filled)
+    near = min(neighbours, len(others) - 1)
+    if near < 1:
+        return np.ones(k)  # one cluster: nothing to be near, every C_j scales alike
+    pool = centroids[others]
+    for start in range(0, k, BLOCK):
+        block = centroids[start : start + BLOCK]
+        sim = block @ pool.T
+        own = np.flatnonzero((others >= start) & (others < start + len(block)))
+        sim[others[own] - start, own] = -np.inf  # not itself
+        top = -np.partition(-sim, near - 1, axis=1)[:, :near]
+        out[start : start + len(block)] = np.mean(1.0 - top, axis=1)
+    return out
+
+
+def softmax(values: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(values, dtype=np.float64) / temperature
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def allocate(weights: np.ndarray, sizes: np.ndarray, total: int) -> np.ndarray:
+    """Integer quotas summing to `total` (at most sizes.sum()), each within [0, size]: the
+    nearest to weights / sum(weights) * total (the capped-simplex projection: one shift added
+    to every uncapped cluster), then largest remainders for the rounding."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(min(total, sizes.sum()))
+    w = np.asarray(weights, dtype=np.float64)
+    w = np.full(len(sizes), 1.0) if w.sum() <= 0 else w
+    target = w / w.sum() * total
+
+    def filled(shift: float) -> float:
+        return float(np.clip(target + shift, 0, sizes).sum())
+
+    low, high = -float(target.max()) - 1.0, float(sizes.max()) + 1.0
+    for _ in range(200):  # bisection on the shift; filled() is monotone in it
+        mid = (low + high) / 2
+        if filled(mid) < total:
+            low = mid
+        else:
+            high = mid
+    real = np.clip(target + high, 0, sizes)
+    quota = np.minimum(np.floor(real + 1e-9).astype(np.int64), sizes)
+    short = total - int(quota.sum())
+    if short > 0:
+        room = quota < sizes
+        order = np.lexsort((np.arange(len(sizes)), -(real - quota)))  # stable: ties by index
+        order = order[room[order]]
+        quota[order[:short]] += 1
+    elif short < 0:
+        order = np.lexsort((np.arange(len(sizes)), real - quota))
+        order = order[quota[order] > 0]
+        quota[order[:-short]] -= 1
+    return quota
+
+
+def density_quotas(
+    sums: np.ndarray, counts: np.ndarray, total: int, temperature: float,
+    neighbours: int = NEIGHBOURS,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(quotas, complexities) of clusters with these unit-embedding sums and member counts,
+    for `total` kept rows."""
+    c = complexity(sums, counts, neighbours)
+    return allocate(softmax(c, temperature), counts, total), c
