@@ -171,8 +171,10 @@ def _eligible(choice: Choice, ids: np.ndarray, clip: np.ndarray, rows: Rows, at:
     kept = slot >= 0
     fate = np.where(kept, CODE["kept"], CODE["not_chosen"]).astype(np.int8)
     reason = np.where(kept, "chosen", "").astype(object)
-    local = slot // choice.b
-    rows.step[at] = np.where(kept, local if step_of is None else step_of[local], -1)
+    step = np.full(len(slot), -1, dtype=np.int64)
+    local = slot[kept] // choice.b  # steps of kept rows only: a task may have none (0 steps)
+    step[kept] = local if step_of is None else step_of[local]
+    rows.step[at] = step
     rows.position[at] = np.where(kept, slot % choice.b, -1)
     if choice.big is not None:
         batch = drawn // choice.big

@@ -1,0 +1,65 @@
+"""select --ledger as array tasks: the merge's edge cases (tasks with no step, refusals,
+stale and partial ledgers, consistency checks)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jestcurate.math.sampling import SamplerOptions
+from jestcurate.pipelines import select as select_mod
+from jestcurate.pipelines.synth import write_score_set
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 rows, 5 % errors."""
+    root = tmp_path_factory.mktemp("ledger-tasks")
+    write_score_set(root / "ref", shards=4, rows_per_shard=150, dim=16, seed=1,
+                    error_fraction=0.05)  # fmt: skip
+    return root / "ref"
+
+
+def select(ref: Path, out: Path, **kw) -> dict:
+    kw.setdefault("min_clip_score", 0.0)
+    cfg = select_mod.SelectConfig(reference=ref, out=out, sampling=SamplerOptions(10, ratio=0.2,
+                                  chunks=2), device="cpu", **kw)  # fmt: skip
+    return select_mod.run(cfg).summary
+
+
+def tasks(ref: Path, out: Path, count: int, **kw) -> dict:
+    """Every array task twice (round 1 scatters, round 2 selects); the last one merges."""
+    for i in [*range(count), *range(count - 1)]:
+        summary = select(ref, out, task_index=i, num_tasks=count, **kw)
+    return summary
+
+
+def ledger(out: Path) -> list[dict]:
+    files = sorted((out / "ledger").glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+
+
+@pytest.mark.parametrize("method", ["random", "jest"])
+def test_a_task_with_no_step(ref: Path, tmp_path: Path, method: str) -> None:
+    """8 tasks of about 53 eligible rows and super-batches of 50: some tasks choose nothing
+    (their rows are tail), and the merge still writes the ledger."""
+    out = tmp_path / "s"
+    summary = tasks(ref, out, 8, method=method, ledger=True)
+    assert 0 in [t["steps"] for t in summary["tasks"]]
+    rows = ledger(out)
+    fates = Counter(r["fate"] for r in rows)
+    counts = summary["counts"]
+    assert len(rows) == counts["rows"] and fates["kept"] == counts["kept"]
+    assert fates["kept"] + fates["not_chosen"] + fates["tail"] == counts["eligible"]
+    assert fates["tail"] == counts["tail_dropped"]
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    kept = {(r["shard"], r["key"]): (r["step"], r["position"]) for r in rows
+            if r["fate"] == "kept"}  # fmt: skip
+    assert kept == {(m["shard"], m["key"]): (m["step"], m["position"]) for m in manifest}
+    idle = {t["task"] for t in summary["tasks"] if t["steps"] == 0}
+    assert not any(r["task"] in idle for r in rows if r["fate"] == "kept")
+
