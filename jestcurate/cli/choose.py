@@ -233,7 +233,8 @@ def select(
             "--ledger",
             help="Also write OUT/ledger/ (one Parquet file per score-set part): every row's "
             "fate (kept, error, filtered, duplicate, excluded, not chosen, tail) and why, for "
-            "`info OUT --why KEY` and DuckDB. One run only: not as array tasks.",
+            "`info OUT --why KEY` and DuckDB. As array tasks, give it to every task: the merge "
+            "writes it.",
         ),
     ] = False,
 ) -> None:
