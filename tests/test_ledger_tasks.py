@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jestcurate.errors import JCError
 from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines.synth import write_score_set
@@ -63,3 +64,12 @@ def test_a_task_with_no_step(ref: Path, tmp_path: Path, method: str) -> None:
     idle = {t["task"] for t in summary["tasks"] if t["steps"] == 0}
     assert not any(r["task"] in idle for r in rows if r["fate"] == "kept")
 
+
+def test_ledger_on_a_merged_selection_without_one(ref: Path, tmp_path: Path) -> None:
+    """--overwrite is refused for array tasks: the advice is to start again."""
+    out = tmp_path / "s"
+    tasks(ref, out, 2, method="random")
+    with pytest.raises(JCError, match=r"remove .* and rerun every task with --ledger"):
+        select(ref, out, method="random", task_index=0, num_tasks=2, ledger=True)
+    with pytest.raises(JCError, match=r"remove .* and rerun every task with --ledger"):
+        select(ref, out, method="random", merge=True, num_tasks=2, ledger=True)

@@ -88,10 +88,7 @@ def run(
     inputs = open_inputs(cfg, task.count)
     done = _existing(cfg, inputs.identity, task)
     if done is not None and cfg.ledger and "ledger" not in done:
-        raise JCError(
-            f"{cfg.out} holds this selection without a ledger; pass --overwrite to make it "
-            "again with one (the same batches), or leave out --ledger to reuse it"
-        )
+        raise JCError(_no_ledger_there(cfg.out, task))
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         report = SelectReport(cfg.out, done, reused=True)
@@ -107,6 +104,19 @@ def run(
     if on_selected is not None:  # before the export: its failure leaves the selection shown
         on_selected(report)
     return _export(cfg, report, task)
+
+
+def _no_ledger_there(out: Path, task: Task) -> str:
+    """The advice for --ledger where OUT holds this selection without one: --overwrite for one
+    run; array tasks (where --overwrite is refused) make it again from scratch."""
+    if task.count > 1 or task.merge:
+        again = (
+            f"remove {out} and rerun every task with --ledger (the same batches; the tasks "
+            "kept no notes of their rows to write one from)"
+        )
+    else:
+        again = "pass --overwrite to make it again with one (the same batches)"
+    return f"{out} holds this selection without a ledger; {again}, or leave out --ledger"
 
 
 def _array_task(cfg: SelectConfig, inputs: Inputs, task: Task) -> SelectReport:
@@ -277,7 +287,7 @@ def _select_into(
             columns = score_columns(learner is not None)
             everything.add({c: cache.read_range(c, start, stop) for c in columns})
         quotas = _quotas(cfg, cache, steps)
-        # with --ledger (one run only): where each kept row went
+        # with --ledger: where each kept row went (an array task saves it for the merge)
         recorder = Recorder(cache.size, cfg.sampling.batch_size) if cfg.ledger else None
         with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:
             batches = choose(cfg, cache, inputs.ref, learner, steps, tick, quotas)
