@@ -14,7 +14,7 @@ import pytest
 from conftest import rewrite_part, run_cli
 
 from jestcurate.io.schema import embedding_column, score_column
-from jestcurate.math.density import allocate, complexity, density_quotas
+from jestcurate.math.density import allocate, complexity, density_quotas, floors
 from jestcurate.pipelines import dedup
 from jestcurate.pipelines.dedup import load_clusters
 from jestcurate.pipelines.synth import write_score_set
@@ -71,6 +71,29 @@ def test_allocate_redistributes_the_excess() -> None:
     assert allocate(np.zeros(2), np.array([5, 5]), 3).sum() == 3
 
 
+def test_the_authors_floor() -> None:
+    """prune.py's pruning_qp: lb_j = min(int(N / K * cls_bal_ratio), n_j - 1), 1 for ratio 0."""
+    assert floors(np.array([10, 1, 100]), 60).tolist() == [9, 0, 10]
+    assert floors(np.array([10, 1, 100]), 60, 0.0).tolist() == [1, 0, 1]
+    assert floors(np.array([10, 5, 100]), 1, 0.0).tolist() == [0, 0, 0]  # 3 floors of 1 > N
+    lower = np.array([9, 0, 10])
+    quota = allocate(np.array([1.0, 0.0, 0.0]), np.array([10, 1, 100]), 60, lower)
+    assert quota.tolist() == [10, 1, 49]  # the capped first's excess spread: one shift
+    quota = allocate(np.array([0.0, 0.0, 1.0]), np.array([10, 1, 100]), 60, lower)
+    assert quota.tolist() == [9, 0, 51]
+    rng = np.random.default_rng(2)
+    tight, diffuse = blob(0, 0.05, 200, rng), blob(1, 0.8, 200, rng)
+    sums, counts = sums_of(tight, diffuse)
+    quota, _ = density_quotas(sums, counts, 100, temperature=1e-4)
+    assert quota.tolist() == [25, 75]  # without the floor: [0, 100]
+    quota, _ = density_quotas(sums, counts, 100, temperature=1e-4, floor=0.0)
+    assert quota.tolist() == [1, 99]
+    for total in (1, 3, 99, 400):
+        for f in (0.0, 0.5, 1.0):
+            quota, _ = density_quotas(sums, counts, total, temperature=0.01, floor=f)
+            assert quota.sum() == total and (quota <= counts).all() and (quota >= 0).all()
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """600 rows in three blobs of different spread, deduplicated into three clusters."""
@@ -121,7 +144,7 @@ def test_clip_score_keeps_the_quotas(pool: dict[str, Path], tmp_path: Path) -> N
     summary = json.loads((out / "summary.json").read_text())
     quotas = summary["cluster_quotas"]
     assert summary["parameters"]["cluster_quotas"] == {
-        "method": "density", "temperature": 0.05, "neighbours": 20,
+        "method": "density", "temperature": 0.05, "neighbours": 20, "floor": 0.5,
     }  # fmt: skip
     assert quotas["applied_to"] == "kept set" and quotas["kept"] == summary["counts"]["kept"]
     kept = kept_per_cluster(pool, out)
@@ -171,6 +194,9 @@ def test_jest_batches_follow_the_quotas(pool: dict[str, Path], tmp_path: Path) -
         (("--cluster-quotas", "sizes"), "unknown --cluster-quotas"),
         (("--cluster-quotas", "density", "--balance-clusters"), "pass one of them"),
         (("--quota-temperature", 0.5), "needs --cluster-quotas"),
+        (("--quota-floor", 0.5), "--quota-floor needs --cluster-quotas"),
+        (("--cluster-quotas", "density", "--quota-floor", 1.5), "--quota-floor must"),
+        (("--cluster-quotas", "density", "--quota-floor", -0.1), "--quota-floor must"),
     ],
 )
 def test_refusals(pool: dict[str, Path], tmp_path: Path, extra: tuple, said: str) -> None:

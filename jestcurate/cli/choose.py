@@ -151,6 +151,14 @@ def select(
             "(default 0.5; larger: nearer equal quotas)."
         ),
     ] = None,
+    quota_floor: Annotated[
+        float | None,
+        typer.Option(
+            help="--cluster-quotas density: every cluster keeps at least this fraction of an "
+            "even share of the kept rows (or all but one of its rows, if fewer), as the "
+            "authors' cls_bal_ratio (default 0.5; 0: at least one row)."
+        ),
+    ] = None,
     min_caption_words: Annotated[
         int | None, typer.Option(help="Filter: drop rows whose caption has fewer words.")
     ] = None,

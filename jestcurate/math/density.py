@@ -7,9 +7,19 @@ Per cluster j with n_j members x (unit vectors) and centroid c_j = normalise(sum
     d_intra_j = mean over members of 1 - cos(x, c_j) = 1 - |sum x| / n_j
     d_inter_j = mean of 1 - cos(c_j, c_k) over its `neighbours` nearest other centroids
     C_j = d_inter_j * d_intra_j,  p = softmax(C / temperature)
-and the quotas N_j solve the authors' quadratic program: N_j as near p_j * N as possible with
-sum N_j = N and 0 <= N_j <= n_j (the excess of a capped cluster spread as an equal shift over
-the others), rounded to integers that keep both constraints.
+and the quotas N_j solve the authors' quadratic program (prune.py's pruning_qp): N_j as near
+p_j * N as possible with sum N_j = N and lb_j <= N_j <= n_j, where the floor
+lb_j = min(int(N / K * ratio), n_j - 1) (ratio: their cls_bal_ratio, default 0.5; 0 gives a
+floor of 1), so every cluster keeps some rows; the excess of a capped cluster is spread as an
+equal shift over the others. Where the authors solve it with OSQP and round with np.rint
+(whose sum may miss N by a few), this is the exact projection, rounded by largest remainders
+so that the sum is N and both bounds hold.
+
+What matches the authors' code: the softmax over C / temperature (default 0.5), the QP's
+objective, equality and bounds (floor included), and an empty cluster's complexity (their
+NaN, replaced by the mean). d_intra and d_inter are the paper's definitions; the authors
+compute them in separate scripts, not compared here. K is the number of clusters with
+eligible rows (theirs: every k-means centroid).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 NEIGHBOURS = 20  # l: the authors' default number of nearest centroids for d_inter
+FLOOR = 0.5  # the authors' cls_bal_ratio default: each cluster's floor, of an even share
 BLOCK = 1024  # centroids compared with all the others at a time (memory BLOCK x clusters)
 
 
@@ -63,18 +74,34 @@ def softmax(values: np.ndarray, temperature: float) -> np.ndarray:
     return z / z.sum()
 
 
-def allocate(weights: np.ndarray, sizes: np.ndarray, total: int) -> np.ndarray:
-    """Integer quotas summing to `total` (at most sizes.sum()), each within [0, size]: the
-    nearest to weights / sum(weights) * total (the capped-simplex projection: one shift added
-    to every uncapped cluster), then largest remainders for the rounding."""
+def floors(sizes: np.ndarray, total: int, ratio: float = FLOOR) -> np.ndarray:
+    """The authors' lower bounds: lb_j = min(int(total / K * ratio), n_j - 1), a floor of 1
+    for ratio 0, never below 0; none at all where they would not fit in `total` (ratio 0 with
+    more clusters than kept rows)."""
     sizes = np.asarray(sizes, dtype=np.int64)
+    if not len(sizes):
+        return sizes.copy()
+    least = int(total / len(sizes) * ratio) if ratio > 0 else 1
+    lb = np.clip(np.minimum(least, sizes - 1), 0, None)
+    return lb if lb.sum() <= min(total, sizes.sum()) else np.zeros_like(sizes)
+
+
+def allocate(
+    weights: np.ndarray, sizes: np.ndarray, total: int, lower: np.ndarray | None = None
+) -> np.ndarray:
+    """Integer quotas summing to `total` (at most sizes.sum()), each within [lower, size]
+    (`lower`: integers, summing to at most `total`; default 0): the nearest to
+    weights / sum(weights) * total (the box-capped simplex projection: one shift added to every
+    cluster off its bounds), then largest remainders for the rounding."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    lb = np.zeros_like(sizes) if lower is None else np.minimum(lower, sizes).astype(np.int64)
     total = int(min(total, sizes.sum()))
     w = np.asarray(weights, dtype=np.float64)
     w = np.full(len(sizes), 1.0) if w.sum() <= 0 else w
     target = w / w.sum() * total
 
     def filled(shift: float) -> float:
-        return float(np.clip(target + shift, 0, sizes).sum())
+        return float(np.clip(target + shift, lb, sizes).sum())
 
     low, high = -float(target.max()) - 1.0, float(sizes.max()) + 1.0
     for _ in range(200):  # bisection on the shift; filled() is monotone in it
@@ -83,8 +110,8 @@ def allocate(weights: np.ndarray, sizes: np.ndarray, total: int) -> np.ndarray:
             low = mid
         else:
             high = mid
-    real = np.clip(target + high, 0, sizes)
-    quota = np.minimum(np.floor(real + 1e-9).astype(np.int64), sizes)
+    real = np.clip(target + high, lb, sizes)
+    quota = np.clip(np.floor(real + 1e-9).astype(np.int64), lb, sizes)
     short = total - int(quota.sum())
     if short > 0:
         room = quota < sizes
@@ -93,16 +120,17 @@ def allocate(weights: np.ndarray, sizes: np.ndarray, total: int) -> np.ndarray:
         quota[order[:short]] += 1
     elif short < 0:
         order = np.lexsort((np.arange(len(sizes)), real - quota))
-        order = order[quota[order] > 0]
+        order = order[quota[order] > lb[order]]
         quota[order[:-short]] -= 1
     return quota
 
 
 def density_quotas(
     sums: np.ndarray, counts: np.ndarray, total: int, temperature: float,
-    neighbours: int = NEIGHBOURS,
+    neighbours: int = NEIGHBOURS, floor: float = FLOOR,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(quotas, complexities) of clusters with these unit-embedding sums and member counts,
-    for `total` kept rows."""
+    for `total` kept rows (`floor`: the authors' cls_bal_ratio)."""
     c = complexity(sums, counts, neighbours)
-    return allocate(softmax(c, temperature), counts, total), c
+    lower = floors(counts, total, floor)
+    return allocate(softmax(c, temperature), counts, total, lower), c

@@ -43,6 +43,7 @@ class SelectConfig:
     # or each cluster's own quota from its density (pipelines/select/quotas.py)
     cluster_quotas: str | None = None  # "density"
     quota_temperature: float | None = None  # the softmax's temperature (default 0.5)
+    quota_floor: float | None = None  # each cluster's floor, of an even share (default 0.5)
     # caption length, language and target-set filters (pipelines/select/filters)
     filters: FilterOptions = field(default_factory=FilterOptions)
     task_index: int | None = None  # array task I of N; None: from Slurm's variables, else 0 of 1

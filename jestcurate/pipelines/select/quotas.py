@@ -21,7 +21,7 @@ import torch
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import REF_IMG
 from jestcurate.io.rowcache import RowCache
-from jestcurate.math.density import NEIGHBOURS, allocate, complexity, softmax
+from jestcurate.math.density import FLOOR, NEIGHBOURS, allocate, complexity, floors, softmax
 from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
 
 KINDS = ("density",)
@@ -33,8 +33,9 @@ REASON = "cluster_quota"  # the ledger's not_chosen reason for rows the quotas l
 def check(cfg: SelectConfig) -> None:
     """The options' own checks (select's validate calls this)."""
     if cfg.cluster_quotas is None:
-        if cfg.quota_temperature is not None:
-            raise JCError("--quota-temperature needs --cluster-quotas density")
+        for given, name in ((cfg.quota_temperature, "temperature"), (cfg.quota_floor, "floor")):
+            if given is not None:
+                raise JCError(f"--quota-{name} needs --cluster-quotas density")
         return
     if cfg.cluster_quotas not in KINDS:
         raise JCError(f"unknown --cluster-quotas {cfg.cluster_quotas!r}; use {', '.join(KINDS)}")
@@ -45,17 +46,26 @@ def check(cfg: SelectConfig) -> None:
     t = cfg.quota_temperature
     if t is not None and not (math.isfinite(t) and t > 0):
         raise JCError(f"--quota-temperature must be a positive number; got {t}")
+    f = cfg.quota_floor
+    if f is not None and not 0 <= f <= 1:
+        raise JCError(f"--quota-floor must be between 0 and 1; got {f}")
 
 
 def temperature(cfg: SelectConfig) -> float:
     return DEFAULT_TEMPERATURE if cfg.quota_temperature is None else cfg.quota_temperature
 
 
+def floor(cfg: SelectConfig) -> float:
+    return FLOOR if cfg.quota_floor is None else cfg.quota_floor
+
+
 def identity(cfg: SelectConfig) -> dict[str, Any] | None:
-    """What a selection records of the quotas: None without them (old selections keep theirs)."""
+    """What a selection records of the quotas: None without them (old selections keep theirs).
+    The floor is always there: quotas made before it existed had none, and differ."""
     if cfg.cluster_quotas is None:
         return None
-    return {"method": cfg.cluster_quotas, "temperature": temperature(cfg), "neighbours": NEIGHBOURS}
+    return {"method": cfg.cluster_quotas, "temperature": temperature(cfg), "neighbours": NEIGHBOURS,
+            "floor": floor(cfg)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ def compute(cfg: SelectConfig, cache: RowCache, cluster: np.ndarray, total: int)
     c[known] = complexity(sums.numpy()[known], sizes[known], NEIGHBOURS)
     if not known.all():
         c[~known] = c[known].mean() if known.any() else 0.0
-    quota = allocate(softmax(c, temperature(cfg)), sizes, total)
+    lower = floors(sizes, total, floor(cfg))
+    quota = allocate(softmax(c, temperature(cfg)), sizes, total, lower)
     per_batch = cfg.method in SUPER_BATCH_METHODS
     return ClusterQuotas(groups, sizes, quota, c, int(quota.sum()), per_batch)
