@@ -17,6 +17,8 @@ from jestcurate.io.schema import embedding_column, score_column
 from jestcurate.math.density import allocate, complexity, density_quotas, floors
 from jestcurate.pipelines import dedup
 from jestcurate.pipelines.dedup import load_clusters
+from jestcurate.pipelines.select import SelectConfig
+from jestcurate.pipelines.select import quotas as quotas_mod
 from jestcurate.pipelines.synth import write_score_set
 
 DIM, SHARDS, ROWS, B = 16, 4, 150, 10
@@ -92,6 +94,40 @@ def test_the_authors_floor() -> None:
         for f in (0.0, 0.5, 1.0):
             quota, _ = density_quotas(sums, counts, total, temperature=0.01, floor=f)
             assert quota.sum() == total and (quota <= counts).all() and (quota >= 0).all()
+
+
+class Embeddings:
+    """A row cache's image embeddings, all that the quotas read of it."""
+
+    def __init__(self, emb: np.ndarray) -> None:
+        self.emb, self.size = emb, len(emb)
+
+    def read_range(self, column: str, start: int, stop: int) -> np.ndarray:
+        return self.emb[start:stop]
+
+
+def test_non_finite_embeddings_are_left_out(tmp_path: Path) -> None:
+    """One NaN embedding would make its cluster's sum NaN and every quota garbage: the rows
+    are left out of the centroids (counted in the summary), their cluster keeps its size."""
+    rng = np.random.default_rng(3)
+    emb = np.concatenate([blob(i, s, 100, rng) for i, s in enumerate((0.1, 0.4, 0.9))])
+    cluster = np.repeat(np.arange(3), 100)
+    cfg = SelectConfig(reference=tmp_path, out=tmp_path / "s", method="random",
+                       cluster_quotas="density", quota_temperature=0.05)  # fmt: skip
+    clean = quotas_mod.compute(cfg, Embeddings(emb), cluster, 120)
+    bad = emb.copy()
+    bad[[5, 150]] = np.nan
+    bad[250, 3] = np.inf
+    found = quotas_mod.compute(cfg, Embeddings(bad), cluster, 120)
+    assert np.isfinite(found.complexity).all() and found.quota.sum() == 120
+    assert (found.quota >= 0).all() and (found.quota <= found.sizes).all()
+    assert found.sizes.tolist() == [100, 100, 100] and found.non_finite == 3
+    assert np.allclose(found.complexity, clean.complexity, rtol=0.05)
+    assert found.summary(cfg)["rows_without_finite_embedding"] == 3
+    assert clean.summary(cfg)["rows_without_finite_embedding"] == 0
+    everything = np.full_like(emb, np.nan)  # no centroid at all: still finite quotas
+    found = quotas_mod.compute(cfg, Embeddings(everything), cluster, 120)
+    assert found.quota.sum() == 120 and found.non_finite == 300
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ methods share each batch's b rows out in proportion to them (see `batch_caps`).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from jestcurate.io.eligible import REF_IMG
 from jestcurate.io.rowcache import RowCache
 from jestcurate.math.density import FLOOR, NEIGHBOURS, allocate, complexity, floors, softmax
 from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
+
+log = logging.getLogger(__name__)
 
 KINDS = ("density",)
 DEFAULT_TEMPERATURE = 0.5  # the authors' code's default
@@ -78,6 +81,7 @@ class ClusterQuotas:
     complexity: np.ndarray
     total: int
     per_batch: bool  # super-batch methods: each batch's share, not the kept set's
+    non_finite: int = 0  # rows whose image embedding is not finite: left out of the centroids
 
     def caps(self) -> dict[int, int]:
         """The kept set's quota of each group."""
@@ -110,6 +114,7 @@ class ClusterQuotas:
             "complexity": {k: round(v, 6) for k, v in spread(self.complexity).items()},
             "clusters_at_size": int((self.quota == self.sizes).sum()),
             "clusters_without_rows_kept": int((self.quota == 0).sum()),
+            "rows_without_finite_embedding": self.non_finite,
         }
 
 
@@ -118,17 +123,25 @@ def compute(cfg: SelectConfig, cache: RowCache, cluster: np.ndarray, total: int)
     groups, where, sizes = np.unique(cluster, return_inverse=True, return_counts=True)
     dim = cache.read_range(REF_IMG, 0, min(1, cache.size)).shape[-1] if cache.size else 1
     sums = torch.zeros(len(groups), dim, dtype=torch.float64)
+    members = np.zeros(len(groups), dtype=np.int64)  # rows in the sums: finite embeddings
     for start in range(0, cache.size, CHUNK):
         stop = min(start + CHUNK, cache.size)
         emb = torch.from_numpy(cache.read_range(REF_IMG, start, stop).astype(np.float64))
-        emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        sums.index_add_(0, torch.from_numpy(where[start:stop].astype(np.int64)), emb)
+        finite = torch.isfinite(emb).all(dim=1)  # one NaN would make its cluster's sum NaN
+        emb = emb[finite] / emb[finite].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        ids = where[start:stop][finite.numpy()].astype(np.int64)
+        sums.index_add_(0, torch.from_numpy(ids), emb)
+        members += np.bincount(ids, minlength=len(groups))
+    non_finite = int(cache.size - members.sum())
+    if non_finite:
+        log.warning("--cluster-quotas: %d rows have a non-finite image embedding; the "
+                    "centroids leave them out", non_finite)  # fmt: skip
     known = groups >= 0
     c = np.zeros(len(groups))
-    c[known] = complexity(sums.numpy()[known], sizes[known], NEIGHBOURS)
+    c[known] = complexity(sums.numpy()[known], members[known], NEIGHBOURS)
     if not known.all():
         c[~known] = c[known].mean() if known.any() else 0.0
     lower = floors(sizes, total, floor(cfg))
     quota = allocate(softmax(c, temperature(cfg)), sizes, total, lower)
     per_batch = cfg.method in SUPER_BATCH_METHODS
-    return ClusterQuotas(groups, sizes, quota, c, int(quota.sum()), per_batch)
+    return ClusterQuotas(groups, sizes, quota, c, int(quota.sum()), per_batch, non_finite)
