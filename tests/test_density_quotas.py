@@ -240,6 +240,24 @@ def test_refusals(pool: dict[str, Path], tmp_path: Path, extra: tuple, said: str
     assert code == 2 and said in output and len(output.strip().splitlines()) == 1, output
 
 
+@pytest.mark.parametrize("extra", [("--task-index", 0), ("--task-index", 1), ("--merge",)])
+def test_not_as_array_tasks(pool: dict[str, Path], tmp_path: Path, extra: tuple) -> None:
+    """Each task's quotas would be over its own partition: refused before anything is written."""
+    out = tmp_path / "s"
+    code, output = select(pool, out, "--cluster-quotas", "density", "--num-tasks", 2, *extra)
+    assert code == 2 and "run select as one task" in output, output
+    assert len(output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_slurm_select_refuses_quotas(tmp_path: Path) -> None:
+    from jestcurate.errors import JCError
+    from jestcurate.scale import slurm_select
+
+    parsed = {"out": tmp_path, "cluster_quotas": "density"}
+    with pytest.raises(JCError, match="run select as one task"):
+        slurm_select.plan(["--cluster-quotas", "density"], 2, lambda a: parsed)
+
+
 def test_quotas_need_dedup(pool: dict[str, Path], tmp_path: Path) -> None:
     code, output = run_cli("select", pool["ref"], "--out", tmp_path / "s", "--batch-size", B,
                            "--cluster-quotas", "density")  # fmt: skip

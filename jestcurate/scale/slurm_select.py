@@ -50,6 +50,9 @@ def plan(
     if "--overwrite" in args:
         raise JCError("--overwrite is for one run, not array tasks: remove OUT first instead")
     parsed = parse(args)
+    from jestcurate.pipelines.select.quotas import refuse_tasks
+
+    refuse_tasks(parsed.get("cluster_quotas"), num_tasks)
     base = [a for a in args if a != "--export"]
     return SelectPlan(Path(parsed["out"]), base, "--export" in args, num_tasks)
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import REF_IMG
@@ -52,6 +51,19 @@ def check(cfg: SelectConfig) -> None:
     f = cfg.quota_floor
     if f is not None and not 0 <= f <= 1:
         raise JCError(f"--quota-floor must be between 0 and 1; got {f}")
+
+
+TASKS_REFUSED = (
+    "--cluster-quotas computes one set of quotas over every eligible row, which array tasks "
+    "(each over its own partition) would not: run select as one task (--num-tasks 1)"
+)
+
+
+def refuse_tasks(given: Any, count: int) -> None:
+    """Quotas are over the whole pool: not as array tasks (checked before anything is
+    written; `given`: the --cluster-quotas value)."""
+    if given is not None and count > 1:
+        raise JCError(TASKS_REFUSED)
 
 
 def temperature(cfg: SelectConfig) -> float:
@@ -120,6 +132,8 @@ class ClusterQuotas:
 
 def compute(cfg: SelectConfig, cache: RowCache, cluster: np.ndarray, total: int) -> ClusterQuotas:
     """The quotas of `total` kept rows from the cache's rows (`cluster`: each row's group)."""
+    import torch  # here: slurm select reads this module's checks without it
+
     groups, where, sizes = np.unique(cluster, return_inverse=True, return_counts=True)
     dim = cache.read_range(REF_IMG, 0, min(1, cache.size)).shape[-1] if cache.size else 1
     sums = torch.zeros(len(groups), dim, dtype=torch.float64)

@@ -85,6 +85,7 @@ def run(
     began = time.time()
     validate(cfg)
     task = this_task(cfg)
+    quotas_mod.refuse_tasks(cfg.cluster_quotas, task.count)
     inputs = open_inputs(cfg, task.count)
     done = _existing(cfg, inputs.identity, task)
     if done is not None and cfg.ledger and "ledger" not in done:
