@@ -14,7 +14,7 @@ import pytest
 from conftest import rewrite_part, run_cli
 
 from jestcurate.errors import JCError
-from jestcurate.io.eligible import Counts, Filters, count_masks, eligible_masks
+from jestcurate.io.eligible import Counts, Filters, MinClip, count_masks, eligible_masks
 from jestcurate.io.schema import embedding_column, score_column
 from jestcurate.io.store import open_score_set
 from jestcurate.pipelines.select.filters import FilterOptions, build, check
@@ -331,3 +331,13 @@ def test_bad_input_is_one_line_and_writes_nothing(sets, tmp_path, args, message)
     assert code == 2, output
     assert message in output and len(output.strip().splitlines()) == 1, output
     assert not (tmp_path / "out").exists()
+
+
+def test_min_clip_score_keeps_nan_removes_null() -> None:
+    """As select did before the filters were one interface (clip_score < t after nulls became
+    -inf): a null clip_score is removed, a NaN one is not, so old selections keep their rows."""
+    clip = pa.array([0.5, None, float("nan"), -0.1, 0.1], pa.float32())
+    table = pa.table({"clip_score": clip})
+    verdict = MinClip(0.1)(table, "s", np.ones(5, dtype=bool))
+    assert verdict.removed.tolist() == [False, True, False, True, False]
+    assert np.isnan(verdict.value[1]) and np.isnan(verdict.value[2])

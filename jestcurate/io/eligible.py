@@ -190,7 +190,7 @@ class Filters:
 
 @dataclass(frozen=True)
 class MinClip:
-    """--min-clip-score: rows whose clip_score is below it (or null)."""
+    """--min-clip-score: rows whose clip_score is below it (or null; a NaN is not below)."""
 
     threshold: float | None
     name: str = "below_min_clip_score"
@@ -200,8 +200,10 @@ class MinClip:
     def __call__(self, table: pa.Table, shard: str, candidate: np.ndarray) -> Verdict:
         if self.threshold is None:
             return Verdict(np.zeros(len(candidate), dtype=bool))
-        clip = table.column("clip_score").fill_null(np.nan).to_numpy().astype(np.float32)
-        low = ~(clip >= self.threshold)  # a null clip_score (NaN) is below any threshold
+        column = table.column("clip_score")
+        # as select always did: a null clip_score is below any threshold, a NaN one is not
+        low = column.fill_null(-np.inf).to_numpy() < self.threshold
+        clip = column.fill_null(np.nan).to_numpy().astype(np.float32)  # the ledger's value
         return Verdict(low, MIN_CLIP_SCORE, None, clip, self.threshold)
 
 
