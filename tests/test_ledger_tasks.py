@@ -73,3 +73,52 @@ def test_ledger_on_a_merged_selection_without_one(ref: Path, tmp_path: Path) -> 
         select(ref, out, method="random", task_index=0, num_tasks=2, ledger=True)
     with pytest.raises(JCError, match=r"remove .* and rerun every task with --ledger"):
         select(ref, out, method="random", merge=True, num_tasks=2, ledger=True)
+
+
+def test_a_merge_without_ledger_removes_a_stale_one(ref: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    tasks(ref, out, 2, method="random", ledger=True)
+    assert (out / "ledger").is_dir()
+    (out / "summary.json").unlink()  # as if the merge were to be made again, without it
+    summary = select(ref, out, method="random", merge=True, num_tasks=2)
+    assert "ledger" not in summary and not (out / "ledger").exists()
+
+
+def test_a_crash_leaves_no_partial_ledger(
+    ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jestcurate.pipelines.select import ledger as ledger_mod
+
+    out = tmp_path / "s"
+    written = []
+    real = ledger_mod.pq.write_table
+
+    def crash_on_the_second(table: pa.Table, path: Path, **kw) -> None:
+        if written:
+            raise OSError("disk gone")
+        written.append(path)
+        real(table, path, **kw)
+
+    monkeypatch.setattr(ledger_mod.pq, "write_table", crash_on_the_second)
+    with pytest.raises(OSError, match="disk gone"):
+        select(ref, out, method="random", ledger=True)
+    assert written and not (out / "ledger").exists() and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    summary = select(ref, out, method="random", ledger=True)
+    assert len(ledger(out)) == summary["counts"]["rows"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_another_ledger_version_is_refused(ref: Path, tmp_path: Path) -> None:
+    from jestcurate.pipelines.report.why import find
+
+    out = tmp_path / "s"
+    select(ref, out, method="random", ledger=True)
+    key = ledger(out)[0]["key"]
+    assert find(out, key)
+    part = sorted((out / "ledger").glob("*.parquet"))[-1]
+    table = pq.read_table(part)
+    meta = {**table.schema.metadata, b"jestcurate.ledger_schema_version": b"0"}
+    pq.write_table(table.replace_schema_metadata(meta), part)
+    with pytest.raises(JCError, match="schema version 0, not 1: rerun select"):
+        find(out, key)

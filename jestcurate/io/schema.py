@@ -122,6 +122,10 @@ LEDGER_FATES = ("kept", "not_chosen", "tail", "error", "filtered", "duplicate", 
 _TEXT = pa.dictionary(pa.int32(), pa.string())
 
 
+LEDGER_VERSION_KEY = b"jestcurate.ledger_schema_version"
+LEDGER_VERSION = "1"
+
+
 def ledger_schema() -> pa.Schema:
     return pa.schema(
         [
@@ -142,5 +146,5 @@ def ledger_schema() -> pa.Schema:
             pa.field("position", pa.int32()),  # kept: its place in the batch
             pa.field("task", pa.int32()),  # array task whose partition held it (null: one run)
         ],
-        metadata={"jestcurate.ledger_schema_version": "1"},
+        metadata={LEDGER_VERSION_KEY.decode(): LEDGER_VERSION},
     )

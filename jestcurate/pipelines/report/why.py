@@ -15,6 +15,7 @@ from jestcurate.errors import JCError, first_line
 from jestcurate.io.eligible import MIN_CLIP_SCORE
 from jestcurate.io.files import read_json
 from jestcurate.pipelines.select.config import LEDGER_DIR, SUMMARY
+from jestcurate.pipelines.select.ledger import ledger_parts
 
 
 def _num(value: float | None) -> str:
@@ -109,13 +110,21 @@ def find(selection: Path, key: str) -> list[dict[str, Any]]:
     if not summary_path.is_file() or "method" not in read_json(summary_path):
         raise JCError(f"{selection} is not a finished selection (no summary.json)")
     folder = selection / LEDGER_DIR
-    if "ledger" not in read_json(summary_path) or not folder.is_dir():
-        raise JCError(
-            f"{selection} has no ledger (made without --ledger); rerun its select with "
-            "--ledger --overwrite to write one (the same batches)"
+    summary = read_json(summary_path)
+    if "ledger" not in summary or not folder.is_dir():
+        again = (
+            f"remove {selection} and rerun every array task with --ledger"
+            if summary.get("partition")
+            else "rerun its select with --ledger --overwrite"
         )
+        raise JCError(
+            f"{selection} has no ledger (made without --ledger); {again} to write one "
+            "(the same batches)"
+        )
+    files = ledger_parts(folder)
     try:
-        table = ds.dataset(folder, format="parquet").to_table(filter=ds.field("key") == key)
+        found = ds.dataset(files, format="parquet")
+        table = found.to_table(filter=ds.field("key") == key)
     except (OSError, pa.ArrowException) as exc:
         raise JCError(f"{folder} is unreadable ({first_line(exc)})") from None
     rows = table.to_pylist()

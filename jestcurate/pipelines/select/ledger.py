@@ -25,6 +25,7 @@ held from choosing until the ledger is written. Filters whose rows point at anot
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ from jestcurate.io.files import atomic_write
 from jestcurate.io.notes import Notes
 from jestcurate.io.reader import error_reason
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.schema import LEDGER_FATES, ledger_schema
+from jestcurate.io.schema import LEDGER_FATES, LEDGER_VERSION, LEDGER_VERSION_KEY, ledger_schema
 from jestcurate.io.store import ScoreSet
 from jestcurate.math.partition import task_of
 from jestcurate.pipelines.select.choosing import draw_order
@@ -333,10 +334,13 @@ def write_ledger(
     resolve: Resolve,
     on_part: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """OUT/ledger/NAME.parquet for every part (each atomically); returns what summary.json
-    records: `fates` (counts by fate and reason) and `ledger` (parts, rows, bytes).
-    `pointing`: Filters.pointing() (the filters whose rows point at another row)."""
-    directory = out / LEDGER_DIR
+    """OUT/ledger/NAME.parquet for every part, written into a hidden folder renamed into
+    place once whole (a crash leaves no partial OUT/ledger for a glob to read); returns what
+    summary.json records: `fates` (counts by fate and reason) and `ledger` (parts, rows,
+    bytes). `pointing`: Filters.pointing() (the filters whose rows point at another row)."""
+    final = out / LEDGER_DIR
+    shutil.rmtree(final, ignore_errors=True)  # an earlier selection's: not this one's
+    directory = out / f".{LEDGER_DIR}.partial"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     counts: Counter[tuple[str, str]] = Counter()
@@ -357,13 +361,31 @@ def write_ledger(
         ledger = _table(table, shard, rows)
         _count(ledger, counts)
         path = directory / f"{name}.parquet"
-        atomic_write(path, lambda tmp, t=ledger: pq.write_table(
-            t, tmp, compression="zstd", write_page_checksum=True))  # fmt: skip
+        pq.write_table(ledger, path, compression="zstd", write_page_checksum=True)
         total_rows += ledger.num_rows
         total_bytes += path.stat().st_size
         if on_part:
             on_part()
+    os.replace(directory, final)
     per_row = round(total_bytes / total_rows, 1) if total_rows else None
     ledger_facts = {"folder": LEDGER_DIR, "parts": len(ref.parts), "rows": total_rows,
                     "bytes": total_bytes, "bytes_per_row": per_row}  # fmt: skip
     return {"fates": fates(counts), "ledger": ledger_facts}
+
+
+def ledger_parts(folder: Path) -> list[Path]:
+    """A selection's ledger files, each checked to be of this version of the ledger's schema
+    (one line otherwise)."""
+    files = sorted(folder.glob("*.parquet"))
+    for path in files:
+        try:
+            found = (pq.read_schema(path).metadata or {}).get(LEDGER_VERSION_KEY)
+        except (OSError, pa.ArrowException) as exc:
+            raise JCError(f"{path} is unreadable ({str(exc).splitlines()[0]})") from None
+        version = found.decode() if found is not None else None
+        if version != LEDGER_VERSION:
+            raise JCError(
+                f"{path} is a ledger of schema version {version or 'unknown'}, not "
+                f"{LEDGER_VERSION}: rerun select with --ledger to write it again"
+            )
+    return files

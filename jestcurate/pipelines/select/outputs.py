@@ -208,5 +208,5 @@ def remove_selection(out: Path) -> None:
         return
     for name in (SUMMARY, MANIFEST, UIDS, SHARD_LIST):
         (out / name).unlink(missing_ok=True)
-    for name in (TASKS_DIR, SHARDS_DIR, LEDGER_DIR, ".cache"):
+    for name in (TASKS_DIR, SHARDS_DIR, LEDGER_DIR, f".{LEDGER_DIR}.partial", ".cache"):
         shutil.rmtree(out / name, ignore_errors=True)

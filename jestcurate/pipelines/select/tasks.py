@@ -25,6 +25,7 @@ from jestcurate.io.store import atomic_write, finished_output
 from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select.config import (
+    LEDGER_DIR,
     MANIFEST,
     SCATTER_DIR,
     SUMMARY,
@@ -317,6 +318,8 @@ def merge(
     shares = [{"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
               for i, s in enumerate(tasks)]  # fmt: skip
     extra = ledger(*_task_choices(out, tasks, order)) if ledger is not None else {}
+    if ledger is None:  # an unfinished earlier merge's ledger is not this selection's
+        shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     summary = write_summary(out, identity, counts, kept, eligible, subset, images,
                             tasks=shares, **extra)  # fmt: skip
     if ledger is None:  # every task has its rows; with a ledger, the scatters' notes stay
