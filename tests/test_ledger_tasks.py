@@ -122,3 +122,37 @@ def test_another_ledger_version_is_refused(ref: Path, tmp_path: Path) -> None:
     pq.write_table(table.replace_schema_metadata(meta), part)
     with pytest.raises(JCError, match="schema version 0, not 1: rerun select"):
         find(out, key)
+
+
+def test_the_advice_for_tasks_without_ledger_works(ref: Path, tmp_path: Path) -> None:
+    """A --ledger merge of tasks that selected without it: following the advice (remove
+    OUT/tasks, rerun every task with --ledger) gives the ledger, and no bucket stays behind."""
+    import re
+    import shutil
+
+    out = tmp_path / "s"
+    tasks(ref, out, 2, method="random")
+    (out / "summary.json").unlink()
+    with pytest.raises(JCError, match="selected without --ledger") as refused:
+        select(ref, out, method="random", merge=True, num_tasks=2, ledger=True)
+    found = re.search(r"remove (\S+) and rerun every task with --ledger", str(refused.value))
+    assert found and Path(found.group(1)) == out / "tasks"
+    shutil.rmtree(found.group(1))
+    summary = tasks(ref, out, 2, method="random", ledger=True)
+    assert len(ledger(out)) == summary["counts"]["rows"]
+    assert not list((out / "tasks" / "scatter").glob("*/to-*.rec"))
+    assert sorted(p.name for p in (out / "tasks" / "scatter" / "00000-of-00002").iterdir()) == [
+        "counts.npy", "done.json", "index.npy", "notes-code.npy", "notes-value.npy",
+    ]  # fmt: skip
+
+
+def test_a_scatter_made_again_leaves_no_bucket(ref: Path, tmp_path: Path) -> None:
+    """Task 0 scatters again after task 1 finished (its done.json lost): the bucket it fills
+    for task 1 is the merge's to delete."""
+    out = tmp_path / "s"
+    for i in (0, 1):  # task 0 scatters; task 1 scatters and selects
+        select(ref, out, method="random", task_index=i, num_tasks=2, ledger=True)
+    (out / "tasks" / "scatter" / "00000-of-00002" / "done.json").unlink()
+    summary = select(ref, out, method="random", task_index=0, num_tasks=2, ledger=True)
+    assert "ledger" in summary
+    assert not list((out / "tasks" / "scatter").glob("*/to-*.rec"))

@@ -18,8 +18,8 @@ score set (N times the corpus in all). So select's array tasks work in two round
 Reading is then about 1/N of the corpus per task per round, and the bucket files hold what the
 single run's cache would: one record per eligible row (about 4 D bytes per row for a reference
 alone). A finished task deletes its buckets; the merge deletes the rest (with --ledger, it
-keeps each scatter's done.json, counts and the notes of what the filters said of each row,
-io/notes.py, so that a merge can be made again).
+deletes every bucket but keeps each scatter's done.json, index, counts and the notes of what
+the filters said of each row, io/notes.py, so that a merge can be made again).
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def gather(
         for s in range(count):
             path = bucket(scatter_directory(root, s, count), task)
             if not path.is_file():
-                raise JCError(f"{path} is missing; remove {root} and rerun every task")
+                raise JCError(f"{path} is missing; remove {root.parent} and rerun every task")
             files.append(open(path, "rb"))  # noqa: SIM115 (closed below)
         for p in range(len(names)):
             s, q = p % count, p // count
@@ -303,6 +303,12 @@ def gather(
         for writer in writers.values():
             writer.close()
     return RowCache(cache_dir, shards, n)
+
+
+def drop_all_buckets(root: Path) -> None:
+    """Every scatter's buckets (the merge's, once every task has selected)."""
+    for path in root.glob("*-of-*/to-*.rec"):
+        path.unlink(missing_ok=True)
 
 
 def drop_buckets(root: Path, task: int, count: int) -> None:

@@ -245,8 +245,9 @@ def _task_choices(
     if missing:
         raise JCError(
             f"tasks {', '.join(map(str, missing[:10]))} of {out} selected without --ledger, so "
-            "the merge has no ledger to write: merge without --ledger, or remove those tasks' "
-            "folders and rerun them with it"
+            "the merge has no ledger to write: merge without --ledger, or remove "
+            f"{out / TASKS_DIR} and rerun every task with --ledger (their scatters kept no "
+            "notes of the rows)"
         )
     choices = [load_choice(task_directory(out, i, count), s["ledger_choice"])
                for i, s in enumerate(tasks)]  # fmt: skip
@@ -324,6 +325,8 @@ def merge(
                             tasks=shares, **extra)  # fmt: skip
     if ledger is None:  # every task has its rows; with a ledger, the scatters' notes stay
         shutil.rmtree(out / TASKS_DIR / SCATTER_DIR, ignore_errors=True)  # (a merge again)
+    else:  # but no bucket (a scatter made again may have filled those of finished tasks)
+        scatter_mod.drop_all_buckets(out / TASKS_DIR / SCATTER_DIR)
     return summary
 
 
