@@ -156,3 +156,52 @@ def test_a_scatter_made_again_leaves_no_bucket(ref: Path, tmp_path: Path) -> Non
     summary = select(ref, out, method="random", task_index=0, num_tasks=2, ledger=True)
     assert "ledger" in summary
     assert not list((out / "tasks" / "scatter").glob("*/to-*.rec"))
+
+
+def test_notes_of_a_part_select_never_read() -> None:
+    from jestcurate.io.notes import Notes
+
+    notes = Notes()
+    notes.start(3)
+    assert len(notes.part(0)[0]) == 3
+    with pytest.raises(JCError, match="more parts than the 1 select noted"):
+        notes.part(1)
+
+
+@pytest.mark.parametrize(("change", "said"), [(-1, "more eligible rows than"),
+                                              (1, "chose from")])  # fmt: skip
+def test_eligible_rows_that_changed(
+    ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: int, said: str
+) -> None:
+    """Fewer or more eligible rows when the ledger is written than choosing saw: one line."""
+    import dataclasses
+
+    import numpy as np
+
+    from jestcurate.pipelines.select import runner
+
+    real = runner.settle
+
+    def settle(*args):
+        choice = real(*args)
+        n = len(choice.drawn) + change
+        drawn, slot = np.resize(choice.drawn, n), np.resize(choice.slot, n)
+        return dataclasses.replace(choice, drawn=drawn, slot=slot)
+
+    monkeypatch.setattr(runner, "settle", settle)
+    out = tmp_path / "s"
+    with pytest.raises(JCError, match=f"{said}.*it changed meanwhile; rerun"):
+        select(ref, out, method="random", ledger=True)
+    assert not (out / "ledger").exists() and not (out / ".ledger.partial").exists()
+
+
+def test_a_task_whose_saved_choice_does_not_match(ref: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    out = tmp_path / "s"
+    tasks(ref, out, 2, method="random", ledger=True)
+    (out / "summary.json").unlink()
+    path = out / "tasks" / "00001-of-00002" / "ledger-drawn.npy"
+    np.save(path, np.load(path)[:-1])
+    with pytest.raises(JCError, match=r"task 1 of .* but saved"):
+        select(ref, out, method="random", merge=True, num_tasks=2, ledger=True)

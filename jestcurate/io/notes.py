@@ -85,6 +85,11 @@ class Notes:
         return self._known[reason]
 
     def part(self, part_id: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= part_id < len(self.parts):
+            raise JCError(
+                f"the score set has more parts than the {len(self.parts):,} select noted when "
+                "it first read them: it changed meanwhile; rerun"
+            )
         return self.parts[part_id]
 
     def save(self, directory: Path) -> dict[str, Any]:

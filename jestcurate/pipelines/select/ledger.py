@@ -51,6 +51,7 @@ from jestcurate.pipelines.select.config import LEDGER_DIR, SUPER_BATCH_METHODS, 
 from jestcurate.pipelines.select.quotas import REASON as QUOTA_REASON
 
 CODE = {fate: code for code, fate in enumerate(LEDGER_FATES)}
+CHANGED = "it changed meanwhile; rerun"  # the end of a refusal for a score set that changed
 LEARNER_ERROR = "learner: "  # an error of the learner's score set (the reference's has none)
 
 
@@ -168,6 +169,8 @@ def _errors(table: pa.Table, other: pa.Table | None, ok: np.ndarray, rows: Rows)
 def _eligible(choice: Choice, ids: np.ndarray, clip: np.ndarray, rows: Rows, at: np.ndarray,
               step_of: np.ndarray | None = None) -> None:  # fmt: skip
     """The fates of eligible rows (`at`: their rows in the part; `ids`: in the cache)."""
+    if len(ids) and ids[-1] >= len(choice.drawn):
+        raise JCError(f"the score set has more eligible rows than select chose from: {CHANGED}")
     drawn, slot = choice.drawn[ids].astype(np.int64), choice.slot[ids].astype(np.int64)
     kept = slot >= 0
     fate = np.where(kept, CODE["kept"], CODE["not_chosen"]).astype(np.int8)
@@ -325,6 +328,31 @@ def fates(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
 NotesOf = Callable[[int], tuple[Notes, int]]
 
 
+def _part(
+    ref: ScoreSet,
+    learner: ScoreSet | None,
+    part: tuple[int, str],
+    notes_of: NotesOf,
+    pointing: dict[str, Any],
+    resolve: Resolve,
+) -> tuple[pa.Table, int]:
+    """One part's (id, name) ledger table, and how many of its rows were eligible."""
+    part_id, name = part
+    table = ref.read_part(name, ["key", "shard", "index", "uid", "status", "error", "clip_score"])
+    other = learner.read_part(name, ["key", "status", "error"]) if learner else None
+    join_learner(name, table, other)
+    shard = table.column("shard")[0].as_py() if table.num_rows else name
+    ok = ok_rows(table, other)
+    rows = Rows.empty(table.num_rows)
+    _errors(table, other, ok, rows)
+    rows.filtered(*notes_of(part_id), shard, pointing)
+    eligible = ok & (rows.fate < 0)
+    resolve(part_id, table, eligible, rows)
+    if (rows.fate < 0).any():  # a bug, never a -1 written as a fate
+        raise JCError(f"{int((rows.fate < 0).sum()):,} rows of part {name} got no fate")
+    return _table(table, shard, rows), int(eligible.sum())
+
+
 def write_ledger(
     out: Path,
     ref: ScoreSet,
@@ -332,40 +360,37 @@ def write_ledger(
     notes_of: NotesOf,
     pointing: dict[str, Any],
     resolve: Resolve,
+    chosen_from: int,
     on_part: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """OUT/ledger/NAME.parquet for every part, written into a hidden folder renamed into
     place once whole (a crash leaves no partial OUT/ledger for a glob to read); returns what
     summary.json records: `fates` (counts by fate and reason) and `ledger` (parts, rows,
-    bytes). `pointing`: Filters.pointing() (the filters whose rows point at another row)."""
+    bytes). `pointing`: Filters.pointing() (the filters whose rows point at another row);
+    `chosen_from`: the eligible rows choosing saw (the choices' drawn), checked."""
     final = out / LEDGER_DIR
     shutil.rmtree(final, ignore_errors=True)  # an earlier selection's: not this one's
     directory = out / f".{LEDGER_DIR}.partial"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     counts: Counter[tuple[str, str]] = Counter()
-    total_rows = total_bytes = 0
-    for part_id, name in enumerate(ref.part_names()):
-        table = ref.read_part(
-            name, ["key", "shard", "index", "uid", "status", "error", "clip_score"]
-        )
-        other = learner.read_part(name, ["key", "status", "error"]) if learner else None
-        join_learner(name, table, other)
-        shard = table.column("shard")[0].as_py() if table.num_rows else name
-        ok = ok_rows(table, other)
-        rows = Rows.empty(table.num_rows)
-        _errors(table, other, ok, rows)
-        rows.filtered(*notes_of(part_id), shard, pointing)
-        eligible = ok & (rows.fate < 0)
-        resolve(part_id, table, eligible, rows)
-        ledger = _table(table, shard, rows)
-        _count(ledger, counts)
-        path = directory / f"{name}.parquet"
-        pq.write_table(ledger, path, compression="zstd", write_page_checksum=True)
-        total_rows += ledger.num_rows
-        total_bytes += path.stat().st_size
-        if on_part:
-            on_part()
+    total_rows = total_bytes = eligible_rows = 0
+    try:
+        for part_id, name in enumerate(ref.part_names()):
+            ledger, eligible = _part(ref, learner, (part_id, name), notes_of, pointing, resolve)
+            _count(ledger, counts)
+            path = directory / f"{name}.parquet"
+            pq.write_table(ledger, path, compression="zstd", write_page_checksum=True)
+            total_rows, eligible_rows = total_rows + ledger.num_rows, eligible_rows + eligible
+            total_bytes += path.stat().st_size
+            if on_part:
+                on_part()
+        if eligible_rows != chosen_from:
+            raise JCError(f"the score set has {eligible_rows:,} eligible rows, but select chose "
+                          f"from {chosen_from:,}: {CHANGED}")  # fmt: skip
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     os.replace(directory, final)
     per_row = round(total_bytes / total_rows, 1) if total_rows else None
     ledger_facts = {"folder": LEDGER_DIR, "parts": len(ref.parts), "rows": total_rows,

@@ -321,7 +321,7 @@ def _select_into(
         assert rows.notes is not None and rows.filters is not None  # eligible_rows, --ledger
         notes = rows.notes
         extra.update(_write_ledger(out, inputs, lambda p: (notes, p), rows.filters.pointing(),
-                                   one_run(choice)))  # fmt: skip
+                                   one_run(choice), len(choice.drawn)))  # fmt: skip
     elif not task.partitioned:  # an unfinished earlier run's ledger is not this selection's
         shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     images = inputs.ref.has_images
@@ -337,13 +337,18 @@ def _quotas(cfg: SelectConfig, cache: Any, steps: int) -> quotas_mod.ClusterQuot
 
 
 def _write_ledger(
-    out: Path, inputs: Inputs, notes_of: NotesOf, pointing: dict[str, Any], resolve: Resolve
+    out: Path,
+    inputs: Inputs,
+    notes_of: NotesOf,
+    pointing: dict[str, Any],
+    resolve: Resolve,
+    chosen_from: int,
 ) -> dict[str, Any]:
     """OUT/ledger/ (before summary.json, which marks the selection finished) from what the
     filters noted of each row; returns the summary's `fates` and `ledger`."""
     ref, learner = inputs.ref, inputs.learner
     with ui.step_progress("writing the ledger", len(ref.parts), "parts") as tick:
-        return write_ledger(out, ref, learner, notes_of, pointing, resolve, tick)
+        return write_ledger(out, ref, learner, notes_of, pointing, resolve, chosen_from, tick)
 
 
 def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
@@ -353,6 +358,7 @@ def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
         resolve = merged(inputs.ref.part_names(), choices, step_of)
         notes_of = scatter_notes(cfg.out, inputs.identity, count)
         pointing = derived(cfg, inputs.ref).pointing()  # no filter's pass over the pool
-        return _write_ledger(cfg.out, inputs, notes_of, pointing, resolve)
+        chosen_from = sum(len(c.drawn) for c in choices)
+        return _write_ledger(cfg.out, inputs, notes_of, pointing, resolve, chosen_from)
 
     return merge(cfg.out, inputs.identity, count, ledger if cfg.ledger else None)

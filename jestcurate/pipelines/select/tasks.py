@@ -251,6 +251,14 @@ def _task_choices(
         )
     choices = [load_choice(task_directory(out, i, count), s["ledger_choice"])
                for i, s in enumerate(tasks)]  # fmt: skip
+    for i, (choice, s) in enumerate(zip(choices, tasks, strict=True)):
+        eligible = int(s["counts"]["eligible"])
+        if len(choice.drawn) != eligible or len(choice.slot) != eligible:
+            raise JCError(
+                f"task {i} of {out} chose from {eligible:,} eligible rows but saved "
+                f"{len(choice.drawn):,} for the ledger: remove {out / TASKS_DIR} and rerun every "
+                "task with --ledger"
+            )
     step_of = [np.zeros(int(s["counts"]["steps"]), dtype=np.int64) for s in tasks]
     for step, (task, local) in enumerate(order):
         step_of[task][local] = step
