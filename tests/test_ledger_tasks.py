@@ -205,3 +205,23 @@ def test_a_task_whose_saved_choice_does_not_match(ref: Path, tmp_path: Path) -> 
     np.save(path, np.load(path)[:-1])
     with pytest.raises(JCError, match=r"task 1 of .* but saved"):
         select(ref, out, method="random", merge=True, num_tasks=2, ledger=True)
+
+
+def test_info_on_an_empty_ledger_and_report_ids(ref: Path, tmp_path: Path) -> None:
+    import json
+
+    from conftest import run_cli
+
+    from jestcurate.pipelines.report.page import slug
+
+    out = tmp_path / "s"
+    select(ref, out, method="random", ledger=True)
+    path = out / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["ledger"].update(rows=0, bytes=0, bytes_per_row=None)  # as for an empty score set
+    path.write_text(json.dumps(summary))
+    code, output = run_cli("info", out)
+    assert code == 0, output
+    assert "no rows" in output and "None" not in output
+    assert slug("image decode failed") == "image-decode-failed"
+    assert slug("learner: <bad> 'x'") == "learner-bad-x" and slug("") == "-"

@@ -143,8 +143,10 @@ def _selection_rows(table: Table, info: dict[str, Any]) -> None:
             table.add_row(key.replace("_", " "), f"{value:,}")
     if s.get("ledger"):  # selections with a ledger
         facts = s["ledger"]
-        table.add_row("ledger", f"{facts['folder']}/: {facts['parts']:,} parts, "
-                      f"{facts['bytes_per_row']} bytes per row; by fate and reason:")  # fmt: skip
+        per_row = facts.get("bytes_per_row")
+        size = "no rows" if per_row is None else f"{per_row} bytes per row"
+        table.add_row("ledger", f"{facts['folder']}/: {facts['parts']:,} parts, {size}; by "
+                      "fate and reason:")  # fmt: skip
     for fate, reasons in s.get("fates", {}).items():
         shown = ", ".join(f"{reason} {count:,}" for reason, count in reasons.items())
         table.add_row(f"  {fate.replace('_', ' ')}", shown)

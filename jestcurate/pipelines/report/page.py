@@ -4,6 +4,7 @@ thumbnails, no network) of a score set, and of a selection's kept and dropped ro
 from __future__ import annotations
 
 import html
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,11 @@ def _count(name: str, value: int) -> str:
     return f'<td id="count-{name}" data-value="{value}">{value:,}</td>'
 
 
+def slug(text: str) -> str:
+    """Text as an HTML id's part: runs of anything but letters, digits, _ and - as one -."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "-"
+
+
 def _fates(summary: dict[str, Any] | None) -> list[str]:
     """A selection's rows by fate and reason (from its ledger; older selections have none)."""
     fates = (summary or {}).get("fates")
@@ -127,7 +133,7 @@ def _fates(summary: dict[str, Any] | None) -> list[str]:
         for reason, count in reasons.items():
             rows.append(
                 f"<tr><td>{html.escape(fate)}</td><td>{html.escape(reason)}</td>"
-                f'<td id="fate-{html.escape(fate)}-{html.escape(reason)}">{count:,}</td></tr>'
+                f'<td id="fate-{slug(fate)}-{slug(reason)}">{count:,}</td></tr>'
             )
     rows.append("</table>")
     return rows
