@@ -34,7 +34,13 @@ from jestcurate.io.files import (
     remove_stale_temps,
     write_json_atomic,
 )
-from jestcurate.io.identity import IDENTITY_FIELDS, check_meta, create_meta, identity_mismatches
+from jestcurate.io.identity import (
+    IDENTITY_FIELDS,
+    MODEL_FIELDS,
+    check_meta,
+    create_meta,
+    identity_mismatches,
+)
 from jestcurate.io.integrity import (
     PartFiles,
     forget_unmatched,
@@ -273,3 +279,13 @@ def fingerprint(s: ScoreSet) -> dict[str, Any]:
         "rows": rows,
         "parts_sha256": digest.hexdigest(),
     }
+
+
+def model_difference(pool: ScoreSet, other: ScoreSet) -> str | None:
+    """How `other`'s embeddings differ in model from `pool`'s ("model: ... there, ... now",
+    or the embedding widths), or None when both come from one model: what decontaminate's
+    and select's target sets must share with the pool."""
+    differs = identity_mismatches(pool.meta, other.meta, MODEL_FIELDS)
+    if differs or other.dim != pool.dim:
+        return "; ".join(differs) or f"embed_dim: {pool.dim} there, {other.dim} here"
+    return None

@@ -22,7 +22,7 @@ from jestcurate.io.identity import MODEL_FIELDS, identity_mismatches
 from jestcurate.io.reader import ShardReadError, iter_raw_samples, parse_sample
 from jestcurate.io.schema import META_NAME, embedding_matrix
 from jestcurate.io.shards import expand_inputs, open_shard, shard_size
-from jestcurate.io.store import ScoreSet, fingerprint, open_score_set
+from jestcurate.io.store import ScoreSet, fingerprint, model_difference, open_score_set
 
 SCORE_SET, SHARDS = "score set", "shards"
 CLIP_BENCHMARK_SPLIT = "test"  # clip_benchmark's webdataset layout: NAME/test/*.tar
@@ -89,9 +89,8 @@ def _renamed(found: Located) -> Located:
 
 def _score_set(location: str, path: Path, pool: ScoreSet) -> Located:
     scores = open_score_set(path)
-    differs = identity_mismatches(pool.meta, scores.meta, MODEL_FIELDS)
-    if differs or scores.dim != pool.dim:
-        shown = "; ".join(differs) or f"embed_dim: {pool.dim} there, {scores.dim} here"
+    shown = model_difference(pool, scores)
+    if shown:
         raise JCError(
             f"--against {location} was scored with another model than {pool.path} ({shown}); "
             "score the evaluation images with the pool's model and checkpoint, or give their tars"

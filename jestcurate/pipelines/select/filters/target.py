@@ -28,9 +28,8 @@ import pyarrow as pa
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import Verdict
-from jestcurate.io.identity import MODEL_FIELDS, identity_mismatches
 from jestcurate.io.schema import embedding_matrix
-from jestcurate.io.store import ScoreSet, fingerprint, open_score_set
+from jestcurate.io.store import ScoreSet, fingerprint, model_difference, open_score_set
 
 NORMSIM_SAMPLE = 1_000_000  # scores kept for the --target-keep quantile (exact below this)
 CLUSTER_SAMPLE = 100_000  # k-means training rows, at least 40 per centroid
@@ -40,9 +39,8 @@ KMEANS_ITERATIONS = 20
 def open_target(path: Path, pool: ScoreSet) -> ScoreSet:
     """The target score set, refused in one line unless scored with the pool's model."""
     target = open_score_set(path)
-    differs = identity_mismatches(pool.meta, target.meta, MODEL_FIELDS)
-    if differs or target.dim != pool.dim:
-        shown = "; ".join(differs) or f"embed_dim: {pool.dim} there, {target.dim} here"
+    shown = model_difference(pool, target)
+    if shown:
         raise JCError(
             f"--target {path} was scored with another model than {pool.path} ({shown}); "
             "score the target images with the pool's model and checkpoint"
