@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jestcurate.errors import JCError
+
 NEIGHBOURS = 20  # l: the authors' default number of nearest centroids for d_inter
 FLOOR = 0.5  # the authors' cls_bal_ratio default: each cluster's floor, of an even share
 BLOCK = 1024  # centroids compared with all the others at a time (memory BLOCK x clusters)
@@ -134,3 +136,17 @@ def density_quotas(
     c = complexity(sums, counts, neighbours)
     lower = floors(counts, total, floor)
     return allocate(softmax(c, temperature), counts, total, lower), c
+
+
+KINDS = ("density",)  # select's --cluster-quotas
+TASKS_REFUSED = (
+    "--cluster-quotas computes one set of quotas over every eligible row, which array tasks "
+    "(each over its own partition) would not: run select as one task (--num-tasks 1)"
+)
+
+
+def refuse_tasks(given: object, count: int) -> None:
+    """Quotas are over the whole pool: not as array tasks (checked before anything is
+    written; `given`: the --cluster-quotas value)."""
+    if given is not None and count > 1:
+        raise JCError(TASKS_REFUSED)

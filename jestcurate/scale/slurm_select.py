@@ -50,7 +50,7 @@ def plan(
     if "--overwrite" in args:
         raise JCError("--overwrite is for one run, not array tasks: remove OUT first instead")
     parsed = parse(args)
-    from jestcurate.pipelines.select.quotas import refuse_tasks
+    from jestcurate.math.density import refuse_tasks
 
     refuse_tasks(parsed.get("cluster_quotas"), num_tasks)
     base = [a for a in args if a != "--export"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jestcurate.errors import JCError
+from jestcurate.math.density import KINDS
 from jestcurate.math.sampling import SamplerOptions
 from jestcurate.model.openclip import resolve_device
 from jestcurate.pipelines.select.filters.options import FilterOptions, check
@@ -89,9 +90,7 @@ def validate(cfg: SelectConfig) -> None:
         resolve_device(cfg.device)  # an unusable --device fails now, not after the cache pass
     if cfg.balance_clusters and cfg.dedup is None:
         raise JCError("--balance-clusters needs --dedup (the clusters come from jestcurate dedup)")
-    from jestcurate.pipelines.select import quotas
-
-    quotas.check(cfg)
+    _check_quotas(cfg)
     if cfg.min_clip_score is not None and not -1 <= cfg.min_clip_score <= 1:
         raise JCError(
             f"--min-clip-score is a cosine similarity, in [-1, 1]; got {cfg.min_clip_score}"
@@ -106,3 +105,24 @@ def validate(cfg: SelectConfig) -> None:
             "candidate and chooses nothing (--ratio %s or less chooses)",
             cfg.sampling.ratio, b, cfg.method, most,
         )  # fmt: skip
+
+
+def _check_quotas(cfg: SelectConfig) -> None:
+    """--cluster-quotas and its options (pipelines/select/quotas.py computes them)."""
+    if cfg.cluster_quotas is None:
+        for given, name in ((cfg.quota_temperature, "temperature"), (cfg.quota_floor, "floor")):
+            if given is not None:
+                raise JCError(f"--quota-{name} needs --cluster-quotas density")
+        return
+    if cfg.cluster_quotas not in KINDS:
+        raise JCError(f"unknown --cluster-quotas {cfg.cluster_quotas!r}; use {', '.join(KINDS)}")
+    if cfg.dedup is None:
+        raise JCError("--cluster-quotas needs --dedup (the clusters come from jestcurate dedup)")
+    if cfg.balance_clusters:
+        raise JCError("--cluster-quotas replaces --balance-clusters' equal caps: pass one of them")
+    t = cfg.quota_temperature
+    if t is not None and not (math.isfinite(t) and t > 0):
+        raise JCError(f"--quota-temperature must be a positive number; got {t}")
+    f = cfg.quota_floor
+    if f is not None and not 0 <= f <= 1:
+        raise JCError(f"--quota-floor must be between 0 and 1; got {f}")

@@ -12,58 +12,28 @@ methods share each batch's b rows out in proportion to them (see `batch_caps`).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from jestcurate.errors import JCError
 from jestcurate.io.eligible import REF_IMG
 from jestcurate.io.rowcache import RowCache
-from jestcurate.math.density import FLOOR, NEIGHBOURS, allocate, complexity, floors, softmax
+from jestcurate.math.density import (
+    FLOOR,
+    NEIGHBOURS,
+    allocate,
+    complexity,
+    floors,
+    softmax,
+)
 from jestcurate.pipelines.select.config import SUPER_BATCH_METHODS, SelectConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("density",)
 DEFAULT_TEMPERATURE = 0.5  # the authors' code's default
 CHUNK = 1 << 16  # cache rows read at a time
 REASON = "cluster_quota"  # the ledger's not_chosen reason for rows the quotas left out
-
-
-def check(cfg: SelectConfig) -> None:
-    """The options' own checks (select's validate calls this)."""
-    if cfg.cluster_quotas is None:
-        for given, name in ((cfg.quota_temperature, "temperature"), (cfg.quota_floor, "floor")):
-            if given is not None:
-                raise JCError(f"--quota-{name} needs --cluster-quotas density")
-        return
-    if cfg.cluster_quotas not in KINDS:
-        raise JCError(f"unknown --cluster-quotas {cfg.cluster_quotas!r}; use {', '.join(KINDS)}")
-    if cfg.dedup is None:
-        raise JCError("--cluster-quotas needs --dedup (the clusters come from jestcurate dedup)")
-    if cfg.balance_clusters:
-        raise JCError("--cluster-quotas replaces --balance-clusters' equal caps: pass one of them")
-    t = cfg.quota_temperature
-    if t is not None and not (math.isfinite(t) and t > 0):
-        raise JCError(f"--quota-temperature must be a positive number; got {t}")
-    f = cfg.quota_floor
-    if f is not None and not 0 <= f <= 1:
-        raise JCError(f"--quota-floor must be between 0 and 1; got {f}")
-
-
-TASKS_REFUSED = (
-    "--cluster-quotas computes one set of quotas over every eligible row, which array tasks "
-    "(each over its own partition) would not: run select as one task (--num-tasks 1)"
-)
-
-
-def refuse_tasks(given: Any, count: int) -> None:
-    """Quotas are over the whole pool: not as array tasks (checked before anything is
-    written; `given`: the --cluster-quotas value)."""
-    if given is not None and count > 1:
-        raise JCError(TASKS_REFUSED)
 
 
 def temperature(cfg: SelectConfig) -> float:

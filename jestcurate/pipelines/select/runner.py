@@ -17,6 +17,7 @@ from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import Counts, score_columns
 from jestcurate.io.store import META_NAME, finished_output, read_json
+from jestcurate.math.density import refuse_tasks
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select import quotas as quotas_mod
 from jestcurate.pipelines.select.choosing import choose, clusters
@@ -85,7 +86,7 @@ def run(
     began = time.time()
     validate(cfg)
     task = this_task(cfg)
-    quotas_mod.refuse_tasks(cfg.cluster_quotas, task.count)
+    refuse_tasks(cfg.cluster_quotas, task.count)
     inputs = open_inputs(cfg, task.count)
     done = _existing(cfg, inputs.identity, task)
     if done is not None and cfg.ledger and "ledger" not in done:
