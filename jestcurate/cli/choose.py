@@ -242,7 +242,16 @@ def select(
             help="Also write OUT/ledger/ (one Parquet file per score-set part): every row's "
             "fate (kept, error, filtered, duplicate, excluded, not chosen, tail) and why, for "
             "`info OUT --why KEY` and DuckDB. As array tasks, give it to every task: the merge "
-            "writes it.",
+            "writes it (or, with --spread-ledger, the tasks run again after it).",
+        ),
+    ] = False,
+    spread_ledger: Annotated[
+        bool,
+        typer.Option(
+            "--spread-ledger",
+            help="With --ledger as array tasks: the merge leaves the ledger's parts to the "
+            "tasks; run every task again after it (select --task-index I --num-tasks N --ledger) "
+            "and each writes the parts I, I+N, ... (`slurm select` and `local` do this).",
         ),
     ] = False,
 ) -> None:

@@ -145,8 +145,10 @@ def _selection_rows(table: Table, info: dict[str, Any]) -> None:
         facts = s["ledger"]
         per_row = facts.get("bytes_per_row")
         size = "no rows" if per_row is None else f"{per_row} bytes per row"
-        table.add_row("ledger", f"{facts['folder']}/: {facts['parts']:,} parts, {size}; by "
-                      "fate and reason:")  # fmt: skip
+        shown = f"{size}; by fate and reason:"
+        if facts.get("status") == "pending":  # array tasks still writing its parts
+            shown = "still being written (the fates once every part is)"
+        table.add_row("ledger", f"{facts['folder']}/: {facts['parts']:,} parts, {shown}")
     for fate, reasons in s.get("fates", {}).items():
         shown = ", ".join(f"{reason} {count:,}" for reason, count in reasons.items())
         table.add_row(f"  {fate.replace('_', ' ')}", shown)

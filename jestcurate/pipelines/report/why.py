@@ -16,6 +16,7 @@ from jestcurate.io.eligible import MIN_CLIP_SCORE
 from jestcurate.io.files import read_json
 from jestcurate.pipelines.select.config import LEDGER_DIR, SUMMARY
 from jestcurate.pipelines.select.ledger import ledger_parts
+from jestcurate.pipelines.select.ledger_round import is_pending, still_written
 
 
 def _num(value: float | None) -> str:
@@ -111,7 +112,7 @@ def find(selection: Path, key: str) -> list[dict[str, Any]]:
         raise JCError(f"{selection} is not a finished selection (no summary.json)")
     folder = selection / LEDGER_DIR
     summary = read_json(summary_path)
-    if "ledger" not in summary or not folder.is_dir():
+    if "ledger" not in summary or not (folder.is_dir() or is_pending(summary)):
         again = (
             f"remove {selection} and rerun every array task with --ledger"
             if summary.get("partition")
@@ -121,6 +122,9 @@ def find(selection: Path, key: str) -> list[dict[str, Any]]:
             f"{selection} has no ledger (made without --ledger); {again} to write one "
             "(the same batches)"
         )
+    unfinished = still_written(selection, summary)
+    if unfinished is not None:
+        raise JCError(unfinished)
     files = ledger_parts(folder)
     try:
         found = ds.dataset(files, format="parquet")

@@ -54,6 +54,8 @@ class SelectConfig:
     export: bool = False  # then write the kept samples to OUT/shards (pipelines/export.py)
     samples_per_shard: int | None = None  # with export; None: export's default
     ledger: bool = False  # write OUT/ledger/: every row's fate and why (pipelines/select/ledger.py)
+    # array tasks: the merge leaves the ledger's parts to the tasks, run again after it
+    spread_ledger: bool = False  # (pipelines/select/ledger_round.py)
 
     @property
     def cached_embeddings(self) -> bool:

@@ -217,14 +217,18 @@ def one_run(choice: Choice) -> Resolve:
     return resolve
 
 
-def merged(names: list[str], choices: list[Choice], step_of: list[np.ndarray]) -> Resolve:
+def merged(names: list[str], choices: list[Choice], step_of: list[np.ndarray],
+           first: np.ndarray | None = None) -> Resolve:  # fmt: skip
     """Array tasks' eligible rows: each goes to the task its hash names (as the scatter sent
     it) and takes that task's next cache id (a task gathers its rows in part and row order);
-    kept rows' steps are the merged manifest's (`step_of[task][local step]`)."""
+    kept rows' steps are the merged manifest's (`step_of[task][local step]`). With `first`
+    ((parts x tasks): each part's first cache id per task), the parts may come in any order."""
     count = len(choices)
     taken = np.zeros(count, dtype=np.int64)
 
     def resolve(part_id: int, table: pa.Table, eligible: np.ndarray, rows: Rows) -> None:
+        if first is not None:
+            taken[:] = first[part_id]
         at = np.flatnonzero(eligible)
         dest = task_of(identities(names[part_id], table), count)[at]
         clip = table.column("clip_score").take(pa.array(at)).to_numpy(zero_copy_only=False)

@@ -19,6 +19,7 @@ from jestcurate.io.eligible import Counts, score_columns
 from jestcurate.io.store import META_NAME, finished_output, read_json
 from jestcurate.math.density import refuse_tasks
 from jestcurate.math.sampling import super_batch_size
+from jestcurate.pipelines.select import ledger_round
 from jestcurate.pipelines.select import quotas as quotas_mod
 from jestcurate.pipelines.select.choosing import choose, clusters
 from jestcurate.pipelines.select.config import (
@@ -62,6 +63,7 @@ from jestcurate.pipelines.select.tasks import (
     drop_buckets,
     gathered_rows,
     merge,
+    merged_choices,
     refuse_other_task_counts,
     refuse_when_nothing_passes,
     scatter_notes,
@@ -91,6 +93,8 @@ def run(
     done = _existing(cfg, inputs.identity, task)
     if done is not None and cfg.ledger and "ledger" not in done:
         raise JCError(_no_ledger_there(cfg.out, task))
+    if done is not None and cfg.ledger and ledger_round.is_pending(done):
+        done = _ledger_round(cfg, inputs, task)  # this task's share of the merged ledger
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         report = SelectReport(cfg.out, done, reused=True)
@@ -353,13 +357,42 @@ def _write_ledger(
 
 
 def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
-    """The tasks' selections joined into OUT, with the ledger when asked for."""
+    """The tasks' selections joined into OUT; with --ledger, the ledger pending in its summary,
+    then (unless --spread-ledger leaves them to the tasks) every part of it written here."""
 
     def ledger(choices: list[Choice], step_of: list[np.ndarray]) -> dict[str, Any]:
-        resolve = merged(inputs.ref.part_names(), choices, step_of)
-        notes_of = scatter_notes(cfg.out, inputs.identity, count)
-        pointing = derived(cfg, inputs.ref).pointing()  # no filter's pass over the pool
-        chosen_from = sum(len(c.drawn) for c in choices)
-        return _write_ledger(cfg.out, inputs, notes_of, pointing, resolve, chosen_from)
+        shutil.rmtree(cfg.out / LEDGER_DIR, ignore_errors=True)  # an earlier selection's
+        return {"ledger": ledger_round.pending(len(inputs.ref.parts))}
 
-    return merge(cfg.out, inputs.identity, count, ledger if cfg.ledger else None)
+    summary = merge(cfg.out, inputs.identity, count, ledger if cfg.ledger else None)
+    if not cfg.ledger:
+        return summary
+    return _ledger_round(cfg, inputs, Task(0, count, merge=True))
+
+
+def _ledger_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> dict[str, Any]:
+    """The merged selection's ledger parts this run writes (task I of N: the parts I mod N; a
+    merge: all, none with --spread-ledger); its summary, with `fates` once every part is
+    written (pipelines/select/ledger_round.py)."""
+    names = inputs.ref.part_names()
+    if task.merge:
+        parts = [] if cfg.spread_ledger else list(range(len(names)))
+    else:
+        parts = ledger_round.share(len(names), task.index, task.count)
+    if parts:
+        choices, step_of = merged_choices(cfg.out, inputs.identity, task.count)
+        first = ledger_round.first_ids(cfg.out, task.count, len(names))
+        resolve = merged(names, choices, step_of, first)
+        notes_of = scatter_notes(cfg.out, inputs.identity, task.count)
+        pointing = derived(cfg, inputs.ref).pointing()  # no filter's pass over the pool
+        ref, learner = inputs.ref, inputs.learner
+        with ui.step_progress("writing the ledger", len(parts), "parts") as tick:
+            ledger_round.write_parts(cfg.out, ref, learner, notes_of, pointing, resolve, parts,
+                                     tick)  # fmt: skip
+    summary = ledger_round.finish(cfg.out, names)
+    if summary is not None:
+        return summary
+    written = ledger_round.progress(cfg.out, names)
+    log.info("the ledger: %d of %d parts written; the other tasks write the rest", written,
+             len(names))  # fmt: skip
+    return read_json(cfg.out / SUMMARY)

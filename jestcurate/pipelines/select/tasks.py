@@ -265,6 +265,20 @@ def _task_choices(
     return choices, step_of
 
 
+def merged_choices(
+    out: Path, identity: dict[str, Any], count: int
+) -> tuple[list[Choice], list[np.ndarray]]:
+    """For the ledger round (after the merge): what each task chose and where its steps went."""
+    summaries = [_task_summary(out, identity, i) for i in range(count)]
+    if any(s is None for s in summaries):
+        raise JCError(
+            f"{out / TASKS_DIR} no longer holds every task's selection, so the ledger cannot be "
+            "written: remove OUT and rerun every task with --ledger"
+        )
+    tasks = [s for s in summaries if s is not None]
+    return _task_choices(out, tasks, interleave([int(s["counts"]["steps"]) for s in tasks]))
+
+
 def merge(
     out: Path, identity: dict[str, Any], count: int, ledger: MergedLedger | None = None
 ) -> dict[str, Any]:

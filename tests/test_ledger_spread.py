@@ -1,0 +1,99 @@
+"""select --ledger as array tasks with --spread-ledger: the merge leaves the ledger pending and
+the tasks, run again after it, write its parts (pipelines/select/ledger_round.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jestcurate.errors import JCError
+from jestcurate.math.sampling import SamplerOptions
+from jestcurate.pipelines import select as select_mod
+from jestcurate.pipelines.report.why import find
+from jestcurate.pipelines.select import ledger_round
+from jestcurate.pipelines.synth import write_score_set
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """5 parts of 120 rows, 5 % errors: 3 tasks write 2, 2 and 1 of them."""
+    root = tmp_path_factory.mktemp("ledger-spread")
+    write_score_set(root / "ref", shards=5, rows_per_shard=120, dim=16, seed=2,
+                    error_fraction=0.05)  # fmt: skip
+    return root / "ref"
+
+
+def select(ref: Path, out: Path, **kw) -> dict:
+    kw.setdefault("min_clip_score", 0.0)
+    cfg = select_mod.SelectConfig(reference=ref, out=out, sampling=SamplerOptions(10, ratio=0.2,
+                                  chunks=2), device="cpu", ledger=True, **kw)  # fmt: skip
+    return select_mod.run(cfg).summary
+
+
+def tasks(ref: Path, out: Path, count: int, **kw) -> dict:
+    """Every array task twice (round 1 scatters, round 2 selects); the last one merges."""
+    for i in [*range(count), *range(count - 1)]:
+        summary = select(ref, out, task_index=i, num_tasks=count, **kw)
+    return summary
+
+
+def parts(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "ledger").glob("*.parquet"))}
+
+
+@pytest.mark.parametrize("method", ["random", "jest"])
+def test_spread_parts_equal_the_merge_written(ref: Path, tmp_path: Path, method: str) -> None:
+    """The parts written by tasks 2, 0, 1 separately, after the merge, are the bytes the merge
+    writes itself, and the summary ends the same; before that, it is pending."""
+    whole = tasks(ref, tmp_path / "merge", 3, method=method)
+    assert "status" not in whole["ledger"] and whole["fates"]
+    out = tmp_path / "spread"
+    summary = tasks(ref, out, 3, method=method, spread_ledger=True)
+    assert summary["ledger"] == {"folder": "ledger", "parts": 5, "status": "pending"}
+    assert "fates" not in summary and not parts(out)
+    with pytest.raises(JCError, match=r"still being written \(0 of 5 parts\)"):
+        find(out, "x")
+    select(ref, out, method=method, task_index=2, num_tasks=3)
+    assert len(parts(out)) == 1
+    with pytest.raises(JCError, match=r"still being written \(1 of 5 parts\)"):
+        find(out, "x")
+    select(ref, out, method=method, task_index=0, num_tasks=3)
+    done = select(ref, out, method=method, task_index=1, num_tasks=3)
+    assert parts(out) == parts(tmp_path / "merge")
+    assert done == whole
+    key = pq.read_table(sorted((out / "ledger").glob("*.parquet"))[0]).column("key")[0]
+    assert find(out, key.as_py())  # `info --why` reads it
+
+
+def test_a_task_rerun_skips_and_a_crash_leaves_no_half_part(
+    ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    tasks(ref, out, 3, method="random", spread_ledger=True)
+    real = ledger_round.pq.write_table
+
+    def crash(table, path, **kw) -> None:
+        real(table, path, **kw)
+        raise KeyboardInterrupt  # after writing the temporary file, before its rename
+
+    monkeypatch.setattr(ledger_round.pq, "write_table", crash)
+    with pytest.raises(KeyboardInterrupt):
+        select(ref, out, method="random", task_index=0, num_tasks=3)
+    assert not parts(out) and not [p for p in (out / "ledger").iterdir() if p.is_file()]
+    monkeypatch.setattr(ledger_round.pq, "write_table", real)
+    select(ref, out, method="random", task_index=0, num_tasks=3)
+    assert len(parts(out)) == 2
+
+    def never(*args, **kw) -> None:
+        raise AssertionError("a written part written again")
+
+    monkeypatch.setattr(ledger_round, "_write_part", never)
+    summary = select(ref, out, method="random", task_index=0, num_tasks=3)  # skips both
+    assert summary["ledger"]["status"] == "pending"
+    monkeypatch.undo()
+    select(ref, out, method="random", merge=True, num_tasks=3)  # the rest, in one run
+    summary = select(ref, out, method="random", task_index=1, num_tasks=3)
+    assert "status" not in summary["ledger"] and summary["fates"]
+    assert summary["ledger"]["rows"] == summary["counts"]["rows"]
