@@ -250,3 +250,29 @@ def test_import_as_tasks_equals_one_import(tmp_path: Path) -> None:
     code, output = local("--num-tasks", 5, "--", "import", tmp_path / "pool", "--out",
                          tmp_path / "tasks", *common)  # fmt: skip
     assert code == 0 and "nothing to do" in output, output
+
+
+def test_select_ledger_tasks_write_the_merge_written_ledger(one_run: Path, tmp_path: Path) -> None:
+    """--ledger with 3 tasks: after the merge, a ledger round of the tasks (--spread-ledger)
+    writes the parts a merge writing the whole ledger gives, byte for byte, and the summary."""
+    select = ["select", one_run, "--out", tmp_path / "sel", "-b", 4, "--ledger"]
+    code, output = local("--num-tasks", 3, "--devices", "cpu", "--", *select)
+    assert code == 0, output
+    assert "ledger task 0: done" in output and "ledger task 2: done" in output, output
+    by_hand = ["select", one_run, "--out", tmp_path / "by-hand", "-b", 4, "--ledger"]
+    for task in (0, 1, 2, 0, 1, 2):  # the merge writes the ledger itself
+        code, output = run_cli(*by_hand, "--task-index", task, "--num-tasks", 3)
+        assert code == 0, output
+
+    def ledger(out: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted((out / "ledger").glob("*.parquet"))}
+
+    assert len(ledger(tmp_path / "sel")) == 4
+    assert ledger(tmp_path / "sel") == ledger(tmp_path / "by-hand")
+    summary = json.loads((tmp_path / "sel" / "summary.json").read_text())
+    assert summary == json.loads((tmp_path / "by-hand" / "summary.json").read_text())
+    assert summary["fates"] and "status" not in summary["ledger"]
+    code, shown = run_cli("status", tmp_path / "sel", "--check")
+    assert code == 0, shown
+    code, output = local("--num-tasks", 3, "--devices", "cpu", "--", *select)  # nothing left
+    assert code == 0 and "ledger task" not in output, output

@@ -192,6 +192,56 @@ def test_slurm_select_array_merge_and_export_jobs(tmp_path: Path, fake_sbatch: P
     assert code == 2 and "select options" in output and "--bogus" in output, output
 
 
+def test_slurm_select_ledger_array_after_the_merge_and_its_retry(
+    tmp_path: Path, fake_sbatch: Path
+) -> None:
+    """--ledger: the tasks get --spread-ledger, and a ledger array over every task follows the
+    merge (its own script, no GPU); --retry resubmits only the tasks with parts left."""
+    from jestcurate.pipelines.synth import write_score_set
+
+    write_score_set(tmp_path / "ref", shards=5, rows_per_shard=60, dim=8, seed=3)
+    out = tmp_path / "curated"
+    select_args = [tmp_path / "ref", "--out", out, "-b", 8, "--ratio", 0.25, "--min-clip-score",
+                   0, "--device", "cpu", "--ledger"]  # fmt: skip
+    command = ["slurm", "select", "--num-tasks", 3, "--max-array-size", 4, "--submit", "--"]
+    code, output = run_cli(*command, *select_args)
+    assert code == 0, output
+    directory = out / "slurm"
+    array, merge = directory / "select.sbatch", directory / "select-merge.sbatch"
+    ledger = directory / "select-ledger.sbatch"
+    after = "--dependency=afterok:4242 --kill-on-invalid-dep=yes"
+    assert fake_sbatch.read_text().splitlines() == [
+        f"--parsable --array=0-2 {array} 0",
+        f"--parsable --array=0-2 {after} {array} 0",
+        f"--parsable {after} {merge}",
+        f"--parsable --array=0-2 {after} {ledger} 0",
+    ]
+    for script in (array, merge, ledger):
+        assert "--ledger --spread-ledger" in script.read_text()
+    assert "--gpus-per-task" not in ledger.read_text() and "ledger-%A_%a" in ledger.read_text()
+    chains = json.loads((directory / "select-jobs.json").read_text())["chains"]
+    assert sorted(chains[-1]["arrays"]) == ["ledger", "merge", "round 1", "round 2"]
+    for array_id in (0, 1, 2, 0, 1):  # both rounds (task 2 did its second in its first)
+        done = run_task(array, 0, array_id)
+        assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ledger"] == {"folder": "ledger", "parts": 5, "status": "pending"}
+    done = run_task(ledger, 0, 1)  # task 1 writes parts 1 and 4; tasks 0 and 2 are left
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list((out / "ledger").glob("*.parquet"))) == 2
+    fake_sbatch.write_text("")
+    code, output = run_cli(*command[:-2], "--retry", "--", *select_args)
+    assert code == 0 and "the ledger of 2 tasks" in output, output
+    assert fake_sbatch.read_text().splitlines() == [f"--parsable --array=0,2 {ledger} 0"]
+    for array_id in (0, 2):
+        done = run_task(ledger, 0, array_id)
+        assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert "status" not in summary["ledger"] and summary["fates"]
+    code, output = run_cli(*command[:-2], "--retry", "--", *select_args)
+    assert code == 0 and "nothing to retry" in output, output
+
+
 def test_the_score_script_runs_from_any_folder(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

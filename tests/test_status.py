@@ -255,3 +255,43 @@ def test_a_select_tasks_slurm_log_is_found_across_split_arrays(tmp_path: Path) -
     assert task_log(tmp_path, "round 1", 0) == logs / "select-102_0.out"  # the newest run
     assert task_log(tmp_path, "round 1", 3) is None  # no log: never started
     assert task_log(tmp_path, "round 2", 0) is None
+
+
+def test_a_pending_ledger_shows_its_parts_and_tasks_left(tmp_path: Path) -> None:
+    """select --ledger --spread-ledger as 3 tasks, merged, task 2's share written: 1 of 5 parts,
+    tasks 0 and 1 with parts left; unfinished until the last part is written."""
+    from jestcurate.math.sampling import SamplerOptions
+    from jestcurate.pipelines import select as select_mod
+    from jestcurate.pipelines.status import selection_status
+    from jestcurate.pipelines.synth import write_score_set
+
+    write_score_set(tmp_path / "ref", shards=5, rows_per_shard=60, dim=8, seed=2)
+    out = tmp_path / "sel"
+
+    def task(index: int, spread: bool = True) -> None:
+        cfg = select_mod.SelectConfig(
+            reference=tmp_path / "ref", out=out, sampling=SamplerOptions(8, ratio=0.25),
+            device="cpu", min_clip_score=0.0, ledger=True, spread_ledger=spread,
+            task_index=index, num_tasks=3,
+        )  # fmt: skip
+        select_mod.run(cfg)
+
+    for index in (0, 1, 2, 0, 1, 2):  # task 2's second run writes its share
+        task(index)
+    found = selection_status(out)
+    assert found["merged"] and not found["finished"] and not found["unfinished"]
+    ledger = found["ledger"]
+    assert (ledger["status"], ledger["parts"], ledger["written"]) == ("pending", 5, 1)
+    assert [u["task"] for u in ledger["unfinished"]] == [0, 1]
+    console = Console(record=True, width=200)
+    print_status(found, console=console)
+    text = console.export_text()
+    assert "1 of 5 parts written (2 tasks with parts left: task 0, 1)" in text, text
+    assert "ledger unfinished task 0 (no log found)" in text, text
+    for index in (0, 1):
+        task(index, spread=False)
+    found = selection_status(out)
+    assert found["finished"] and found["ledger"] is None  # no ledger round planned on file
+    (out / "slurm").mkdir()
+    (out / "slurm" / "select-ledger.sbatch").write_text("#!/bin/bash\n")  # `slurm select`'s
+    assert selection_status(out)["ledger"]["status"] == "written"

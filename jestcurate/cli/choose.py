@@ -308,7 +308,7 @@ def slurm_select(
         typer.Option(
             "--retry",
             help="Submit only what is unfinished (each task's round 1 and 2, the merge, the "
-            "export), e.g. after a cancelled or failed task ended the chain.",
+            "ledger's parts, the export), e.g. after a cancelled or failed task ended the chain.",
         ),
     ] = False,
 ) -> None:
@@ -316,7 +316,9 @@ def slurm_select(
     of its 1/N of the parts by row hash, in round 2 it selects from its partition),
     select-merge.sbatch (one job after round 2, joining the tasks into OUT) and, when the
     select options include --export, select-export.sbatch (an array after the merge: task I
-    writes its share of the shards). With --submit, submit them in that order with afterok
+    writes its share of the shards) and, with --ledger, select-ledger.sbatch (an array after
+    the merge: task I writes the ledger parts I mod N; the tasks get --spread-ledger). With
+    --submit, submit them in that order with afterok
     dependencies. Every step is safe to requeue or rerun.
 
     The select options follow `--`, exactly as `select` takes them: jestcurate slurm select
@@ -333,7 +335,7 @@ def slurm_select(
     if retry:
         from jestcurate.pipelines.select import unfinished_rounds
 
-        unfinished = unfinished_rounds(plan.out, plan.num_tasks, plan.export)
+        unfinished = unfinished_rounds(plan.out, plan.num_tasks, plan.export, plan.ledger)
     report = slurm_select_mod.run(plan, opts, submit or retry, written=written, retry=unfinished)
     slurm_select_mod.print_report(report)
 

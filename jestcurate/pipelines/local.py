@@ -41,7 +41,8 @@ BAD_INPUT = 2  # the commands' exit status for bad input
 class LocalPlan:
     """What to run: `jestcurate COMMAND ARGS` as `num_tasks` tasks writing into `out` (the local
     folder; for a URL, its mirror) on `devices` (CUDA device ids, or ["cpu"]). Select's
-    --export is kept apart: only the export round passes it."""
+    --export is kept apart: only the export round passes it; --ledger gets --spread-ledger, so
+    that a round after the merge writes the ledger's parts."""
 
     command: str
     args: list[str]
@@ -52,6 +53,11 @@ class LocalPlan:
     upload_to: str | None = None  # score's --out when a URL
     export: bool = False
     import_config: Any = None  # import's ImportConfig, for which tasks have files left
+
+    @property
+    def ledger(self) -> bool:
+        """select --ledger: after the merge, the tasks write the ledger's parts (a round)."""
+        return self.command == "select" and "--spread-ledger" in self.args
 
 
 @dataclass(frozen=True)
@@ -216,12 +222,14 @@ def _phases(plan: LocalPlan) -> Iterator[Phase]:
         return
     from jestcurate.pipelines.select import unfinished_rounds
 
-    n = plan.num_tasks
+    n, ledger = plan.num_tasks, plan.ledger
     yield Phase("round 1", argv, unfinished_rounds(plan.out, n, plan.export).scatter)
     yield Phase("round 2", argv, unfinished_rounds(plan.out, n, plan.export).select)
     if not unfinished_rounds(plan.out, n, plan.export).merged:
         # the last task of round 2 merges when it can; else this does
         yield Phase("merge", [*argv, "--merge", "--num-tasks", str(n)], None)
+    if ledger:  # --ledger: the merge left the ledger's parts to the tasks (--spread-ledger)
+        yield Phase("ledger", argv, unfinished_rounds(plan.out, n, False, True).ledger)
     if plan.export and not unfinished_rounds(plan.out, n, True).exported:
         yield Phase("export", [*argv, "--export"], list(range(n)))
 
@@ -308,8 +316,9 @@ def run(plan: LocalPlan, on_done: Callable[[Outcome], None] | None = None) -> Lo
     (plan.out / LOCAL_DIR).mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         plan.out / LOCAL_DIR / PLAN,
-        {"command": plan.command, "num_tasks": plan.num_tasks, "export": plan.export},
-    )
+        {"command": plan.command, "num_tasks": plan.num_tasks, "export": plan.export,
+         "ledger": plan.ledger},
+    )  # fmt: skip
     report = LocalReport(plan)
     for phase in _phases(plan):
         if not _run_round(plan, phase, report, on_done):

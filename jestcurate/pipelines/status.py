@@ -4,6 +4,8 @@ alone, and for a `slurm select` chain what squeue still lists of it.
 A selection made by array tasks is unfinished until the merge wrote summary.json; until then
 its status names each task whose round 1 or round 2 has not finished, with its log (Slurm's
 or `jestcurate local`'s) and the log's last line, which is where a failed task says why.
+With --ledger, the tasks write the ledger's parts after the merge (select --spread-ledger):
+until the last is written, status shows how many are and which tasks have parts left.
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ from rich.console import Console
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.remote import is_url, local_dir, remote_score_set
+from jestcurate.io.store import read_json
 from jestcurate.pipelines.local import LOCAL_DIR, last_line, read_plan
-from jestcurate.pipelines.select import MANIFEST, SUMMARY, TASKS_DIR, task_count, unfinished_rounds
+from jestcurate.pipelines.select import (
+    MANIFEST,
+    SUMMARY,
+    TASKS_DIR,
+    ledger_round,
+    task_count,
+    unfinished_rounds,
+)
 from jestcurate.scale import slurm, slurm_select
 from jestcurate.scale.status import score_status
 from jestcurate.trainer.loader import export_meta
@@ -59,6 +69,38 @@ def _waiting_forever(line: str) -> bool:
     return "DependencyNeverSatisfied" in line
 
 
+def _left(out: Path, step: str, tasks: list[int]) -> list[dict[str, Any]]:
+    """Each task with `step` left, with its newest log and the log's last line."""
+    found = []
+    for task in tasks:
+        log = _task_log(out, step, task)
+        last = last_line(log)[:300] if log else None
+        found.append({"step": step, "task": task, "log": log and str(log), "last": last})
+    return found
+
+
+def ledger_status(out: Path, count: int | None, merged: bool) -> dict[str, Any] | None:
+    """The ledger the tasks write after the merge (--ledger --spread-ledger): "planned" before
+    the merge, "pending" with parts left (`written` of `parts`; `unfinished`: the tasks that
+    have some, with their logs), "written"; None without a ledger round."""
+    summary = read_json(out / SUMMARY) if merged else {}
+    local = read_plan(out) or {}
+    script = out / slurm.SLURM_DIR / slurm.LEDGER_SCRIPT
+    planned = script.is_file() or bool(local.get("command") == "select" and local.get("ledger"))
+    if not merged:
+        return {"status": "planned", "parts": None, "written": 0, "unfinished": []} if (
+            planned and count) else None  # fmt: skip
+    if "ledger" not in summary or not (planned or ledger_round.is_pending(summary)):
+        return None  # none, or written by the merge (or one run) itself
+    parts = int(summary["ledger"]["parts"])
+    if not ledger_round.is_pending(summary):
+        return {"status": "written", "parts": parts, "written": parts, "unfinished": []}
+    written = len(ledger_round.written_ids(out) & set(range(parts)))
+    left = ledger_round.tasks_left(out, parts, count) if count else []
+    return {"status": "pending", "parts": parts, "written": written,
+            "unfinished": _left(out, "ledger", left)}  # fmt: skip
+
+
 def selection_status(out: Path) -> dict[str, Any]:
     """A selection's progress: merged or not, the tasks that have a round left (with their
     logs), its export, and which jobs of its newest Slurm submission are still queued."""
@@ -68,10 +110,8 @@ def selection_status(out: Path) -> dict[str, Any]:
     if not merged and count:
         rounds = unfinished_rounds(out, count, export=False)
         for step, tasks in (("round 1", rounds.scatter), ("round 2", rounds.select)):
-            for task in tasks:
-                log = _task_log(out, step, task)
-                last = last_line(log)[:300] if log else None
-                left.append({"step": step, "task": task, "log": log and str(log), "last": last})
+            left += _left(out, step, tasks)
+    ledger = ledger_status(out, count, merged)
     local = read_plan(out)
     planned = (out / slurm.SLURM_DIR / "select-export.sbatch").is_file() or bool(
         local and local.get("command") == "select" and local.get("export")
@@ -93,7 +133,8 @@ def selection_status(out: Path) -> dict[str, Any]:
         "export": export,
         "export_planned": planned or export is not None,
         "slurm": chain,
-        "finished": merged and exported,
+        "ledger": ledger,
+        "finished": merged and exported and (ledger is None or ledger["status"] == "written"),
     }
 
 
@@ -172,6 +213,9 @@ def _selection_rows(found: dict[str, Any], table: Any, listed: int) -> list[str]
         if tasks:
             shown = ", ".join(map(str, tasks[:listed])) + (" ..." if len(tasks) > listed else "")
             table.add_row(f"{step} unfinished", f"{len(tasks)} (task {shown})")
+    ledger = found.get("ledger")
+    if ledger:
+        _ledger_row(ledger, table, listed)
     export = found["export"]
     if export is not None:
         _export_rows(export, table)
@@ -184,6 +228,7 @@ def _selection_rows(found: dict[str, Any], table: Any, listed: int) -> list[str]
         table.add_row("Slurm jobs (newest submission)", state)
         lines += [f"[cyan]queued[/cyan] {q}" for q in (queued or [])[:listed]]
     # the earliest round a task has left is where the selection stopped; its log says why
+    left = left or (ledger or {}).get("unfinished", [])
     first = [u for u in left if u["step"] == left[0]["step"]] if left else []
     for u in first[:listed]:
         where = f" (log {u['log']}: {u['last']})" if u["log"] else " (no log found)"
@@ -196,3 +241,16 @@ def _selection_rows(found: dict[str, Any], table: Any, listed: int) -> list[str]
             "same options submits what is left"
         )
     return lines
+
+
+def _ledger_row(ledger: dict[str, Any], table: Any, listed: int) -> None:
+    """The ledger's row in `table` (planned, parts written, which tasks have parts left)."""
+    if ledger["status"] == "planned":
+        table.add_row("ledger", "planned (the tasks write its parts after the merge)")
+        return
+    shown = f"{ledger['written']:,} of {ledger['parts']:,} parts written"
+    tasks = [u["task"] for u in ledger["unfinished"]]
+    if tasks:
+        named = ", ".join(map(str, tasks[:listed])) + (" ..." if len(tasks) > listed else "")
+        shown += f" ({len(tasks)} tasks with parts left: task {named})"
+    table.add_row("ledger", shown)

@@ -168,9 +168,12 @@ class SelectScripts:
     select: Path  # the array: each task selects from its partition
     merge: Path  # one job after the array: joins the tasks (if the last task has not already)
     export: Path | None  # with --export, an array after the merge: each task its share of shards
+    # with --ledger (--spread-ledger), an array after the merge: each task its ledger parts
+    ledger: Path | None = None
 
 
 SELECT_SCRIPT = "select.sbatch"
+LEDGER_SCRIPT = "select-ledger.sbatch"
 
 
 def written_command(path: Path) -> list[str]:
@@ -186,8 +189,9 @@ def write_select_scripts(
     opts: SlurmOptions,
     export_args: Sequence[str] | None = None,
 ) -> SelectScripts:
-    """Write OUT/slurm/select.sbatch, select-merge.sbatch and (with export_args)
-    select-export.sbatch."""
+    """Write OUT/slurm/select.sbatch, select-merge.sbatch, (with export_args)
+    select-export.sbatch and (with --spread-ledger among select_args) select-ledger.sbatch:
+    the select command again, without a GPU, run after the merge to write the ledger."""
     directory = out / SLURM_DIR
     command = ["select", *select_args]
     array = _write(
@@ -208,7 +212,15 @@ def write_select_scripts(
             script_text(out, [*command, "--export", *export_args], num_tasks, export_opts,
                         "export-%A_%a", script="select-export.sbatch"),
         )  # fmt: skip
-    return SelectScripts(array, merge, export)
+    ledger = None
+    if "--spread-ledger" in select_args:
+        ledger_opts = replace(opts, gpus_per_task=0, job_name=f"{opts.job_name}-ledger")
+        ledger = _write(
+            directory / LEDGER_SCRIPT,
+            script_text(out, command, num_tasks, ledger_opts, "ledger-%A_%a",
+                        script=LEDGER_SCRIPT),
+        )  # fmt: skip
+    return SelectScripts(array, merge, export, ledger)
 
 
 def read_plan(out: Path, name: str = PLAN, command: str = "score") -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`jestcurate slurm select`: check the select options once, write the scripts (slurm.py's
 write_select_scripts) and submit them in order: the array twice (round 1 buckets each task's
-rows, round 2 selects), the merge after round 2 and, with --export, the export array after
-the merge, each with afterok dependencies."""
+rows, round 2 selects), the merge after round 2 and, after the merge, with --ledger the ledger
+array (the tasks again, each writing its ledger parts: select's --spread-ledger) and with
+--export the export array, each with afterok dependencies."""
 
 from __future__ import annotations
 
@@ -24,12 +25,18 @@ TASK_FLAGS = ("--task-index", "--num-tasks", "--merge")
 @dataclass(frozen=True)
 class SelectPlan:
     """What the scripts run: select's options (without --export, which only the export
-    script passes) for `num_tasks` array tasks writing into `out`."""
+    script passes; with --ledger, --spread-ledger added) for `num_tasks` array tasks writing
+    into `out`."""
 
     out: Path
     args: list[str]
     export: bool
     num_tasks: int
+
+    @property
+    def ledger(self) -> bool:
+        """The tasks write the ledger's parts after the merge (the ledger array)."""
+        return "--spread-ledger" in self.args
 
 
 def plan(
@@ -54,6 +61,8 @@ def plan(
 
     refuse_tasks(parsed.get("cluster_quotas"), num_tasks)
     base = [a for a in args if a != "--export"]
+    if "--ledger" in base and "--spread-ledger" not in base:
+        base.append("--spread-ledger")  # the merge leaves the ledger's parts to the tasks
     return SelectPlan(Path(parsed["out"]), base, "--export" in args, num_tasks)
 
 
@@ -74,8 +83,8 @@ def run(
 ) -> SlurmSelectReport:
     """Write the scripts and, with `submit`, submit them in order. `written` hears of the
     scripts before anything is submitted, so a failed sbatch leaves their paths known. With
-    `retry` (select's Unfinished: which rounds of which tasks, the merge and the export are
-    not done), submit only those, in the same order."""
+    `retry` (select's Unfinished: which rounds of which tasks, the merge, the ledger and the
+    export are not done), submit only those, in the same order."""
     export_args = [] if plan.export else None
     folder = plan.out / slurm.SLURM_DIR
     kept = {path: path.read_text() for path in folder.glob("*.sbatch")}
@@ -105,6 +114,10 @@ def run(
         arrays["round 2"] = slurm.submit_arrays(scripts.select, select_tasks, opts, after)
     if not (retry is not None and retry.merged):
         arrays["merge"] = [(slurm.submit_one(scripts.merge, after=_ids(arrays, "round 2")), 0)]
+    ledger_tasks = everything if retry is None else retry.ledger
+    if scripts.ledger is not None and ledger_tasks:  # beside the export: both need the merge
+        after = _ids(arrays, "merge")
+        arrays["ledger"] = slurm.submit_arrays(scripts.ledger, ledger_tasks, opts, after)
     if scripts.export is not None and not (retry is not None and retry.exported):
         after = _ids(arrays, "merge")
         arrays["export"] = slurm.submit_arrays(scripts.export, everything, opts, after)
@@ -131,7 +144,7 @@ def _record_chain(out: Path, arrays: dict[str, list[tuple[str, int]]]) -> None:
 
 def read_chains(out: Path) -> list[dict[str, Any]]:
     """Each `slurm select --submit` and `--retry` submission, oldest first: its array jobs per
-    step ("round 1", "round 2", "merge", "export") as [job id, first task] pairs."""
+    step ("round 1", "round 2", "merge", "ledger", "export") as [job id, first task] pairs."""
     path = out / slurm.SLURM_DIR / CHAINS
     try:
         return list(read_json(path)["chains"]) if path.is_file() else []
@@ -142,7 +155,8 @@ def read_chains(out: Path) -> list[dict[str, Any]]:
 def task_log(out: Path, step: str, task: int) -> Path | None:
     """The Slurm log of `task` in `step` ("round 1", ...) from the newest submission that ran
     it, if that log exists."""
-    pattern = {"round 1": "select", "round 2": "select", "export": "export"}.get(step)
+    pattern = {"round 1": "select", "round 2": "select", "ledger": "ledger",
+               "export": "export"}.get(step)  # fmt: skip
     for chain in reversed(read_chains(out)):
         arrays = [(str(j), int(o)) for j, o in chain["arrays"].get(step, [])]
         for job, offset in sorted(arrays, key=lambda a: -a[1]):
@@ -156,8 +170,9 @@ def task_log(out: Path, step: str, task: int) -> Path | None:
 
 def print_scripts(scripts: slurm.SelectScripts) -> None:
     """The scripts written, one path a line."""
-    for path in (scripts.select, scripts.merge, *([scripts.export] if scripts.export else [])):
-        ui.say(str(path))
+    for path in (scripts.select, scripts.merge, scripts.ledger, scripts.export):
+        if path is not None:
+            ui.say(str(path))
 
 
 def print_report(report: SlurmSelectReport) -> None:
@@ -168,18 +183,22 @@ def print_report(report: SlurmSelectReport) -> None:
             f"{n} tasks; submit with --submit, or by hand: sbatch --array=0-{n - 1} "
             f"{scripts.select} 0 twice (the second with --dependency=afterok:FIRST), then "
             f"{scripts.merge.name} after the second"
-        )
+            + (f", then {scripts.ledger.name} over every task after the merge"
+               if scripts.ledger else "")
+        )  # fmt: skip
         return
     if report.retry is not None:
         r = report.retry
         if not report.jobs:
-            ui.say("nothing to retry: every task and the merge are done, and any export")
+            ui.say("nothing to retry: every task and the merge are done, and any ledger and export")
             return
+        ledger = f", the ledger of {len(r.ledger)} tasks" if r.ledger else ""
         ui.say(
             f"resubmitted round 1 of {len(r.scatter)} and round 2 of {len(r.select)} of {n} "
-            f"tasks{'' if r.merged else ', the merge'}"
+            f"tasks{'' if r.merged else ', the merge'}{ledger}"
             f"{'' if r.exported else ', the export'}: {', '.join(report.jobs)}"
         )
         return
-    then = "the merge and the export" if report.plan.export else "the merge"
+    then = "the merge" + (", the ledger" if scripts.ledger else "")
+    then += " and the export" if report.plan.export else ""
     ui.say(f"submitted {n} select tasks (two rounds), then {then}: {', '.join(report.jobs)}")

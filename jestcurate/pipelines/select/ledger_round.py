@@ -115,7 +115,8 @@ def _write_part(
     tmp = folder / f".{name}.parquet.{os.getpid()}.partial"
     try:
         pq.write_table(ledger, tmp, compression="zstd", write_page_checksum=True)
-        facts = {"rows": ledger.num_rows, "eligible": eligible, "bytes": tmp.stat().st_size,
+        facts = {"part": part[0], "rows": ledger.num_rows, "eligible": eligible,
+                 "bytes": tmp.stat().st_size,
                  "fates": [[f, r, n] for (f, r), n in sorted(counts.items())]}  # fmt: skip
         write_json_atomic(folder / COUNTS_DIR / f"{name}.json", facts)
         os.replace(tmp, folder / f"{name}.parquet")
@@ -128,6 +129,28 @@ def progress(out: Path, names: list[str] | None = None) -> int:
     if names is None:
         names = [p.stem for p in (out / LEDGER_DIR).glob("*.parquet")]
     return sum(written(out, name) for name in names)
+
+
+def written_ids(out: Path) -> set[int]:
+    """The part ids written, from the files alone (each part's counts name its id): for
+    `slurm select --retry`, `local` and status, which do not open the score set."""
+    folder = out / LEDGER_DIR
+    found: set[int] = set()
+    for path in (folder / COUNTS_DIR).glob("*.json"):
+        try:
+            part = int(read_json(path)["part"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable or half there: the part is written again
+        if (folder / f"{path.stem}.parquet").is_file():
+            found.add(part)
+    return found
+
+
+def tasks_left(out: Path, parts: int, count: int) -> list[int]:
+    """The tasks of `count` with a part of the `parts` still to write (task I: the parts I
+    mod `count`)."""
+    done = written_ids(out)
+    return [i for i in range(count) if any(p not in done for p in share(parts, i, count))]
 
 
 def still_written(selection: Path, summary: dict[str, Any]) -> str | None:

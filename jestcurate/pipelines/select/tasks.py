@@ -7,7 +7,7 @@ import logging
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.eligible import COUNTS, Counts
 from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.store import atomic_write, finished_output
+from jestcurate.io.store import atomic_write, finished_output, read_json
 from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
+from jestcurate.pipelines.select import ledger_round
 from jestcurate.pipelines.select.config import (
     LEDGER_DIR,
     MANIFEST,
@@ -132,25 +133,32 @@ def unfinished_tasks(out: Path, identity: dict[str, Any], count: int) -> list[in
 @dataclass(frozen=True)
 class Unfinished:
     """What `slurm select --retry` resubmits: the array tasks whose round 1 (scatter) or
-    round 2 (select) has not finished, whether the merge and the export have."""
+    round 2 (select) has not finished, whether the merge and the export have, and (with
+    --ledger --spread-ledger) the tasks with ledger parts left to write after the merge."""
 
     scatter: list[int]
     select: list[int]
     merged: bool
     exported: bool
+    ledger: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
-        return self.merged and self.exported
+        return self.merged and self.exported and not self.ledger
 
 
-def unfinished_rounds(out: Path, count: int, export: bool) -> Unfinished:
-    """From the files alone (each task checks its own against the selection when it runs)."""
+def unfinished_rounds(out: Path, count: int, export: bool, ledger: bool = False) -> Unfinished:
+    """From the files alone (each task checks its own against the selection when it runs).
+    `ledger`: the tasks write the ledger's parts after the merge (--spread-ledger)."""
     from jestcurate.trainer.loader import export_meta
 
     exported = not export or export_meta(out) is not None
     if (out / SUMMARY).is_file():
-        return Unfinished([], [], True, exported)
+        summary = read_json(out / SUMMARY)
+        left: list[int] = []
+        if ledger and ledger_round.is_pending(summary):
+            left = ledger_round.tasks_left(out, int(summary["ledger"]["parts"]), count)
+        return Unfinished([], [], True, exported, left)
     root = out / TASKS_DIR / SCATTER_DIR
     select = [i for i in range(count) if not (task_directory(out, i, count) / SUMMARY).is_file()]
     scatter = [
@@ -158,7 +166,7 @@ def unfinished_rounds(out: Path, count: int, export: bool) -> Unfinished:
         for i in range(count)
         if not (scatter_mod.scatter_directory(root, i, count) / scatter_mod.DONE).is_file()
     ]
-    return Unfinished(scatter, select, False, not export)
+    return Unfinished(scatter, select, False, not export, list(range(count)) if ledger else [])
 
 
 def scatter_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> list[dict[str, Any]] | None:
