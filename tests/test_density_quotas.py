@@ -240,22 +240,48 @@ def test_refusals(pool: dict[str, Path], tmp_path: Path, extra: tuple, said: str
     assert code == 2 and said in output and len(output.strip().splitlines()) == 1, output
 
 
-@pytest.mark.parametrize("extra", [("--task-index", 0), ("--task-index", 1), ("--merge",)])
-def test_not_as_array_tasks(pool: dict[str, Path], tmp_path: Path, extra: tuple) -> None:
-    """Each task's quotas would be over its own partition: refused before anything is written."""
-    out = tmp_path / "s"
-    code, output = select(pool, out, "--cluster-quotas", "density", "--num-tasks", 2, *extra)
-    assert code == 2 and "run select as one task" in output, output
-    assert len(output.strip().splitlines()) == 1 and not out.exists()
+def array(pool: dict[str, Path], out: Path, count: int, *extra: str | float) -> dict:
+    """Run `count` array tasks twice (round 1, then round 2; the last merges)."""
+    for i in [*range(count), *range(count)]:
+        code, output = select(pool, out, "--task-index", i, "--num-tasks", count, *extra)
+        assert code == 0, output
+    return json.loads((out / "summary.json").read_text())
 
 
-def test_slurm_select_refuses_quotas(tmp_path: Path) -> None:
-    from jestcurate.errors import JCError
-    from jestcurate.scale import slurm_select
+@pytest.mark.parametrize(("method", "count"), [("clip-score", 2), ("random", 3)])
+def test_array_tasks_keep_the_global_quotas(
+    pool: dict[str, Path], tmp_path: Path, method: str, count: int
+) -> None:
+    """Merged kept rows per cluster == the quotas one run computes over the whole pool for
+    the same number of kept rows; the summary carries the same global block."""
+    opts = ("--method", method, "--cluster-quotas", "density", "--quota-temperature", 0.05)
+    summary = array(pool, tmp_path / "a", count, *opts)
+    block, kept = summary["cluster_quotas"], summary["counts"]["kept"]
+    assert block["kept"] == kept and block["applied_to"] == "kept set"
+    clusters = load_clusters(pool["dedup"])
+    keys = sorted(clusters)
+    cluster = np.concatenate([clusters[k] for k in keys])
+    emb = np.concatenate(
+        [
+            np.stack(pq.read_table(p, columns=["img_emb"]).column(0).to_numpy(zero_copy_only=False))
+            for p in sorted((pool["ref"] / "parts").glob("*.parquet"))
+        ]
+    )
+    cfg = SelectConfig(reference=tmp_path, out=tmp_path / "s", method=method,
+                       cluster_quotas="density", quota_temperature=0.05)  # fmt: skip
+    single = quotas_mod.compute(cfg, Embeddings(emb), cluster, kept)
+    assert dict(kept_per_cluster(pool, tmp_path / "a")) == {
+        g: q for g, q in single.caps().items() if q
+    }
+    assert block["quota"] == single.summary(cfg)["quota"]
 
-    parsed = {"out": tmp_path, "cluster_quotas": "density"}
-    with pytest.raises(JCError, match="run select as one task"):
-        slurm_select.plan(["--cluster-quotas", "density"], 2, lambda a: parsed)
+
+def test_jest_as_array_tasks(pool: dict[str, Path], tmp_path: Path) -> None:
+    summary = array(pool, tmp_path / "j", 2, "--cluster-quotas", "density")
+    assert summary["cluster_quotas"]["applied_to"] == "each batch"
+    tasks = tmp_path / "j" / "tasks"
+    found = [json.loads(p.read_text())["cluster_quotas"] for p in tasks.glob("*/summary.json")]
+    assert found and all(f == summary["cluster_quotas"] for f in found)
 
 
 def test_quotas_need_dedup(pool: dict[str, Path], tmp_path: Path) -> None:

@@ -38,7 +38,9 @@ import pyarrow.compute as pc
 
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import (
+    CLUSTER,
     COUNTS,
+    REF_IMG,
     Counts,
     Filters,
     check_same_parts,
@@ -52,11 +54,13 @@ from jestcurate.io.eligible import (
 from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache, column_writers
 from jestcurate.io.store import ScoreSet, dead_local_writer, finished_output, write_json_atomic
+from jestcurate.math.density import ClusterSums
 from jestcurate.math.partition import task_of
 
 DONE = "done.json"
 INDEX = "index.npy"  # (tasks x parts of this scatter): rows of each part bucketed per task
 COUNTS_FILE = "counts.npy"  # (tasks x Counts fields): each task's Counts among these parts
+SUMS_FILE = "cluster-sums.npz"  # --cluster-quotas: ClusterSums, and rows per (task, cluster)
 
 
 def scatter_directory(root: Path, task: int, count: int) -> Path:
@@ -116,12 +120,14 @@ def scatter(
     identity: dict[str, Any],
     on_part: Callable[[], None] | None = None,
     notes: bool = False,
+    sums: bool = False,
 ) -> dict[str, Any]:
     """Round 1 for task `task` of `count`: bucket the eligible rows of this task's parts (and,
-    with `notes`, save what the filters said of each row: io/notes.py). Returns done.json
-    (reused when an identical scatter is already finished)."""
+    with `notes`, save what the filters said of each row: io/notes.py; with `sums`, each dedup
+    cluster's ClusterSums and rows per destination task, for global --cluster-quotas).
+    Returns done.json (reused when an identical scatter is already finished)."""
     final = scatter_directory(root, task, count)
-    existing = read_done(final, identity, notes)
+    existing = read_done(final, identity, notes, sums)
     if existing is not None:
         return existing
     names = ref.part_names()
@@ -147,6 +153,7 @@ def scatter(
     index = np.zeros((count, len(mine)), dtype=np.int64)  # rows of each part per task
     shards: list[str] = []
     noted = Notes() if notes else None
+    found = _Sums() if sums else None
     files = [open(bucket(partial, j), "wb") for j in range(count)]  # noqa: SIM115 (closed below)
     try:
         for q, p in enumerate(mine):
@@ -168,6 +175,8 @@ def scatter(
             for column, data in values.items():
                 records[column] = data
             where = dest[keep]
+            if found is not None:
+                found.add(where, records[CLUSTER], records[REF_IMG])
             order = np.argsort(where, kind="stable")  # row order kept within each task
             sizes = np.bincount(where, minlength=count)
             index[:, q] = sizes
@@ -184,6 +193,8 @@ def scatter(
     for name, array in ((INDEX, index), (COUNTS_FILE, counts)):
         with open(partial / name, "wb") as f:
             np.save(f, array)
+    if found is not None:
+        found.save(partial / SUMS_FILE)
     done = {
         **identity,
         "task": task,
@@ -194,6 +205,7 @@ def scatter(
         "columns": sorted(columns),
         **({"counts": list(filters.names)} if filters.rows else {}),  # counts.npy's columns
         **({"notes": noted.save(partial)} if noted is not None else {}),
+        **({"cluster_sums": SUMS_FILE} if found is not None else {}),
     }
     write_json_atomic(partial / DONE, done)
     shutil.rmtree(final, ignore_errors=True)
@@ -202,12 +214,54 @@ def scatter(
 
 
 def read_done(
-    directory: Path, identity: dict[str, Any], notes: bool = False
+    directory: Path, identity: dict[str, Any], notes: bool = False, sums: bool = False
 ) -> dict[str, Any] | None:
-    """A finished scatter's done.json, None if unfinished (or, wanting `notes`, made without
-    them); an error if made for other inputs."""
+    """A finished scatter's done.json, None if unfinished (or, wanting `notes` or `sums`, made
+    without them); an error if made for other inputs."""
     done = finished_output(directory, DONE, DONE, identity, "scatter (of another selection)")
-    return None if done is None or (notes and "notes" not in done) else done
+    if done is None or (notes and "notes" not in done) or (sums and "cluster_sums" not in done):
+        return None
+    return done
+
+
+class _Sums:
+    """A scatter's ClusterSums of its eligible rows, and rows per (destination task, cluster)."""
+
+    def __init__(self) -> None:
+        self.sums: ClusterSums | None = None
+        self.pairs: list[np.ndarray] = []
+
+    def add(self, task: np.ndarray, cluster: np.ndarray, emb: np.ndarray) -> None:
+        part = ClusterSums.of(cluster, emb)
+        self.sums = part if self.sums is None else self.sums.plus(part)
+        pairs, rows = np.unique(np.stack([task, cluster]).astype(np.int64), axis=1,
+                                return_counts=True)  # fmt: skip
+        self.pairs.append(np.vstack([pairs, rows]))
+
+    def save(self, path: Path) -> None:
+        s = self.sums or ClusterSums.empty(1)
+        both = np.concatenate(self.pairs, axis=1) if self.pairs else np.zeros((3, 0), np.int64)
+        pairs, where = np.unique(both[:2], axis=1, return_inverse=True)
+        rows = np.bincount(where.ravel(), weights=both[2], minlength=pairs.shape[1])
+        np.savez(path, ids=s.ids, sums=s.sums, finite=s.finite, rows=s.rows,
+                 pairs=np.vstack([pairs, rows.astype(np.int64)]))  # fmt: skip
+
+
+def total_sums(root: Path, count: int) -> tuple[ClusterSums, np.ndarray]:
+    """Every scatter's ClusterSums added up (the whole pool's), and the rows of each
+    (task, cluster) pair: a (3 x pairs) array of task, cluster, rows."""
+    total: ClusterSums | None = None
+    pairs = []
+    for s in range(count):
+        with np.load(scatter_directory(root, s, count) / SUMS_FILE) as f:
+            found = ClusterSums(f["ids"], f["sums"], f["finite"], f["rows"])
+            pairs.append(f["pairs"])
+        total = found if total is None else total.plus(found)
+    assert total is not None
+    both = np.concatenate(pairs, axis=1)
+    keys, where = np.unique(both[:2], axis=1, return_inverse=True)
+    rows = np.bincount(where.ravel(), weights=both[2], minlength=keys.shape[1])
+    return total, np.vstack([keys, rows.astype(np.int64)])
 
 
 def read_notes(root: Path, dones: list[dict[str, Any]]) -> Callable[[int], tuple[Notes, int]]:

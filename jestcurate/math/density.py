@@ -24,6 +24,8 @@ eligible rows (theirs: every k-means centroid).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from jestcurate.errors import JCError
@@ -139,14 +141,85 @@ def density_quotas(
 
 
 KINDS = ("density",)  # select's --cluster-quotas
-TASKS_REFUSED = (
-    "--cluster-quotas computes one set of quotas over every eligible row, which array tasks "
-    "(each over its own partition) would not: run select as one task (--num-tasks 1)"
+
+
+@dataclass(frozen=True)
+class ClusterSums:
+    """Per group (dedup cluster; -1: rows without one): the sum of its rows' finite unit
+    image embeddings (float64), its finite rows and all its rows. Sums of disjoint row sets
+    add up (`plus`), so array tasks' scatters each keep theirs and every task adds them all
+    up to the whole pool's: the quotas of one run."""
+
+    ids: np.ndarray  # sorted group ids
+    sums: np.ndarray  # len(ids) x D
+    finite: np.ndarray  # rows in the sums
+    rows: np.ndarray  # all rows, the non-finite too
+
+    @staticmethod
+    def empty(dim: int) -> ClusterSums:
+        none = np.zeros(0, dtype=np.int64)
+        return ClusterSums(none, np.zeros((0, dim)), none, none)
+
+    @staticmethod
+    def of(group: np.ndarray, emb: np.ndarray) -> ClusterSums:
+        """The sums of rows with these groups and image embeddings (N x D)."""
+        emb = np.asarray(emb, dtype=np.float64)
+        ids, where, rows = np.unique(np.asarray(group, dtype=np.int64), return_inverse=True,
+                                     return_counts=True)  # fmt: skip
+        ok = np.isfinite(emb).all(axis=1)  # one NaN would make its cluster's sum NaN
+        unit = emb[ok] / np.maximum(np.linalg.norm(emb[ok], axis=1), 1e-12)[:, None]
+        sums = np.zeros((len(ids), emb.shape[1]))
+        np.add.at(sums, where[ok], unit)
+        finite = np.bincount(where[ok], minlength=len(ids)).astype(np.int64)
+        return ClusterSums(ids, sums, finite, rows.astype(np.int64))
+
+    def plus(self, other: ClusterSums) -> ClusterSums:
+        """Both row sets' sums (in place where `other` has no new group: cheap per part)."""
+        at = np.searchsorted(self.ids, other.ids)
+        known = len(self.ids) > 0 and (at < len(self.ids)).all()
+        if known and (self.ids[np.minimum(at, len(self.ids) - 1)] == other.ids).all():
+            self.sums[at] += other.sums
+            self.finite[at] += other.finite
+            self.rows[at] += other.rows
+            return self
+        ids = np.union1d(self.ids, other.ids).astype(np.int64)
+        dim = max(self.sums.shape[1], other.sums.shape[1])
+        sums, finite, rows = np.zeros((len(ids), dim)), np.zeros_like(ids), np.zeros_like(ids)
+        for part in (self, other):
+            at = np.searchsorted(ids, part.ids)
+            sums[at, : part.sums.shape[1]] += part.sums
+            finite[at] += part.finite
+            rows[at] += part.rows
+        return ClusterSums(ids, sums, finite, rows)
+
+
+def task_shares(quota: np.ndarray, task: np.ndarray, group: np.ndarray, rows: np.ndarray,
+                kept: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Each array task's share of the groups' quotas (`quota`: per group 0..K-1), from the
+    (task, group, rows) triples of every task's eligible rows (one per pair, with rows > 0):
+    integers, per triple, that sum to each group's quota over the tasks and to each task's
+    `kept` over the groups, never above the task's rows there. The tasks in turn: each takes
+    the allocation (largest remainders) nearest to its rows' share of what is left of each
+    quota, at least what the later tasks' rows could not hold. Deterministic."""
+    shares = np.zeros(len(task), dtype=np.int64)
+    left = np.asarray(quota, dtype=np.int64).copy()
+    later = np.bincount(group, weights=rows, minlength=len(left)).astype(np.int64)
+    for t in range(len(kept)):
+        mine = np.flatnonzero(task == t)
+        g, r = group[mine], rows[mine]
+        later[g] -= r
+        hi = np.minimum(r, left[g])
+        lo = np.clip(left[g] - later[g], 0, None)
+        target = left[g] * r / np.maximum(r + later[g], 1)
+        take = allocate(target, hi, int(kept[t]), lo) if len(mine) else np.zeros(0, np.int64)
+        if take.sum() != kept[t] or (take < lo).any():
+            raise JCError(TASKS_UNFIT)
+        shares[mine] = take
+        left[g] -= take
+    return shares
+
+
+TASKS_UNFIT = (
+    "--cluster-quotas: the array tasks' partitions cannot hold the global quotas exactly "
+    "(rare, with few rows per cluster); run select as one task (--num-tasks 1)"
 )
-
-
-def refuse_tasks(given: object, count: int) -> None:
-    """Quotas are over the whole pool: not as array tasks (checked before anything is
-    written; `given`: the --cluster-quotas value)."""
-    if given is not None and count > 1:
-        raise JCError(TASKS_REFUSED)

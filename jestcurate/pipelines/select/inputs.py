@@ -56,6 +56,7 @@ class Rows:
     build: Callable[[Path], RowCache]
     filters: Filters | None = None  # what made the others ineligible (for the ledger)
     notes: Notes | None = None  # with --ledger: what they said of each row (io/notes.py)
+    quotas: Any = None  # array tasks' global ClusterQuotas (pipelines/select/tasks.py)
 
 
 def eligible_rows(cfg: SelectConfig, inputs: Inputs) -> Rows:

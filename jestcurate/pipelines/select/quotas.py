@@ -22,6 +22,7 @@ from jestcurate.io.rowcache import RowCache
 from jestcurate.math.density import (
     FLOOR,
     NEIGHBOURS,
+    ClusterSums,
     allocate,
     complexity,
     floors,
@@ -64,9 +65,12 @@ class ClusterQuotas:
     total: int
     per_batch: bool  # super-batch methods: each batch's share, not the kept set's
     non_finite: int = 0  # rows whose image embedding is not finite: left out of the centroids
+    shares: dict[int, int] | None = None  # an array task's share of each quota (its rows')
 
     def caps(self) -> dict[int, int]:
-        """The kept set's quota of each group."""
+        """The kept set's quota of each group (an array task's: its share of it)."""
+        if self.shares is not None:
+            return self.shares
         return dict(zip(self.groups.tolist(), self.quota.tolist(), strict=True))
 
     def batch_caps(self, cluster: np.ndarray, b: int) -> dict[int, int]:
@@ -102,27 +106,30 @@ class ClusterQuotas:
 
 def compute(cfg: SelectConfig, cache: RowCache, cluster: np.ndarray, total: int) -> ClusterQuotas:
     """The quotas of `total` kept rows from the cache's rows (`cluster`: each row's group)."""
-    import torch  # here: slurm select reads this module's checks without it
-
     groups, where, sizes = np.unique(cluster, return_inverse=True, return_counts=True)
     dim = cache.read_range(REF_IMG, 0, min(1, cache.size)).shape[-1] if cache.size else 1
-    sums = torch.zeros(len(groups), dim, dtype=torch.float64)
+    sums = np.zeros((len(groups), dim))
     members = np.zeros(len(groups), dtype=np.int64)  # rows in the sums: finite embeddings
     for start in range(0, cache.size, CHUNK):
         stop = min(start + CHUNK, cache.size)
-        emb = torch.from_numpy(cache.read_range(REF_IMG, start, stop).astype(np.float64))
-        finite = torch.isfinite(emb).all(dim=1)  # one NaN would make its cluster's sum NaN
-        emb = emb[finite] / emb[finite].norm(dim=1, keepdim=True).clamp_min(1e-12)
-        ids = where[start:stop][finite.numpy()].astype(np.int64)
-        sums.index_add_(0, torch.from_numpy(ids), emb)
-        members += np.bincount(ids, minlength=len(groups))
-    non_finite = int(cache.size - members.sum())
+        part = ClusterSums.of(where[start:stop], cache.read_range(REF_IMG, start, stop))
+        sums[part.ids] += part.sums
+        members[part.ids] += part.finite
+    found = ClusterSums(groups.astype(np.int64), sums, members, sizes.astype(np.int64))
+    return from_sums(cfg, found, total)
+
+
+def from_sums(cfg: SelectConfig, found: ClusterSums, total: int) -> ClusterQuotas:
+    """The quotas of `total` kept rows from the groups' embedding sums: one run's (over its
+    cache) and array tasks' (over every scatter's sums, added up) alike."""
+    groups, sizes, members = found.ids, found.rows, found.finite
+    non_finite = int(sizes.sum() - members.sum())
     if non_finite:
         log.warning("--cluster-quotas: %d rows have a non-finite image embedding; the "
                     "centroids leave them out", non_finite)  # fmt: skip
     known = groups >= 0
     c = np.zeros(len(groups))
-    c[known] = complexity(sums.numpy()[known], members[known], NEIGHBOURS)
+    c[known] = complexity(found.sums[known], members[known], NEIGHBOURS)
     if not known.all():
         c[~known] = c[known].mean() if known.any() else 0.0
     lower = floors(sizes, total, floor(cfg))

@@ -17,7 +17,6 @@ from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.eligible import Counts, score_columns
 from jestcurate.io.store import META_NAME, finished_output, read_json
-from jestcurate.math.density import refuse_tasks
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select import ledger_round
 from jestcurate.pipelines.select import quotas as quotas_mod
@@ -88,7 +87,6 @@ def run(
     began = time.time()
     validate(cfg)
     task = this_task(cfg)
-    refuse_tasks(cfg.cluster_quotas, task.count)
     inputs = open_inputs(cfg, task.count)
     done = _existing(cfg, inputs.identity, task)
     if done is not None and cfg.ledger and "ledger" not in done:
@@ -292,7 +290,7 @@ def _select_into(
             stop = min(start + (1 << 20), cache.size)
             columns = score_columns(learner is not None)
             everything.add({c: cache.read_range(c, start, stop) for c in columns})
-        quotas = _quotas(cfg, cache, steps)
+        quotas = rows.quotas if rows.quotas is not None else _quotas(cfg, cache, steps)
         # with --ledger: where each kept row went (an array task saves it for the merge)
         recorder = Recorder(cache.size, cfg.sampling.batch_size) if cfg.ledger else None
         with ui.step_progress(f"selecting ({cfg.method})", steps, "batches") as tick:

@@ -3,6 +3,7 @@ the merge of the tasks' selections into one."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -22,9 +23,11 @@ from jestcurate.io.eligible import COUNTS, Counts
 from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache
 from jestcurate.io.store import atomic_write, finished_output, read_json
+from jestcurate.math.density import task_shares
 from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
 from jestcurate.pipelines.select import ledger_round
+from jestcurate.pipelines.select import quotas as quotas_mod
 from jestcurate.pipelines.select.config import (
     LEDGER_DIR,
     MANIFEST,
@@ -38,6 +41,7 @@ from jestcurate.pipelines.select.filters.options import ORDER as FILTER_ORDER
 from jestcurate.pipelines.select.inputs import Inputs, Rows, filters, nothing_passes
 from jestcurate.pipelines.select.ledger import Choice, load_choice
 from jestcurate.pipelines.select.outputs import Means, manifest_schema, write_summary
+from jestcurate.pipelines.select.quotas import ClusterQuotas
 from jestcurate.scale.tasks import resolve_task
 
 log = logging.getLogger(__name__)
@@ -176,15 +180,16 @@ def scatter_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> list[dict[st
     root = cfg.out / TASKS_DIR / SCATTER_DIR
     parts = len(range(index, len(inputs.ref.parts), count))
     mine = scatter_mod.scatter_directory(root, index, count)
-    if scatter_mod.read_done(mine, identity, cfg.ledger) is not None:
+    sums = cfg.cluster_quotas is not None
+    if scatter_mod.read_done(mine, identity, cfg.ledger, sums) is not None:
         log.info("task %d of %d already scattered its rows", index, count)
     else:
         embeddings = cfg.cached_embeddings
         with ui.step_progress("scattering rows to tasks", parts, "parts") as tick:
             scatter_mod.scatter(inputs.ref, inputs.learner, filters(cfg, inputs.ref), embeddings,
-                                root, index, count, identity, tick, cfg.ledger)  # fmt: skip
-    dones = [scatter_mod.read_done(scatter_mod.scatter_directory(root, s, count), identity)
-             for s in range(count)]  # fmt: skip
+                                root, index, count, identity, tick, cfg.ledger, sums)  # fmt: skip
+    dones = [scatter_mod.read_done(scatter_mod.scatter_directory(root, s, count), identity,
+                                   sums=sums) for s in range(count)]  # fmt: skip
     missing = [s for s, d in enumerate(dones) if d is None]
     if missing:
         log.info("task %d scattered; %d tasks have still to scatter", index, len(missing))
@@ -204,7 +209,28 @@ def gathered_rows(
             return scatter_mod.gather(ref, learner, root, dones, task.index, cache_dir, tick)
 
     names = tuple(dones[0].get("counts", COUNTS))
-    return Rows(scatter_mod.counts_for(root, task.count, task.index, names), build)
+    counts = scatter_mod.counts_for(root, task.count, task.index, names)
+    shared = global_quotas(cfg, task, names) if cfg.cluster_quotas is not None else None
+    return Rows(counts, build, quotas=shared)
+
+
+def global_quotas(cfg: SelectConfig, task: Task, names: tuple[str, ...]) -> ClusterQuotas:
+    """--cluster-quotas as array tasks: the whole pool's quotas (every scatter's ClusterSums
+    added up, as one run's cache would give) of the rows all tasks keep, and this task's share
+    of them (math/density.task_shares: its caps for random and clip-score)."""
+    root = cfg.out / TASKS_DIR / SCATTER_DIR
+    big, b = cfg.sampling.super_batch, cfg.sampling.batch_size
+    steps = [scatter_mod.counts_for(root, task.count, t, names).eligible // big
+             for t in range(task.count)]  # fmt: skip
+    if cfg.max_steps is not None:
+        steps = [min(s, cfg.max_steps) for s in steps]
+    found, pairs = scatter_mod.total_sums(root, task.count)
+    quotas = quotas_mod.from_sums(cfg, found, sum(steps) * b)
+    group = np.searchsorted(quotas.groups, pairs[1])
+    shares = task_shares(quotas.quota, pairs[0], group, pairs[2], np.array(steps) * b)
+    mine = pairs[0] == task.index
+    own = dict(zip(pairs[1][mine].tolist(), shares[mine].tolist(), strict=True))
+    return dataclasses.replace(quotas, shares=own)
 
 
 def refuse_when_nothing_passes(cfg: SelectConfig, task: Task, dones: list[dict[str, Any]]) -> None:
@@ -349,6 +375,9 @@ def merge(
     shares = [{"task": i, "steps": s["counts"]["steps"], "eligible": s["counts"]["eligible"]}
               for i, s in enumerate(tasks)]  # fmt: skip
     extra = ledger(*_task_choices(out, tasks, order)) if ledger is not None else {}
+    quotas = [s["cluster_quotas"] for s in tasks if "cluster_quotas" in s]
+    if quotas:  # every task's is the same global block
+        extra["cluster_quotas"] = quotas[0]
     if ledger is None:  # an unfinished earlier merge's ledger is not this selection's
         shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     summary = write_summary(out, identity, counts, kept, eligible, subset, images,
