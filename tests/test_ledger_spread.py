@@ -97,3 +97,24 @@ def test_a_task_rerun_skips_and_a_crash_leaves_no_half_part(
     summary = select(ref, out, method="random", task_index=1, num_tasks=3)
     assert "status" not in summary["ledger"] and summary["fates"]
     assert summary["ledger"]["rows"] == summary["counts"]["rows"]
+
+
+def test_every_part_written_but_not_finished_leaves_one_task(
+    ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between the last part's rename and finish(): --retry still has a task to run,
+    and rerunning it (nothing left to write) finishes the summary."""
+    from jestcurate.pipelines.select.tasks import unfinished_rounds
+
+    out = tmp_path / "out"
+    tasks(ref, out, 3, method="random", spread_ledger=True)
+    monkeypatch.setattr(ledger_round, "finish", lambda out, names: None)  # killed before it
+    for i in range(3):
+        select(ref, out, method="random", task_index=i, num_tasks=3)
+    monkeypatch.undo()
+    assert len(parts(out)) == 5
+    assert ledger_round.progress(out) == 5
+    assert unfinished_rounds(out, 3, export=False, ledger=True).ledger == [0]
+    summary = select(ref, out, method="random", task_index=0, num_tasks=3)
+    assert "status" not in summary["ledger"] and summary["fates"]
+    assert unfinished_rounds(out, 3, export=False, ledger=True).ledger == []

@@ -14,7 +14,6 @@ itself would have them (no `status`): the ledger is complete.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
+from jestcurate.io.files import atomic_write
 from jestcurate.io.store import ScoreSet, read_json, write_json_atomic
 from jestcurate.pipelines.select.config import LEDGER_DIR, SCATTER_DIR, SUMMARY, TASKS_DIR
 from jestcurate.pipelines.select.ledger import (
@@ -112,16 +112,16 @@ def _write_part(
     ledger, eligible = _part(ref, learner, part, notes_of, pointing, resolve)
     counts: Counter[tuple[str, str]] = Counter()
     _count(ledger, counts)
-    tmp = folder / f".{name}.parquet.{os.getpid()}.partial"
-    try:
+    counts_path = folder / COUNTS_DIR / f"{name}.json"
+
+    def write(tmp: Path) -> None:  # the counts first, then (atomic_write) the part's rename
         pq.write_table(ledger, tmp, compression="zstd", write_page_checksum=True)
         facts = {"part": part[0], "rows": ledger.num_rows, "eligible": eligible,
                  "bytes": tmp.stat().st_size,
                  "fates": [[f, r, n] for (f, r), n in sorted(counts.items())]}  # fmt: skip
-        write_json_atomic(folder / COUNTS_DIR / f"{name}.json", facts)
-        os.replace(tmp, folder / f"{name}.parquet")
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_json_atomic(counts_path, facts)
+
+    atomic_write(folder / f"{name}.parquet", write)  # temp named by host and pid, fsynced
 
 
 def progress(out: Path, names: list[str] | None = None) -> int:
@@ -148,9 +148,11 @@ def written_ids(out: Path) -> set[int]:
 
 def tasks_left(out: Path, parts: int, count: int) -> list[int]:
     """The tasks of `count` with a part of the `parts` still to write (task I: the parts I
-    mod `count`)."""
+    mod `count`); for a pending ledger with every part written, task 0: only finish() is
+    left (the last writer was killed before it, or it failed), which any task's rerun runs."""
     done = written_ids(out)
-    return [i for i in range(count) if any(p not in done for p in share(parts, i, count))]
+    left = [i for i in range(count) if any(p not in done for p in share(parts, i, count))]
+    return left or ([0] if count else [])
 
 
 def still_written(selection: Path, summary: dict[str, Any]) -> str | None:
