@@ -118,3 +118,23 @@ def test_every_part_written_but_not_finished_leaves_one_task(
     summary = select(ref, out, method="random", task_index=0, num_tasks=3)
     assert "status" not in summary["ledger"] and summary["fates"]
     assert unfinished_rounds(out, 3, export=False, ledger=True).ledger == []
+
+
+def test_an_export_task_never_writes_the_ledger(
+    ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """select-export.sbatch carries --ledger --spread-ledger: its tasks leave the parts alone."""
+    from jestcurate.pipelines.select import runner
+
+    out = tmp_path / "out"
+    tasks(ref, out, 3, method="random", spread_ledger=True)
+    select(ref, out, method="random", task_index=2, num_tasks=3)
+    before = parts(out)
+    files = sorted(p.relative_to(out) for p in (out / "ledger").rglob("*"))
+    monkeypatch.setattr(runner, "_export", lambda cfg, report, task: report)
+    for i in range(3):
+        summary = select(ref, out, method="random", task_index=i, num_tasks=3,
+                         spread_ledger=True, export=True)  # fmt: skip
+        assert summary["ledger"]["status"] == "pending"
+    assert parts(out) == before
+    assert sorted(p.relative_to(out) for p in (out / "ledger").rglob("*")) == files

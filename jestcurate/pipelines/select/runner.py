@@ -91,8 +91,8 @@ def run(
     done = _existing(cfg, inputs.identity, task)
     if done is not None and cfg.ledger and "ledger" not in done:
         raise JCError(_no_ledger_there(cfg.out, task))
-    if done is not None and cfg.ledger and ledger_round.is_pending(done):
-        done = _ledger_round(cfg, inputs, task)  # this task's share of the merged ledger
+    if done is not None and cfg.ledger and ledger_round.is_pending(done) and not cfg.export:
+        done = _ledger_round(cfg, inputs, task)  # this task's share (an export's: never)
     if done is not None:
         log.info("%s already holds this selection; nothing to do", cfg.out)
         report = SelectReport(cfg.out, done, reused=True)
