@@ -14,7 +14,7 @@ from rich.console import Console
 
 from jestcurate.errors import JCError
 from jestcurate.io.store import part_table, write_json_atomic
-from jestcurate.pipelines.status import export_status, print_status
+from jestcurate.pipelines.status import export_status, print_status, read_status
 from jestcurate.scale.status import score_status
 from jestcurate.scale.tasks import unfinished_tasks
 
@@ -288,10 +288,31 @@ def test_a_pending_ledger_shows_its_parts_and_tasks_left(tmp_path: Path) -> None
     text = console.export_text()
     assert "1 of 5 parts written (2 tasks with parts left: task 0, 1)" in text, text
     assert "ledger unfinished task 0 (no log found)" in text, text
+    _an_export_beside_a_pending_ledger(out)
     for index in (0, 1):
         task(index, spread=False)
+    found, complete = read_status(str(out))
+    assert complete and found["kind"] == "export"
     found = selection_status(out)
     assert found["finished"] and found["ledger"] is None  # no ledger round planned on file
     (out / "slurm").mkdir()
     (out / "slurm" / "select-ledger.sbatch").write_text("#!/bin/bash\n")  # `slurm select`'s
     assert selection_status(out)["ledger"]["status"] == "written"
+
+
+def _an_export_beside_a_pending_ledger(out: Path) -> None:
+    """shards/export.json (a finished export) does not hide the pending ledger: not finished
+    (`status --check` exits 1), and both are shown."""
+    shards = out / "shards"
+    shards.mkdir()
+    meta = {"samples": 4, "samples_per_shard": 4, "shards": 1, "pattern": "shards/00000.tar"}
+    write_json_atomic(shards / "export.json", meta)
+    (shards / "00000.tar").write_bytes(b"")
+    found, complete = read_status(str(out))
+    assert not complete and found["kind"] == "export"
+    assert (found["ledger"]["status"], found["ledger"]["written"]) == ("pending", 1)
+    console = Console(record=True, width=200)
+    print_status(found, console=console)
+    text = console.export_text()
+    assert "shards written" in text and "1 of 5 parts written" in text, text
+    assert "ledger unfinished task 0" in text, text

@@ -150,8 +150,7 @@ def read_status(
     else:
         folder = local_dir(location)
     if (folder / "shards" / "export.json").is_file():  # the merge is done; the export is left
-        found = export_status(folder)
-        return found, found["finished"]
+        return _export_and_ledger(folder)
     if (folder / TASKS_DIR).is_dir() or (folder / MANIFEST).is_file():
         found = selection_status(folder)
         return found, found["finished"]
@@ -160,6 +159,19 @@ def read_status(
     if is_url(location):
         found["out"] = location  # as given, not its local mirror
     return found, state.complete
+
+
+def _export_and_ledger(folder: Path) -> tuple[dict[str, Any], bool]:
+    """The export's status, with the ledger the tasks may still be writing beside it
+    (--spread-ledger): not finished while the ledger is pending."""
+    found = export_status(folder)
+    ledger = (
+        ledger_status(folder, task_count(folder), True) if (folder / SUMMARY).is_file() else None
+    )
+    if ledger is not None:
+        found["ledger"] = ledger
+        found["finished"] = found["finished"] and ledger["status"] == "written"
+    return found, found["finished"]
 
 
 def print_status(found: dict[str, Any], console: Console = ui.stdout, listed: int = 20) -> None:
@@ -175,6 +187,10 @@ def print_status(found: dict[str, Any], console: Console = ui.stdout, listed: in
 
     if found["kind"] == "export":
         _export_rows(found, table)
+        if found.get("ledger"):
+            _ledger_row(found["ledger"], table, listed)
+            some([f"task {u['task']}" for u in found["ledger"]["unfinished"]],
+                 "[yellow]ledger unfinished[/yellow]")  # fmt: skip
         some(found["missing"], "[yellow]missing[/yellow]")
     elif found["kind"] == "selection":
         lines += _selection_rows(found, table, listed)
