@@ -138,3 +138,33 @@ def test_an_export_task_never_writes_the_ledger(
         assert summary["ledger"]["status"] == "pending"
     assert parts(out) == before
     assert sorted(p.relative_to(out) for p in (out / "ledger").rglob("*")) == files
+
+
+def test_a_training_plan_made_while_pending_resumes_after_the_ledger(
+    ref: Path, tmp_path: Path
+) -> None:
+    """finish() rewrites summary.json (fates, the ledger's facts): a run planned on the pending
+    summary still resumes; so does one whose plan recorded the whole file's sha256."""
+    import argparse
+
+    from jestcurate.io.files import write_json_atomic
+    from jestcurate.trainer.openclip.plan import PLAN_FILE, Plan, check_run_folder, identity
+
+    out = tmp_path / "out"
+    tasks(ref, out, 3, method="random", spread_ledger=True)
+    plan = Plan((out,), ("original",), 10, (3,), 3, 1, 1, 1, 10, None)
+    theirs = argparse.Namespace(resume="latest", name="run", logs=str(tmp_path / "logs"))
+    check_run_folder(plan, theirs, write=True)
+    old = tmp_path / "old" / "run"
+    old.mkdir(parents=True)
+    write_json_atomic(old / PLAN_FILE, identity(plan, whole_file=True))
+    for i in range(3):
+        summary = select(ref, out, method="random", task_index=i, num_tasks=3)
+    assert "status" not in summary["ledger"]
+    check_run_folder(plan, theirs, write=False)  # the same plan
+    with pytest.raises(JCError, match="another plan"):  # an old plan of the pending file
+        check_run_folder(plan, argparse.Namespace(resume="latest", name="run",
+                                                  logs=str(tmp_path / "old")), write=False)  # fmt: skip
+    write_json_atomic(old / PLAN_FILE, identity(plan, whole_file=True))
+    check_run_folder(plan, argparse.Namespace(resume="latest", name="run",
+                                              logs=str(tmp_path / "old")), write=False)  # fmt: skip

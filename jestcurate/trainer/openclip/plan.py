@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,13 +251,23 @@ def _given(args: argparse.Namespace, flag: str) -> bool:
     return value not in (None, False, "", "auto")
 
 
-def identity(p: Plan) -> dict[str, Any]:
-    """What decides which samples step s trains: a resume must find the same."""
+def summary_sha256(selection: Path, whole_file: bool = False) -> str:
+    """summary.json's sha256 without its `fates` and `ledger` (canonical JSON of the rest): the
+    same before and after the ledger round finishes (--spread-ledger rewrites the file).
+    `whole_file`: the file's bytes, as plans written before this recorded it."""
+    raw = (selection / "summary.json").read_bytes()
+    if whole_file:
+        return hashlib.sha256(raw).hexdigest()
+    rest = {k: v for k, v in json.loads(raw).items() if k not in ("fates", "ledger")}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity(p: Plan, whole_file: bool = False) -> dict[str, Any]:
+    """What decides which samples step s trains: a resume must find the same. `whole_file`:
+    as older plans recorded the summaries (summary_sha256)."""
     sources: list[dict[str, Any]] = [
-        {
-            "selection": str(sel.resolve()),
-            "summary_sha256": hashlib.sha256((sel / "summary.json").read_bytes()).hexdigest(),
-        }
+        {"selection": str(sel.resolve()), "summary_sha256": summary_sha256(sel, whole_file)}
         for sel in p.selections
     ]
     if p.online is not None:
@@ -282,7 +293,7 @@ def check_run_folder(p: Plan, theirs: argparse.Namespace, write: bool) -> None:
         return
     previous = read_existing_json(folder / PLAN_FILE)
     ours = identity(p)
-    if previous is not None and previous != ours:
+    if previous is not None and previous != ours and previous != identity(p, whole_file=True):
         raise JCError(
             f"{folder} was begun with another plan ({previous['steps_per_epoch']} steps of "
             f"{previous['batch_size']} per epoch, from "
