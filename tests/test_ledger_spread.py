@@ -162,9 +162,8 @@ def test_a_training_plan_made_while_pending_resumes_after_the_ledger(
         summary = select(ref, out, method="random", task_index=i, num_tasks=3)
     assert "status" not in summary["ledger"]
     check_run_folder(plan, theirs, write=False)  # the same plan
-    with pytest.raises(JCError, match="another plan"):  # an old plan of the pending file
-        check_run_folder(plan, argparse.Namespace(resume="latest", name="run",
-                                                  logs=str(tmp_path / "old")), write=False)  # fmt: skip
+    older = argparse.Namespace(resume="latest", name="run", logs=str(tmp_path / "old"))
+    with pytest.raises(JCError, match="another plan"):  # the whole pending file's hash
+        check_run_folder(plan, older, write=False)
     write_json_atomic(old / PLAN_FILE, identity(plan, whole_file=True))
-    check_run_folder(plan, argparse.Namespace(resume="latest", name="run",
-                                              logs=str(tmp_path / "old")), write=False)  # fmt: skip
+    check_run_folder(plan, older, write=False)
