@@ -167,3 +167,21 @@ def test_a_training_plan_made_while_pending_resumes_after_the_ledger(
         check_run_folder(plan, older, write=False)
     write_json_atomic(old / PLAN_FILE, identity(plan, whole_file=True))
     check_run_folder(plan, older, write=False)
+
+
+def test_a_missing_scatter_or_unreadable_summary_is_one_line(ref: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from jestcurate.pipelines.select.tasks import unfinished_rounds
+    from jestcurate.pipelines.status import ledger_status
+
+    out = tmp_path / "out"
+    tasks(ref, out, 3, method="random", spread_ledger=True)
+    shutil.rmtree(out / "tasks" / "scatter")
+    with pytest.raises(JCError):  # scatter_notes' refusal, not index.npy's FileNotFoundError
+        select(ref, out, method="random", task_index=0, num_tasks=3)
+    (out / "summary.json").write_text("{not json")
+    with pytest.raises(JCError, match=r"summary\.json is unreadable"):
+        unfinished_rounds(out, 3, export=False, ledger=True)
+    with pytest.raises(JCError, match=r"summary\.json is unreadable"):
+        ledger_status(out, 3, True)

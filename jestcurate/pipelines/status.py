@@ -20,7 +20,6 @@ from rich.console import Console
 from jestcurate import ui
 from jestcurate.errors import JCError
 from jestcurate.io.remote import is_url, local_dir, remote_score_set
-from jestcurate.io.store import read_json
 from jestcurate.pipelines.local import LOCAL_DIR, last_line, read_plan
 from jestcurate.pipelines.select import (
     MANIFEST,
@@ -83,7 +82,7 @@ def ledger_status(out: Path, count: int | None, merged: bool) -> dict[str, Any] 
     """The ledger the tasks write after the merge (--ledger --spread-ledger): "planned" before
     the merge, "pending" with parts left (`written` of `parts`; `unfinished`: the tasks that
     have some, with their logs), "written"; None without a ledger round."""
-    summary = read_json(out / SUMMARY) if merged else {}
+    summary = ledger_round.read_summary(out) if merged else {}
     local = read_plan(out) or {}
     script = out / slurm.SLURM_DIR / slurm.LEDGER_SCRIPT
     planned = script.is_file() or bool(local.get("command") == "select" and local.get("ledger"))

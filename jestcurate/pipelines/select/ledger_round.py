@@ -155,6 +155,16 @@ def tasks_left(out: Path, parts: int, count: int) -> list[int]:
     return left or ([0] if count else [])
 
 
+def read_summary(out: Path) -> dict[str, Any]:
+    """OUT/summary.json, or a one-line refusal where it cannot be read; {} where it is not."""
+    path = out / SUMMARY
+    try:
+        return read_json(path) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise JCError(f"{path} is unreadable ({exc}): rerun the merge (select --merge) "
+                      "or remove the selection") from None  # fmt: skip
+
+
 def still_written(selection: Path, summary: dict[str, Any]) -> str | None:
     """For `info --why` and status: "the ledger is still being written (k of K parts)" while
     it is pending, else None."""

@@ -379,9 +379,9 @@ def _ledger_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> dict[str, An
         parts = ledger_round.share(len(names), task.index, task.count)
     if parts:
         choices, step_of = merged_choices(cfg.out, inputs.identity, task.count)
+        notes_of = scatter_notes(cfg.out, inputs.identity, task.count)  # its one-line check first
         first = ledger_round.first_ids(cfg.out, task.count, len(names))
         resolve = merged(names, choices, step_of, first)
-        notes_of = scatter_notes(cfg.out, inputs.identity, task.count)
         pointing = derived(cfg, inputs.ref).pointing()  # no filter's pass over the pool
         ref, learner = inputs.ref, inputs.learner
         with ui.step_progress("writing the ledger", len(parts), "parts") as tick:

@@ -22,7 +22,7 @@ from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.eligible import COUNTS, Counts
 from jestcurate.io.notes import Notes
 from jestcurate.io.rowcache import RowCache
-from jestcurate.io.store import atomic_write, finished_output, read_json
+from jestcurate.io.store import atomic_write, finished_output
 from jestcurate.math.density import task_shares
 from jestcurate.math.partition import interleave
 from jestcurate.math.sampling import super_batch_size
@@ -158,7 +158,7 @@ def unfinished_rounds(out: Path, count: int, export: bool, ledger: bool = False)
 
     exported = not export or export_meta(out) is not None
     if (out / SUMMARY).is_file():
-        summary = read_json(out / SUMMARY)
+        summary = ledger_round.read_summary(out)
         left: list[int] = []
         if ledger and ledger_round.is_pending(summary):
             left = ledger_round.tasks_left(out, int(summary["ledger"]["parts"]), count)
