@@ -185,3 +185,10 @@ def test_a_missing_scatter_or_unreadable_summary_is_one_line(ref: Path, tmp_path
         unfinished_rounds(out, 3, export=False, ledger=True)
     with pytest.raises(JCError, match=r"summary\.json is unreadable"):
         ledger_status(out, 3, True)
+
+
+def test_spread_ledger_without_ledger_is_refused(ref: Path, tmp_path: Path) -> None:
+    cfg = select_mod.SelectConfig(reference=ref, out=tmp_path / "out", sampling=SamplerOptions(
+        10, ratio=0.2), device="cpu", spread_ledger=True)  # fmt: skip
+    with pytest.raises(JCError, match=r"--spread-ledger .* pass --ledger"):
+        select_mod.run(cfg)

@@ -75,6 +75,8 @@ def validate(cfg: SelectConfig) -> None:
     """select's own checks (the sampler options checked themselves when made)."""
     if cfg.method not in METHODS:
         raise JCError(f"unknown method {cfg.method!r}; use one of {', '.join(METHODS)}")
+    if cfg.spread_ledger and not cfg.ledger:
+        raise JCError("--spread-ledger leaves the ledger's parts to the array tasks: pass --ledger")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise JCError("--max-steps must be at least 1")
     if cfg.sampling.criterion is not None and cfg.method != "jest":
