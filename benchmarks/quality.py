@@ -2,7 +2,8 @@
 the uniform pool's quality in fewer steps?
 
     python benchmarks/quality.py [--out docs/quality/softmax] [--workdir DIR] [--model jc-tiny]
-                                 [--methods ...] [--tasks N] [--quick]
+                                 [--methods ...] [--tasks N] [--batch B] [--steps N]
+                                 [--eval-every N] [--ablation-ratios R ...] [--quick]
 
 On the project's synthetic corpus (a clean guide split, a noisy pool, a clean zero-shot set):
 1. train a tiny reference on the guide split and a proxy learner on a slice of the pool
@@ -15,6 +16,10 @@ On the project's synthetic corpus (a clean guide split, a noisy pool, a clean ze
 3. `jestcurate eval` trains a fresh tiny learner on the uniform pool and on each method's chain
    of selections (one arm each, `-s NAME=SEL0,SEL1,...`), same recipe, several seeds, split over
    --tasks array tasks, and evaluates zero-shot accuracy every --eval-every steps.
+--methods also names arms outside the default run: the field's filters (FILTERED) and issue
+31's probes (PROBES: hard-learner, top-k, T = 1, and a proxy learner trained longer on the whole
+pool or refreshed part-way on jest's own picks). Another --batch keeps its selections in
+selections-bB beside the default's.
 Everything is the project's own code; this script only lays out the corpus and the arms. Writes
 results.json (the eval's results with the setup), results.md and accuracy.png to --out. The arms
 eval cannot express (online JEST, open_clip_train, shuffled batches) and the samplers'
@@ -55,6 +60,10 @@ class Setup:
     learner_shards: int = 4
     reference_steps: int = 300
     learner_steps: int = 60
+    # issue 31's learner probes: a learner trained longer on the whole pool, and one refreshed
+    # part-way (the 60-step learner trained on for refresh_steps of b on jest's first selection)
+    long_learner_steps: int = 400
+    refresh_steps: int = 125
     reference_batch: int = 64
     batch: int = 32
     ratio: float = 0.2
@@ -71,7 +80,8 @@ class Setup:
 
 QUICK = Setup(
     guide=(1, 256), pool=(2, 256), eval_samples=64, learner_shards=1, reference_steps=20,
-    learner_steps=5, batch=16, steps=20, eval_every=10, seeds=1, ablation_ratios=(0.5,),
+    learner_steps=5, long_learner_steps=8, refresh_steps=4, batch=16, steps=20, eval_every=10,
+    seeds=1, ablation_ratios=(0.5,),
 )  # fmt: skip
 
 # method -> (its arm's name in the eval, select's settings)
@@ -116,8 +126,26 @@ FILTERED: dict[str, tuple[str, dict[str, Any]]] = {
         {"method": "jest", "score": "learnability", "filters": {"target_filter": "clusters"}},
     ),
 }  # fmt: skip
+# Issue 31's probes (the sigmoid loss): the batch score, the sampler's sharpness, and the proxy
+# learner trained longer on the whole pool or refreshed part-way. Not in the default run.
+PROBES: dict[str, tuple[str, dict[str, Any]]] = {
+    "jest (hard-learner)": ("jest-hard-learner", {"method": "jest", "score": "hard-learner"}),
+    "jest (learnability, top-k)": (
+        "jest-learnability-topk", {"method": "jest", "score": "learnability", "topk": True}),
+    "jest (learnability, T = 1)": (
+        "jest-learnability-t1", {"method": "jest", "score": "learnability", "temperature": 1.0}),
+    "learnability (long learner)": (
+        "learnability-long-learner", {"method": "learnability", "learner": "learner-long"}),
+    "jest (learnability, long learner)": (
+        "jest-learnability-long-learner",
+        {"method": "jest", "score": "learnability", "learner": "learner-long"}),
+    "jest (learnability, refreshed learner)": (
+        "jest-learnability-refreshed",
+        {"method": "jest", "score": "learnability", "refresh": True}),
+}  # fmt: skip
 METHODS.update(FILTERED)
-DEFAULT = [m for m in METHODS if m not in FILTERED]
+METHODS.update(PROBES)
+DEFAULT = [m for m in METHODS if m not in FILTERED and m not in PROBES]
 
 # Where the paper says joint selection matters most, a lower kept ratio: the joint samplers
 # beside the independent baseline with the same criterion.
@@ -154,26 +182,76 @@ def prepare(work: Path, setup: Setup) -> None:
             )  # fmt: skip
 
 
+def train_and_score(
+    work: Path,
+    setup: Setup,
+    name: str,
+    inputs: tuple[str, ...],
+    steps: int,
+    batch: int,
+    init: Path | None = None,
+) -> Path:
+    """Train a learner checkpoint NAME.pt and score the pool with it; both skip on a rerun."""
+    out = work / f"{name}.pt"
+    train_mod.run(train_mod.TrainConfig(
+        inputs=inputs, out=out, steps=steps, model=setup.model, batch_size=batch, workers=1,
+        lr=setup.lr, pretrained=str(init) if init else None,
+    ))  # fmt: skip
+    scores = work / "scores" / name
+    score_mod.run(score_mod.ScoreConfig(
+        inputs=(str(work / "pool"),), out=scores, model=setup.model, pretrained=str(out),
+        role="learner",
+    ))  # fmt: skip
+    return scores
+
+
+def learner_scores(work: Path, setup: Setup, name: str) -> Path:
+    """The pool scored by the proxy learner NAME: prepare's (a slice of the pool), or one
+    trained for long_learner_steps on the whole pool."""
+    if name == "learner-long":
+        pool = tuple(sorted(str(p) for p in (work / "pool").glob("*.tar")))
+        return train_and_score(
+            work, setup, name, pool, setup.long_learner_steps, setup.reference_batch
+        )
+    return work / "scores" / name
+
+
+def refreshed_learner(work: Path, setup: Setup, first: Path) -> Path:
+    """The 60-step learner trained on for refresh_steps batches of b on the samples of jest's
+    first selection (exported by select), as the eval's learner is part-way: the offline
+    stand-in for the paper's learner scoring with its current weights."""
+    shards = tuple(sorted(str(p) for p in (first / "shards").glob("*.tar")))
+    return train_and_score(
+        work, setup, "learner-refreshed", shards, setup.refresh_steps, setup.batch,
+        init=work / "learner.pt",
+    )  # fmt: skip
+
+
 def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str) -> list[Path]:
     """Successive selections of one method (--seed 0, 1, ...) until they hold setup.steps
     batches; reruns reuse the finished ones (select is idempotent)."""
     made: list[Path] = []
     held = 0
+    # the learner's scores only where the method reads them (the FLOPs count its pass)
+    needs = kw["method"] == "learnability" or kw.get("score") in ("learnability", "hard-learner")
+    learner = learner_scores(work, setup, kw.get("learner", "learner"))
     while held < setup.steps:
-        out = work / "selections" / name / f"seed-{len(made)}"
+        # another b's selections beside the default's (a selection folder holds one b)
+        folder = "selections" if setup.batch == Setup.batch else f"selections-b{setup.batch}"
+        out = work / folder / name / f"seed-{len(made)}"
         sampling = SamplerOptions(
-            setup.batch, ratio, criterion=kw.get("score"), chunks=setup.chunks,
-            **{k: v for k, v in kw.items() if k in ("sampler", "sweeps")},
+            setup.batch, ratio, criterion=kw.get("score"), chunks=min(setup.chunks, setup.batch),
+            **{k: v for k, v in kw.items() if k in ("sampler", "sweeps", "topk", "temperature")},
         )  # fmt: skip
-        # the learner's scores only where the method reads them (the FLOPs count its pass)
-        needs = kw["method"] == "learnability" or kw.get("score") == "learnability"
+        if kw.get("refresh") and made:  # the learner as it would be after the first selection
+            learner = refreshed_learner(work, setup, made[0])
         filters = FilterOptions(target=work / "scores" / "guide", **kw["filters"]) if (
             "filters" in kw) else FilterOptions()  # fmt: skip
         cfg = select_mod.SelectConfig(
             reference=work / "scores" / "reference",
-            learner=work / "scores" / "learner" if needs else None,
+            learner=learner if needs else None,
             out=out, method=kw["method"], sampling=sampling, seed=len(made), device="cpu",
-            filters=filters,
+            filters=filters, export=bool(kw.get("refresh")) and not made,
         )  # fmt: skip
         select_mod.run(cfg)
         steps = json.loads((out / "summary.json").read_text())["counts"]["steps"]
@@ -259,6 +337,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny run of the code path")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="b (the learner's batch)")
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument(
+        "--ablation-ratios", type=float, nargs="*", default=None,
+        help="the kept ratios of the ablation (none: no ablation)",
+    )  # fmt: skip
     parser.add_argument("--tasks", type=int, default=1, help="eval array tasks side by side")
     parser.add_argument("--model", default="jc-tiny", help="jc-tiny or jc-tiny-sigmoid")
     parser.add_argument(
@@ -266,7 +350,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     setup = replace(QUICK if args.quick else Setup(), model=args.model, methods=tuple(args.methods))
-    setup = replace(setup, **{k: v for k in ("steps", "seeds") if (v := getattr(args, k))})
+    given = ("steps", "seeds", "batch", "eval_every")
+    setup = replace(setup, **{k: v for k in given if (v := getattr(args, k))})
+    if args.ablation_ratios is not None:
+        setup = replace(setup, ablation_ratios=tuple(args.ablation_ratios))
     began = time.time()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,34 @@ def test_quality_inmemory_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert all(d["mean"] >= top - 1e-6 for k, d in diag.items() if "refine" in k), diag
     assert results["compute"]["forward_flops_per_sample"] > 1e6
     assert "| jest (learnability) |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_quality_benchmark_probes_train_their_own_learners(tmp_path: Path) -> None:
+    """Issue 31's probes: the long learner scores the pool for its chain, and the refreshed
+    learner is trained from the 60-step one on the first selection's exported samples, then
+    scores every later selection of its chain; b and the grid follow --batch/--eval-every."""
+    out = run_benchmark(
+        "quality.py", tmp_path, "--model", "jc-tiny-sigmoid", "--ablation-ratios",
+        "--batch", "8", "--eval-every", "5", "--methods", "jest (learnability, long learner)",
+        "jest (learnability, refreshed learner)", "jest (learnability, top-k)",
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    work = tmp_path / "w"
+
+    def learner_of(path: str) -> str:
+        summary = json.loads((Path(path) / "summary.json").read_text())
+        assert summary["parameters"]["batch_size"] == 8
+        return Path(summary["inputs"]["learner"]["path"]).name
+
+    chains = results["selections"]
+    assert {learner_of(p) for p in chains["jest-learnability-long-learner"]} == {"learner-long"}
+    refreshed = [learner_of(p) for p in chains["jest-learnability-refreshed"]]
+    assert refreshed[0] == "learner" and set(refreshed[1:]) == {"learner-refreshed"}
+    trained = json.loads((work / "learner-refreshed.pt.json").read_text())
+    assert trained["config"]["pretrained"] == str(work / "learner.pt")
+    assert all("selections-b8" in p for paths in chains.values() for p in paths)
+    topk = json.loads((Path(chains["jest-learnability-topk"][0]) / "summary.json").read_text())
+    assert topk["parameters"]["topk"] is True
+    for curves in results["eval"]["units"].values():
+        assert all([p["step"] for p in c] == [0, 5, 10, 15, 20] for c in curves)

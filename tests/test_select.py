@@ -360,6 +360,49 @@ def test_cli_select_prints_a_summary(sets, tmp_path: Path) -> None:
     )
     assert code == 0, output
     assert "batch score" in output and "learnability" in output and "kept" in output
+    assert "no longer telling" not in output  # a learner behind the reference: no warning
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_a_learner_that_caught_up_with_the_reference_is_warned_about(
+    tmp_path: Path, loss: str
+) -> None:
+    """A learner that tells clean pairs from noise better than the reference makes
+    learnability prefer noise (clean pairs' learner loss falls below the reference's); select
+    says so, for jest and for learnability top-k, and not for easy-ref, which reads no learner."""
+    common = {"shards": 6, "rows_per_shard": 100, "dim": 32, "error_fraction": 0.05}
+    sigmoid = {"loss": "sigmoid", "logit_scale": 10.0} if loss == "sigmoid" else {}
+    noisy = write_score_set(tmp_path / "ref", seed=1, noise=0.3, **common, **sigmoid)
+    write_score_set(tmp_path / "caught", seed=2, role="learner", noise=0.05, **common, **sigmoid)
+    for method, advice in (("jest", "--score easy-ref"), ("learnability", "--method easy-ref")):
+        out = tmp_path / method
+        code, output = run_cli(
+            "select", tmp_path / "ref", "--learner", tmp_path / "caught", "--method", method,
+            "--out", out, "-b", "20", "--device", "cpu",
+        )  # fmt: skip
+        assert code == 0, output
+        assert noisy_share(manifest(out), noisy) > 0.5  # what the warning is about
+        assert "no longer telling learnable pairs from noise" in output, output
+        assert advice in output
+    code, output = run_cli(
+        "select", tmp_path / "ref", "--method", "easy-ref", "--out", tmp_path / "easy", "-b", "20"
+    )
+    assert code == 0 and "no longer telling" not in output, output
+
+
+def test_learner_caught_up_reads_the_summary_means() -> None:
+    from jestcurate.pipelines.select.report import learner_caught_up
+
+    def summary(method: str, score: str | None, kept: float, left: float) -> dict:
+        means = {"kept": {"ref_loss": kept}, "dropped": {"ref_loss": left}}
+        return {"method": method, "score": score, "means": means}
+
+    assert learner_caught_up(summary("jest", "learnability", 8.5, 6.2)) is not None
+    assert learner_caught_up(summary("learnability", None, 8.5, 6.2)) is not None
+    assert learner_caught_up(summary("jest", "learnability", 2.2, 7.7)) is None
+    assert learner_caught_up(summary("jest", "hard-learner", 8.5, 6.2)) is None  # by design
+    assert learner_caught_up(summary("jest", "easy-ref", 8.5, 6.2)) is None
+    assert learner_caught_up({"method": "jest", "score": "learnability", "means": {}}) is None
 
 
 def test_no_uids_file_unless_every_kept_row_has_a_hex_uid(sets, tmp_path: Path) -> None:

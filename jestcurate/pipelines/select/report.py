@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from rich.console import Console
 
 from jestcurate import ui
+
+log = logging.getLogger(__name__)
 
 # select's other filters' counts (pipelines/select/filters), as the summary shows them
 FILTERED = {
@@ -57,6 +60,30 @@ def print_selected(report: SelectReport) -> None:
         )
         return
     print_summary(report)
+    if (warning := learner_caught_up(report.summary)) is not None:
+        log.warning(warning)
+
+
+def learner_caught_up(summary: dict[str, Any]) -> str | None:
+    """A warning when a selection by learnability kept rows that the reference finds harder
+    than the rows it left: learnability then no longer tells learnable pairs from noise, as
+    when the learner has caught up with the reference (measured under the sigmoid loss:
+    docs/select.md, "Under the sigmoid loss"). None when the selection looks as it should."""
+    by_learnability = summary.get("score") == "learnability" or (
+        summary.get("method") == "learnability"
+    )
+    kept = summary.get("means", {}).get("kept", {}).get("ref_loss")
+    left = summary.get("means", {}).get("dropped", {}).get("ref_loss")
+    if not by_learnability or kept is None or left is None or kept <= left:
+        return None
+    instead = "--score easy-ref" if summary.get("method") == "jest" else "--method easy-ref"
+    return (
+        f"the kept rows are harder for the reference than the rows left (mean ref_loss "
+        f"{kept:.3f} kept, {left:.3f} left): learnability is no longer telling learnable "
+        "pairs from noise, as when the learner has caught up with the reference or passed "
+        f"it; score the pool with an earlier learner checkpoint, or select with {instead} "
+        "(docs/select.md, 'Under the sigmoid loss')"
+    )
 
 
 def print_exported(report: SelectReport) -> None:
