@@ -2,8 +2,9 @@
 own labels (each sample's .json names its kind and true class):
 
     python benchmarks/batch_composition.py WORKDIR [ARM[@SEED] ...] [--batch 32]
+                                           [--folder selections] [--scores SET ...]
 
-For each arm's selection (WORKDIR/selections/ARM/seed-SEED, seed 0 unless given), and for
+For each arm's selection (WORKDIR/FOLDER/ARM/seed-SEED, seed 0 unless given), and for
 uniform batches drawn from the pool: the share of matched pairs (the caption names the image's
 class: clean samples and their duplicates), the same-class others per row (a pair whose image
 shows the class another row's caption names: a false negative for the contrastive loss), the
@@ -79,6 +80,9 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("arms", nargs="*", help="ARM or ARM@SEED under WORKDIR/selections")
     parser.add_argument("--batch", type=int, default=32, help="b of the uniform batches")
+    parser.add_argument(
+        "--folder", default="selections", help="the arms' folder under WORKDIR (selections-bB)"
+    )
     parser.add_argument("--classes", type=int, default=32)
     parser.add_argument(
         "--scores", nargs="*", default=(),
@@ -105,7 +109,7 @@ def main() -> None:
     print(describe("uniform batches", uniform, args.classes))
     for arm in args.arms:
         name, _, seed = arm.partition("@")
-        path = args.workdir / "selections" / name / f"seed-{seed or 0}" / "manifest.parquet"
+        path = args.workdir / args.folder / name / f"seed-{seed or 0}" / "manifest.parquet"
         table = pq.read_table(path, columns=["step", "shard", "key"]).to_pydict()
         steps: dict[int, list[Label]] = {}
         resolved = {s: str(Path(s).resolve()) for s in set(table["shard"])}  # links, as labels

@@ -45,6 +45,7 @@ from jestcurate.pipelines import score as score_mod
 from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines import train as train_mod
 from jestcurate.pipelines.evaluate import results as results_mod
+from jestcurate.pipelines.select.config import reads_learner
 from jestcurate.pipelines.select.filters.options import FilterOptions
 from jestcurate.pipelines.synth import PRESETS, CorpusSpec, write_corpus, write_zeroshot_set
 
@@ -61,9 +62,8 @@ class Setup:
     reference_steps: int = 300
     learner_steps: int = 60
     # issue 31's learner probes: a learner trained longer on the whole pool, and one refreshed
-    # part-way (the 60-step learner trained on for refresh_steps of b on jest's first selection)
+    # part-way (the 60-step learner trained on jest's first selection, batch by batch of b)
     long_learner_steps: int = 400
-    refresh_steps: int = 125
     reference_batch: int = 64
     batch: int = 32
     ratio: float = 0.2
@@ -80,7 +80,7 @@ class Setup:
 
 QUICK = Setup(
     guide=(1, 256), pool=(2, 256), eval_samples=64, learner_shards=1, reference_steps=20,
-    learner_steps=5, long_learner_steps=8, refresh_steps=4, batch=16, steps=20, eval_every=10,
+    learner_steps=5, long_learner_steps=8, batch=16, steps=20, eval_every=10,
     seeds=1, ablation_ratios=(0.5,),
 )  # fmt: skip
 
@@ -134,6 +134,8 @@ PROBES: dict[str, tuple[str, dict[str, Any]]] = {
         "jest-learnability-topk", {"method": "jest", "score": "learnability", "topk": True}),
     "jest (learnability, T = 1)": (
         "jest-learnability-t1", {"method": "jest", "score": "learnability", "temperature": 1.0}),
+    "jest (easy-ref), ratio 0.1": (
+        "jest-easy-ref-ratio-0.1", {"method": "jest", "score": "easy-ref", "ratio": 0.1}),
     "learnability (long learner)": (
         "learnability-long-learner", {"method": "learnability", "learner": "learner-long"}),
     "jest (learnability, long learner)": (
@@ -165,7 +167,7 @@ def prepare(work: Path, setup: Setup) -> None:
         write_zeroshot_set(work / "zeroshot", setup.eval_samples, 13, templates=(TEMPLATE,))
     common = {"model": setup.model, "batch_size": setup.reference_batch, "workers": 1,
               "lr": setup.lr}  # fmt: skip
-    pool = sorted(str(p) for p in (work / "pool").glob("*.tar"))
+    pool = pool_shards(work)
     for role, inputs, steps in (
         ("reference", (str(work / "guide"),), setup.reference_steps),
         ("learner", tuple(pool[: setup.learner_shards]), setup.learner_steps),
@@ -209,22 +211,25 @@ def learner_scores(work: Path, setup: Setup, name: str) -> Path:
     """The pool scored by the proxy learner NAME: prepare's (a slice of the pool), or one
     trained for long_learner_steps on the whole pool."""
     if name == "learner-long":
-        pool = tuple(sorted(str(p) for p in (work / "pool").glob("*.tar")))
         return train_and_score(
-            work, setup, name, pool, setup.long_learner_steps, setup.reference_batch
+            work, setup, name, pool_shards(work), setup.long_learner_steps, setup.reference_batch
         )
     return work / "scores" / name
 
 
 def refreshed_learner(work: Path, setup: Setup, first: Path) -> Path:
-    """The 60-step learner trained on for refresh_steps batches of b on the samples of jest's
-    first selection (exported by select), as the eval's learner is part-way: the offline
-    stand-in for the paper's learner scoring with its current weights."""
+    """The 60-step learner trained on the samples of jest's first selection (exported by
+    select) for as many steps of b as it holds, as the eval's learner has seen them when the
+    second selection begins (shuffled, with a warmup of its own): the offline stand-in for the
+    paper's learner scoring with its current weights. One per b (its steps and batch differ)."""
     shards = tuple(sorted(str(p) for p in (first / "shards").glob("*.tar")))
-    return train_and_score(
-        work, setup, "learner-refreshed", shards, setup.refresh_steps, setup.batch,
-        init=work / "learner.pt",
-    )  # fmt: skip
+    steps = json.loads((first / "summary.json").read_text())["counts"]["steps"]
+    name = "learner-refreshed" + ("" if setup.batch == Setup.batch else f"-b{setup.batch}")
+    return train_and_score(work, setup, name, shards, steps, setup.batch, init=work / "learner.pt")
+
+
+def pool_shards(work: Path) -> tuple[str, ...]:
+    return tuple(sorted(str(p) for p in (work / "pool").glob("*.tar")))
 
 
 def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str) -> list[Path]:
@@ -233,7 +238,7 @@ def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str)
     made: list[Path] = []
     held = 0
     # the learner's scores only where the method reads them (the FLOPs count its pass)
-    needs = kw["method"] == "learnability" or kw.get("score") in ("learnability", "hard-learner")
+    needs = reads_learner(kw["method"], kw.get("score"))
     learner = learner_scores(work, setup, kw.get("learner", "learner"))
     while held < setup.steps:
         # another b's selections beside the default's (a selection folder holds one b)

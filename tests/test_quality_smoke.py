@@ -90,6 +90,7 @@ def test_quality_benchmark_probes_train_their_own_learners(tmp_path: Path) -> No
         "quality.py", tmp_path, "--model", "jc-tiny-sigmoid", "--ablation-ratios",
         "--batch", "8", "--eval-every", "5", "--methods", "jest (learnability, long learner)",
         "jest (learnability, refreshed learner)", "jest (learnability, top-k)",
+        "jest (hard-learner)",
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     work = tmp_path / "w"
@@ -102,9 +103,17 @@ def test_quality_benchmark_probes_train_their_own_learners(tmp_path: Path) -> No
     chains = results["selections"]
     assert {learner_of(p) for p in chains["jest-learnability-long-learner"]} == {"learner-long"}
     refreshed = [learner_of(p) for p in chains["jest-learnability-refreshed"]]
-    assert refreshed[0] == "learner" and set(refreshed[1:]) == {"learner-refreshed"}
-    trained = json.loads((work / "learner-refreshed.pt.json").read_text())
-    assert trained["config"]["pretrained"] == str(work / "learner.pt")
+    assert refreshed[0] == "learner" and set(refreshed[1:]) == {"learner-refreshed-b8"}
+    # trained from the 60-step learner on selection 0's exported samples, as many steps of b
+    # as it holds; the long learner on every pool shard
+    first = Path(chains["jest-learnability-refreshed"][0])
+    trained = json.loads((work / "learner-refreshed-b8.pt.json").read_text())["config"]
+    assert trained["pretrained"] == str(work / "learner.pt") and trained["batch_size"] == 8
+    assert trained["inputs"] == sorted(str(p) for p in (first / "shards").glob("*.tar"))
+    assert trained["steps"] == json.loads((first / "summary.json").read_text())["counts"]["steps"]
+    long = json.loads((work / "learner-long.pt.json").read_text())["config"]
+    assert long["inputs"] == sorted(str(p) for p in (work / "pool").glob("*.tar"))
+    assert {learner_of(p) for p in chains["jest-hard-learner"]} == {"learner"}
     assert all("selections-b8" in p for paths in chains.values() for p in paths)
     topk = json.loads((Path(chains["jest-learnability-topk"][0]) / "summary.json").read_text())
     assert topk["parameters"]["topk"] is True

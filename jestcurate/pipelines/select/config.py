@@ -71,6 +71,11 @@ class SelectConfig:
         return self.sampling.criterion_for(self.learner is not None)
 
 
+def reads_learner(method: str, criterion: str | None) -> bool:
+    """Whether a method (jest with its criterion) reads the learner's scores."""
+    return method == "learnability" or criterion in ("learnability", "hard-learner")
+
+
 def validate(cfg: SelectConfig) -> None:
     """select's own checks (the sampler options checked themselves when made)."""
     if cfg.method not in METHODS:
@@ -81,11 +86,7 @@ def validate(cfg: SelectConfig) -> None:
         raise JCError("--max-steps must be at least 1")
     if cfg.sampling.criterion is not None and cfg.method != "jest":
         raise JCError("--score chooses jest's criterion; other methods have their own")
-    needs_learner = cfg.method == "learnability" or cfg.criterion in (
-        "learnability",
-        "hard-learner",
-    )
-    if needs_learner and cfg.learner is None:
+    if reads_learner(cfg.method, cfg.criterion) and cfg.learner is None:
         what = f"--score {cfg.criterion}" if cfg.method == "jest" else f"--method {cfg.method}"
         raise JCError(f"{what} needs --learner (a score set made with `score --role learner`)")
     if cfg.out.exists() and not cfg.out.is_dir():

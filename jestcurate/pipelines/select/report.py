@@ -65,21 +65,22 @@ def print_selected(report: SelectReport) -> None:
 
 
 def learner_caught_up(summary: dict[str, Any]) -> str | None:
-    """A warning when a selection by learnability kept rows that the reference finds harder
-    than the rows it left: learnability then no longer tells learnable pairs from noise, as
-    when the learner has caught up with the reference (measured under the sigmoid loss:
-    docs/select.md, "Under the sigmoid loss"). None when the selection looks as it should."""
+    """A warning when a selection by learnability kept rows that the reference finds harder,
+    on average, than the rows it left: a sign (a heuristic, not a proof) that learnability no
+    longer tells learnable pairs from noise, as when the learner has caught up with the
+    reference (measured under the sigmoid loss: docs/select.md, "Under the sigmoid loss").
+    None when the selection looks as it should."""
     by_learnability = summary.get("score") == "learnability" or (
         summary.get("method") == "learnability"
     )
     kept = summary.get("means", {}).get("kept", {}).get("ref_loss")
     left = summary.get("means", {}).get("dropped", {}).get("ref_loss")
-    if not by_learnability or kept is None or left is None or kept <= left:
+    if not by_learnability or kept is None or left is None or not kept > left:  # NaN: no
         return None
     instead = "--score easy-ref" if summary.get("method") == "jest" else "--method easy-ref"
     return (
         f"the kept rows are harder for the reference than the rows left (mean ref_loss "
-        f"{kept:.3f} kept, {left:.3f} left): learnability is no longer telling learnable "
+        f"{kept:.3f} kept, {left:.3f} left): learnability may no longer be telling learnable "
         "pairs from noise, as when the learner has caught up with the reference or passed "
         f"it; score the pool with an earlier learner checkpoint, or select with {instead} "
         "(docs/select.md, 'Under the sigmoid loss')"
