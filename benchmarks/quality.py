@@ -17,9 +17,10 @@ On the project's synthetic corpus (a clean guide split, a noisy pool, a clean ze
    of selections (one arm each, `-s NAME=SEL0,SEL1,...`), same recipe, several seeds, split over
    --tasks array tasks, and evaluates zero-shot accuracy every --eval-every steps.
 --methods also names arms outside the default run: the field's filters (FILTERED) and issue
-31's probes (PROBES: hard-learner, top-k, T = 1, and a proxy learner trained longer on the whole
-pool or refreshed part-way on jest's own picks). Another --batch keeps its selections in
-selections-bB beside the default's.
+31's probes (PROBES: hard-learner, top-k, T = 1, a proxy learner trained longer on the whole
+pool or refreshed part-way on jest's own picks, and jest's kept rows dealt into batches again:
+spread by class, an oracle from the corpus's labels, or shuffled). Another --batch keeps its
+selections in selections-bB beside the default's.
 Everything is the project's own code; this script only lays out the corpus and the arms. Writes
 results.json (the eval's results with the setup), results.md and accuracy.png to --out. The arms
 eval cannot express (online JEST, open_clip_train, shuffled batches) and the samplers'
@@ -29,6 +30,7 @@ diagnostic are in quality_inmemory.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +41,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from batch_composition import labels
+from recompose_batches import recompose
 
 from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import score as score_mod
@@ -134,8 +139,6 @@ PROBES: dict[str, tuple[str, dict[str, Any]]] = {
         "jest-learnability-topk", {"method": "jest", "score": "learnability", "topk": True}),
     "jest (learnability, T = 1)": (
         "jest-learnability-t1", {"method": "jest", "score": "learnability", "temperature": 1.0}),
-    "jest (easy-ref), ratio 0.1": (
-        "jest-easy-ref-ratio-0.1", {"method": "jest", "score": "easy-ref", "ratio": 0.1}),
     "learnability (long learner)": (
         "learnability-long-learner", {"method": "learnability", "learner": "learner-long"}),
     "jest (learnability, long learner)": (
@@ -144,6 +147,16 @@ PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "jest (learnability, refreshed learner)": (
         "jest-learnability-refreshed",
         {"method": "jest", "score": "learnability", "refresh": True}),
+    # What a batch's make-up is worth, the kept rows fixed (benchmarks/recompose_batches.py):
+    # jest's rows dealt into batches by class (an oracle from the corpus's labels), or shuffled.
+    "jest (learnability), batches spread by class (oracle)": (
+        "jest-learnability-spread",
+        {"method": "jest", "score": "learnability", "recompose": "spread",
+         "of": "jest-learnability"}),
+    "jest (learnability), batches shuffled": (
+        "jest-learnability-shuffled",
+        {"method": "jest", "score": "learnability", "recompose": "shuffled",
+         "of": "jest-learnability"}),
 }  # fmt: skip
 METHODS.update(FILTERED)
 METHODS.update(PROBES)
@@ -228,6 +241,11 @@ def refreshed_learner(work: Path, setup: Setup, first: Path) -> Path:
     return train_and_score(work, setup, name, shards, steps, setup.batch, init=work / "learner.pt")
 
 
+@functools.cache
+def corpus_labels(pool: Path) -> dict[tuple[str, str], tuple[int, int, str]]:
+    return labels(pool)
+
+
 def pool_shards(work: Path) -> tuple[str, ...]:
     return tuple(sorted(str(p) for p in (work / "pool").glob("*.tar")))
 
@@ -252,13 +270,17 @@ def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str)
             learner = refreshed_learner(work, setup, made[0])
         filters = FilterOptions(target=work / "scores" / "guide", **kw["filters"]) if (
             "filters" in kw) else FilterOptions()  # fmt: skip
+        # a recomposed arm: the selection of arm `of`, its rows dealt into batches again
+        selected = work / folder / kw["of"] / out.name if "recompose" in kw else out
         cfg = select_mod.SelectConfig(
             reference=work / "scores" / "reference",
             learner=learner if needs else None,
-            out=out, method=kw["method"], sampling=sampling, seed=len(made), device="cpu",
-            filters=filters, export=bool(kw.get("refresh")) and not made,
+            out=selected, method=kw["method"], sampling=sampling, seed=len(made),
+            device="cpu", filters=filters, export=bool(kw.get("refresh")) and not made,
         )  # fmt: skip
         select_mod.run(cfg)
+        if "recompose" in kw:
+            recompose(selected, out, kw["recompose"], corpus_labels(work / "pool"), len(made))
         steps = json.loads((out / "summary.json").read_text())["counts"]["steps"]
         if steps < 1:
             raise SystemExit(f"{name}: a selection of no batches; the pool is too small")

@@ -85,12 +85,13 @@ def test_quality_inmemory_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 def test_quality_benchmark_probes_train_their_own_learners(tmp_path: Path) -> None:
     """Issue 31's probes: the long learner scores the pool for its chain, and the refreshed
     learner is trained from the 60-step one on the first selection's exported samples, then
-    scores every later selection of its chain; b and the grid follow --batch/--eval-every."""
+    scores every later selection of its chain; the oracle arm trains jest's rows in other
+    batches; b and the grid follow --batch/--eval-every."""
     out = run_benchmark(
         "quality.py", tmp_path, "--model", "jc-tiny-sigmoid", "--ablation-ratios",
         "--batch", "8", "--eval-every", "5", "--methods", "jest (learnability, long learner)",
         "jest (learnability, refreshed learner)", "jest (learnability, top-k)",
-        "jest (hard-learner)",
+        "jest (hard-learner)", "jest (learnability), batches spread by class (oracle)",
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     work = tmp_path / "w"
@@ -114,6 +115,14 @@ def test_quality_benchmark_probes_train_their_own_learners(tmp_path: Path) -> No
     long = json.loads((work / "learner-long.pt.json").read_text())["config"]
     assert long["inputs"] == sorted(str(p) for p in (work / "pool").glob("*.tar"))
     assert {learner_of(p) for p in chains["jest-hard-learner"]} == {"learner"}
+    # the oracle arm: jest's selections (made beside it), the same rows in other batches of b
+    for path in chains["jest-learnability-spread"]:
+        spread = pq.read_table(Path(path) / "manifest.parquet").to_pydict()
+        own = pq.read_table(work / "selections-b8" / "jest-learnability" / Path(path).name
+                            / "manifest.parquet").to_pydict()  # fmt: skip
+        assert sorted(spread["key"]) == sorted(own["key"]) and spread["key"] != own["key"]
+        assert spread["step"] == sorted(spread["step"])
+        assert all(spread["step"].count(s) == 8 for s in set(spread["step"]))
     assert all("selections-b8" in p for paths in chains.values() for p in paths)
     topk = json.loads((Path(chains["jest-learnability-topk"][0]) / "summary.json").read_text())
     assert topk["parameters"]["topk"] is True
