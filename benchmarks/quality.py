@@ -21,10 +21,10 @@ On the project's synthetic corpus (a clean guide split, a noisy pool, a clean ze
 pool or refreshed part-way on jest's own picks, and jest's kept rows dealt into batches again:
 spread by class, an oracle from the corpus's labels, or shuffled). Another --batch keeps its
 selections in selections-bB beside the default's.
-Everything is the project's own code; this script only lays out the corpus and the arms. Writes
-results.json (the eval's results with the setup), results.md and accuracy.png to --out. The arms
-eval cannot express (online JEST, open_clip_train, shuffled batches) and the samplers'
-diagnostic are in quality_inmemory.py.
+Everything is the project's own code but the recomposed arms' dealing (recompose_batches.py);
+this script lays out the corpus and the arms. Writes results.json (the eval's results with the
+setup), results.md and accuracy.png to --out. The arms eval cannot express (online JEST,
+open_clip_train) and the samplers' diagnostic are in quality_inmemory.py.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from batch_composition import labels
-from recompose_batches import recompose
+from recompose_batches import known_for, recompose
 
 from jestcurate.math.sampling import SamplerOptions
 from jestcurate.pipelines import score as score_mod
@@ -242,8 +241,9 @@ def refreshed_learner(work: Path, setup: Setup, first: Path) -> Path:
 
 
 @functools.cache
-def corpus_labels(pool: Path) -> dict[tuple[str, str], tuple[int, int, str]]:
-    return labels(pool)
+def dealt_by(how: str, work: Path) -> dict:
+    """What a recomposed arm deals its rows by (read once per run)."""
+    return known_for(how, work)
 
 
 def pool_shards(work: Path) -> tuple[str, ...]:
@@ -280,7 +280,8 @@ def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str)
         )  # fmt: skip
         select_mod.run(cfg)
         if "recompose" in kw:
-            recompose(selected, out, kw["recompose"], corpus_labels(work / "pool"), len(made))
+            how = kw["recompose"]
+            recompose(selected, out, how, dealt_by(how, work), len(made))
         steps = json.loads((out / "summary.json").read_text())["counts"]["steps"]
         if steps < 1:
             raise SystemExit(f"{name}: a selection of no batches; the pool is too small")

@@ -17,7 +17,6 @@ NAME=SEED0,SEED1,...` trains like any chain of selections.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from batch_composition import labels
+
+from jestcurate.io.derived import file_digests
+from jestcurate.io.files import atomic_write, file_digest, read_json, write_json_atomic
+from jestcurate.pipelines.select.config import MANIFEST, SUMMARY, UIDS
 
 HOW = ("spread", "captions", "shuffled")
 
@@ -51,39 +54,70 @@ def reference_captions(scores: Path) -> dict[tuple[str, str], np.ndarray]:
 
 
 def recompose(selection: Path, out: Path, how: str, known: dict, seed: int) -> None:
-    """One selection's manifest with its rows dealt into batches again (same rows, same b).
-    `known`: labels() for spread, reference_captions() for captions."""
-    table = pq.read_table(selection / "manifest.parquet")
-    summary = json.loads((selection / "summary.json").read_text())
+    """One selection's manifest with its rows dealt into batches again (same rows, same b),
+    written as select writes one (a row group per step, page checksums, atomically, the
+    summary last, with fresh file digests and what it was recomposed from); skipped when OUT
+    already holds this recomposition. `known`: known_for(how, workdir)."""
+    recomposed = {"of": str(selection.resolve()), "how": how, "seed": seed,
+                  "of_summary_sha256": file_digest(selection / SUMMARY)["sha256"]}  # fmt: skip
+    if (out / SUMMARY).is_file() and read_json(out / SUMMARY).get("recomposed") == recomposed:
+        return
+    table = pq.read_table(selection / MANIFEST)
+    summary = read_json(selection / SUMMARY)
     b, steps = summary["parameters"]["batch_size"], summary["counts"]["steps"]
-    if how in ("spread", "captions"):
-        shards = table.column("shard").to_pylist()
-        keys = table.column("key").to_pylist()
-        resolved = {s: str(Path(s).resolve()) for s in set(shards)}
-        rows = [(resolved[s], k) for s, k in zip(shards, keys, strict=True)]
-        group = (
-            np.array([known[row][0] for row in rows])
-            if how == "spread"
-            else caption_clusters(rows, known, b, seed)
-        )
-        order = np.argsort(group, kind="stable")  # then dealt: row r of it to batch r % steps
-        step = np.empty(len(order), dtype=np.int64)
-        step[order] = np.arange(len(order)) % steps
-    else:
-        step = np.random.default_rng(seed).permutation(len(table)) // b
+    if len(table) != steps * b:
+        raise SystemExit(f"{selection}: {len(table)} rows is not {steps} batches of {b}")
+    step = deal(table, how, known, b, steps, seed)
     position = np.empty(len(step), dtype=np.int32)
     for s in range(steps):  # positions within each new batch, in manifest order
-        rows = np.flatnonzero(step == s)
-        position[rows] = np.arange(len(rows))
-    table = table.set_column(0, "step", pa.array(step)).set_column(
-        1, "position", pa.array(position)
-    )
+        position[np.flatnonzero(step == s)] = np.arange(b)
+    schema = table.schema
+    for name, values in (("step", step), ("position", position)):
+        field = schema.field(name)  # its type and not-null kept
+        table = table.set_column(schema.get_field_index(name), field, pa.array(values, field.type))
     table = table.sort_by([("step", "ascending"), ("position", "ascending")])
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, table.schema, compression="zstd",
+                              write_page_checksum=True) as writer:  # fmt: skip
+            for s in range(steps):
+                writer.write_table(table.slice(s * b, b))
+
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "manifest.parquet")
-    for name in ("summary.json", "uids.npy"):
-        if (selection / name).is_file():
-            shutil.copy(selection / name, out / name)
+    (out / SUMMARY).unlink(missing_ok=True)  # no finished-looking folder while it is rewritten
+    atomic_write(out / MANIFEST, write)
+    if (selection / UIDS).is_file():  # the same rows, so the same DataComp subset
+        atomic_write(out / UIDS, lambda tmp: shutil.copyfile(selection / UIDS, tmp))
+    summary["files"] = file_digests(out, list(summary.get("files", {})))
+    write_json_atomic(out / SUMMARY, {**summary, "recomposed": recomposed})
+
+
+def deal(table: pa.Table, how: str, known: dict, b: int, steps: int, seed: int) -> np.ndarray:
+    """Each row's new step: by group (class or caption cluster) dealt round-robin over the
+    batches, or a seeded shuffle."""
+    if how == "shuffled":
+        return np.random.default_rng(seed).permutation(len(table)) // b
+    shards = table.column("shard").to_pylist()
+    keys = table.column("key").to_pylist()
+    resolved = {s: str(Path(s).resolve()) for s in set(shards)}
+    rows = [(resolved[s], k) for s, k in zip(shards, keys, strict=True)]
+    group = (
+        np.array([known[row][0] for row in rows])
+        if how == "spread"
+        else caption_clusters(rows, known, b, seed)
+    )
+    order = np.argsort(group, kind="stable")  # then dealt: row r of it to batch r % steps
+    step = np.empty(len(order), dtype=np.int64)
+    step[order] = np.arange(len(order)) % steps
+    return step
+
+
+def known_for(how: str, workdir: Path) -> dict:
+    """What `how` deals by: the corpus's labels (spread), the reference's caption embeddings
+    (captions), nothing (shuffled)."""
+    if how == "captions":
+        return reference_captions(workdir / "scores" / "reference")
+    return labels(workdir / "pool") if how == "spread" else {}
 
 
 def main() -> None:
@@ -93,10 +127,7 @@ def main() -> None:
     parser.add_argument("--how", choices=HOW, required=True)
     parser.add_argument("--folder", default="selections")
     args = parser.parse_args()
-    if args.how == "captions":
-        known = reference_captions(args.workdir / "scores" / "reference")
-    else:
-        known = labels(args.workdir / "pool")
+    known = known_for(args.how, args.workdir)
     base = args.workdir / args.folder
     chain = sorted((base / args.arm).glob("seed-*"), key=lambda p: int(p.name[len("seed-") :]))
     for seed, selection in enumerate(chain):

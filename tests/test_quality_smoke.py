@@ -92,6 +92,7 @@ def test_quality_benchmark_probes_train_their_own_learners(tmp_path: Path) -> No
         "--batch", "8", "--eval-every", "5", "--methods", "jest (learnability, long learner)",
         "jest (learnability, refreshed learner)", "jest (learnability, top-k)",
         "jest (hard-learner)", "jest (learnability), batches spread by class (oracle)",
+        "jest (learnability), batches shuffled",
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     work = tmp_path / "w"
@@ -115,14 +116,22 @@ def test_quality_benchmark_probes_train_their_own_learners(tmp_path: Path) -> No
     long = json.loads((work / "learner-long.pt.json").read_text())["config"]
     assert long["inputs"] == sorted(str(p) for p in (work / "pool").glob("*.tar"))
     assert {learner_of(p) for p in chains["jest-hard-learner"]} == {"learner"}
-    # the oracle arm: jest's selections (made beside it), the same rows in other batches of b
-    for path in chains["jest-learnability-spread"]:
-        spread = pq.read_table(Path(path) / "manifest.parquet").to_pydict()
+    # the recomposed arms: jest's selections (made beside them), the same rows in other
+    # batches of b, each a selection `jestcurate verify` finds intact
+    for path in chains["jest-learnability-spread"] + chains["jest-learnability-shuffled"]:
+        new = pq.read_table(Path(path) / "manifest.parquet").to_pydict()
         own = pq.read_table(work / "selections-b8" / "jest-learnability" / Path(path).name
                             / "manifest.parquet").to_pydict()  # fmt: skip
-        assert sorted(spread["key"]) == sorted(own["key"]) and spread["key"] != own["key"]
-        assert spread["step"] == sorted(spread["step"])
-        assert all(spread["step"].count(s) == 8 for s in set(spread["step"]))
+        rows = list(zip(new["shard"], new["key"], strict=True))
+        assert sorted(rows) == sorted(zip(own["shard"], own["key"], strict=True))
+        assert rows != list(zip(own["shard"], own["key"], strict=True))
+        steps = json.loads((Path(path) / "summary.json").read_text())["counts"]["steps"]
+        assert new["step"] == [s for s in range(steps) for _ in range(8)]
+        assert new["position"] == list(range(8)) * steps
+        check = subprocess.run([sys.executable, "-m", "jestcurate", "verify", path],
+                               capture_output=True, text=True)  # fmt: skip
+        said = check.stdout + check.stderr
+        assert check.returncode == 0 and "intact" in said, said
     assert all("selections-b8" in p for paths in chains.values() for p in paths)
     topk = json.loads((Path(chains["jest-learnability-topk"][0]) / "summary.json").read_text())
     assert topk["parameters"]["topk"] is True
