@@ -332,46 +332,49 @@ def fates(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
 NotesOf = Callable[[int], tuple[Notes, int]]
 
 
-def _part(
-    ref: ScoreSet,
-    learner: ScoreSet | None,
-    part: tuple[int, str],
-    notes_of: NotesOf,
-    pointing: dict[str, Any],
-    resolve: Resolve,
-) -> tuple[pa.Table, int]:
-    """One part's (id, name) ledger table, and how many of its rows were eligible."""
-    part_id, name = part
-    table = ref.read_part(name, ["key", "shard", "index", "uid", "status", "error", "clip_score"])
-    other = learner.read_part(name, ["key", "status", "error"]) if learner else None
-    join_learner(name, table, other)
-    shard = table.column("shard")[0].as_py() if table.num_rows else name
-    ok = ok_rows(table, other)
-    rows = Rows.empty(table.num_rows)
-    _errors(table, other, ok, rows)
-    rows.filtered(*notes_of(part_id), shard, pointing)
-    eligible = ok & (rows.fate < 0)
-    resolve(part_id, table, eligible, rows)
-    if (rows.fate < 0).any():  # a bug, never a -1 written as a fate
-        raise JCError(f"{int((rows.fate < 0).sum()):,} rows of part {name} got no fate")
-    return _table(table, shard, rows), int(eligible.sum())
+@dataclass(frozen=True)
+class LedgerSource:
+    """What every ledger part is written from, by one run (write_ledger) or by array tasks
+    (ledger_round.write_parts): the score sets, where the filters' notes of each part are,
+    the filters whose rows point at another row (Filters.pointing()), and how the eligible
+    rows get their fates (one_run or merged)."""
+
+    ref: ScoreSet
+    learner: ScoreSet | None
+    notes_of: NotesOf
+    pointing: dict[str, Any]
+    resolve: Resolve
+
+    def part(self, part: tuple[int, str]) -> tuple[pa.Table, int]:
+        """One part's (id, name) ledger table, and how many of its rows were eligible."""
+        part_id, name = part
+        columns = ["key", "shard", "index", "uid", "status", "error", "clip_score"]
+        table = self.ref.read_part(name, columns)
+        learner = self.learner
+        other = learner.read_part(name, ["key", "status", "error"]) if learner else None
+        join_learner(name, table, other)
+        shard = table.column("shard")[0].as_py() if table.num_rows else name
+        ok = ok_rows(table, other)
+        rows = Rows.empty(table.num_rows)
+        _errors(table, other, ok, rows)
+        rows.filtered(*self.notes_of(part_id), shard, self.pointing)
+        eligible = ok & (rows.fate < 0)
+        self.resolve(part_id, table, eligible, rows)
+        if (rows.fate < 0).any():  # a bug, never a -1 written as a fate
+            raise JCError(f"{int((rows.fate < 0).sum()):,} rows of part {name} got no fate")
+        return _table(table, shard, rows), int(eligible.sum())
 
 
 def write_ledger(
     out: Path,
-    ref: ScoreSet,
-    learner: ScoreSet | None,
-    notes_of: NotesOf,
-    pointing: dict[str, Any],
-    resolve: Resolve,
+    source: LedgerSource,
     chosen_from: int,
     on_part: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """OUT/ledger/NAME.parquet for every part, written into a hidden folder renamed into
     place once whole (a crash leaves no partial OUT/ledger for a glob to read); returns what
     summary.json records: `fates` (counts by fate and reason) and `ledger` (parts, rows,
-    bytes). `pointing`: Filters.pointing() (the filters whose rows point at another row);
-    `chosen_from`: the eligible rows choosing saw (the choices' drawn), checked."""
+    bytes). `chosen_from`: the eligible rows choosing saw (the choices' drawn), checked."""
     final = out / LEDGER_DIR
     shutil.rmtree(final, ignore_errors=True)  # an earlier selection's: not this one's
     directory = out / f".{LEDGER_DIR}.partial"
@@ -380,8 +383,8 @@ def write_ledger(
     counts: Counter[tuple[str, str]] = Counter()
     total_rows = total_bytes = eligible_rows = 0
     try:
-        for part_id, name in enumerate(ref.part_names()):
-            ledger, eligible = _part(ref, learner, (part_id, name), notes_of, pointing, resolve)
+        for part_id, name in enumerate(source.ref.part_names()):
+            ledger, eligible = source.part((part_id, name))
             _count(ledger, counts)
             path = directory / f"{name}.parquet"
             pq.write_table(ledger, path, compression="zstd", write_page_checksum=True)
@@ -397,7 +400,7 @@ def write_ledger(
         raise
     os.replace(directory, final)
     per_row = round(total_bytes / total_rows, 1) if total_rows else None
-    ledger_facts = {"folder": LEDGER_DIR, "parts": len(ref.parts), "rows": total_rows,
+    ledger_facts = {"folder": LEDGER_DIR, "parts": len(source.ref.parts), "rows": total_rows,
                     "bytes": total_bytes, "bytes_per_row": per_row}  # fmt: skip
     return {"fates": fates(counts), "ledger": ledger_facts}
 

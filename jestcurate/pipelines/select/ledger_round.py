@@ -25,14 +25,12 @@ import pyarrow.parquet as pq
 from jestcurate.errors import JCError
 from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.files import atomic_write
-from jestcurate.io.store import ScoreSet, read_json, write_json_atomic
+from jestcurate.io.store import read_json, write_json_atomic
 from jestcurate.pipelines.select.config import LEDGER_DIR, SCATTER_DIR, SUMMARY, TASKS_DIR
 from jestcurate.pipelines.select.ledger import (
     CHANGED,
-    NotesOf,
-    Resolve,
+    LedgerSource,
     _count,
-    _part,
     fates,
 )
 
@@ -75,41 +73,29 @@ def written(out: Path, name: str) -> bool:
 
 def write_parts(
     out: Path,
-    ref: ScoreSet,
-    learner: ScoreSet | None,
-    notes_of: NotesOf,
-    pointing: dict[str, Any],
-    resolve: Resolve,
+    source: LedgerSource,
     parts: list[int],
     on_part: Callable[[], None] | None = None,
 ) -> int:
     """Write the ledger parts `parts` (ids) that are not written yet; returns how many it
-    wrote. `resolve`: ledger.merged with `first_ids`, so that any part can go first."""
+    wrote. `source.resolve`: ledger.merged with `first_ids`, so that any part can go first."""
     folder = out / LEDGER_DIR
     (folder / COUNTS_DIR).mkdir(parents=True, exist_ok=True)
-    names = ref.part_names()
+    names = source.ref.part_names()
     done = 0
     for part_id in parts:
         name = names[part_id]
         if not written(out, name):
-            _write_part(folder, ref, learner, (part_id, name), notes_of, pointing, resolve)
+            _write_part(folder, source, (part_id, name))
             done += 1
         if on_part:
             on_part()
     return done
 
 
-def _write_part(
-    folder: Path,
-    ref: ScoreSet,
-    learner: ScoreSet | None,
-    part: tuple[int, str],
-    notes_of: NotesOf,
-    pointing: dict[str, Any],
-    resolve: Resolve,
-) -> None:
+def _write_part(folder: Path, source: LedgerSource, part: tuple[int, str]) -> None:
     name = part[1]
-    ledger, eligible = _part(ref, learner, part, notes_of, pointing, resolve)
+    ledger, eligible = source.part(part)
     counts: Counter[tuple[str, str]] = Counter()
     _count(ledger, counts)
     counts_path = folder / COUNTS_DIR / f"{name}.json"

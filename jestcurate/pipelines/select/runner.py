@@ -40,9 +40,8 @@ from jestcurate.pipelines.select.inputs import (
 )
 from jestcurate.pipelines.select.ledger import (
     Choice,
-    NotesOf,
+    LedgerSource,
     Recorder,
-    Resolve,
     merged,
     one_run,
     save_choice,
@@ -323,8 +322,9 @@ def _select_into(
     elif choice is not None:
         assert rows.notes is not None and rows.filters is not None  # eligible_rows, --ledger
         notes = rows.notes
-        extra.update(_write_ledger(out, inputs, lambda p: (notes, p), rows.filters.pointing(),
-                                   one_run(choice), len(choice.drawn)))  # fmt: skip
+        source = LedgerSource(inputs.ref, inputs.learner, lambda p: (notes, p),
+                              rows.filters.pointing(), one_run(choice))  # fmt: skip
+        extra.update(_write_ledger(out, source, len(choice.drawn)))
     elif not task.partitioned:  # an unfinished earlier run's ledger is not this selection's
         shutil.rmtree(out / LEDGER_DIR, ignore_errors=True)
     images = inputs.ref.has_images
@@ -339,19 +339,11 @@ def _quotas(cfg: SelectConfig, cache: Any, steps: int) -> quotas_mod.ClusterQuot
     return quotas_mod.compute(cfg, cache, found[0], steps * cfg.sampling.batch_size)
 
 
-def _write_ledger(
-    out: Path,
-    inputs: Inputs,
-    notes_of: NotesOf,
-    pointing: dict[str, Any],
-    resolve: Resolve,
-    chosen_from: int,
-) -> dict[str, Any]:
+def _write_ledger(out: Path, source: LedgerSource, chosen_from: int) -> dict[str, Any]:
     """OUT/ledger/ (before summary.json, which marks the selection finished) from what the
     filters noted of each row; returns the summary's `fates` and `ledger`."""
-    ref, learner = inputs.ref, inputs.learner
-    with ui.step_progress("writing the ledger", len(ref.parts), "parts") as tick:
-        return write_ledger(out, ref, learner, notes_of, pointing, resolve, chosen_from, tick)
+    with ui.step_progress("writing the ledger", len(source.ref.parts), "parts") as tick:
+        return write_ledger(out, source, chosen_from, tick)
 
 
 def _merge(cfg: SelectConfig, inputs: Inputs, count: int) -> dict[str, Any]:
@@ -381,12 +373,13 @@ def _ledger_round(cfg: SelectConfig, inputs: Inputs, task: Task) -> dict[str, An
         choices, step_of = merged_choices(cfg.out, inputs.identity, task.count)
         notes_of = scatter_notes(cfg.out, inputs.identity, task.count)  # its one-line check first
         first = ledger_round.first_ids(cfg.out, task.count, len(names))
-        resolve = merged(names, choices, step_of, first)
-        pointing = derived(cfg, inputs.ref).pointing()  # no filter's pass over the pool
-        ref, learner = inputs.ref, inputs.learner
+        source = LedgerSource(
+            inputs.ref, inputs.learner, notes_of,
+            derived(cfg, inputs.ref).pointing(),  # no filter's pass over the pool
+            merged(names, choices, step_of, first),
+        )  # fmt: skip
         with ui.step_progress("writing the ledger", len(parts), "parts") as tick:
-            ledger_round.write_parts(cfg.out, ref, learner, notes_of, pointing, resolve, parts,
-                                     tick)  # fmt: skip
+            ledger_round.write_parts(cfg.out, source, parts, tick)
     summary = ledger_round.finish(cfg.out, names)
     if summary is not None:
         return summary
