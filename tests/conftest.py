@@ -219,3 +219,15 @@ def write_datacomp(folder: Path, shards: int = 2, rows: int = 50) -> dict[str, n
         )
         arrays[name] = (l14_img, l14_txt)
     return arrays
+
+
+def select_summary(ref: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    """select on a small score set (b 10 of B 50, 2 chunks, on the CPU, --min-clip-score 0
+    unless given); returns its summary. The ledger tests' way in."""
+    from jestcurate.math.sampling import SamplerOptions
+    from jestcurate.pipelines import select as select_mod
+
+    kw.setdefault("min_clip_score", 0.0)
+    sampling = SamplerOptions(10, ratio=0.2, chunks=2)
+    cfg = select_mod.SelectConfig(reference=ref, out=out, sampling=sampling, device="cpu", **kw)
+    return select_mod.run(cfg).summary

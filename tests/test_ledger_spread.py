@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import select_summary
 
 from jestcurate.errors import JCError
 from jestcurate.math.sampling import SamplerOptions
@@ -26,10 +27,7 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def select(ref: Path, out: Path, **kw) -> dict:
-    kw.setdefault("min_clip_score", 0.0)
-    cfg = select_mod.SelectConfig(reference=ref, out=out, sampling=SamplerOptions(10, ratio=0.2,
-                                  chunks=2), device="cpu", ledger=True, **kw)  # fmt: skip
-    return select_mod.run(cfg).summary
+    return select_summary(ref, out, ledger=True, **kw)
 
 
 def tasks(ref: Path, out: Path, count: int, **kw) -> dict:

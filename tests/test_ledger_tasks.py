@@ -9,10 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import select_summary as select
 
 from jestcurate.errors import JCError
-from jestcurate.math.sampling import SamplerOptions
-from jestcurate.pipelines import select as select_mod
 from jestcurate.pipelines.synth import write_score_set
 
 
@@ -23,13 +22,6 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_score_set(root / "ref", shards=4, rows_per_shard=150, dim=16, seed=1,
                     error_fraction=0.05)  # fmt: skip
     return root / "ref"
-
-
-def select(ref: Path, out: Path, **kw) -> dict:
-    kw.setdefault("min_clip_score", 0.0)
-    cfg = select_mod.SelectConfig(reference=ref, out=out, sampling=SamplerOptions(10, ratio=0.2,
-                                  chunks=2), device="cpu", **kw)  # fmt: skip
-    return select_mod.run(cfg).summary
 
 
 def tasks(ref: Path, out: Path, count: int, **kw) -> dict:
