@@ -39,6 +39,13 @@ def labels(pool: Path) -> dict[tuple[str, str], Label]:
     return found
 
 
+def row_ids(shards: list[str], keys: list[str]) -> list[tuple[str, str]]:
+    """(shard, key) pairs with each shard path resolved, as labels() keys them (a workdir may
+    reach its pool through links)."""
+    resolved = {s: str(Path(s).resolve()) for s in set(shards)}
+    return [(resolved[s], k) for s, k in zip(shards, keys, strict=True)]
+
+
 def batch_stats(batch: list[Label]) -> tuple[float, float, int]:
     """Matched share (the caption names the image's class), same-class others per row, and
     classes in the batch."""
@@ -68,9 +75,9 @@ def losses_by_kind(scores: Path, known: dict[tuple[str, str], Label]) -> str:
     for part in sorted((scores / "parts").glob("*.parquet")):
         table = pq.read_table(part, columns=["shard", "key", "ref_loss", "clip_score"])
         rows = table.to_pydict()
-        resolved = {s: str(Path(s).resolve()) for s in set(rows["shard"])}
-        for shard, key, loss, clip in zip(*rows.values(), strict=True):
-            by_kind.setdefault(known[(resolved[shard], key)][2], []).append((loss, clip))
+        ids = row_ids(rows["shard"], rows["key"])
+        for row, loss, clip in zip(ids, rows["ref_loss"], rows["clip_score"], strict=True):
+            by_kind.setdefault(known[row][2], []).append((loss, clip))
     means = {kind: np.mean(values, axis=0) for kind, values in sorted(by_kind.items())}
     return f"| {scores.name} | " + " | ".join(f"{m[0]:.2f} ({m[1]:.2f})" for m in means.values())
 
@@ -112,9 +119,8 @@ def main() -> None:
         path = args.workdir / args.folder / name / f"seed-{seed or 0}" / "manifest.parquet"
         table = pq.read_table(path, columns=["step", "shard", "key"]).to_pydict()
         steps: dict[int, list[Label]] = {}
-        resolved = {s: str(Path(s).resolve()) for s in set(table["shard"])}  # links, as labels
-        for step, shard, key in zip(table["step"], table["shard"], table["key"], strict=True):
-            steps.setdefault(step, []).append(known[(resolved[shard], key)])
+        for step, row in zip(table["step"], row_ids(table["shard"], table["key"]), strict=True):
+            steps.setdefault(step, []).append(known[row])
         print(describe(arm, list(steps.values()), args.classes))
 
 

@@ -177,23 +177,24 @@ def prepare(work: Path, setup: Setup) -> None:
             spec = CorpusSpec(shards, samples, seed, 64, PRESETS[noise], first_shard=first)
             write_corpus(work / name, spec)
         write_zeroshot_set(work / "zeroshot", setup.eval_samples, 13, templates=(TEMPLATE,))
-    common = {"model": setup.model, "batch_size": setup.reference_batch, "workers": 1,
-              "lr": setup.lr}  # fmt: skip
     pool = pool_shards(work)
-    for role, inputs, steps in (
-        ("reference", (str(work / "guide"),), setup.reference_steps),
-        ("learner", tuple(pool[: setup.learner_shards]), setup.learner_steps),
-    ):
-        out = work / f"{role}.pt"
-        train_mod.run(train_mod.TrainConfig(inputs=inputs, out=out, steps=steps, **common))
-        scored = [("pool", role)] + ([("guide", "guide")] if role == "reference" else [])
-        for data, folder in scored:  # the guide split, by the reference: the filters' target
-            score_mod.run(
-                score_mod.ScoreConfig(
-                    inputs=(str(work / data),), out=work / "scores" / folder,
-                    model=setup.model, pretrained=str(out), role=role,
-                )
-            )  # fmt: skip
+    guide = (str(work / "guide"),)
+    b = setup.reference_batch
+    train_and_score(work, setup, "reference", guide, setup.reference_steps, b, role="reference")
+    # the guide split, by the reference: the filter arms' target set
+    score_with(work, setup, work / "reference.pt", "guide", "guide", "reference")
+    train_and_score(work, setup, "learner", pool[: setup.learner_shards], setup.learner_steps, b)
+
+
+def score_with(work: Path, setup: Setup, checkpoint: Path, data: str, folder: str,
+               role: str) -> Path:  # fmt: skip
+    """WORKDIR/DATA scored by a checkpoint into scores/FOLDER (skipped once done)."""
+    out = work / "scores" / folder
+    score_mod.run(score_mod.ScoreConfig(
+        inputs=(str(work / data),), out=out, model=setup.model, pretrained=str(checkpoint),
+        role=role,
+    ))  # fmt: skip
+    return out
 
 
 def train_and_score(
@@ -204,19 +205,16 @@ def train_and_score(
     steps: int,
     batch: int,
     init: Path | None = None,
+    role: str = "learner",
 ) -> Path:
-    """Train a learner checkpoint NAME.pt and score the pool with it; both skip on a rerun."""
+    """Train a checkpoint NAME.pt and score the pool with it into scores/NAME; both skip on a
+    rerun (train and score are idempotent)."""
     out = work / f"{name}.pt"
     train_mod.run(train_mod.TrainConfig(
         inputs=inputs, out=out, steps=steps, model=setup.model, batch_size=batch, workers=1,
         lr=setup.lr, pretrained=str(init) if init else None,
     ))  # fmt: skip
-    scores = work / "scores" / name
-    score_mod.run(score_mod.ScoreConfig(
-        inputs=(str(work / "pool"),), out=scores, model=setup.model, pretrained=str(out),
-        role="learner",
-    ))  # fmt: skip
-    return scores
+    return score_with(work, setup, out, "pool", name, role)
 
 
 def learner_scores(work: Path, setup: Setup, name: str) -> Path:
@@ -258,9 +256,9 @@ def chain(work: Path, setup: Setup, kw: dict[str, Any], ratio: float, name: str)
     # the learner's scores only where the method reads them (the FLOPs count its pass)
     needs = reads_learner(kw["method"], kw.get("score"))
     learner = learner_scores(work, setup, kw.get("learner", "learner"))
+    # another b's selections beside the default's (a selection folder holds one b)
+    folder = "selections" if setup.batch == Setup.batch else f"selections-b{setup.batch}"
     while held < setup.steps:
-        # another b's selections beside the default's (a selection folder holds one b)
-        folder = "selections" if setup.batch == Setup.batch else f"selections-b{setup.batch}"
         out = work / folder / name / f"seed-{len(made)}"
         sampling = SamplerOptions(
             setup.batch, ratio, criterion=kw.get("score"), chunks=min(setup.chunks, setup.batch),

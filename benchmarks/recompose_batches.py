@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from batch_composition import labels
+from batch_composition import labels, row_ids
 
 from jestcurate.io.derived import file_digests
 from jestcurate.io.files import atomic_write, file_digest, read_json, write_json_atomic
@@ -47,9 +47,10 @@ def reference_captions(scores: Path) -> dict[tuple[str, str], np.ndarray]:
     found = {}
     for part in sorted((scores / "parts").glob("*.parquet")):
         table = pq.read_table(part, columns=["shard", "key", "txt_emb"]).to_pydict()
-        for shard, key, emb in zip(table["shard"], table["key"], table["txt_emb"], strict=True):
+        ids = row_ids(table["shard"], table["key"])
+        for row, emb in zip(ids, table["txt_emb"], strict=True):
             if emb is not None:
-                found[(str(Path(shard).resolve()), key)] = np.asarray(emb, dtype=np.float32)
+                found[row] = np.asarray(emb, dtype=np.float32)
     return found
 
 
@@ -97,10 +98,7 @@ def deal(table: pa.Table, how: str, known: dict, b: int, steps: int, seed: int) 
     batches, or a seeded shuffle."""
     if how == "shuffled":
         return np.random.default_rng(seed).permutation(len(table)) // b
-    shards = table.column("shard").to_pylist()
-    keys = table.column("key").to_pylist()
-    resolved = {s: str(Path(s).resolve()) for s in set(shards)}
-    rows = [(resolved[s], k) for s, k in zip(shards, keys, strict=True)]
+    rows = row_ids(table.column("shard").to_pylist(), table.column("key").to_pylist())
     group = (
         np.array([known[row][0] for row in rows])
         if how == "spread"
