@@ -392,17 +392,26 @@ def write_ledger(
             total_bytes += path.stat().st_size
             if on_part:
                 on_part()
-        if eligible_rows != chosen_from:
-            raise JCError(f"the score set has {eligible_rows:,} eligible rows, but select chose "
-                          f"from {chosen_from:,}: {CHANGED}")  # fmt: skip
+        parts = len(source.ref.parts)
+        record = ledger_record(counts, parts, total_rows, total_bytes, eligible_rows, chosen_from)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     os.replace(directory, final)
-    per_row = round(total_bytes / total_rows, 1) if total_rows else None
-    ledger_facts = {"folder": LEDGER_DIR, "parts": len(source.ref.parts), "rows": total_rows,
-                    "bytes": total_bytes, "bytes_per_row": per_row}  # fmt: skip
-    return {"fates": fates(counts), "ledger": ledger_facts}
+    return record
+
+
+def ledger_record(counts: Counter[tuple[str, str]], parts: int, rows: int, size: int,
+                  eligible: int, chosen_from: int) -> dict[str, Any]:  # fmt: skip
+    """summary.json's `fates` and `ledger` for a whole ledger (one run's or the array tasks'
+    parts added up), once its eligible rows are checked against those select chose from."""
+    if eligible != chosen_from:
+        raise JCError(f"the score set has {eligible:,} eligible rows, but select chose from "
+                      f"{chosen_from:,}: {CHANGED}")  # fmt: skip
+    per_row = round(size / rows, 1) if rows else None
+    ledger = {"folder": LEDGER_DIR, "parts": parts, "rows": rows, "bytes": size,
+              "bytes_per_row": per_row}  # fmt: skip
+    return {"fates": fates(counts), "ledger": ledger}
 
 
 def ledger_parts(folder: Path) -> list[Path]:

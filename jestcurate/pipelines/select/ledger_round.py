@@ -27,12 +27,7 @@ from jestcurate.io import scatter as scatter_mod
 from jestcurate.io.files import atomic_write
 from jestcurate.io.store import read_json, write_json_atomic
 from jestcurate.pipelines.select.config import LEDGER_DIR, SCATTER_DIR, SUMMARY, TASKS_DIR
-from jestcurate.pipelines.select.ledger import (
-    CHANGED,
-    LedgerSource,
-    _count,
-    fates,
-)
+from jestcurate.pipelines.select.ledger import LedgerSource, _count, ledger_record
 
 PENDING = "pending"
 COUNTS_DIR = ".counts"  # OUT/ledger/.counts/NAME.json: one written part's counts
@@ -182,17 +177,12 @@ def finish(out: Path, names: list[str]) -> dict[str, Any] | None:
         for fate, reason, n in facts["fates"]:
             counts[(fate, reason)] += n
     chosen_from = int(summary["counts"]["eligible"])
-    if eligible != chosen_from:
-        raise JCError(f"the score set has {eligible:,} eligible rows, but select chose from "
-                      f"{chosen_from:,}: {CHANGED}")  # fmt: skip
-    per_row = round(size / rows, 1) if rows else None
-    ledger = {"folder": LEDGER_DIR, "parts": len(names), "rows": rows, "bytes": size,
-              "bytes_per_row": per_row}  # fmt: skip
+    record = ledger_record(counts, len(names), rows, size, eligible, chosen_from)
     done: dict[str, Any] = {}
     for key, value in summary.items():  # the keys in the order a merge writing it gives
         if key == "ledger":
-            done["fates"] = fates(counts)
-            value = ledger
+            done["fates"] = record["fates"]
+            value = record["ledger"]
         done[key] = value
     write_json_atomic(out / SUMMARY, done)
     return done
